@@ -1,0 +1,41 @@
+"""spotsafe: training jobs that survive spot and preemptible instances.
+
+Typical use in a plain PyTorch loop::
+
+    import spotsafe
+    loader = spotsafe.ResumableLoader(dataset, batch_size=32, shuffle=True, num_workers=2)
+    ckpt = spotsafe.Checkpointer("runs/lm", model=model, optimizer=opt, scheduler=sched, loader=loader)
+    ckpt.restore()
+    ...
+    ckpt.step_done()   # after each optimizer step
+"""
+
+__version__ = "0.1.0"
+
+from spotsafe.data.loader import ResumableLoader  # noqa: E402
+from spotsafe.engine.checkpointer import Checkpointer  # noqa: E402
+from spotsafe.errors import (  # noqa: E402
+    CheckpointMismatchError,
+    ConfigError,
+    CorruptCheckpointError,
+    NoCheckpointError,
+    SpotsafeError,
+    UnsafeCheckpointError,
+)
+from spotsafe.exit_codes import EXIT_PREEMPTED, EXIT_SUCCESS  # noqa: E402
+from spotsafe.policy.interval import every  # noqa: E402
+
+__all__ = [
+    "EXIT_PREEMPTED",
+    "EXIT_SUCCESS",
+    "CheckpointMismatchError",
+    "Checkpointer",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "NoCheckpointError",
+    "ResumableLoader",
+    "SpotsafeError",
+    "UnsafeCheckpointError",
+    "__version__",
+    "every",
+]

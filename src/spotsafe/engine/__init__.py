@@ -1,0 +1,1 @@
+"""When and how checkpoints are taken: the Checkpointer and the persist step."""

@@ -1,0 +1,43 @@
+"""Persisting a snapshot through the commit protocol.
+
+This is the part a background writer runs (in a later release, on a worker
+thread, from staged copies): it takes a :class:`~spotsafe.state.snapshot.Snapshot`
+whose tensors must not change while it runs, and either commits the whole
+checkpoint or leaves nothing visible.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+from spotsafe.state.snapshot import Snapshot
+from spotsafe.storage.manifest import Manifest
+from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
+
+
+def persist(
+    repo: CheckpointRepository,
+    snapshot: Snapshot,
+    *,
+    metadata: Mapping[str, Any],
+    writer: Mapping[str, Any],
+) -> tuple[CheckpointRef, Manifest]:
+    """Write every blob of ``snapshot``, then commit its manifest.
+
+    Durable and visible when it returns. On any error the partial folder is
+    removed (best effort: a process killed here leaves it for the next start's
+    cleanup) and the error propagates.
+    """
+    pending = repo.begin(snapshot.step)
+    try:
+        for name, chunks in snapshot.blobs():
+            pending.write_blob(name, chunks)
+        manifest = pending.commit(metadata=dict(metadata), writer=dict(writer))
+    except BaseException:
+        if not pending.committed:
+            with contextlib.suppress(Exception):
+                pending.abort()
+        raise
+    return pending.ref, manifest

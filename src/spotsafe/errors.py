@@ -1,0 +1,79 @@
+"""One exception tree for spotsafe.
+
+Every error the library raises on purpose derives from :class:`SpotsafeError`.
+Errors are split into *transient* (retrying the same operation later may
+succeed: a throttled or unreachable store) and *permanent* (retrying will not
+help until a person changes something). Only transient errors are ever retried,
+and only by one retry mechanism (the storage layer's, in a later release).
+
+Each message says what went wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class SpotsafeError(Exception):
+    """Root of every error spotsafe raises on purpose."""
+
+
+class TransientError(SpotsafeError):
+    """The operation may succeed if tried again later."""
+
+
+class PermanentError(SpotsafeError):
+    """The operation will not succeed until something is changed."""
+
+
+class ConfigError(PermanentError, ValueError):
+    """A configuration value is invalid; the message names it and the fix."""
+
+
+class StateError(PermanentError):
+    """Training state cannot be captured or applied (unsupported type, mismatch)."""
+
+
+class StorageError(SpotsafeError):
+    """Base of errors raised by a storage backend, translated at the boundary."""
+
+
+class TransientStorageError(StorageError, TransientError):
+    """A storage call failed in a way that may pass on retry."""
+
+
+class PermanentStorageError(StorageError, PermanentError):
+    """A storage call failed in a way that will not pass on retry."""
+
+
+class CheckpointError(PermanentError):
+    """Base of errors about one specific checkpoint."""
+
+    def __init__(self, message: str, *, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint is incomplete, fails its checksums, or is malformed.
+
+    Restore treats it as absent and falls back to an older checkpoint.
+    """
+
+
+class UnsafeCheckpointError(CorruptCheckpointError):
+    """A checkpoint tries something a checkpoint must never do.
+
+    For example a manifest path that escapes the checkpoint directory, or an
+    unknown type tag. Treated like corruption: never followed, never executed.
+    """
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A valid checkpoint does not fit the objects it is being loaded into.
+
+    This is not corruption (an older checkpoint would not fit either): the model
+    or optimizer changed since the checkpoint was written.
+    """
+
+
+class NoCheckpointError(CheckpointError):
+    """No committed, verified checkpoint exists where one was required."""

@@ -1,0 +1,1 @@
+"""Capturing training state as JSON plus raw tensors (never pickle)."""

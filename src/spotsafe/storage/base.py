@@ -1,0 +1,82 @@
+"""The storage seam: a tiny key/value interface that the commit protocol needs.
+
+Keys are relative, ``/``-separated strings (URLs stay strings: pathlib would
+collapse ``s3://``). A backend promises, per method, what is durable and what
+is visible when the call returns; the commit protocol in
+:mod:`spotsafe.storage.repository` is built only on those promises, so it works
+the same on a local disk (rename is atomic) and on an object store (a single
+PUT is atomic, nothing else is).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+from spotsafe.errors import PermanentStorageError
+
+Chunk = bytes | bytearray | memoryview
+
+
+class BlobNotFoundError(PermanentStorageError):
+    """The key does not exist."""
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Where checkpoints live. All methods may be called from any one thread at a time."""
+
+    @property
+    def url(self) -> str:
+        """The location, as the user gave it (credentials never included)."""
+        ...
+
+    def write_stream(self, key: str, chunks: Iterable[Chunk]) -> int:
+        """Write ``chunks`` to ``key`` and return the byte count.
+
+        Durable when it returns. Not atomic: a reader may see a partial object
+        while it runs, or after a crash. Callers publish it only via a later
+        :meth:`write_atomic`.
+        """
+        ...
+
+    def write_atomic(self, key: str, data: bytes) -> None:
+        """Make ``data`` visible at ``key`` all at once, durable when it returns."""
+        ...
+
+    def read(self, key: str) -> bytes:
+        """Return the whole object. Raises :class:`BlobNotFoundError`."""
+        ...
+
+    def read_into(self, key: str, buffer: bytearray | memoryview) -> int:
+        """Read the object into ``buffer`` (sized by the caller), returning bytes read."""
+        ...
+
+    def size(self, key: str) -> int:
+        """Size in bytes. Raises :class:`BlobNotFoundError`."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the immediate sub-folders (common prefixes) under ``prefix``."""
+        ...
+
+    def list_files(self, prefix: str) -> list[str]:
+        """Names (not keys) of the objects directly under ``prefix``."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete one object; deleting a missing key is not an error."""
+        ...
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete everything under ``prefix`` (a folder)."""
+        ...
+
+    def sync_prefix(self, prefix: str) -> None:
+        """Make the set of names under ``prefix`` durable (fsync a directory).
+
+        Object stores have nothing to do here.
+        """
+        ...

@@ -1,0 +1,145 @@
+"""The checkpoint manifest: the one object whose presence makes a checkpoint exist.
+
+A manifest lists every blob of the checkpoint with its size and checksum, plus
+the step, the time and user metadata. It is written last and atomically; a
+folder without a committed manifest is not a checkpoint, only leftovers.
+
+Parsing is strict. A manifest is untrusted input: anything malformed raises
+:class:`~spotsafe.errors.CorruptCheckpointError`, and a blob path that could
+leave the checkpoint folder raises :class:`~spotsafe.errors.UnsafeCheckpointError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from spotsafe.errors import CorruptCheckpointError, UnsafeCheckpointError
+
+FORMAT = "spotsafe-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+CHECKSUM_ALGORITHM = "xxh3-128"
+
+_BLOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_HEX128 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_hasher() -> Any:
+    """A streaming hasher for :data:`CHECKSUM_ALGORITHM`.
+
+    xxh3-128 detects accidental damage (truncation, bit flips, torn writes) and
+    hashes faster than a disk can write. It is not a signature: safety against
+    tampering comes from never executing anything a checkpoint contains.
+    """
+    return xxhash.xxh3_128()
+
+
+def check_blob_name(name: str) -> str:
+    """Return ``name`` if it is a safe blob file name inside a checkpoint folder."""
+    if not isinstance(name, str) or not _BLOB_NAME.match(name) or name == MANIFEST_NAME or ".." in name:
+        raise UnsafeCheckpointError(
+            f"blob path {name!r} is not a plain file name inside the checkpoint; refusing to follow it"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """One file of a checkpoint."""
+
+    path: str
+    size: int
+    checksum: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "checksum": self.checksum}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    step: int
+    created_at: float
+    blobs: tuple[BlobEntry, ...]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    writer: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    checksum_algorithm: str = CHECKSUM_ALGORITHM
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b.size for b in self.blobs)
+
+    def blob(self, path: str) -> BlobEntry:
+        for entry in self.blobs:
+            if entry.path == path:
+                return entry
+        raise CorruptCheckpointError(f"the manifest lists no blob named {path!r}")
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "step": self.step,
+            "created_at": self.created_at,
+            "checksum_algorithm": self.checksum_algorithm,
+            "blobs": [b.to_json() for b in self.blobs],
+            "metadata": self.metadata,
+            "writer": self.writer,
+        }
+        return json.dumps(doc, indent=1, allow_nan=False).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str = "manifest") -> Manifest:
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CorruptCheckpointError(f"{where}: not valid JSON ({err})") from err
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise CorruptCheckpointError(f"{where}: not a spotsafe manifest")
+        version = doc.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CorruptCheckpointError(
+                f"{where}: format version {version!r} is not supported by this spotsafe "
+                f"(it reads version {FORMAT_VERSION}); upgrade spotsafe to read it"
+            )
+        if doc.get("checksum_algorithm") != CHECKSUM_ALGORITHM:
+            raise CorruptCheckpointError(f"{where}: unknown checksum algorithm {doc.get('checksum_algorithm')!r}")
+        step = doc.get("step")
+        created = doc.get("created_at")
+        raw_blobs = doc.get("blobs")
+        metadata = doc.get("metadata", {})
+        writer = doc.get("writer", {})
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise CorruptCheckpointError(f"{where}: bad step {step!r}")
+        if not isinstance(created, (int, float)) or isinstance(created, bool):
+            raise CorruptCheckpointError(f"{where}: bad created_at {created!r}")
+        if not isinstance(raw_blobs, list) or not isinstance(metadata, dict) or not isinstance(writer, dict):
+            raise CorruptCheckpointError(f"{where}: malformed blobs, metadata or writer")
+        blobs: list[BlobEntry] = []
+        seen: set[str] = set()
+        for raw in raw_blobs:
+            if not isinstance(raw, dict):
+                raise CorruptCheckpointError(f"{where}: malformed blob entry {raw!r}")
+            path = check_blob_name(raw.get("path"))  # type: ignore[arg-type]
+            size, checksum = raw.get("size"), raw.get("checksum")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise CorruptCheckpointError(f"{where}: blob {path!r} has a bad size {size!r}")
+            if not isinstance(checksum, str) or not _HEX128.match(checksum):
+                raise CorruptCheckpointError(f"{where}: blob {path!r} has a bad checksum {checksum!r}")
+            if path in seen:
+                raise CorruptCheckpointError(f"{where}: blob {path!r} is listed twice")
+            seen.add(path)
+            blobs.append(BlobEntry(path=path, size=size, checksum=checksum))
+        return cls(
+            step=step,
+            created_at=float(created),
+            blobs=tuple(blobs),
+            metadata=metadata,
+            writer=writer,
+            format_version=version,
+        )
