@@ -45,6 +45,7 @@ import torch
 
 from spotsafe import __version__
 from spotsafe.engine.persist import persist
+from spotsafe.engine.reader import load_newest_valid
 from spotsafe.errors import CheckpointMismatchError, ConfigError, CorruptCheckpointError
 from spotsafe.exit_codes import EXIT_PREEMPTED
 from spotsafe.notices.base import NoticeBoard, NoticeSource
@@ -52,7 +53,7 @@ from spotsafe.notices.signals import DEFAULT_SIGNALS, SignalNotices
 from spotsafe.policy.interval import SaveContext, SavePolicy, every
 from spotsafe.policy.retention import Candidate, KeepLast
 from spotsafe.state.rng import GlobalRNG, as_stateful
-from spotsafe.state.snapshot import Snapshot, check_component_name, restore_components
+from spotsafe.state.snapshot import Snapshot, check_component_name
 from spotsafe.storage.base import Storage
 from spotsafe.storage.local import open_storage
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
@@ -252,33 +253,33 @@ class Checkpointer:
         fit either.
         """
         started = self._clock()
-        skipped = 0
-        for ref in self.repo.committed():
-            try:
-                loaded = self.repo.load(ref)
-                states = restore_components(loaded.blobs, ref.name)
-            except CorruptCheckpointError as err:
-                skipped += 1
-                log.warning("spotsafe: skipping checkpoint %s: %s", ref.name, err)
-                self._emit(ev.CheckpointSkipped, checkpoint=ref.name, step=ref.step, reason=str(err))
-                continue
-            self._apply(states, strict=strict, where=ref.name)
-            self._last_save_step = self.step
-            self._last_save_time = self._clock()
-            replayed = None if self._last_known_step is None else max(0, self._last_known_step - self.step)
-            self._emit(
-                ev.RestoreCompleted,
-                step=self.step,
-                epoch=self.epoch,
-                checkpoint=ref.name,
-                bytes=loaded.manifest.total_bytes,
-                duration_s=self._clock() - started,
-                last_known_step=self._last_known_step,
-                replayed_steps=replayed,
-            )
-            return self.step
-        self._emit(ev.RestoreFresh, skipped=skipped)
-        return 0
+        skipped: list[str] = []
+
+        def on_skip(ref: CheckpointRef, err: CorruptCheckpointError) -> None:
+            skipped.append(ref.name)
+            log.warning("spotsafe: skipping checkpoint %s: %s", ref.name, err)
+            self._emit(ev.CheckpointSkipped, checkpoint=ref.name, step=ref.step, reason=str(err))
+
+        restored = load_newest_valid(self.repo, on_skip)
+        if restored is None:
+            self._emit(ev.RestoreFresh, skipped=len(skipped))
+            return 0
+        name = restored.checkpoint.ref.name
+        self._apply(restored.components, strict=strict, where=name)
+        self._last_save_step = self.step
+        self._last_save_time = self._clock()
+        replayed = None if self._last_known_step is None else max(0, self._last_known_step - self.step)
+        self._emit(
+            ev.RestoreCompleted,
+            step=self.step,
+            epoch=self.epoch,
+            checkpoint=name,
+            bytes=restored.checkpoint.manifest.total_bytes,
+            duration_s=self._clock() - started,
+            last_known_step=self._last_known_step,
+            replayed_steps=replayed,
+        )
+        return self.step
 
     def _apply(self, states: Mapping[str, Any], *, strict: bool, where: str) -> None:
         missing = [n for n in self._components if n not in states]

@@ -12,7 +12,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -107,19 +107,48 @@ def read_events(path: str | os.PathLike[str]) -> Iterator[LoggedEvent]:
     except FileNotFoundError:
         return
     with handle:
-        for raw in handle:
-            try:
-                record = json.loads(raw)
-                cls = EVENT_TYPES[record.pop("type")]
-                run_id = str(record.pop("run_id"))
-                attempt = int(record.pop("attempt"))
-                pid = int(record.pop("pid"))
-                event = cls(**record)
-            except (ValueError, KeyError, TypeError):
-                continue
-            yield LoggedEvent(event=event, run_id=run_id, attempt=attempt, pid=pid)
+        yield from _parse_lines(handle)
 
 
 def now() -> float:
     """The default clock for event times."""
     return time.time()
+
+
+class EventTail:
+    """Follows a growing event log, returning only complete new lines on each poll."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._offset = 0
+        self._partial = b""
+
+    def poll(self) -> list[LoggedEvent]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return []
+        self._offset += len(data)
+        data = self._partial + data
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        out: list[LoggedEvent] = []
+        for raw in lines:
+            out.extend(_parse_lines([raw]))
+        return out
+
+
+def _parse_lines(lines: Iterable[bytes]) -> Iterator[LoggedEvent]:
+    for raw in lines:
+        try:
+            record = json.loads(raw)
+            cls = EVENT_TYPES[record.pop("type")]
+            run_id = str(record.pop("run_id"))
+            attempt = int(record.pop("attempt"))
+            pid = int(record.pop("pid"))
+            event = cls(**record)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+        yield LoggedEvent(event=event, run_id=run_id, attempt=attempt, pid=pid)

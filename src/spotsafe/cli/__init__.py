@@ -1,0 +1,1 @@
+"""The spotsafe command line (thin layer over the library)."""

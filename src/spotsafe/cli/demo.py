@@ -1,0 +1,139 @@
+"""``spotsafe demo``: prove bit-exact resume on this machine.
+
+1. Run the job once, uninterrupted (the reference).
+2. Run it again while interrupting it repeatedly (SIGTERM and SIGKILL, at random
+   moments and in the middle of saves), resuming each time, until it finishes.
+3. Compare the final checkpoints of both runs bit for bit, and summarise what
+   happened from the interrupted run's event log.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spotsafe.engine.reader import load_newest_valid
+from spotsafe.state.compare import differences
+from spotsafe.storage.local import LocalStorage
+from spotsafe.storage.repository import CheckpointRepository
+from spotsafe.supervisor.chaos import DEFAULT_MODES, ChaosResult, ChaosRun, KillMode
+from spotsafe.supervisor.process import describe_exit, launch
+from spotsafe.telemetry import events as ev
+from spotsafe.telemetry.log import EVENTS_FILE, read_events
+
+DEFAULT_COMMAND = (
+    "{python} examples/tiny_lm.py --steps 400 --save-every 40 --progress-interval 0 --storage-latency 0.03"
+)
+
+
+@dataclass
+class DemoSummary:
+    reference_seconds: float
+    interrupted_seconds: float
+    chaos: ChaosResult
+    checkpoints_committed: int
+    emergency_saves: int
+    steps_replayed: int
+    partial_saves_removed: int
+    fallbacks: int
+    final_step_reference: int | None
+    final_step_interrupted: int | None
+    component_diffs: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def identical(self) -> bool:
+        return (
+            self.final_step_reference is not None
+            and self.final_step_reference == self.final_step_interrupted
+            and bool(self.component_diffs)
+            and not any(self.component_diffs.values())
+        )
+
+
+def run_reference(command: Sequence[str], run_dir: Path) -> float:
+    started = time.monotonic()
+    job = launch(
+        command,
+        env={"SPOTSAFE_CHECKPOINT_URL": str(run_dir), "SPOTSAFE_RUN_ID": "reference", "SPOTSAFE_ATTEMPT": "1"},
+        stdout=subprocess.DEVNULL,
+    )
+    code = job.wait()
+    job.reap_group()
+    if code != 0:
+        raise RuntimeError(f"the reference run failed ({describe_exit(code)}); run the command by hand to see why")
+    return time.monotonic() - started
+
+
+def compare_final(reference: Path, interrupted: Path) -> tuple[int | None, int | None, dict[str, list[str]]]:
+    """Final step of each run and, per component, the differences (empty list: identical)."""
+    a = load_newest_valid(CheckpointRepository(LocalStorage(reference)))
+    b = load_newest_valid(CheckpointRepository(LocalStorage(interrupted)))
+    if a is None or b is None:
+        return (a.step if a else None), (b.step if b else None), {}
+    names = list(dict.fromkeys([*a.components, *b.components]))
+    diffs: dict[str, list[str]] = {}
+    for name in names:
+        if name not in a.components or name not in b.components:
+            diffs[name] = [f"{name}: present in only one run"]
+        else:
+            diffs[name] = differences(a.components[name], b.components[name], name)
+    return a.step, b.step, diffs
+
+
+def summarise(run_dir: Path, chaos: ChaosResult, ref_s: float, int_s: float, reference: Path) -> DemoSummary:
+    counts: Counter[str] = Counter()
+    emergency = replayed = 0
+    for logged in read_events(run_dir / EVENTS_FILE):
+        event = logged.event
+        counts[event.type] += 1
+        if isinstance(event, ev.SaveCommitted) and event.reason == "notice":
+            emergency += 1
+        if isinstance(event, ev.RestoreCompleted) and event.replayed_steps:
+            replayed += event.replayed_steps
+    ref_step, int_step, diffs = compare_final(reference, run_dir)
+    return DemoSummary(
+        reference_seconds=ref_s,
+        interrupted_seconds=int_s,
+        chaos=chaos,
+        checkpoints_committed=counts[ev.SaveCommitted.type],
+        emergency_saves=emergency,
+        steps_replayed=replayed,
+        partial_saves_removed=counts[ev.PartialRemoved.type],
+        fallbacks=counts[ev.CheckpointSkipped.type],
+        final_step_reference=ref_step,
+        final_step_interrupted=int_step,
+        component_diffs=diffs,
+    )
+
+
+def run_demo(
+    command: Sequence[str],
+    workdir: Path,
+    *,
+    modes: Sequence[KillMode] = DEFAULT_MODES,
+    seed: int = 0,
+    max_delay: float = 3.0,
+    log: Callable[[str], None] = print,
+) -> DemoSummary:
+    """Run the whole demo in ``workdir`` (emptied first)."""
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    reference, interrupted = workdir / "reference", workdir / "interrupted"
+    log(f"reference run: {' '.join(command)}")
+    ref_s = run_reference(command, reference)
+    log(f"reference run finished in {ref_s:.1f} s; now the same job with {len(modes)} interruptions")
+    started = time.monotonic()
+    chaos = ChaosRun(command, interrupted, modes=modes, seed=seed, max_delay=max_delay, log=log).run()
+    int_s = time.monotonic() - started
+    return summarise(interrupted, chaos, ref_s, int_s, reference)
+
+
+def default_command() -> list[str]:
+    return DEFAULT_COMMAND.format(python=sys.executable).split()
+

@@ -1,0 +1,46 @@
+"""Finding and reading the newest valid checkpoint, without applying it anywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from spotsafe.errors import CorruptCheckpointError
+from spotsafe.state.snapshot import restore_components
+from spotsafe.storage.repository import CheckpointRef, CheckpointRepository, LoadedCheckpoint
+
+SkipFn = Callable[[CheckpointRef, CorruptCheckpointError], None]
+
+
+@dataclass(frozen=True)
+class RestoredState:
+    """A verified checkpoint and its decoded components (tensors view the loaded blobs)."""
+
+    checkpoint: LoadedCheckpoint
+    components: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return self.checkpoint.ref.step
+
+
+def load_state(repo: CheckpointRepository, ref: CheckpointRef) -> RestoredState:
+    """Read, verify and decode one checkpoint. Raises :class:`CorruptCheckpointError`."""
+    loaded = repo.load(ref)
+    return RestoredState(checkpoint=loaded, components=restore_components(loaded.blobs, ref.name))
+
+
+def load_newest_valid(repo: CheckpointRepository, on_skip: SkipFn | None = None) -> RestoredState | None:
+    """The newest committed checkpoint that verifies and decodes, or ``None``.
+
+    Walks newest to oldest; each damaged checkpoint is reported to ``on_skip``
+    and passed over. Storage errors that are not damage propagate.
+    """
+    for ref in repo.committed():
+        try:
+            return load_state(repo, ref)
+        except CorruptCheckpointError as err:
+            if on_skip is not None:
+                on_skip(ref, err)
+    return None

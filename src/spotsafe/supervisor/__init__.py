@@ -1,0 +1,1 @@
+"""Launching, signalling and relaunching jobs (the only package that touches processes)."""
