@@ -12,9 +12,9 @@ Typical use in a plain PyTorch loop::
 
 __version__ = "0.1.0"
 
-from spotsafe.data.loader import ResumableLoader  # noqa: E402
-from spotsafe.engine.checkpointer import Checkpointer  # noqa: E402
-from spotsafe.errors import (  # noqa: E402
+from spotsafe.data.loader import ResumableLoader
+from spotsafe.engine.checkpointer import Checkpointer
+from spotsafe.errors import (
     CheckpointMismatchError,
     ConfigError,
     CorruptCheckpointError,
@@ -22,8 +22,8 @@ from spotsafe.errors import (  # noqa: E402
     SpotsafeError,
     UnsafeCheckpointError,
 )
-from spotsafe.exit_codes import EXIT_PREEMPTED, EXIT_SUCCESS  # noqa: E402
-from spotsafe.policy.interval import every  # noqa: E402
+from spotsafe.exit_codes import EXIT_PREEMPTED, EXIT_SUCCESS
+from spotsafe.policy.interval import every
 
 __all__ = [
     "EXIT_PREEMPTED",

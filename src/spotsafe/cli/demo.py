@@ -28,7 +28,7 @@ from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, read_events
 
 DEFAULT_COMMAND = (
-    "{python} examples/tiny_lm.py --steps 400 --save-every 40 --progress-interval 0 --storage-latency 0.03"
+    "{python} examples/tiny_lm.py --steps 400 --save-every 40 --progress-interval 0 --storage-latency 0.05"
 )
 
 
@@ -136,4 +136,3 @@ def run_demo(
 
 def default_command() -> list[str]:
     return DEFAULT_COMMAND.format(python=sys.executable).split()
-

@@ -28,13 +28,28 @@ def cli() -> None:
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("spotsafe-demo"), show_default=True,
-              help="Folder for both runs (emptied first).")
-@click.option("--kills", type=click.IntRange(0, 100), default=len(DEFAULT_MODES), show_default=True,
-              help="How many times to interrupt the job.")
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=Path("spotsafe-demo"),
+    show_default=True,
+    help="Folder for both runs (emptied first).",
+)
+@click.option(
+    "--kills",
+    type=click.IntRange(0, 100),
+    default=len(DEFAULT_MODES),
+    show_default=True,
+    help="How many times to interrupt the job.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for kill timing.")
-@click.option("--max-delay", type=float, default=3.0, show_default=True,
-              help="Longest wait (s) after the job's first step before a random-moment kill.")
+@click.option(
+    "--max-delay",
+    type=float,
+    default=3.0,
+    show_default=True,
+    help="Longest wait (s) after the job's first step before a random-moment kill.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def demo(workdir: Path, kills: int, seed: int, max_delay: float, command: tuple[str, ...]) -> None:
     """Run a job uninterrupted, then again while killing it repeatedly, and compare the results bit for bit.
@@ -48,8 +63,9 @@ def demo(workdir: Path, kills: int, seed: int, max_delay: float, command: tuple[
     if not command and not Path("examples/tiny_lm.py").is_file():
         raise click.UsageError("examples/tiny_lm.py not found: run from the repository root, or give a command")
     modes = [DEFAULT_MODES[i % len(DEFAULT_MODES)] for i in range(kills)]
-    summary = run_demo(cmd, workdir, modes=modes, seed=seed, max_delay=max_delay,
-                       log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    summary = run_demo(
+        cmd, workdir, modes=modes, seed=seed, max_delay=max_delay, log=lambda m: console.print(f"[dim]{m}[/dim]")
+    )
     print_summary(summary)
     sys.exit(0 if summary.identical and summary.chaos.ok else 1)
 
@@ -61,11 +77,14 @@ def print_summary(s: DemoSummary) -> None:
     table = Table(title="spotsafe demo", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("interruptions", f"{len(s.chaos.interruptions)} ("
-                  + ", ".join(f"{n} {m.value}" for m, n in kinds.items()) + ")")
+    table.add_row(
+        "interruptions", f"{len(s.chaos.interruptions)} (" + ", ".join(f"{n} {m.value}" for m, n in kinds.items()) + ")"
+    )
     table.add_row("  landed mid-save", str(sum(i.in_save for i in s.chaos.interruptions)))
     table.add_row("attempts", str(s.chaos.attempts))
-    table.add_row("checkpoints committed", f"{s.checkpoints_committed} ({s.emergency_saves} emergency saves on SIGTERM)")
+    table.add_row(
+        "checkpoints committed", f"{s.checkpoints_committed} ({s.emergency_saves} emergency saves on SIGTERM)"
+    )
     table.add_row("partial saves cleaned up", str(s.partial_saves_removed))
     table.add_row("corrupt checkpoints skipped", str(s.fallbacks))
     table.add_row("steps replayed", str(s.steps_replayed))

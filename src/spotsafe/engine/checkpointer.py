@@ -342,7 +342,9 @@ class Checkpointer:
             try:
                 self.save(reason="notice")
             except Exception as err:  # noqa: BLE001 - the last verified checkpoint stays the resume point
-                log.error("spotsafe: emergency save failed (%s); the last committed checkpoint is the resume point", err)
+                log.error(
+                    "spotsafe: emergency save failed (%s); the last committed checkpoint is the resume point", err
+                )
         self._poll_notices()
         self._emit(ev.RunExited, reason="preempted", step=self.step, exit_code=EXIT_PREEMPTED)
         if self.exit_on_notice:

@@ -147,10 +147,13 @@ def decode(doc: Any, tensor_at: Callable[[int], torch.Tensor], where: str = "sta
     if tag == "$tuple" and len(doc) == 1 and isinstance(value, list):
         return tuple(decode(v, tensor_at, where) for v in value)
     if tag == "$dict" and len(doc) == 1:
-        return {_hashable(decode(k, tensor_at, where), where): decode(v, tensor_at, where) for k, v in _pairs(value, where)}
+        return {
+            _hashable(decode(k, tensor_at, where), where): decode(v, tensor_at, where) for k, v in _pairs(value, where)
+        }
     if tag == "$odict" and set(doc) <= {"$odict", "$meta"}:
         out: OrderedDict[Any, Any] = OrderedDict(
-            (_hashable(decode(k, tensor_at, where), where), decode(v, tensor_at, where)) for k, v in _pairs(value, where)
+            (_hashable(decode(k, tensor_at, where), where), decode(v, tensor_at, where))
+            for k, v in _pairs(value, where)
         )
         if "$meta" in doc:
             out._metadata = decode(doc["$meta"], tensor_at, where)  # type: ignore[attr-defined]

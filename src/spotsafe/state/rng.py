@@ -19,7 +19,7 @@ from spotsafe.errors import CheckpointMismatchError, StateError
 
 
 def _cuda_ready() -> bool:
-    return bool(torch.cuda.is_available() and torch.cuda.is_initialized())
+    return bool(torch.cuda.is_available() and torch.cuda.is_initialized())  # type: ignore[no-untyped-call]
 
 
 class GlobalRNG:

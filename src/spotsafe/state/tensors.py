@@ -95,7 +95,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = flat.contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def plan(tensors: Sequence[torch.Tensor]) -> tuple[list[TensorEntry], int]:

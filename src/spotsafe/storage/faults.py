@@ -14,7 +14,7 @@ from spotsafe.storage.base import Chunk, Storage
 
 
 class SlowStorage:
-    """Delegates to ``inner``, sleeping ``latency`` seconds before each write call (one object)."""
+    """Delegates to ``inner``; each write call (one object) is acknowledged ``latency`` seconds late."""
 
     def __init__(self, inner: Storage, latency: float, *, sleep: Callable[[float], None] = time.sleep) -> None:
         if latency < 0:
@@ -31,9 +31,10 @@ class SlowStorage:
         return self.inner.url
 
     def write_stream(self, key: str, chunks: Iterable[Chunk]) -> int:
+        written = self.inner.write_stream(key, chunks)
         self._sleep(self.latency)
-        return self.inner.write_stream(key, chunks)
+        return written
 
     def write_atomic(self, key: str, data: bytes) -> None:
-        self._sleep(self.latency)
         self.inner.write_atomic(key, data)
+        self._sleep(self.latency)

@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spotsafe.exit_codes import EXIT_PREEMPTED, EXIT_SUCCESS
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.repository import CheckpointRepository
-from spotsafe.exit_codes import EXIT_PREEMPTED, EXIT_SUCCESS
 from spotsafe.supervisor.process import Job, describe_exit, launch
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, EventTail, LoggedEvent

@@ -8,6 +8,7 @@ Kubernetes and systemd do.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -43,10 +44,8 @@ class Job:
 
     def reap_group(self) -> None:
         """Kill whatever is left of the job's process group (orphaned workers)."""
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def launch(
@@ -60,9 +59,7 @@ def launch(
     """Start ``command`` in a new session with ``env`` added to this process's environment."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    popen = subprocess.Popen(
-        list(command), env=full_env, cwd=cwd, stdout=stdout, stderr=stderr, start_new_session=True
-    )
+    popen = subprocess.Popen(list(command), env=full_env, cwd=cwd, stdout=stdout, stderr=stderr, start_new_session=True)
     return Job(popen)
 
 

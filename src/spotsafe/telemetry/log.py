@@ -103,11 +103,10 @@ class LoggedEvent:
 def read_events(path: str | os.PathLike[str]) -> Iterator[LoggedEvent]:
     """Yield the events in ``path`` in order, skipping damaged or unknown lines."""
     try:
-        handle = open(path, "rb")
+        with open(path, "rb") as handle:
+            yield from _parse_lines(handle)
     except FileNotFoundError:
         return
-    with handle:
-        yield from _parse_lines(handle)
 
 
 def now() -> float:
