@@ -46,7 +46,7 @@ import torch
 from spotsafe import __version__
 from spotsafe.engine.persist import persist
 from spotsafe.engine.reader import load_newest_valid
-from spotsafe.errors import CheckpointMismatchError, ConfigError, CorruptCheckpointError
+from spotsafe.errors import CheckpointMismatchError, ConfigError, CorruptCheckpointError, SpotsafeError
 from spotsafe.exit_codes import EXIT_PREEMPTED
 from spotsafe.notices.base import NoticeBoard, NoticeSource
 from spotsafe.notices.signals import DEFAULT_SIGNALS, SignalNotices
@@ -391,7 +391,12 @@ class Checkpointer:
         )
         self._last_save_step = step
         self._last_save_time = self._clock()
-        self._apply_retention()
+        try:
+            self._apply_retention()
+        except SpotsafeError as err:
+            # The new checkpoint is committed; failing to delete old ones must not undo that.
+            log.warning("spotsafe: retention failed: %s", err)
+            self._emit(ev.RunWarning, message=f"retention failed, old checkpoints kept: {err}")
         return ref
 
     def _apply_retention(self) -> None:
