@@ -129,21 +129,22 @@ class LocalStorage:
     def exists(self, key: str) -> bool:
         return self.path_of(key).is_file()
 
-    def list_dirs(self, prefix: str) -> list[str]:
+    def _scan(self, prefix: str, want_dirs: bool) -> list[str]:
         try:
-            return sorted(e.name for e in os.scandir(self.path_of(prefix)) if e.is_dir(follow_symlinks=False))
+            entries = list(os.scandir(self.path_of(prefix)))
         except FileNotFoundError:
             return []
         except OSError as err:
             raise _translate(err, prefix) from err
+        if want_dirs:
+            return sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+        return sorted(e.name for e in entries if e.is_file(follow_symlinks=False))
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        return self._scan(prefix, want_dirs=True)
 
     def list_files(self, prefix: str) -> list[str]:
-        try:
-            return sorted(e.name for e in os.scandir(self.path_of(prefix)) if e.is_file(follow_symlinks=False))
-        except FileNotFoundError:
-            return []
-        except OSError as err:
-            raise _translate(err, prefix) from err
+        return self._scan(prefix, want_dirs=False)
 
     def delete(self, key: str) -> None:
         try:
