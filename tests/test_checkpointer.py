@@ -433,3 +433,22 @@ def test_extras_generators_and_scaler_round_trip(tmp_path: Path) -> None:
     assert np.array_equal(npgen2.random(4), expected[1])
     assert scaler2.get_scale() == expected[2] == 77.0
     ckpt2.close()
+
+
+def test_signal_handlers_need_the_main_thread(tmp_path: Path) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            spotsafe.Checkpointer(str(tmp_path), model=torch.nn.Linear(1, 1))
+        except BaseException as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "main thread" in str(errors[0])
+    ckpt = spotsafe.Checkpointer(str(tmp_path), model=torch.nn.Linear(1, 1), handle_signals=False)
+    ckpt.close()

@@ -153,6 +153,8 @@ class Checkpointer:
         self.progress_interval = float(progress_interval)
         self._clock, self._wall, self._exit = clock, wall_clock, exit
         self._progress = _Progress()
+        self._closed = False
+        self._sources: list[NoticeSource] = []
         self._components = self._collect(model, optimizer, scheduler, scaler, loader, extra)
 
         history = self._read_history()
@@ -169,17 +171,20 @@ class Checkpointer:
             self._emit(ev.PartialRemoved, path=key)
 
         self.board = NoticeBoard()
-        self._sources: list[NoticeSource] = list(notices)
+        self._sources = list(notices)
         if handle_signals:
             self._sources.insert(0, SignalNotices(signals))
-        for source in self._sources:
-            source.start(self.board)
+        try:
+            for source in self._sources:
+                source.start(self.board)
+        except BaseException:
+            self.close()
+            raise
         self._notice_counts: dict[str, int] = {}
         self._last_save_step: int | None = None
         self._last_save_time = clock()
         self._last_progress_time = -float("inf")
         self._stop_requested = False
-        self._closed = False
 
     # -- set-up helpers ------------------------------------------------------
     def _collect(self, *objs: Any) -> dict[str, Any]:
