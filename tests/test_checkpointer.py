@@ -438,12 +438,12 @@ def test_extras_generators_and_scaler_round_trip(tmp_path: Path) -> None:
 def test_signal_handlers_need_the_main_thread(tmp_path: Path) -> None:
     import threading
 
-    errors: list[BaseException] = []
+    errors: list[RuntimeError] = []
 
     def build() -> None:
         try:
             spotsafe.Checkpointer(str(tmp_path), model=torch.nn.Linear(1, 1))
-        except BaseException as err:
+        except RuntimeError as err:
             errors.append(err)
 
     thread = threading.Thread(target=build)
