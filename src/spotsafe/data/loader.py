@@ -26,8 +26,10 @@ workers then exit with it.
 
 from __future__ import annotations
 
+import atexit
 import random
 import signal
+import weakref
 from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
@@ -119,6 +121,12 @@ class _WorkerInit:
             self.user(worker_id)
 
 
+def _close_at_exit(ref: weakref.ReferenceType[ResumableLoader]) -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
+
+
 class ResumableLoader:
     """A map-style DataLoader whose position is part of the checkpoint.
 
@@ -149,7 +157,7 @@ class ResumableLoader:
                 "ResumableLoader needs a map-style dataset with __len__ and __getitem__; for an iterable "
                 "dataset, give it state_dict()/load_state_dict() and pass it to the Checkpointer as an extra"
             )
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         bad = [k for k in _RESERVED if k in dataloader_kwargs]
         if bad:
@@ -167,6 +175,7 @@ class ResumableLoader:
             )
         self.epoch = 0
         self.position = 0
+        self._active: Any = None
         self._generator = torch.Generator()
         self._loader = DataLoader(
             _SeededDataset(dataset, self.seed, reseed_workers),
@@ -177,6 +186,10 @@ class ResumableLoader:
             worker_init_fn=_WorkerInit(tuple(ignore_signals), worker_init_fn),
             **dataloader_kwargs,
         )
+        # Workers ignore SIGTERM, so they must be told to stop before multiprocessing's exit
+        # hook tries to terminate them (it would wait forever). atexit runs hooks last-in
+        # first-out: this one runs before torch's and multiprocessing's.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     @property
     def batches_per_epoch(self) -> int:
@@ -191,14 +204,25 @@ class ResumableLoader:
         """Yield the remaining batches of the current epoch, counting each one as consumed."""
         self._generator.manual_seed(mix(self.seed, self.epoch, self.position, 0xB45E) & ((1 << 63) - 1))
         epoch = self.epoch
-        for batch in self._loader:
-            if self.epoch != epoch:
-                raise RuntimeError("ResumableLoader was iterated twice at once or restored mid-iteration")
-            self.position += 1
-            if self.position >= self.batches_per_epoch:
-                self.epoch += 1
-                self.position = 0
-            yield batch
+        self._active = iter(self._loader)
+        try:
+            for batch in self._active:
+                if self.epoch != epoch:
+                    raise RuntimeError("ResumableLoader was iterated twice at once or restored mid-iteration")
+                self.position += 1
+                if self.position >= self.batches_per_epoch:
+                    self.epoch += 1
+                    self.position = 0
+                yield batch
+        finally:
+            self._active = None
+
+    def close(self) -> None:
+        """Stop worker processes now (also done at interpreter exit). Iterating again restarts them."""
+        for iterator in (self._active, getattr(self._loader, "_iterator", None)):
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -220,7 +244,14 @@ class ResumableLoader:
                     "Use the same data settings, or start a new run."
                 )
         epoch, position = state.get("epoch"), state.get("position")
-        if not isinstance(epoch, int) or not isinstance(position, int) or not 0 <= position < self.batches_per_epoch:
+        if (
+            not isinstance(epoch, int)
+            or not isinstance(position, int)
+            or isinstance(epoch, bool)
+            or isinstance(position, bool)
+            or epoch < 0
+            or not 0 <= position < self.batches_per_epoch
+        ):
             raise CheckpointMismatchError(f"the checkpoint's loader position {epoch!r}/{position!r} is invalid")
         self.epoch = epoch
         self.position = position

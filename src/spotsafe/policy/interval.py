@@ -98,9 +98,11 @@ def every(*, steps: int | None = None, seconds: float | None = None, minutes: fl
     parts: list[SavePolicy] = []
     if steps is not None:
         parts.append(EverySteps(steps))
+    for name, value in (("seconds", seconds), ("minutes", minutes)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ConfigError(f"every({name}=...) needs a positive number, got {value!r}")
     if seconds is not None or minutes is not None:
-        total = (seconds or 0.0) + 60.0 * (minutes or 0.0)
-        parts.append(EverySeconds(total))
+        parts.append(EverySeconds((seconds or 0.0) + 60.0 * (minutes or 0.0)))
     if not parts:
         raise ConfigError("every() needs steps=, seconds= or minutes=")
     return parts[0] if len(parts) == 1 else AnyOf(tuple(parts))

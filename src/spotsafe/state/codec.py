@@ -83,7 +83,8 @@ def encode(tree: Any, tensors: list[torch.Tensor], path: str = "") -> Any:
     if isinstance(tree, np.ndarray):
         if tree.dtype.name not in _NP_SCALARS:
             raise StateError(f"{path or 'state'}: numpy dtype {tree.dtype} is not supported")
-        tensors.append(torch.from_numpy(np.ascontiguousarray(tree)))
+        native = tree.astype(tree.dtype.newbyteorder("="), copy=False)
+        tensors.append(torch.from_numpy(np.ascontiguousarray(native).reshape(tree.shape)))
         return {"$ndarray": len(tensors) - 1}
     if isinstance(tree, np.generic):
         name = tree.dtype.name
@@ -141,7 +142,10 @@ def decode(doc: Any, tensor_at: Callable[[int], torch.Tensor], where: str = "sta
     if tag == "$tensor" and len(doc) == 1:
         return tensor_at(_index(value, where))
     if tag == "$ndarray" and len(doc) == 1:
-        return tensor_at(_index(value, where)).numpy()
+        try:
+            return tensor_at(_index(value, where)).numpy()
+        except TypeError as err:
+            raise UnsafeCheckpointError(f"{where}: $ndarray of a dtype numpy cannot hold") from err
     if tag == "$float" and len(doc) == 1 and value in _NONFINITE:
         return _NONFINITE[value]
     if tag == "$tuple" and len(doc) == 1 and isinstance(value, list):
@@ -162,7 +166,10 @@ def decode(doc: Any, tensor_at: Callable[[int], torch.Tensor], where: str = "sta
         item = decode(doc["value"], tensor_at, where)
         if not isinstance(item, (bool, int, float)):
             raise UnsafeCheckpointError(f"{where}: bad numpy scalar value")
-        return _NP_SCALARS[value](item)
+        try:
+            return _NP_SCALARS[value](item)
+        except (OverflowError, ValueError, TypeError) as err:
+            raise UnsafeCheckpointError(f"{where}: numpy scalar {item!r} does not fit {value}") from err
     if tag == "$dtype" and len(doc) == 1 and isinstance(value, str):
         return dtype_from_name(value)
     if tag == "$device" and len(doc) == 1 and isinstance(value, str):

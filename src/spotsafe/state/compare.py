@@ -45,6 +45,10 @@ def _diff(a: Any, b: Any, path: str, out: list[str], limit: int) -> None:
         if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
             out.append(f"{path}: arrays differ")
         return
+    if isinstance(a, np.floating):
+        if a.tobytes() != b.tobytes() and not (np.isnan(a) and np.isnan(b)):
+            out.append(f"{path}: {a!r} vs {b!r}")
+        return
     if isinstance(a, float):
         if not _same_float(a, b):
             out.append(f"{path}: {a!r} vs {b!r}")

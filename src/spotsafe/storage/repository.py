@@ -87,7 +87,8 @@ class PendingCheckpoint:
 
     def commit(self, *, metadata: dict[str, object], writer: dict[str, object]) -> Manifest:
         """Make the checkpoint exist. Every blob is durable before the manifest is written."""
-        self._storage.sync_prefix(self.ref.key)
+        if self.blobs:
+            self._storage.sync_prefix(self.ref.key)
         manifest = Manifest(
             step=self.ref.step,
             created_at=self._clock(),
