@@ -18,7 +18,6 @@ from spotsafe.errors import (
     CheckpointMismatchError,
     ConfigError,
     CorruptCheckpointError,
-    NoCheckpointError,
     SpotsafeError,
     UnsafeCheckpointError,
 )
@@ -32,7 +31,6 @@ __all__ = [
     "Checkpointer",
     "ConfigError",
     "CorruptCheckpointError",
-    "NoCheckpointError",
     "ResumableLoader",
     "SpotsafeError",
     "UnsafeCheckpointError",

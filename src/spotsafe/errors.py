@@ -73,7 +73,3 @@ class CheckpointMismatchError(CheckpointError):
     This is not corruption (an older checkpoint would not fit either): the model
     or optimizer changed since the checkpoint was written.
     """
-
-
-class NoCheckpointError(CheckpointError):
-    """No committed, verified checkpoint exists where one was required."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 import base64
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -197,9 +197,3 @@ def _hashable(key: Any, where: str) -> Any:
     except TypeError as err:
         raise UnsafeCheckpointError(f"{where}: unhashable dict key") from err
     return key
-
-
-def encode_all(trees: Sequence[Any]) -> tuple[list[Any], list[torch.Tensor]]:
-    """Encode several trees sharing one tensor list."""
-    tensors: list[torch.Tensor] = []
-    return [encode(t, tensors) for t in trees], tensors

@@ -78,10 +78,6 @@ class Snapshot:
         doc = {"format_version": STATE_FORMAT, "step": self.step, "components": index}
         yield STATE_BLOB, iter([json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()])
 
-    @property
-    def nbytes(self) -> int:
-        return sum(plan(p.tensors)[1] for p in self.components)
-
 
 def restore_components(blobs: Mapping[str, bytearray], where: str) -> dict[str, Any]:
     """Decode verified blobs back into ``{component: state}``. Tensors view the blobs' memory."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,11 +106,6 @@ def read_events(path: str | os.PathLike[str]) -> Iterator[LoggedEvent]:
             yield from _parse_lines(handle)
     except FileNotFoundError:
         return
-
-
-def now() -> float:
-    """The default clock for event times."""
-    return time.time()
 
 
 class EventTail:
