@@ -25,7 +25,7 @@ from torch import nn
 
 import spotsafe
 from spotsafe.storage.faults import SlowStorage
-from spotsafe.storage.local import open_storage
+from spotsafe.storage.registry import open_storage
 
 VOCAB = 64
 SEQ = 32
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--progress-interval", type=float, default=1.0)
     parser.add_argument("--storage-latency", type=float, default=0.0, help="emulate a slower store (s per write)")
+    parser.add_argument("--stage-dir", default=None, help="local-then-upload: commit here first, upload after")
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args()
 
@@ -128,6 +129,7 @@ def main() -> None:
         progress_interval=args.progress_interval,
         metadata={"example": "tiny_lm", "steps": args.steps},
         storage=storage,
+        stage_dir=args.stage_dir,
     )
     start = ckpt.restore()
     print(f"tiny_lm: attempt {ckpt.attempt}, starting at step {start} (epoch {ckpt.epoch})", flush=True)

@@ -268,7 +268,7 @@ def test_snapshot_blobs_restore_the_same_state() -> None:
         opt.zero_grad()
     states = {"model": model.state_dict(), "optimizer": opt.state_dict(), "extra": {"nan": math.nan, "t": (1,)}}
     snap = Snapshot.capture(12, states)
-    blobs = {name: bytearray(b"".join(bytes(c) for c in chunks)) for name, chunks in snap.blobs()}
+    blobs = {name: bytearray(b"".join(bytes(c) for c in source())) for name, source in snap.blobs()}
     assert STATE_BLOB in blobs and "model.bin" in blobs
     out = restore_components(blobs, "test")
     assert differences(states, out) == []

@@ -8,17 +8,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
 from spotsafe.cli.demo import compare_final, run_reference
 from spotsafe.storage.local import LocalStorage
+from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.supervisor.chaos import DEFAULT_MODES, ChaosRun, KillMode
-from spotsafe.telemetry.log import EVENTS_FILE, read_events
+from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, read_events
+from spotsafe.telemetry.store import read_run_events
 
-from .conftest import EXAMPLE, ROOT
+from .conftest import EXAMPLE, ROOT, S3Server
 
 pytestmark = pytest.mark.e2e
 
@@ -27,6 +30,20 @@ SMALL = ["--steps", "160", "--samples", "384", "--save-every", "20", "--progress
 
 def example(*extra: str) -> list[str]:
     return [sys.executable, str(EXAMPLE), *SMALL, *extra]
+
+
+def assert_sigterm_loses_no_steps(logged: Iterable[LoggedEvent]) -> None:
+    """Every preempted exit has a checkpoint committed by the same process at exactly that step."""
+    committed: set[tuple[int, int]] = set()
+    preempted: list[tuple[int, int]] = []
+    for item in logged:
+        if item.event.type == "save_committed":
+            committed.add((item.pid, item.event.step))
+        elif item.event.type == "run_exited" and item.event.reason == "preempted":
+            preempted.append((item.pid, item.event.step))
+    assert preempted, "no attempt exited as preempted"
+    missing = [p for p in preempted if p not in committed]
+    assert not missing, f"preempted without a checkpoint at the stopping step: {missing}"
 
 
 def event_types(run: Path) -> list[str]:
@@ -52,13 +69,41 @@ def test_killed_repeatedly_with_sigterm_and_sigkill_resumes_bit_exact(reference:
     types = event_types(run)
     assert types.count("partial_removed") >= sum(i.in_save for i in chaos.interruptions)
     assert types.count("run_exited") >= 3  # emergency exits on SIGTERM, then the finish
-    emergency = [e.event for e in read_events(run / EVENTS_FILE) if e.event.type == "save_committed"]
-    assert any(e.reason == "notice" for e in emergency), "a SIGTERM between saves must cause an emergency save"
+    assert_sigterm_loses_no_steps(read_events(run / EVENTS_FILE))
 
     ref_step, run_step, diffs = compare_final(reference, run)
     assert ref_step == run_step == 160
     assert {"model", "optimizer", "scheduler", "loader", "rng"} <= set(diffs)
     assert all(not d for d in diffs.values()), diffs
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["direct", "local-then-upload"])
+def test_killed_repeatedly_on_s3_resumes_bit_exact(
+    reference: Path, s3_server: S3Server, tmp_path: Path, staged: bool
+) -> None:
+    url = f"s3://{s3_server.new_bucket()}/runs/interrupted"
+    extra = ["--stage-dir", str(tmp_path / "stage")] if staged else []
+    modes = [
+        KillMode.SIGTERM,
+        KillMode.SIGKILL_IN_SAVE,
+        KillMode.SIGKILL,
+        KillMode.SIGTERM_TWICE,
+        KillMode.SIGKILL_IN_SAVE,
+    ]
+    chaos = ChaosRun(
+        example("--storage-latency", "0.05", *extra), url, events_file=tmp_path / "events.jsonl", modes=modes, seed=5
+    ).run()
+    assert chaos.ok, chaos.problems
+    assert len(chaos.interruptions) == 5
+    ref_step, run_step, diffs = compare_final(reference, url)
+    assert ref_step == run_step == 160
+    assert all(not d for d in diffs.values()), diffs
+    logged = list(read_run_events(open_storage(url)))
+    assert_sigterm_loses_no_steps(logged)
+    uploaded = [e.event.type for e in logged]
+    assert uploaded.count("run_started") == 6, "every attempt's events are kept with the run on S3"
+    if staged:
+        assert "save_staged" in uploaded
 
 
 def test_resume_from_older_checkpoint_after_corruption_is_still_bit_exact(reference: Path, tmp_path: Path) -> None:

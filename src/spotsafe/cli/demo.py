@@ -20,12 +20,12 @@ from pathlib import Path
 
 from spotsafe.engine.reader import load_newest_valid
 from spotsafe.state.compare import differences
-from spotsafe.storage.local import LocalStorage
+from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.supervisor.chaos import DEFAULT_MODES, ChaosResult, ChaosRun, KillMode
 from spotsafe.supervisor.process import describe_exit, launch
 from spotsafe.telemetry import events as ev
-from spotsafe.telemetry.log import EVENTS_FILE, read_events
+from spotsafe.telemetry.store import read_run_events
 
 DEFAULT_COMMAND = (
     "{python} examples/tiny_lm.py --steps 400 --save-every 40 --progress-interval 0 --storage-latency 0.05"
@@ -70,10 +70,12 @@ def run_reference(command: Sequence[str], run_dir: Path) -> float:
     return time.monotonic() - started
 
 
-def compare_final(reference: Path, interrupted: Path) -> tuple[int | None, int | None, dict[str, list[str]]]:
-    """Final step of each run and, per component, the differences (empty list: identical)."""
-    a = load_newest_valid(CheckpointRepository(LocalStorage(reference)))
-    b = load_newest_valid(CheckpointRepository(LocalStorage(interrupted)))
+def compare_final(
+    reference: str | Path, interrupted: str | Path
+) -> tuple[int | None, int | None, dict[str, list[str]]]:
+    """Final step of each run (folders or URLs) and, per component, the differences (empty list: identical)."""
+    a = load_newest_valid(CheckpointRepository(open_storage(reference)))
+    b = load_newest_valid(CheckpointRepository(open_storage(interrupted)))
     if a is None or b is None:
         return (a.step if a else None), (b.step if b else None), {}
     names = list(dict.fromkeys([*a.components, *b.components]))
@@ -86,17 +88,17 @@ def compare_final(reference: Path, interrupted: Path) -> tuple[int | None, int |
     return a.step, b.step, diffs
 
 
-def summarise(run_dir: Path, chaos: ChaosResult, ref_s: float, int_s: float, reference: Path) -> DemoSummary:
+def summarise(run: str | Path, chaos: ChaosResult, ref_s: float, int_s: float, reference: Path) -> DemoSummary:
     counts: Counter[str] = Counter()
     emergency = replayed = 0
-    for logged in read_events(run_dir / EVENTS_FILE):
+    for logged in read_run_events(open_storage(run)):
         event = logged.event
         counts[event.type] += 1
         if isinstance(event, ev.SaveCommitted) and event.reason == "notice":
             emergency += 1
         if isinstance(event, ev.RestoreCompleted) and event.replayed_steps:
             replayed += event.replayed_steps
-    ref_step, int_step, diffs = compare_final(reference, run_dir)
+    ref_step, int_step, diffs = compare_final(reference, run)
     return DemoSummary(
         reference_seconds=ref_s,
         interrupted_seconds=int_s,

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from spotsafe import __version__
+from spotsafe.cli import manage
 from spotsafe.cli.demo import DemoSummary, default_command, run_demo
 from spotsafe.errors import CorruptCheckpointError, SpotsafeError
-from spotsafe.exit_codes import EXIT_USAGE
-from spotsafe.storage.local import open_storage
-from spotsafe.storage.repository import CheckpointRepository
+from spotsafe.exit_codes import EXIT_CRASH, EXIT_USAGE
 from spotsafe.supervisor.chaos import DEFAULT_MODES, KillMode
 from spotsafe.supervisor.process import describe_exit
 
@@ -101,24 +105,137 @@ def print_summary(s: DemoSummary) -> None:
         console.print(f"[red]the final attempt ended with {describe_exit(s.chaos.final_exit)}[/red]")
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def run_options(fn: F) -> F:
+    """The options every run-management command takes."""
+    fn = click.option(
+        "--progress/--no-progress",
+        default=None,
+        help="Force the progress bar on or off (default: shown when stderr is a terminal).",
+    )(fn)
+    fn = click.option(
+        "--retry-budget",
+        type=click.FloatRange(min=0),
+        default=120.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="How long to keep retrying transient storage errors.",
+    )(fn)
+    fn = click.option(
+        "--storage-option",
+        "storage_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Option for the storage backend (repeatable; VALUE is JSON when it parses, a dotted KEY nests).",
+    )(fn)
+    return fn
+
+
+def _open(url: str, storage_options: tuple[str, ...], retry_budget: float, progress: bool | None) -> manage.Run:
+    return manage.open_run(url, manage.parse_storage_options(storage_options), retry_budget, progress)
+
+
 @cli.command("ls")
 @click.argument("url")
-def ls(url: str) -> None:
-    """List the checkpoints at URL (a run folder), newest first, with a cheap integrity check."""
-    repo = CheckpointRepository(open_storage(url))
-    table = Table(title=f"checkpoints in {url}")
-    for col in ("step", "name", "bytes", "state"):
-        table.add_column(col)
-    for ref in repo.folders():
-        if not repo.is_committed(ref):
-            table.add_row(str(ref.step), ref.name, "-", "[yellow]uncommitted (leftover)[/yellow]")
-            continue
-        try:
-            manifest = repo.check_sizes(ref)
-            table.add_row(str(ref.step), ref.name, f"{manifest.total_bytes:,}", "committed")
-        except CorruptCheckpointError as err:
-            table.add_row(str(ref.step), ref.name, "-", f"[red]damaged: {err}[/red]")
-    console.print(table)
+@click.option("--verify", is_flag=True, help="Also read every blob and check its checksum (slow).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@run_options
+def ls(
+    url: str,
+    verify: bool,
+    as_json: bool,
+    storage_options: tuple[str, ...],
+    retry_budget: float,
+    progress: bool | None,
+) -> None:
+    """List the checkpoint folders at URL (a run folder or s3://, gs://, az:// URL), newest first.
+
+    Each committed checkpoint gets a cheap check (manifest and blob sizes); --verify checks every checksum.
+    """
+    run = _open(url, storage_options, retry_budget, progress)
+    sys.exit(manage.ls(run, verify=verify, as_json=as_json))
+
+
+@cli.command("verify")
+@click.argument("url")
+@click.option("--step", type=click.IntRange(min=0), default=None, help="Verify every committed checkpoint at step N.")
+@click.option("--all", "every", is_flag=True, help="Verify every committed checkpoint.")
+@run_options
+def verify(
+    url: str,
+    step: int | None,
+    every: bool,
+    storage_options: tuple[str, ...],
+    retry_budget: float,
+    progress: bool | None,
+) -> None:
+    """Verify the size and checksum of every blob of checkpoints at URL (default: the newest committed one).
+
+    Exits 0 if all are intact, 1 if any is damaged, 2 if no checkpoint matched.
+    """
+    if step is not None and every:
+        raise click.UsageError("give --step or --all, not both")
+    run = _open(url, storage_options, retry_budget, progress)
+    sys.exit(manage.verify(run, step=step, every=every))
+
+
+@cli.command("inspect")
+@click.argument("url")
+@click.option("--step", type=click.IntRange(min=0), default=None, help="The newest committed checkpoint at step N.")
+@click.option("--name", default=None, help="The checkpoint folder NAME (as ls shows it).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@run_options
+def inspect(
+    url: str,
+    step: int | None,
+    name: str | None,
+    as_json: bool,
+    storage_options: tuple[str, ...],
+    retry_budget: float,
+    progress: bool | None,
+) -> None:
+    """Verify and load one checkpoint at URL (default: the newest committed one) and describe its contents.
+
+    Exits 1 if it is damaged, 2 if no checkpoint matched.
+    """
+    if step is not None and name is not None:
+        raise click.UsageError("give --step or --name, not both")
+    run = _open(url, storage_options, retry_budget, progress)
+    sys.exit(manage.inspect(run, step=step, name=name, as_json=as_json))
+
+
+@cli.command("gc")
+@click.argument("url")
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    required=True,
+    help="Keep the newest N committed checkpoints (and always the newest intact one).",
+)
+@click.option("--apply", is_flag=True, help="Delete; without it, only show what would be deleted.")
+@click.option(
+    "--partial-older-than",
+    type=click.FloatRange(min=0),
+    default=3600.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Delete uncommitted folders last written longer ago than this (younger ones may be saves in progress).",
+)
+@run_options
+def gc(
+    url: str,
+    keep: int,
+    apply: bool,
+    partial_older_than: float,
+    storage_options: tuple[str, ...],
+    retry_budget: float,
+    progress: bool | None,
+) -> None:
+    """Delete old checkpoints and stale uncommitted folders at URL. A dry run unless --apply is given."""
+    run = _open(url, storage_options, retry_budget, progress)
+    sys.exit(manage.gc(run, keep=keep, apply=apply, partial_older_than=partial_older_than))
 
 
 def main() -> None:
@@ -127,10 +244,19 @@ def main() -> None:
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as err:
-        err.show()
+        shown = io.StringIO()
+        err.show(file=shown)
+        sys.stderr.write(manage.redact(shown.getvalue()))
         sys.exit(EXIT_USAGE)
+    except CorruptCheckpointError as err:
+        manage.err.print(f"[red]damaged:[/red] {escape(manage.redact(str(err)))}")
+        sys.exit(manage.EXIT_DAMAGED)
     except SpotsafeError as err:
-        console.print(f"[red]error:[/red] {err}")
+        manage.err.print(f"[red]error:[/red] {escape(manage.redact(str(err)))}")
         sys.exit(EXIT_USAGE)
     except SystemExit:
         raise
+    except Exception as err:  # noqa: BLE001 - a crash report must not leak credentials either
+        text = "".join(traceback.format_exception(err))
+        manage.err.print(escape(manage.redact(text)), end="")
+        sys.exit(EXIT_CRASH)

@@ -23,6 +23,7 @@ def persist(
     *,
     metadata: Mapping[str, Any],
     writer: Mapping[str, Any],
+    generation: int = 0,
 ) -> tuple[CheckpointRef, Manifest]:
     """Write every blob of ``snapshot``, then commit its manifest.
 
@@ -30,10 +31,10 @@ def persist(
     removed (best effort: a process killed here leaves it for the next start's
     cleanup) and the error propagates.
     """
-    pending = repo.begin(snapshot.step)
+    pending = repo.begin(snapshot.step, generation)
     try:
-        for name, chunks in snapshot.blobs():
-            pending.write_blob(name, chunks)
+        for name, source in snapshot.blobs():
+            pending.write_blob(name, source)
         manifest = pending.commit(metadata=dict(metadata), writer=dict(writer))
     except BaseException:
         if not pending.committed:

@@ -8,6 +8,7 @@ and each tensor's place in its blob.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -19,6 +20,7 @@ import torch
 from spotsafe.errors import CorruptCheckpointError, StateError, UnsafeCheckpointError
 from spotsafe.state import codec
 from spotsafe.state.tensors import TensorEntry, pack, plan, unpack
+from spotsafe.storage.base import ChunkSource
 
 STATE_BLOB = "state.json"
 STATE_FORMAT = 1
@@ -63,8 +65,12 @@ class Snapshot:
             parts.append(ComponentSnapshot(name=check_component_name(name), tree=tree, tensors=tensors))
         return cls(step=step, components=parts)
 
-    def blobs(self) -> Iterator[tuple[str, Iterator[Any]]]:
-        """``(blob name, chunks)`` for each tensor blob, then ``state.json`` last."""
+    def blobs(self) -> Iterator[tuple[str, ChunkSource]]:
+        """``(blob name, chunk source)`` for each tensor blob, then ``state.json`` last.
+
+        Each source yields the blob's bytes from the start whenever it is called,
+        so a write can be retried; the tensors must not change until the save ends.
+        """
         index: dict[str, Any] = {}
         for part in self.components:
             entries, _ = plan(part.tensors)
@@ -74,9 +80,10 @@ class Snapshot:
                 "tensors": [e.to_json() for e in entries],
             }
             if part.tensors:
-                yield part.blob_name, pack(part.tensors, entries)
+                yield part.blob_name, functools.partial(pack, part.tensors, entries)
         doc = {"format_version": STATE_FORMAT, "step": self.step, "components": index}
-        yield STATE_BLOB, iter([json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()])
+        state = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+        yield STATE_BLOB, lambda: (state,)
 
 
 def restore_components(blobs: Mapping[str, bytearray], where: str) -> dict[str, Any]:

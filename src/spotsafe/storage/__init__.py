@@ -1,7 +1,20 @@
 """Where checkpoints live, and the commit protocol that makes them appear atomically."""
 
 from spotsafe.storage.base import BlobNotFoundError, Storage
-from spotsafe.storage.local import LocalStorage, open_storage
+from spotsafe.storage.fsspec_store import FsspecStorage
+from spotsafe.storage.local import LocalStorage
+from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
+from spotsafe.storage.retry import RetryingStorage, RetryPolicy
 
-__all__ = ["BlobNotFoundError", "CheckpointRef", "CheckpointRepository", "LocalStorage", "Storage", "open_storage"]
+__all__ = [
+    "BlobNotFoundError",
+    "CheckpointRef",
+    "CheckpointRepository",
+    "FsspecStorage",
+    "LocalStorage",
+    "RetryPolicy",
+    "RetryingStorage",
+    "Storage",
+    "open_storage",
+]

@@ -10,12 +10,16 @@ PUT is atomic, nothing else is).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
 from spotsafe.errors import PermanentStorageError
 
 Chunk = bytes | bytearray | memoryview
+ChunkSource = Callable[[], Iterable[Chunk]]
+TMP_MARKER = ".tmp-"
+"""Marks temporary files (``.<name>.tmp-<random>``) that cleanup may delete."""
+"""Produces an object's bytes from the start each time it is called, so a write can be retried."""
 
 
 class BlobNotFoundError(PermanentStorageError):
@@ -31,12 +35,13 @@ class Storage(Protocol):
         """The location, as the user gave it (credentials never included)."""
         ...
 
-    def write_stream(self, key: str, chunks: Iterable[Chunk]) -> int:
-        """Write ``chunks`` to ``key`` and return the byte count.
+    def write_stream(self, key: str, source: ChunkSource) -> int:
+        """Write the chunks ``source()`` yields to ``key`` and return the byte count.
 
-        Durable when it returns. Not atomic: a reader may see a partial object
-        while it runs, or after a crash. Callers publish it only via a later
-        :meth:`write_atomic`.
+        Durable when it returns. Memory stays bounded however large the object is
+        (object stores upload it in parts). Not atomic: a reader may see a partial
+        object while it runs, or after a crash. Callers publish it only via a later
+        :meth:`write_atomic`. A retrying wrapper may call ``source`` again.
         """
         ...
 
@@ -64,6 +69,10 @@ class Storage(Protocol):
 
     def list_files(self, prefix: str) -> list[str]:
         """Names (not keys) of the objects directly under ``prefix``."""
+        ...
+
+    def find(self, prefix: str) -> list[str]:
+        """Keys of every object under ``prefix``, at any depth (one listing on object stores)."""
         ...
 
     def delete(self, key: str) -> None:

@@ -2,43 +2,53 @@
 
 Layout under the run's location::
 
+    writers/gen-000003-3f9c2a1b.json            writer claims (see fencing)
+    latest.json                                 a hint naming the newest commit; never trusted alone
     checkpoints/
-      step-000000000120-1763869512345-9f2c/   one folder per save attempt
-        model.bin  optimizer.bin  state.json  ...   blobs, written and made durable first
-        manifest.json                               written last, atomically: the commit
+      g000003-step-000000000120-1763869512345-9f2c/   one folder per save attempt
+        model.bin  optimizer.bin  state.json ...        blobs, written and made durable first
+        manifest.json                                   written last, atomically: the commit
 
 A save is (1) :meth:`CheckpointRepository.begin`, (2) any number of
 :meth:`PendingCheckpoint.write_blob`, (3) :meth:`PendingCheckpoint.commit`.
-Until (3) returns, readers do not see the checkpoint at all. Every save gets a
-folder of its own, so a save never writes into a committed checkpoint, even
-when it repeats a step that an earlier attempt also saved.
+Until (3) returns, readers do not see the checkpoint at all: on a disk the
+manifest appears by rename, on an object store by a single PUT. Every save gets
+a folder of its own, so a save never writes into a committed checkpoint.
 
-Folder names sort by step, then by creation time, so "newest" needs no manifest
-reads. The manifest is still the authority: readers verify it before trusting
-the name.
+Folder names sort by writer generation, then step, then creation time. Readers
+order by that and verify each manifest before trusting it; ``latest.json`` only
+adds a candidate, it never overrides what verification says.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from spotsafe.errors import CorruptCheckpointError
-from spotsafe.storage.base import BlobNotFoundError, Chunk, Storage
-from spotsafe.storage.local import TMP_MARKER
+from spotsafe.storage.base import TMP_MARKER, BlobNotFoundError, Chunk, ChunkSource, Storage
 from spotsafe.storage.manifest import MANIFEST_NAME, BlobEntry, Manifest, check_blob_name, new_hasher
 
 CHECKPOINTS = "checkpoints"
-_NAME = re.compile(r"^step-(\d{12})-(\d{13})-([0-9a-f]{4})$")
+LATEST = "latest.json"
+_NAME = re.compile(r"^g(\d{6})-step-(\d{12})-(\d{13})-([0-9a-f]{4})$")
+
+FenceCheck = Callable[[], None]
+
+
+def _no_fence() -> None:
+    return None
 
 
 @dataclass(frozen=True, order=True)
 class CheckpointRef:
     """A checkpoint folder, identified by name. Orders oldest to newest."""
 
+    generation: int
     step: int
     created_ms: int
     name: str
@@ -52,7 +62,7 @@ class CheckpointRef:
         match = _NAME.match(name)
         if match is None:
             return None
-        return cls(step=int(match.group(1)), created_ms=int(match.group(2)), name=name)
+        return cls(int(match.group(1)), int(match.group(2)), int(match.group(3)), name)
 
 
 ProgressFn = Callable[[int], None]
@@ -61,32 +71,42 @@ ProgressFn = Callable[[int], None]
 class PendingCheckpoint:
     """A save in progress. Not visible to readers until :meth:`commit` returns."""
 
-    def __init__(self, storage: Storage, ref: CheckpointRef, clock: Callable[[], float]) -> None:
+    def __init__(self, storage: Storage, ref: CheckpointRef, clock: Callable[[], float], fence: FenceCheck) -> None:
         self._storage = storage
         self._clock = clock
+        self._fence = fence
         self.ref = ref
         self.blobs: list[BlobEntry] = []
         self.committed = False
 
-    def write_blob(self, name: str, chunks: Iterable[Chunk]) -> BlobEntry:
-        """Stream one blob to storage, computing its size and checksum on the way."""
+    def write_blob(self, name: str, source: ChunkSource) -> BlobEntry:
+        """Stream one blob to storage, computing its size and checksum on the way.
+
+        ``source()`` must yield the same bytes every time it is called (a retry calls it again).
+        """
         check_blob_name(name)
         if any(b.path == name for b in self.blobs):
             raise ValueError(f"blob {name!r} written twice in one checkpoint")
-        hasher = new_hasher()
+        hashers: list[object] = []
 
         def hashed() -> Iterator[Chunk]:
-            for chunk in chunks:
+            hasher = new_hasher()
+            hashers.append(hasher)
+            for chunk in source():
                 hasher.update(chunk)
                 yield chunk
 
-        size = self._storage.write_stream(f"{self.ref.key}/{name}", hashed())
-        entry = BlobEntry(path=name, size=size, checksum=hasher.hexdigest())
+        size = self._storage.write_stream(f"{self.ref.key}/{name}", hashed)
+        entry = BlobEntry(path=name, size=size, checksum=hashers[-1].hexdigest())  # type: ignore[attr-defined]
         self.blobs.append(entry)
         return entry
 
     def commit(self, *, metadata: dict[str, object], writer: dict[str, object]) -> Manifest:
-        """Make the checkpoint exist. Every blob is durable before the manifest is written."""
+        """Make the checkpoint exist. Every blob is durable before the manifest is written.
+
+        Raises :class:`~spotsafe.storage.fencing.FencedError` (and commits nothing)
+        if a newer writer has taken over the run.
+        """
         if self.blobs:
             self._storage.sync_prefix(self.ref.key)
         manifest = Manifest(
@@ -96,6 +116,7 @@ class PendingCheckpoint:
             metadata=dict(metadata),
             writer=dict(writer),
         )
+        self._fence()
         self._storage.write_atomic(f"{self.ref.key}/{MANIFEST_NAME}", manifest.to_bytes())
         self._storage.sync_prefix(CHECKPOINTS)
         self.committed = True
@@ -118,11 +139,18 @@ class LoadedCheckpoint:
 
 
 class CheckpointRepository:
-    """Checkpoints of one run in one :class:`Storage`."""
+    """Checkpoints of one run in one :class:`Storage`.
 
-    def __init__(self, storage: Storage, *, clock: Callable[[], float] = time.time) -> None:
+    ``fence`` is called right before every step that publishes or deletes
+    (manifest commit, ``latest`` hint, delete); it raises to stop a stale writer.
+    """
+
+    def __init__(
+        self, storage: Storage, *, clock: Callable[[], float] = time.time, fence: FenceCheck = _no_fence
+    ) -> None:
         self.storage = storage
         self._clock = clock
+        self.fence = fence
 
     # -- listing -------------------------------------------------------------
     def folders(self) -> list[CheckpointRef]:
@@ -134,17 +162,54 @@ class CheckpointRepository:
         return self.storage.exists(f"{ref.key}/{MANIFEST_NAME}")
 
     def committed(self) -> list[CheckpointRef]:
-        """Checkpoints with a committed manifest, newest first (not yet verified)."""
-        return [r for r in self.folders() if self.is_committed(r)]
+        """Checkpoints with a committed manifest, newest first (not yet verified). One listing."""
+        refs: set[CheckpointRef] = set()
+        suffix = "/" + MANIFEST_NAME
+        for key in self.storage.find(CHECKPOINTS):
+            parts = key.split("/")
+            if len(parts) == 3 and key.endswith(suffix):
+                ref = CheckpointRef.parse(parts[1])
+                if ref is not None:
+                    refs.add(ref)
+        return sorted(refs, reverse=True)
+
+    def candidates(self) -> list[CheckpointRef]:
+        """What a restore should try, newest first: committed checkpoints plus the ``latest`` hint.
+
+        The hint only adds a candidate (in case a listing lags behind a write); it is
+        verified like any other and ignored when missing, stale or garbage.
+        """
+        refs = set(self.committed())
+        hint = self.read_latest()
+        if hint is not None and hint not in refs and self.is_committed(hint):
+            refs.add(hint)
+        return sorted(refs, reverse=True)
+
+    # -- the latest hint -----------------------------------------------------
+    def write_latest(self, ref: CheckpointRef) -> None:
+        self.fence()
+        doc = {"checkpoint": ref.name, "step": ref.step, "generation": ref.generation, "written_at": self._clock()}
+        self.storage.write_atomic(LATEST, json.dumps(doc).encode())
+
+    def read_latest(self) -> CheckpointRef | None:
+        try:
+            doc = json.loads(self.storage.read(LATEST))
+            return CheckpointRef.parse(doc["checkpoint"]) if isinstance(doc, dict) else None
+        except (BlobNotFoundError, ValueError, KeyError, TypeError):
+            return None
 
     # -- writing -------------------------------------------------------------
-    def begin(self, step: int) -> PendingCheckpoint:
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        name = f"step-{step:012d}-{int(self._clock() * 1000):013d}-{secrets.token_hex(2)}"
+    def begin(self, step: int, generation: int = 0) -> PendingCheckpoint:
+        if step < 0 or generation < 0:
+            raise ValueError(f"step and generation must be >= 0, got {step}, {generation}")
+        name = f"g{generation:06d}-step-{step:012d}-{int(self._clock() * 1000):013d}-{secrets.token_hex(2)}"
         ref = CheckpointRef.parse(name)
         assert ref is not None
-        return PendingCheckpoint(self.storage, ref, self._clock)
+        return PendingCheckpoint(self.storage, ref, self._clock, self.fence)
+
+    def begin_copy(self, ref: CheckpointRef) -> PendingCheckpoint:
+        """Start writing a checkpoint under ``ref``'s name (copying a checkpoint from another store)."""
+        return PendingCheckpoint(self.storage, ref, self._clock, self.fence)
 
     # -- reading and verifying ----------------------------------------------
     def read_manifest(self, ref: CheckpointRef) -> Manifest:
@@ -163,29 +228,27 @@ class CheckpointRepository:
         """Cheap structural check: the manifest parses and every blob has its recorded size."""
         manifest = self.read_manifest(ref)
         for entry in manifest.blobs:
-            try:
-                size = self.storage.size(f"{ref.key}/{entry.path}")
-            except BlobNotFoundError as err:
-                raise CorruptCheckpointError(f"blob {entry.path} is missing", checkpoint=ref.name) from err
-            if size != entry.size:
-                raise CorruptCheckpointError(
-                    f"blob {entry.path} has {size} bytes, the manifest says {entry.size}", checkpoint=ref.name
-                )
+            self._checked_size(ref, entry)
         return manifest
 
-    def read_blob(self, ref: CheckpointRef, entry: BlobEntry) -> bytearray:
-        """Read one blob, verifying its size and checksum."""
-        key = f"{ref.key}/{entry.path}"
+    def _checked_size(self, ref: CheckpointRef, entry: BlobEntry) -> None:
         try:
-            size = self.storage.size(key)
+            size = self.storage.size(f"{ref.key}/{entry.path}")
         except BlobNotFoundError as err:
             raise CorruptCheckpointError(f"blob {entry.path} is missing", checkpoint=ref.name) from err
         if size != entry.size:
             raise CorruptCheckpointError(
                 f"blob {entry.path} has {size} bytes, the manifest says {entry.size}", checkpoint=ref.name
             )
+
+    def read_blob(self, ref: CheckpointRef, entry: BlobEntry) -> bytearray:
+        """Read one blob, verifying its size and checksum."""
+        self._checked_size(ref, entry)
         buffer = bytearray(entry.size)
-        got = self.storage.read_into(key, buffer)
+        try:
+            got = self.storage.read_into(f"{ref.key}/{entry.path}", buffer)
+        except BlobNotFoundError as err:
+            raise CorruptCheckpointError(f"blob {entry.path} is missing", checkpoint=ref.name) from err
         if got != entry.size:
             raise CorruptCheckpointError(
                 f"blob {entry.path} ended after {got} of {entry.size} bytes", checkpoint=ref.name
@@ -218,19 +281,23 @@ class CheckpointRepository:
     # -- deleting ------------------------------------------------------------
     def delete(self, ref: CheckpointRef) -> None:
         """Delete a checkpoint: the manifest first, so it stops existing before its blobs go."""
+        self.fence()
         self.storage.delete(f"{ref.key}/{MANIFEST_NAME}")
         self.storage.delete_prefix(ref.key)
 
     def remove_leftovers(self) -> list[str]:
         """Delete folders of saves that never committed and stray temporary files.
 
-        Only the run's single writer may call this, at start, before it saves:
+        Only the run's current writer may call this, at start, before it saves:
         a folder without a manifest is otherwise indistinguishable from a save
-        in progress.
+        in progress. A stale writer's save in progress may be removed: its
+        checkpoint would rank below the current writer's anyway.
         """
         removed: list[str] = []
+        committed = set(self.committed())
         for ref in self.folders():
-            if not self.is_committed(ref):
+            if ref not in committed:
+                self.fence()
                 self.storage.delete_prefix(ref.key)
                 removed.append(ref.key)
                 continue

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spotsafe.exit_codes import EXIT_PREEMPTED, EXIT_SUCCESS
-from spotsafe.storage.local import LocalStorage
+from spotsafe.storage.registry import open_storage, protocol_of
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.supervisor.process import Job, describe_exit, launch
 from spotsafe.telemetry import events as ev
@@ -110,8 +110,9 @@ class ChaosRun:
     def __init__(
         self,
         command: Sequence[str],
-        run_dir: str | Path,
+        url: str | Path,
         *,
+        events_file: str | Path | None = None,
         modes: Sequence[KillMode] = DEFAULT_MODES,
         seed: int = 0,
         max_delay: float = 3.0,
@@ -124,7 +125,7 @@ class ChaosRun:
         output: int | None = subprocess.DEVNULL,
     ) -> None:
         self.command = list(command)
-        self.run_dir = Path(run_dir)
+        self.url = str(url)
         self.modes = list(modes)
         self.rng = random.Random(seed)
         self.max_delay = max_delay
@@ -134,8 +135,13 @@ class ChaosRun:
         self.log = log
         self._sleep, self._clock = sleep, clock
         self.output = output
-        self._tail = EventTail(self.run_dir / EVENTS_FILE)
-        self._repo = CheckpointRepository(LocalStorage(self.run_dir))
+        local = protocol_of(self.url) == "file"
+        if events_file is None and not local:
+            raise ValueError("a run on object storage needs events_file= (a local file the job mirrors its events to)")
+        self.events_file = Path(events_file) if events_file is not None else Path(self.url) / EVENTS_FILE
+        self._extra_env = {} if local else {"SPOTSAFE_EVENTS_FILE": str(self.events_file)}
+        self._tail = EventTail(self.events_file)
+        self._repo = CheckpointRepository(open_storage(self.url))
 
     def run(self) -> ChaosResult:
         result = ChaosResult()
@@ -147,9 +153,10 @@ class ChaosRun:
             job = launch(
                 self.command,
                 env={
-                    "SPOTSAFE_CHECKPOINT_URL": str(self.run_dir),
+                    "SPOTSAFE_CHECKPOINT_URL": self.url,
                     "SPOTSAFE_RUN_ID": self.run_id,
                     "SPOTSAFE_ATTEMPT": str(attempt),
+                    **self._extra_env,
                 },
                 stdout=self.output,
                 stderr=self.output,

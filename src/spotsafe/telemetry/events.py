@@ -75,6 +75,22 @@ class SaveCommitted(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SaveStaged(Event):
+    """Local-then-upload mode: the checkpoint is committed on local disk (not yet durable).
+
+    ``stall_s`` is how long the training loop waited; the upload continues in the background
+    and ends with ``save_committed`` (durable) or ``save_failed``.
+    """
+
+    type: ClassVar[str] = "save_staged"
+    step: int
+    checkpoint: str
+    reason: str
+    bytes: int
+    stall_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class SaveFailed(Event):
     """A save did not commit; nothing of it is visible to readers."""
 
@@ -156,6 +172,25 @@ class NoticeReceived(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class WriterClaimed(Event):
+    """This process claimed writer ``generation`` for the run (older writers are now fenced off)."""
+
+    type: ClassVar[str] = "writer_claimed"
+    generation: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageRetry(Event):
+    """A storage call failed transiently and will be retried after ``delay_s``."""
+
+    type: ClassVar[str] = "storage_retry"
+    operation: str
+    attempt: int
+    delay_s: float
+    error: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunWarning(Event):
     """Something the user should know about that did not stop the run."""
 
@@ -170,6 +205,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RunExited,
         Progress,
         SaveStarted,
+        SaveStaged,
         SaveCommitted,
         SaveFailed,
         RestoreCompleted,
@@ -178,6 +214,8 @@ EVENT_TYPES: dict[str, type[Event]] = {
         CheckpointDeleted,
         PartialRemoved,
         NoticeReceived,
+        WriterClaimed,
+        StorageRetry,
         RunWarning,
     )
 }

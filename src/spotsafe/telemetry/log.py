@@ -44,11 +44,14 @@ class EventLog:
     checkpoint it describes.
     """
 
-    DURABLE = frozenset({"save_committed", "notice_received", "run_exited", "restore_completed"})
+    DURABLE = frozenset(
+        {"save_committed", "save_failed", "notice_received", "run_exited", "restore_completed", "checkpoint_skipped"}
+    )
 
-    def __init__(self, path: str | os.PathLike[str], identity: RunIdentity) -> None:
+    def __init__(self, path: str | os.PathLike[str], identity: RunIdentity, *, uploader: Any = None) -> None:
         self.path = Path(path)
         self.identity = identity
+        self._uploader = uploader
         self._lock = threading.Lock()
         self._listeners: list[Callable[[Event], None]] = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,11 +76,17 @@ class EventLog:
             os.write(self._fd, line)
             if event.type in self.DURABLE:
                 os.fsync(self._fd)
+            if self._uploader is not None:
+                self._uploader.add(line)
+                if event.type in self.DURABLE:
+                    self._uploader.flush()
         for listener in self._listeners:
             listener(event)
 
     def close(self) -> None:
         with self._lock:
+            if self._uploader is not None:
+                self._uploader.flush()
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None

@@ -1,0 +1,91 @@
+"""Choosing a storage backend from a URL.
+
+=========================  ==========================================  ============================
+URL                        backend                                     install
+=========================  ==========================================  ============================
+``runs/x``, ``file://...``  :class:`~spotsafe.storage.local.LocalStorage`  (built in)
+``memory://x``             fsspec memory file system (tests, demos)    (built in)
+``s3://bucket/x``          s3fs                                        ``pip install 'spotsafe[s3]'``
+``gs://``, ``gcs://``      gcsfs                                       ``pip install 'spotsafe[gcs]'``
+``az://``, ``abfs://``     adlfs                                       ``pip install 'spotsafe[azure]'``
+=========================  ==========================================  ============================
+
+Every backend is wrapped in :class:`~spotsafe.storage.retry.RetryingStorage`,
+the one place transient errors are retried. For S3 the clients' own retries are
+turned off (s3fs's retry loop, and botocore's ``max_attempts=1`` unless you pass
+other ``config_kwargs``), so that one time budget governs all retrying.
+Credentials come from the usual places (environment, profile, instance role),
+or from ``storage_options``; they never appear in URLs that spotsafe prints.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from spotsafe.errors import ConfigError
+from spotsafe.storage.base import Storage
+from spotsafe.storage.errors import redact_url
+from spotsafe.storage.fsspec_store import FsspecStorage
+from spotsafe.storage.local import LocalStorage
+from spotsafe.storage.retry import DEFAULT_RETRY, RetryingStorage, RetryPolicy
+
+_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+_PACKAGES = {"s3": "s3fs", "gcs": "gcsfs", "azure": "adlfs"}
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "s3": {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}},
+}
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+def open_backend(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Storage:
+    """The backend for ``url``, without retries."""
+    text = os.fspath(url)
+    protocol = protocol_of(text)
+    if protocol == "file":
+        return LocalStorage(text)
+    import fsspec
+
+    if "@" in text.split("://", 1)[1].split("/", 1)[0] and protocol not in ("az", "abfs", "abfss"):
+        raise ConfigError(
+            f"{redact_url(text)!r}: do not put credentials in the URL; use the environment, a profile, "
+            "an instance role, or storage_options"
+        )
+    if protocol not in _EXTRAS and protocol != "memory":
+        known = ", ".join(sorted({"file", "memory", *_EXTRAS}))
+        raise ConfigError(f"unsupported storage URL {redact_url(text)!r}: use a local folder or one of {known}://")
+    options: dict[str, Any] = dict(_DEFAULTS.get(_EXTRAS.get(protocol, ""), {}))
+    options.update(storage_options or {})
+    options.setdefault("use_listings_cache", False)
+    options.setdefault("skip_instance_cache", True)
+    try:
+        fs = fsspec.filesystem(protocol, **options)
+    except ImportError as err:
+        extra = _EXTRAS.get(protocol, protocol)
+        raise ConfigError(
+            f"{protocol}:// needs the {_PACKAGES.get(extra, extra)} package: pip install 'spotsafe[{extra}]'"
+        ) from err
+    if protocol in ("s3", "s3a") and hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs's own retry loop (a class attribute, not a constructor option)
+    root = fs._strip_protocol(text).rstrip("/")
+    if not root or (protocol != "memory" and "/" not in root.strip("/")):
+        raise ConfigError(f"{redact_url(text)!r} names a bucket but no folder: use {protocol}://bucket/run-name")
+    return FsspecStorage(fs, root, text)
+
+
+def open_storage(
+    url: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    retry: RetryPolicy | None = DEFAULT_RETRY,
+    on_retry: Callable[[str, int, float, Exception], None] | None = None,
+) -> Storage:
+    """Open ``url`` with retries (``retry=None`` for none)."""
+    backend = open_backend(url, storage_options)
+    if retry is None:
+        return backend
+    return RetryingStorage(backend, retry, on_retry=on_retry)

@@ -1,0 +1,76 @@
+"""Keeping a run's events with the run, wherever the run lives.
+
+On a local disk the run's ``events.jsonl`` is appended in place. Object stores
+cannot append, so each process appends to a local spool file and uploads what it
+wrote since the last upload as a new, immutable part::
+
+    events/a000003-p00012345-9f2c1b7a/part-000001.jsonl
+
+Parts are uploaded after every event that matters for recovery (commits,
+notices, exits) and on close. Readers concatenate every process's parts in order.
+A process killed without warning loses only the events since its last upload
+(typically a few ``progress`` lines).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections.abc import Iterator
+
+from spotsafe.errors import StorageError
+from spotsafe.storage.base import Storage
+from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, _parse_lines, read_events
+
+EVENTS_PREFIX = "events"
+_SEGMENT = re.compile(r"^a(\d{6})-p(\d{8})-([0-9a-f]{8})$")
+_PART = re.compile(r"^part-(\d{6})\.jsonl$")
+log = logging.getLogger("spotsafe")
+
+
+class EventUploader:
+    """Uploads one process's new event lines as numbered parts. Used by :class:`EventLog`."""
+
+    def __init__(self, storage: Storage, attempt: int, pid: int) -> None:
+        self.storage = storage
+        self.segment = f"{EVENTS_PREFIX}/a{attempt:06d}-p{pid:08d}-{secrets.token_hex(4)}"
+        self._part = 0
+        self._pending: list[bytes] = []
+
+    def add(self, line: bytes) -> None:
+        self._pending.append(line)
+
+    def flush(self) -> None:
+        """Upload the lines added since the last flush. On failure they stay pending for the next one."""
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        key = f"{self.segment}/part-{self._part + 1:06d}.jsonl"
+        try:
+            self.storage.write_atomic(key, data)
+        except StorageError as err:
+            log.warning("spotsafe: could not upload events (%s); will try again", err)
+            return
+        self._part += 1
+        self._pending.clear()
+
+
+def _segment_order(name: str) -> tuple[int, int, str]:
+    match = _SEGMENT.match(name)
+    return (int(match.group(1)), int(match.group(2)), name) if match else (-1, -1, name)
+
+
+def read_run_events(storage: Storage) -> Iterator[LoggedEvent]:
+    """Every event of the run, in order: the local ``events.jsonl`` and/or uploaded parts."""
+    path_of = getattr(storage, "path_of", None)
+    if path_of is not None:
+        yield from read_events(path_of(EVENTS_FILE))
+    parts: dict[str, list[tuple[int, str]]] = {}
+    for key in storage.find(EVENTS_PREFIX):
+        pieces = key.split("/")
+        if len(pieces) == 3 and _SEGMENT.match(pieces[1]) and (match := _PART.match(pieces[2])):
+            parts.setdefault(pieces[1], []).append((int(match.group(1)), key))
+    for segment in sorted(parts, key=_segment_order):
+        for _, key in sorted(parts[segment]):
+            yield from _parse_lines(storage.read(key).splitlines())
