@@ -1,10 +1,10 @@
-"""The commit protocol on a real folder: what counts as a checkpoint, cleanup, verification, ordering."""
+"""The commit protocol on a real run location (local folder and S3): what counts as a checkpoint,
+cleanup, verification, ordering."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,10 @@ import pytest
 import xxhash
 
 from spotsafe.errors import CorruptCheckpointError, PermanentStorageError, StorageError, UnsafeCheckpointError
+from spotsafe.storage.base import Storage
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.manifest import MANIFEST_NAME, Manifest
+from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CHECKPOINTS, CheckpointRef, CheckpointRepository
 
 BLOBS = {"model.bin": bytes(range(256)) * 40 + b"tail", "state.json": b'{"step": 1}', "empty.bin": b""}
@@ -27,47 +29,64 @@ class Clock:
         return self.now
 
 
-def save(repo: CheckpointRepository, step: int, blobs: dict[str, bytes] = BLOBS, **metadata: Any) -> CheckpointRef:
-    pending = repo.begin(step)
+def save(
+    repo: CheckpointRepository,
+    step: int,
+    blobs: dict[str, bytes] = BLOBS,
+    *,
+    generation: int = 0,
+    **metadata: Any,
+) -> CheckpointRef:
+    pending = repo.begin(step, generation)
     for name, data in blobs.items():
         # Several chunks, including a memoryview, as the snapshot writer streams them.
-        pending.write_blob(name, [data[:100], memoryview(data[100:])])
+        pending.write_blob(name, lambda data=data: [data[:100], memoryview(data)[100:]])
     pending.commit(metadata=dict(metadata), writer={"test": True})
     return pending.ref
 
 
 @pytest.fixture
-def storage(tmp_path: Path) -> LocalStorage:
-    return LocalStorage(tmp_path / "run")
+def storage(run_url: str) -> Storage:
+    """The run's storage as spotsafe opens it (with retries), on local disk and on S3."""
+    return open_storage(run_url)
 
 
 @pytest.fixture
-def repo(storage: LocalStorage) -> CheckpointRepository:
+def repo(storage: Storage) -> CheckpointRepository:
     return CheckpointRepository(storage, clock=Clock())
 
 
-def folder(storage: LocalStorage, ref: CheckpointRef) -> Path:
-    return storage.path_of(ref.key)
+@pytest.fixture
+def local(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "run")
+
+
+def local_path(storage: Storage, key: str) -> Path | None:
+    """The local path of ``key`` when the storage is a local folder, else ``None``."""
+    path_of = getattr(storage, "path_of", None)
+    return None if path_of is None else path_of(key)
 
 
 # -- committing -------------------------------------------------------------------------------------------------------
 
 
-def test_commit_makes_a_checkpoint_that_loads_back(repo: CheckpointRepository, storage: LocalStorage) -> None:
+def test_commit_makes_a_checkpoint_that_loads_back(repo: CheckpointRepository, storage: Storage) -> None:
     assert repo.committed() == []
-    ref = save(repo, 7, note="hello")
+    ref = save(repo, 7, generation=3, note="hello")
     assert repo.committed() == [ref]
-    assert ref.step == 7
+    assert (ref.step, ref.generation) == (7, 3)
+    assert ref.name.startswith("g000003-step-000000000007-1700000000000-")
     loaded = repo.load(ref)
     assert {name: bytes(data) for name, data in loaded.blobs.items()} == BLOBS
     assert loaded.manifest.step == 7
     assert loaded.manifest.metadata == {"note": "hello"}
+    assert loaded.manifest.writer == {"test": True}
     for entry in loaded.manifest.blobs:
         assert entry.size == len(BLOBS[entry.path])
         assert entry.checksum == xxhash.xxh3_128(BLOBS[entry.path]).hexdigest()
     assert repo.verify(ref) == loaded.manifest
     assert repo.check_sizes(ref) == loaded.manifest
-    assert sorted(os.listdir(folder(storage, ref))) == sorted([*BLOBS, MANIFEST_NAME])
+    assert sorted(storage.list_files(ref.key)) == sorted([*BLOBS, MANIFEST_NAME])
 
 
 def test_progress_reports_every_blob(repo: CheckpointRepository) -> None:
@@ -75,27 +94,41 @@ def test_progress_reports_every_blob(repo: CheckpointRepository) -> None:
     seen: list[int] = []
     repo.load(ref, progress=seen.append)
     assert sorted(seen) == sorted(len(d) for d in BLOBS.values())
+    seen.clear()
+    repo.verify(ref, progress=seen.append)
+    assert sorted(seen) == sorted(len(d) for d in BLOBS.values())
+
+
+def test_write_blob_records_size_and_checksum_of_what_the_source_yields(repo: CheckpointRepository) -> None:
+    pending = repo.begin(1)
+    data = os.urandom(10_000)
+    entry = pending.write_blob("x.bin", lambda: (memoryview(data)[i : i + 999] for i in range(0, len(data), 999)))
+    assert entry.size == len(data)
+    assert entry.checksum == xxhash.xxh3_128(data).hexdigest()
 
 
 def test_pending_checkpoint_is_invisible_until_commit(repo: CheckpointRepository) -> None:
     pending = repo.begin(3)
-    pending.write_blob("model.bin", [b"abc"])
+    pending.write_blob("model.bin", lambda: [b"abc"])
     assert repo.committed() == []
+    assert repo.candidates() == []
     assert repo.folders() == [pending.ref]
+    assert not repo.is_committed(pending.ref)
     pending.commit(metadata={}, writer={})
     assert repo.committed() == [pending.ref]
+    assert repo.is_committed(pending.ref)
 
 
-def test_abort_removes_the_folder_and_commit_cannot_be_aborted(
-    repo: CheckpointRepository, storage: LocalStorage
-) -> None:
+def test_abort_removes_the_folder_and_commit_cannot_be_aborted(repo: CheckpointRepository, storage: Storage) -> None:
     pending = repo.begin(3)
-    pending.write_blob("model.bin", [b"abc"])
+    pending.write_blob("model.bin", lambda: [b"abc"])
     pending.abort()
     assert repo.folders() == []
-    assert not folder(storage, pending.ref).exists()
+    assert storage.find(pending.ref.key) == []
+    path = local_path(storage, pending.ref.key)
+    assert path is None or not path.exists()
     done = repo.begin(4)
-    done.write_blob("state.json", [b"{}"])
+    done.write_blob("state.json", lambda: [b"{}"])
     done.commit(metadata={}, writer={})
     with pytest.raises(RuntimeError):
         done.abort()
@@ -109,20 +142,21 @@ def test_commit_without_blobs(repo: CheckpointRepository) -> None:
     assert repo.load(pending.ref).blobs == {}
 
 
-def test_write_blob_refuses_unsafe_names_and_duplicates(repo: CheckpointRepository) -> None:
+def test_write_blob_refuses_unsafe_names_and_duplicates(repo: CheckpointRepository, storage: Storage) -> None:
     pending = repo.begin(1)
     for name in ("../x", "/etc/passwd", "a/b", MANIFEST_NAME, ".hidden", "", "a..b"):
         with pytest.raises(UnsafeCheckpointError):
-            pending.write_blob(name, [b"x"])
-    pending.write_blob("ok.bin", [b"x"])
+            pending.write_blob(name, lambda: [b"x"])
+    pending.write_blob("ok.bin", lambda: [b"x"])
     with pytest.raises(ValueError):
-        pending.write_blob("ok.bin", [b"y"])
+        pending.write_blob("ok.bin", lambda: [b"y"])
+    assert storage.find("") == [f"{pending.ref.key}/ok.bin"]
 
 
-def test_folder_without_manifest_is_not_committed(repo: CheckpointRepository, storage: LocalStorage) -> None:
+def test_folder_without_manifest_is_not_committed(repo: CheckpointRepository) -> None:
     good = save(repo, 1)
     orphan = repo.begin(2)
-    orphan.write_blob("model.bin", [b"partial"])
+    orphan.write_blob("model.bin", lambda: [b"partial"])
     assert repo.committed() == [good]
     assert repo.folders() == [orphan.ref, good]
     assert not repo.is_committed(orphan.ref)
@@ -130,39 +164,47 @@ def test_folder_without_manifest_is_not_committed(repo: CheckpointRepository, st
         repo.load(orphan.ref)
 
 
+def test_manifest_in_a_nested_folder_does_not_count(repo: CheckpointRepository, storage: Storage) -> None:
+    good = save(repo, 1)
+    deeper = repo.begin(5)
+    storage.write_atomic(f"{deeper.ref.key}/sub/{MANIFEST_NAME}", b"{}")
+    storage.write_atomic(f"{CHECKPOINTS}/{MANIFEST_NAME}", b"{}")
+    assert repo.committed() == [good]
+
+
 # -- cleanup ----------------------------------------------------------------------------------------------------------
 
 
-def test_remove_leftovers_deletes_partials_and_temp_files_only(
-    repo: CheckpointRepository, storage: LocalStorage
-) -> None:
+def test_remove_leftovers_deletes_partials_and_temp_files_only(repo: CheckpointRepository, storage: Storage) -> None:
     good = save(repo, 5)
     newer_partial = repo.begin(9)
-    newer_partial.write_blob("model.bin", [b"partial"])
+    newer_partial.write_blob("model.bin", lambda: [b"partial"])
     older_partial = repo.begin(2)
-    older_partial.write_blob("model.bin", [b"partial"])
+    older_partial.write_blob("model.bin", lambda: [b"partial"])
+    expected = {newer_partial.ref.key, older_partial.ref.key}
     empty_partial = repo.begin(6)
-    folder(storage, empty_partial.ref).mkdir(parents=True)
-    stray = folder(storage, good) / f".{MANIFEST_NAME}.tmp-1a2b3c4d"
-    stray.write_bytes(b'{"half": ')
-    unrelated = storage.path_of(CHECKPOINTS) / "notes"
-    unrelated.mkdir()
-    (unrelated / "keep.txt").write_text("mine")
+    empty_path = local_path(storage, empty_partial.ref.key)
+    if empty_path is not None:  # object stores have no empty folders
+        empty_path.mkdir(parents=True)
+        expected.add(empty_partial.ref.key)
+    stray = f"{good.key}/.{MANIFEST_NAME}.tmp-1a2b3c4d"
+    storage.write_atomic(stray, b'{"half": ')
+    expected.add(stray)
+    storage.write_atomic(f"{CHECKPOINTS}/notes/keep.txt", b"mine")
 
     removed = repo.remove_leftovers()
 
-    assert set(removed) == {
-        newer_partial.ref.key,
-        older_partial.ref.key,
-        empty_partial.ref.key,
-        f"{good.key}/.{MANIFEST_NAME}.tmp-1a2b3c4d",
-    }
-    assert not stray.exists()
+    assert set(removed) == expected
+    assert len(removed) == len(expected)
+    assert not storage.exists(stray)
     assert repo.folders() == [good]
     assert repo.committed() == [good]
     assert {name: bytes(data) for name, data in repo.load(good).blobs.items()} == BLOBS
-    assert (unrelated / "keep.txt").read_text() == "mine"
+    assert storage.read(f"{CHECKPOINTS}/notes/keep.txt") == b"mine"
     assert repo.remove_leftovers() == []
+    assert sorted(storage.find("")) == sorted(
+        [*(f"{good.key}/{n}" for n in [*BLOBS, MANIFEST_NAME]), f"{CHECKPOINTS}/notes/keep.txt"]
+    )
 
 
 def test_remove_leftovers_on_an_empty_run(repo: CheckpointRepository) -> None:
@@ -172,59 +214,59 @@ def test_remove_leftovers_on_an_empty_run(repo: CheckpointRepository) -> None:
 # -- verification -----------------------------------------------------------------------------------------------------
 
 
-def _rewrite_manifest(storage: LocalStorage, ref: CheckpointRef, edit: Any) -> None:
-    path = folder(storage, ref) / MANIFEST_NAME
-    doc = json.loads(path.read_bytes())
+def _rewrite_manifest(storage: Storage, ref: CheckpointRef, edit: Any) -> None:
+    key = f"{ref.key}/{MANIFEST_NAME}"
+    doc = json.loads(storage.read(key))
     edit(doc)
-    path.write_text(json.dumps(doc))
+    storage.write_atomic(key, json.dumps(doc).encode())
 
 
-def _truncate(storage: LocalStorage, ref: CheckpointRef) -> None:
-    path = folder(storage, ref) / "model.bin"
-    path.write_bytes(path.read_bytes()[:-1])
+def _truncate(storage: Storage, ref: CheckpointRef) -> None:
+    key = f"{ref.key}/model.bin"
+    storage.write_atomic(key, storage.read(key)[:-1])
 
 
-def _flip(storage: LocalStorage, ref: CheckpointRef) -> None:
-    path = folder(storage, ref) / "model.bin"
-    data = bytearray(path.read_bytes())
+def _flip(storage: Storage, ref: CheckpointRef) -> None:
+    key = f"{ref.key}/model.bin"
+    data = bytearray(storage.read(key))
     data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
+    storage.write_atomic(key, bytes(data))
 
 
-def _grow(storage: LocalStorage, ref: CheckpointRef) -> None:
-    with open(folder(storage, ref) / "state.json", "ab") as handle:
-        handle.write(b" ")
+def _grow(storage: Storage, ref: CheckpointRef) -> None:
+    key = f"{ref.key}/state.json"
+    storage.write_atomic(key, storage.read(key) + b" ")
 
 
-def _delete_blob(storage: LocalStorage, ref: CheckpointRef) -> None:
-    (folder(storage, ref) / "model.bin").unlink()
+def _delete_blob(storage: Storage, ref: CheckpointRef) -> None:
+    storage.delete(f"{ref.key}/model.bin")
 
 
-def _garbage_manifest(storage: LocalStorage, ref: CheckpointRef) -> None:
-    (folder(storage, ref) / MANIFEST_NAME).write_bytes(b"\x00\xffnot json{{{")
+def _garbage_manifest(storage: Storage, ref: CheckpointRef) -> None:
+    storage.write_atomic(f"{ref.key}/{MANIFEST_NAME}", b"\x00\xffnot json{{{")
 
 
-def _empty_manifest(storage: LocalStorage, ref: CheckpointRef) -> None:
-    (folder(storage, ref) / MANIFEST_NAME).write_bytes(b"")
+def _empty_manifest(storage: Storage, ref: CheckpointRef) -> None:
+    storage.write_atomic(f"{ref.key}/{MANIFEST_NAME}", b"")
 
 
-def _wrong_step(storage: LocalStorage, ref: CheckpointRef) -> None:
+def _wrong_step(storage: Storage, ref: CheckpointRef) -> None:
     _rewrite_manifest(storage, ref, lambda d: d.update(step=d["step"] + 1))
 
 
-def _bad_checksum_text(storage: LocalStorage, ref: CheckpointRef) -> None:
+def _bad_checksum_text(storage: Storage, ref: CheckpointRef) -> None:
     _rewrite_manifest(storage, ref, lambda d: d["blobs"][0].update(checksum="XYZ"))
 
 
-def _wrong_checksum(storage: LocalStorage, ref: CheckpointRef) -> None:
+def _wrong_checksum(storage: Storage, ref: CheckpointRef) -> None:
     _rewrite_manifest(storage, ref, lambda d: d["blobs"][0].update(checksum="0" * 32))
 
 
-def _wrong_format(storage: LocalStorage, ref: CheckpointRef) -> None:
+def _wrong_format(storage: Storage, ref: CheckpointRef) -> None:
     _rewrite_manifest(storage, ref, lambda d: d.update(format_version=99))
 
 
-def _listed_twice(storage: LocalStorage, ref: CheckpointRef) -> None:
+def _listed_twice(storage: Storage, ref: CheckpointRef) -> None:
     _rewrite_manifest(storage, ref, lambda d: d["blobs"].append(dict(d["blobs"][0])))
 
 
@@ -245,39 +287,47 @@ def _listed_twice(storage: LocalStorage, ref: CheckpointRef) -> None:
     ],
     ids=lambda f: f.__name__.strip("_"),
 )
-def test_load_and_verify_detect_damage(repo: CheckpointRepository, storage: LocalStorage, damage: Any) -> None:
+def test_load_and_verify_detect_damage(repo: CheckpointRepository, storage: Storage, damage: Any) -> None:
     ref = save(repo, 4)
     repo.load(ref)
     damage(storage, ref)
     with pytest.raises(CorruptCheckpointError) as info:
         repo.load(ref)
     assert not isinstance(info.value, UnsafeCheckpointError)
+    assert info.value.checkpoint in (ref.name, None)
     with pytest.raises(CorruptCheckpointError):
         repo.verify(ref)
 
 
-def test_deleted_manifest_means_no_checkpoint(repo: CheckpointRepository, storage: LocalStorage) -> None:
+def test_deleted_manifest_means_no_checkpoint(repo: CheckpointRepository, storage: Storage) -> None:
     ref = save(repo, 4)
-    (folder(storage, ref) / MANIFEST_NAME).unlink()
+    storage.delete(f"{ref.key}/{MANIFEST_NAME}")
     assert repo.committed() == []
     with pytest.raises(CorruptCheckpointError) as info:
         repo.load(ref)
     assert info.value.checkpoint == ref.name
 
 
-def test_size_check_catches_truncation_without_reading(repo: CheckpointRepository, storage: LocalStorage) -> None:
+def test_size_check_catches_truncation_without_reading(repo: CheckpointRepository, storage: Storage) -> None:
     ref = save(repo, 4)
     _truncate(storage, ref)
     with pytest.raises(CorruptCheckpointError, match="bytes"):
         repo.check_sizes(ref)
 
 
-@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/b", "..", ".", MANIFEST_NAME, "x\\y", "", 5, None])
-def test_manifest_with_an_escaping_blob_path_is_unsafe(
-    repo: CheckpointRepository, storage: LocalStorage, path: Any
-) -> None:
+def test_size_check_catches_a_missing_blob(repo: CheckpointRepository, storage: Storage) -> None:
     ref = save(repo, 4)
-    _rewrite_manifest(storage, ref, lambda d: d["blobs"][0].update(path=path))
+    _delete_blob(storage, ref)
+    with pytest.raises(CorruptCheckpointError, match="missing"):
+        repo.check_sizes(ref)
+
+
+@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/b", "..", ".", MANIFEST_NAME, "x\\y", "", 5, None])
+def test_manifest_with_an_escaping_blob_path_is_unsafe(local: LocalStorage, path: Any) -> None:
+    # About parsing, not storage: one backend is enough.
+    repo = CheckpointRepository(local, clock=Clock())
+    ref = save(repo, 4)
+    _rewrite_manifest(local, ref, lambda d: d["blobs"][0].update(path=path))
     with pytest.raises(UnsafeCheckpointError):
         repo.load(ref)
     with pytest.raises(UnsafeCheckpointError):
@@ -336,36 +386,59 @@ def test_manifest_parsing_is_strict(doc: Any) -> None:
 # -- ordering ---------------------------------------------------------------------------------------------------------
 
 
-def test_newest_first_by_step_then_creation_time(storage: LocalStorage) -> None:
+def test_newest_first_by_generation_then_step_then_creation_time(storage: Storage) -> None:
     clock = Clock(1_000.0)
     repo = CheckpointRepository(storage, clock=clock)
     made = {}
-    for label, step, when in [
-        ("s5_early", 5, 100.0),
-        ("s3_late", 3, 900.0),
-        ("s5_late", 5, 500.0),
-        ("s10", 10, 50.0),
-        ("s0", 0, 1_000.0),
-        ("s5_mid", 5, 300.5),
+    for label, generation, step, when in [
+        ("g1s5_early", 1, 5, 100.0),
+        ("g1s3_late", 1, 3, 900.0),
+        ("g1s5_late", 1, 5, 500.0),
+        ("g1s10", 1, 10, 50.0),
+        ("g1s0", 1, 0, 1_000.0),
+        ("g1s5_mid", 1, 5, 300.5),
+        ("g2s1", 2, 1, 10.0),
+        ("g0s99", 0, 99, 2_000.0),
     ]:
         clock.now = when
-        made[label] = save(repo, step)
+        made[label] = save(repo, step, generation=generation)
     order = [next(k for k, v in made.items() if v == ref) for ref in repo.committed()]
-    assert order == ["s10", "s5_late", "s5_mid", "s5_early", "s3_late", "s0"]
-    assert repo.load(made["s5_mid"]).manifest.created_at == 300.5
-    assert made["s5_mid"].created_ms == 300_500
+    assert order == ["g2s1", "g1s10", "g1s5_late", "g1s5_mid", "g1s5_early", "g1s3_late", "g1s0", "g0s99"]
+    assert repo.candidates() == repo.committed()
+    assert repo.folders() == repo.committed()
+    assert repo.load(made["g1s5_mid"]).manifest.created_at == 300.5
+    assert made["g1s5_mid"].created_ms == 300_500
 
 
 def test_checkpoint_names_parse_strictly() -> None:
-    ref = CheckpointRef.parse("step-000000000120-1763869512345-9f2c")
-    assert ref == CheckpointRef(step=120, created_ms=1763869512345, name="step-000000000120-1763869512345-9f2c")
-    for bad in ("step-120-1763869512345-9f2c", "step-000000000120-1763869512345-9F2C", "x", "step-000000000120"):
+    name = "g000003-step-000000000120-1763869512345-9f2c"
+    ref = CheckpointRef.parse(name)
+    assert ref == CheckpointRef(generation=3, step=120, created_ms=1763869512345, name=name)
+    assert ref.key == f"{CHECKPOINTS}/{name}"
+    for bad in (
+        "step-000000000120-1763869512345-9f2c",  # the old, generation-less name
+        "g3-step-000000000120-1763869512345-9f2c",
+        "g000003-step-120-1763869512345-9f2c",
+        "g000003-step-000000000120-1763869512345-9F2C",
+        "g000003-step-000000000120-1763869512345-9f2c-x",
+        "x",
+        "g000003-step-000000000120",
+    ):
         assert CheckpointRef.parse(bad) is None
 
 
-def test_begin_refuses_negative_steps(repo: CheckpointRepository) -> None:
+def test_folder_names_carry_generation_step_and_time(repo: CheckpointRepository) -> None:
+    pending = repo.begin(120, 7)
+    assert pending.ref.name.startswith("g000007-step-000000000120-1700000000000-")
+    assert CheckpointRef.parse(pending.ref.name) == pending.ref
+    assert repo.begin(120, 7).ref.name != pending.ref.name  # a folder of its own per save
+
+
+def test_begin_refuses_negative_steps_and_generations(repo: CheckpointRepository) -> None:
     with pytest.raises(ValueError):
         repo.begin(-1)
+    with pytest.raises(ValueError):
+        repo.begin(1, -1)
 
 
 # -- deleting ---------------------------------------------------------------------------------------------------------
@@ -374,7 +447,7 @@ def test_begin_refuses_negative_steps(repo: CheckpointRepository) -> None:
 class Recording:
     """A storage that records calls and can fail on ``delete_prefix``."""
 
-    def __init__(self, inner: LocalStorage, fail_delete_prefix: bool = False) -> None:
+    def __init__(self, inner: Storage, fail_delete_prefix: bool = False) -> None:
         self.inner = inner
         self.calls: list[tuple[str, str]] = []
         self.fail_delete_prefix = fail_delete_prefix
@@ -393,7 +466,7 @@ class Recording:
         self.inner.delete_prefix(prefix)
 
 
-def test_delete_removes_the_manifest_first(storage: LocalStorage) -> None:
+def test_delete_removes_the_manifest_first(storage: Storage) -> None:
     recording = Recording(storage)
     repo = CheckpointRepository(recording, clock=Clock())  # type: ignore[arg-type]
     keep = save(repo, 1)
@@ -402,10 +475,11 @@ def test_delete_removes_the_manifest_first(storage: LocalStorage) -> None:
     assert recording.calls[0] == ("delete", f"{doomed.key}/{MANIFEST_NAME}")
     assert ("delete_prefix", doomed.key) in recording.calls
     assert repo.folders() == [keep]
-    assert not folder(storage, doomed).exists()
+    assert repo.committed() == [keep]
+    assert storage.find(doomed.key) == []
 
 
-def test_delete_interrupted_after_the_manifest_leaves_no_checkpoint(storage: LocalStorage) -> None:
+def test_delete_interrupted_after_the_manifest_leaves_no_checkpoint(storage: Storage) -> None:
     recording = Recording(storage, fail_delete_prefix=True)
     repo = CheckpointRepository(recording, clock=Clock())  # type: ignore[arg-type]
     keep = save(repo, 1)
@@ -413,7 +487,7 @@ def test_delete_interrupted_after_the_manifest_leaves_no_checkpoint(storage: Loc
     with pytest.raises(StorageError):
         repo.delete(doomed)
     # The blobs are still there, but the checkpoint no longer exists for readers.
-    assert (folder(storage, doomed) / "model.bin").exists()
+    assert storage.exists(f"{doomed.key}/model.bin")
     assert repo.committed() == [keep]
 
 
@@ -423,53 +497,51 @@ def test_delete_interrupted_after_the_manifest_leaves_no_checkpoint(storage: Loc
 @pytest.mark.parametrize(
     "key", ["..", "../x", "a/../b", "a/..", "/etc/passwd", "/abs", "a/./b", ".", "a\\..\\b", "a\0b"]
 )
-def test_path_of_refuses_keys_that_could_escape(storage: LocalStorage, key: str) -> None:
+def test_path_of_refuses_keys_that_could_escape(local: LocalStorage, key: str) -> None:
     with pytest.raises(PermanentStorageError):
-        storage.path_of(key)
+        local.path_of(key)
 
 
-def test_path_of_maps_keys_inside_the_root(storage: LocalStorage) -> None:
-    assert storage.path_of("a/b") == storage.root / "a" / "b"
-    assert storage.path_of("a//b/") == storage.root / "a" / "b"
-    assert storage.path_of("..x/y..") == storage.root / "..x" / "y.."
+def test_path_of_maps_keys_inside_the_root(local: LocalStorage) -> None:
+    assert local.path_of("a/b") == local.root_path / "a" / "b"
+    assert local.path_of("a//b/") == local.root_path / "a" / "b"
+    assert local.path_of("..x/y..") == local.root_path / "..x" / "y.."
 
 
-def test_escaping_keys_are_refused_by_every_operation(storage: LocalStorage, tmp_path: Path) -> None:
+def test_escaping_keys_are_refused_by_every_operation(local: LocalStorage, tmp_path: Path) -> None:
     outside = tmp_path / "outside.txt"
     outside.write_text("secret")
     key = "../outside.txt"
-    storage.write_atomic("inside.txt", b"x")
+    local.write_atomic("inside.txt", b"x")
     for call in (
-        lambda: storage.read(key),
-        lambda: storage.write_atomic(key, b"overwritten"),
-        lambda: storage.write_stream(key, [b"overwritten"]),
-        lambda: storage.delete(key),
-        lambda: storage.size(key),
+        lambda: local.read(key),
+        lambda: local.write_atomic(key, b"overwritten"),
+        lambda: local.write_stream(key, lambda: [b"overwritten"]),
+        lambda: local.delete(key),
+        lambda: local.size(key),
     ):
         with pytest.raises(PermanentStorageError):
             call()
     assert outside.read_text() == "secret"
 
 
-def test_write_atomic_leaves_no_temp_file(storage: LocalStorage) -> None:
-    storage.write_atomic("dir/target.json", b"first")
-    storage.write_atomic("dir/target.json", b"second, longer")
-    directory = storage.path_of("dir")
-    assert os.listdir(directory) == ["target.json"]
-    assert storage.read("dir/target.json") == b"second, longer"
+def test_write_atomic_leaves_no_temp_file(local: LocalStorage) -> None:
+    local.write_atomic("dir/target.json", b"first")
+    local.write_atomic("dir/target.json", b"second, longer")
+    assert os.listdir(local.path_of("dir")) == ["target.json"]
+    assert local.read("dir/target.json") == b"second, longer"
 
 
-def test_write_atomic_failure_leaves_no_temp_file_and_keeps_the_target(storage: LocalStorage) -> None:
-    storage.write_atomic("dir/sub/inner.txt", b"x")  # "dir/sub" is a folder: replacing it with a file must fail
+def test_write_atomic_failure_leaves_no_temp_file_and_keeps_the_target(local: LocalStorage) -> None:
+    local.write_atomic("dir/sub/inner.txt", b"x")  # "dir/sub" is a folder: replacing it with a file must fail
     with pytest.raises(StorageError):
-        storage.write_atomic("dir/sub", b"data")
-    assert sorted(os.listdir(storage.path_of("dir"))) == ["sub"]
-    assert storage.read("dir/sub/inner.txt") == b"x"
+        local.write_atomic("dir/sub", b"data")
+    assert sorted(os.listdir(local.path_of("dir"))) == ["sub"]
+    assert local.read("dir/sub/inner.txt") == b"x"
 
 
-def test_storage_basics(storage: LocalStorage) -> None:
-    chunks: Iterable[Any] = [b"ab", bytearray(b"cd"), memoryview(b"efgh")[1:]]
-    assert storage.write_stream("p/blob", chunks) == 7
+def test_storage_basics(storage: Storage) -> None:
+    assert storage.write_stream("p/blob", lambda: [b"ab", bytearray(b"cd"), memoryview(b"efgh")[1:]]) == 7
     assert storage.read("p/blob") == b"abcdfgh"
     assert storage.size("p/blob") == 7
     buffer = bytearray(7)
@@ -487,4 +559,6 @@ def test_storage_basics(storage: LocalStorage) -> None:
     with pytest.raises(PermanentStorageError):
         storage.delete_prefix("")
     storage.delete_prefix("p")
-    assert not storage.path_of("p").exists()
+    assert storage.find("") == []
+    path = local_path(storage, "p")
+    assert path is None or not path.exists()
