@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import click
 import numpy as np
@@ -100,7 +100,8 @@ def check_url(url: str) -> None:
         _remember_secret(value)
     if password or protocol_of(url) in _NO_USERINFO_SCHEMES:
         raise ConfigError(
-            f"credentials in the URL are not supported (and are not shown): use {redact_url(url)} and give "
+            f"credentials in the URL are not supported (and are not shown): use "
+            f"{urlunsplit((parts.scheme, parts.netloc.rpartition('@')[2], parts.path, '', ''))} and give "
             "credentials through the environment, a profile, an instance role or --storage-option"
         )
 

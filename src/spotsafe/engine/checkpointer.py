@@ -161,6 +161,8 @@ class Checkpointer:
         if storage is None:
             assert url is not None
             storage = open_storage(url, storage_options, retry=retry, on_retry=self._on_retry)
+        elif getattr(storage, "on_retry", False) is None:
+            storage.on_retry = self._on_retry  # type: ignore[attr-defined]  # an injected RetryingStorage
         self.storage: Storage = storage
         history = self._read_history()
         self.run_id = os.environ.get(ENV_RUN_ID) or os.path.basename(str(self.storage.url).rstrip("/"))
@@ -231,7 +233,7 @@ class Checkpointer:
 
     def _on_retry(self, operation: str, attempt: int, delay: float, error: Exception) -> None:
         if getattr(self, "events", None) is not None:
-            self._emit(ev.StorageRetry, operation=operation, attempt=attempt, delay_s=delay, error=redact(str(error)))
+            self._emit(ev.StorageRetry, operation=operation, retry=attempt, delay_s=delay, error=redact(str(error)))
 
     # -- counters ------------------------------------------------------------
     @property

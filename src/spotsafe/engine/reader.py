@@ -34,10 +34,10 @@ def load_state(repo: CheckpointRepository, ref: CheckpointRef) -> RestoredState:
 def load_newest_valid(repo: CheckpointRepository, on_skip: SkipFn | None = None) -> RestoredState | None:
     """The newest committed checkpoint that verifies and decodes, or ``None``.
 
-    Walks newest to oldest; each damaged checkpoint is reported to ``on_skip``
+    Walks newest to oldest over the listing plus the ``latest`` hint; each damaged checkpoint is reported to ``on_skip``
     and passed over. Storage errors that are not damage propagate.
     """
-    for ref in repo.committed():
+    for ref in repo.candidates():
         try:
             return load_state(repo, ref)
         except CorruptCheckpointError as err:

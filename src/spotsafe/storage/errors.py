@@ -143,7 +143,7 @@ def translate(err: BaseException, key: str, where: str) -> StorageError:
             f"{where}: the credentials were rejected or are missing; check AWS_ACCESS_KEY_ID / "
             f"AWS_SECRET_ACCESS_KEY, the profile, or the instance role ({message})"
         )
-    if isinstance(err, PermissionError) or code == "AccessDenied":
+    if code == "AccessDenied" or (isinstance(err, PermissionError) and "://" in where):
         return PermanentStorageError(
             f"{where}/{key}: access denied; the credentials lack permission for this location ({message})"
         )

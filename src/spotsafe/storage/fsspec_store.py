@@ -9,6 +9,7 @@ streaming writes with bounded memory (object stores upload in parts of
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -18,6 +19,22 @@ from spotsafe.storage.errors import redact_url, translate
 
 T = TypeVar("T")
 DEFAULT_BLOCK_SIZE = 32 * 1024 * 1024
+
+
+def _abandon(handle: Any) -> None:
+    """Throw away a half-written file: never complete a multipart upload of part of an object."""
+    with contextlib.suppress(Exception):
+        if hasattr(handle, "discard"):
+            handle.discard()
+            handle.closed = True  # otherwise its __del__ tries to close (and upload) it again
+        else:
+            handle.close()
+
+
+def _missing_ok(err: FileNotFoundError, key: str, where: str) -> None:
+    """Re-raise unless ``err`` means the key itself is absent (a missing bucket is an error)."""
+    if not isinstance(translate(err, key, where), BlobNotFoundError):
+        raise err
 
 
 def check_key(key: str) -> list[str]:
@@ -59,28 +76,24 @@ class FsspecStorage:
 
     # -- writing -------------------------------------------------------------
     def write_stream(self, key: str, source: ChunkSource) -> int:
+        """Errors from the file system are translated; errors raised by ``source`` pass through unchanged."""
         path = self._path(key)
 
-        def run() -> int:
+        def start() -> Any:
             self._ensure_parent(path)
-            handle = self.fs.open(path, "wb", block_size=self.block_size)
-            total = 0
-            try:
-                for chunk in source():
-                    handle.write(chunk)
-                    total += memoryview(chunk).nbytes
-            except BaseException:
-                # Do not complete a multipart upload of half an object.
-                with contextlib.suppress(Exception):
-                    if hasattr(handle, "discard"):
-                        handle.discard()
-                    else:
-                        handle.close()
-                raise
-            handle.close()
-            return total
+            return self.fs.open(path, "wb", block_size=self.block_size)
 
-        return self._call(key, run)
+        handle = self._call(key, start)
+        total = 0
+        try:
+            for chunk in source():
+                self._call(key, functools.partial(handle.write, chunk))
+                total += memoryview(chunk).nbytes
+        except BaseException:
+            _abandon(handle)
+            raise
+        self._call(key, handle.close)
+        return total
 
     def write_atomic(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -122,7 +135,16 @@ class FsspecStorage:
 
     def exists(self, key: str) -> bool:
         path = self._path(key)
-        return bool(self._call(key, lambda: self.fs.isfile(path)))
+
+        def run() -> bool:
+            # Not fs.isfile: it turns every error (bad credentials, no network) into False.
+            try:
+                return bool(self.fs.info(path)["type"] == "file")
+            except FileNotFoundError as err:
+                _missing_ok(err, key, self._url)
+                return False
+
+        return self._call(key, run)
 
     # -- listing -------------------------------------------------------------
     def _entries(self, prefix: str) -> Iterator[dict[str, Any]]:
@@ -132,7 +154,8 @@ class FsspecStorage:
             self.fs.invalidate_cache(path)
             try:
                 return list(self.fs.ls(path, detail=True))
-            except FileNotFoundError:
+            except FileNotFoundError as err:
+                _missing_ok(err, prefix, self._url)
                 return []
 
         yield from self._call(prefix, run)
@@ -154,7 +177,8 @@ class FsspecStorage:
             self.fs.invalidate_cache(path)
             try:
                 return [self._relative(p) for p in self.fs.find(path)]
-            except FileNotFoundError:
+            except FileNotFoundError as err:
+                _missing_ok(err, prefix, self._url)
                 return []
 
         return sorted(self._call(prefix, run))
@@ -164,13 +188,12 @@ class FsspecStorage:
         path = self._path(key)
 
         def run() -> None:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 self.fs.rm_file(path)
+            except FileNotFoundError as err:
+                _missing_ok(err, key, self._url)
 
-        try:
-            self._call(key, run)
-        except BlobNotFoundError:
-            return
+        self._call(key, run)
 
     def delete_prefix(self, prefix: str) -> None:
         if not check_key(prefix):
@@ -178,13 +201,13 @@ class FsspecStorage:
         path = self._path(prefix)
 
         def run() -> None:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 self.fs.rm(path, recursive=True)
+            except FileNotFoundError as err:
+                _missing_ok(err, prefix, self._url)
 
-        try:
-            self._call(prefix, run)
-        except BlobNotFoundError:
-            return
+        self._call(prefix, run)
 
     def sync_prefix(self, prefix: str) -> None:
         """Nothing to do: an object store's PUT is durable when it returns."""
+        check_key(prefix)

@@ -303,6 +303,7 @@ class CheckpointRepository:
                 continue
             for name in self.storage.list_files(ref.key):
                 if TMP_MARKER in name and name.startswith("."):
+                    self.fence()
                     self.storage.delete(f"{ref.key}/{name}")
                     removed.append(f"{ref.key}/{name}")
         return removed

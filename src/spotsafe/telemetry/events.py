@@ -181,11 +181,11 @@ class WriterClaimed(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class StorageRetry(Event):
-    """A storage call failed transiently and will be retried after ``delay_s``."""
+    """A storage call failed transiently; retry number ``retry`` follows after ``delay_s``."""
 
     type: ClassVar[str] = "storage_retry"
     operation: str
-    attempt: int
+    retry: int
     delay_s: float
     error: str
 

@@ -68,7 +68,11 @@ class EventLog:
             "attempt": self.identity.attempt,
             "pid": self.identity.pid,
         }
-        record.update(event.fields())
+        fields = event.fields()
+        clash = set(fields) & set(record)
+        if clash:
+            raise ValueError(f"event {event.type} uses reserved field names {sorted(clash)}")
+        record.update(fields)
         line = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode()
         with self._lock:
             if self._fd is None:
@@ -78,15 +82,16 @@ class EventLog:
                 os.fsync(self._fd)
             if self._uploader is not None:
                 self._uploader.add(line)
-                if event.type in self.DURABLE:
-                    self._uploader.flush()
+        # Outside the lock: an upload can itself emit events (a storage retry).
+        if self._uploader is not None and event.type in self.DURABLE:
+            self._uploader.flush()
         for listener in self._listeners:
             listener(event)
 
     def close(self) -> None:
+        if self._uploader is not None:
+            self._uploader.flush()
         with self._lock:
-            if self._uploader is not None:
-                self._uploader.flush()
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import threading
 from collections.abc import Iterator
 
 from spotsafe.errors import StorageError
@@ -37,23 +38,37 @@ class EventUploader:
         self.segment = f"{EVENTS_PREFIX}/a{attempt:06d}-p{pid:08d}-{secrets.token_hex(4)}"
         self._part = 0
         self._pending: list[bytes] = []
+        self._lock = threading.Lock()  # guards _pending; never held during I/O
+        self._flushing = threading.Lock()  # one upload at a time; a re-entrant flush is skipped
 
     def add(self, line: bytes) -> None:
-        self._pending.append(line)
+        with self._lock:
+            self._pending.append(line)
 
     def flush(self) -> None:
-        """Upload the lines added since the last flush. On failure they stay pending for the next one."""
-        if not self._pending:
+        """Upload the lines added since the last flush. On failure they stay pending for the next one.
+
+        Thread-safe. A flush that starts while another runs (for instance from an event the
+        upload itself emitted) returns at once; its lines go with the next flush.
+        """
+        if not self._flushing.acquire(blocking=False):
             return
-        data = b"".join(self._pending)
-        key = f"{self.segment}/part-{self._part + 1:06d}.jsonl"
         try:
-            self.storage.write_atomic(key, data)
-        except StorageError as err:
-            log.warning("spotsafe: could not upload events (%s); will try again", err)
-            return
-        self._part += 1
-        self._pending.clear()
+            with self._lock:
+                lines, self._pending = self._pending, []
+            if not lines:
+                return
+            key = f"{self.segment}/part-{self._part + 1:06d}.jsonl"
+            try:
+                self.storage.write_atomic(key, b"".join(lines))
+            except StorageError as err:
+                log.warning("spotsafe: could not upload events (%s); will try again", err)
+                with self._lock:
+                    self._pending = lines + self._pending
+                return
+            self._part += 1
+        finally:
+            self._flushing.release()
 
 
 def _segment_order(name: str) -> tuple[int, int, str]:
