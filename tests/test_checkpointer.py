@@ -23,7 +23,7 @@ from spotsafe.storage.manifest import MANIFEST_NAME, Manifest
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.telemetry.log import EVENTS_FILE, read_events
 
-from .conftest import make_job
+from .conftest import Exited, fake_exit, make_job
 
 
 def events(run: Path, kind: str) -> list[Any]:
@@ -32,15 +32,6 @@ def events(run: Path, kind: str) -> list[Any]:
 
 def committed(run: Path) -> list[Any]:
     return CheckpointRepository(LocalStorage(run)).committed()
-
-
-class Exited(Exception):
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-
-def fake_exit(code: int) -> Any:
-    raise Exited(code)
 
 
 def run_uninterrupted(run: Path, steps: int) -> None:

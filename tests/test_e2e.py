@@ -91,7 +91,12 @@ def test_killed_repeatedly_on_s3_resumes_bit_exact(
         KillMode.SIGKILL_IN_SAVE,
     ]
     chaos = ChaosRun(
-        example("--storage-latency", "0.05", *extra), url, events_file=tmp_path / "events.jsonl", modes=modes, seed=5
+        example("--storage-latency", "0.05", *extra),
+        url,
+        events_file=tmp_path / "events.jsonl",
+        modes=modes,
+        seed=5,
+        max_delay=0.5,  # staged saves are quick: interrupt early so all five kills land before the end
     ).run()
     assert chaos.ok, chaos.problems
     assert len(chaos.interruptions) == 5

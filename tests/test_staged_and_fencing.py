@@ -17,7 +17,7 @@ from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.storage.retry import RetryingStorage, RetryPolicy
 from spotsafe.telemetry.store import read_run_events
 
-from .conftest import make_job
+from .conftest import Exited, fake_exit, make_job
 
 
 def committed_steps(url: str) -> list[int]:
@@ -26,15 +26,6 @@ def committed_steps(url: str) -> list[int]:
 
 def event_list(url: str, kind: str) -> list[Any]:
     return [e.event for e in read_run_events(open_storage(url)) if e.event.type == kind]
-
-
-class Exited(Exception):
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-
-def fake_exit(code: int) -> Any:
-    raise Exited(code)
 
 
 def test_local_then_upload_commits_durably_and_restores_from_the_durable_copy(run_url: str, tmp_path: Path) -> None:

@@ -37,6 +37,17 @@ def _missing_ok(err: FileNotFoundError, key: str, where: str) -> None:
         raise err
 
 
+def read_fully(handle: Any, view: memoryview) -> int:
+    """Fill ``view`` from ``handle`` until it is full or the file ends; return the bytes read."""
+    got = 0
+    while got < view.nbytes:
+        n = handle.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
 def check_key(key: str) -> list[str]:
     """The key's parts; refuse anything that could escape the run's root."""
     parts = [p for p in key.split("/") if p]
@@ -118,14 +129,8 @@ class FsspecStorage:
         view = memoryview(buffer)
 
         def run() -> int:
-            got = 0
             with self.fs.open(path, "rb", block_size=self.block_size) as handle:
-                while got < view.nbytes:
-                    n = handle.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-            return got
+                return read_fully(handle, view)
 
         return self._call(key, run)
 

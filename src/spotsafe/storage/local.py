@@ -20,7 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 from spotsafe.errors import ConfigError
 from spotsafe.storage.base import TMP_MARKER, ChunkSource
 from spotsafe.storage.errors import translate
-from spotsafe.storage.fsspec_store import FsspecStorage, check_key
+from spotsafe.storage.fsspec_store import FsspecStorage, check_key, read_fully
 
 
 def _fsync_dir(path: Path) -> None:
@@ -91,13 +91,7 @@ class LocalStorage(FsspecStorage):
         view = memoryview(buffer)
         try:
             with open(self.path_of(key), "rb", buffering=0) as handle:
-                got = 0
-                while got < view.nbytes:
-                    n = handle.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-                return got
+                return read_fully(handle, view)
         except OSError as err:
             raise translate(err, key, self.url) from err
 
