@@ -131,25 +131,30 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
+def start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start moto's standalone server on a free 127.0.0.1 port; return the process and its endpoint."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     deadline = time.monotonic() + 60
     while True:
         try:
             socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
+            return proc, f"http://127.0.0.1:{port}"
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 raise RuntimeError("moto's S3 server did not start") from None
             time.sleep(0.05)
-    endpoint = f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    proc, endpoint = start_moto()
     env = {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",

@@ -14,9 +14,6 @@ import os
 import random
 import secrets
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +34,7 @@ from torch import nn
 from spotsafe.engine.persist import persist
 from spotsafe.engine.reader import load_newest_valid
 from spotsafe.errors import ConfigError, PermanentStorageError, StorageError, TransientStorageError
+from spotsafe.state.compare import differences
 from spotsafe.state.snapshot import Snapshot
 from spotsafe.storage.base import BlobNotFoundError, Storage
 from spotsafe.storage.errors import redact, redact_url, translate
@@ -45,6 +43,8 @@ from spotsafe.storage.fsspec_store import FsspecStorage
 from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.storage.retry import RetryingStorage, RetryPolicy
+
+from .conftest import start_moto
 
 WHERE = "s3://bucket/run"
 
@@ -621,19 +621,6 @@ class AuthServer:
     secret: str
 
 
-def _wait_for(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto's server did not start") from None
-            time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def auth_server() -> Iterator[AuthServer]:
     """A second moto server that checks signatures and IAM policies after its first 4 requests.
@@ -644,17 +631,8 @@ def auth_server() -> Iterator[AuthServer]:
     """
     import boto3
 
-    port = _closed_port()
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
+    proc, endpoint = start_moto({**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"})
     try:
-        _wait_for(port, proc)
-        endpoint = f"http://127.0.0.1:{port}"
         anon = {"endpoint_url": endpoint, "region_name": "us-east-1"}
         anon |= {"aws_access_key_id": "bootstrap", "aws_secret_access_key": "bootstrap"}
         iam = boto3.client("iam", **anon)
@@ -785,19 +763,7 @@ class Trainer:
 
 
 def assert_bit_equal(a: Any, b: Any) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and (a.dtype, a.shape) == (b.dtype, b.shape)
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b)
-        for key in a:
-            assert_bit_equal(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            assert_bit_equal(x, y)
-    else:
-        assert type(a) is type(b) and a == b
+    assert differences(a, b) == []
 
 
 def quick_retries(inner: Storage, fake: FakeTime | None = None, budget_s: float = 60.0) -> RetryingStorage:

@@ -23,6 +23,7 @@ from torch import nn
 from spotsafe.engine.persist import persist
 from spotsafe.engine.reader import load_newest_valid
 from spotsafe.errors import ConfigError, PermanentStorageError, StorageError
+from spotsafe.state.compare import differences
 from spotsafe.state.snapshot import Snapshot
 from spotsafe.storage.base import BlobNotFoundError, Storage
 from spotsafe.storage.fsspec_store import FsspecStorage
@@ -65,20 +66,7 @@ def save(repo: CheckpointRepository, step: int, generation: int = 1) -> Checkpoi
 
 
 def assert_bit_equal(a: Any, b: Any) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor)
-        assert (a.dtype, a.shape) == (b.dtype, b.shape)
-        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and list(a) == list(b)
-        for key in a:
-            assert_bit_equal(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b)
-        for x, y in zip(a, b, strict=True):
-            assert_bit_equal(x, y)
-    else:
-        assert a == b and type(a) is type(b)
+    assert differences(a, b) == []
 
 
 # -- the Storage methods ----------------------------------------------------------------------------------------------
