@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import click
 import numpy as np
@@ -45,6 +45,7 @@ from spotsafe.exit_codes import EXIT_CRASH, EXIT_SUCCESS, EXIT_USAGE
 from spotsafe.policy.retention import Candidate, KeepLast
 from spotsafe.storage import errors as storage_errors
 from spotsafe.storage.base import BlobNotFoundError, Storage
+from spotsafe.storage.errors import redact_url
 from spotsafe.storage.local import local_root
 from spotsafe.storage.manifest import Manifest
 from spotsafe.storage.registry import open_storage, protocol_of
@@ -64,7 +65,6 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 _SECRETS: set[str] = set()
 _SECRET_OPTION = re.compile(r"key|secret|token|password|passwd|credential|sas|signature|connection", re.IGNORECASE)
-_NO_USERINFO_SCHEMES = {"s3", "s3a", "gs", "gcs", "memory"}
 
 
 def redact(text: str) -> str:
@@ -85,29 +85,21 @@ def _remember_option_secrets(options: Mapping[str, Any]) -> None:
             _remember_secret(value if isinstance(value, str) else json.dumps(value))
 
 
-def check_url(url: str) -> None:
-    """Refuse credentials embedded in the URL (and remember them, so they are never printed)."""
+def remember_url_secrets(url: str) -> None:
+    """Remember the user info and query values of ``url`` so that they are never printed.
+
+    Whether the URL is acceptable at all is the library's decision (``open_storage`` refuses credentials).
+    """
     if "://" not in url:
         return
     parts = urlsplit(url)
     for _, value in parse_qsl(parts.query, keep_blank_values=True):
         _remember_secret(value)
-    userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""
-    if not userinfo:
-        return
-    user, _, password = userinfo.partition(":")
-    for value in (userinfo, user, password):
-        _remember_secret(value)
-    if password or protocol_of(url) in _NO_USERINFO_SCHEMES:
-        raise ConfigError(
-            f"credentials in the URL are not supported (and are not shown): use "
-            f"{urlunsplit((parts.scheme, parts.netloc.rpartition('@')[2], parts.path, '', ''))} and give "
-            "credentials through the environment, a profile, an instance role or --storage-option"
-        )
-
-
-def redact_url(url: str) -> str:
-    return storage_errors.redact_url(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    if userinfo:
+        user, _, password = userinfo.partition(":")
+        for value in (userinfo, user, password):
+            _remember_secret(value)
 
 
 # -- options -----------------------------------------------------------------
@@ -188,7 +180,7 @@ class Run:
 
 def open_run(url: str, storage_options: Mapping[str, Any], retry_budget: float, progress: bool | None) -> Run:
     """Open ``url`` for management commands. A local folder must exist."""
-    check_url(url)
+    remember_url_secrets(url)
     if protocol_of(url) == "file":
         root = local_root(url)
         if not root.exists():

@@ -439,7 +439,7 @@ class Checkpointer:
         try:
             if self._uploader is None:
                 self.repo.write_latest(ref)
-            self._apply_retention()
+            self._apply_retention(ref)
         except SpotsafeError as err:
             # The new checkpoint is committed; failing to update the hint or delete old ones must not undo that.
             log.warning("spotsafe: after committing %s: %s", ref.name, err)
@@ -466,21 +466,30 @@ class Checkpointer:
         if failure is not None:
             raise failure
 
-    def _apply_retention(self) -> None:
+    def _apply_retention(self, just_committed: CheckpointRef) -> None:
+        """Delete what the retention policy says, after ``just_committed`` was committed.
+
+        The checkpoint this process just committed is intact by construction (its blobs have
+        the sizes it wrote), so the others are only checked when it is not among the kept ones.
+        """
         refs = {r.name: r for r in self.repo.committed()}
-        candidates = []
-        for ref in refs.values():
-            try:
-                self.repo.check_sizes(ref)
-                intact = True
-            except CorruptCheckpointError:
-                intact = False
-            candidates.append(Candidate(name=ref.name, step=ref.step, intact=intact))
+        candidates = [
+            Candidate(name=r.name, step=r.step, intact=True if r == just_committed else None) for r in refs.values()
+        ]
+        if not any(c.intact for c in candidates[: self.retention.n]):
+            candidates = [Candidate(name=r.name, step=r.step, intact=self._intact(r)) for r in refs.values()]
         for candidate in self.retention.to_delete(candidates):
             self.repo.delete(refs[candidate.name])
             self._emit(
                 ev.CheckpointDeleted, checkpoint=candidate.name, step=candidate.step, reason=self.retention.describe()
             )
+
+    def _intact(self, ref: CheckpointRef) -> bool:
+        try:
+            self.repo.check_sizes(ref)
+        except CorruptCheckpointError:
+            return False
+        return True
 
     def finish(self) -> None:
         """Save the final state (unless the last save was at this step), record success, close."""

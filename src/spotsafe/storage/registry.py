@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from spotsafe.errors import ConfigError
 from spotsafe.storage.base import Storage
@@ -42,6 +43,25 @@ def protocol_of(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else "file"
 
 
+_USER_IS_NOT_A_CREDENTIAL = ("az", "abfs", "abfss")  # abfs://container@account: the "user" is a container
+
+
+def check_no_credentials(url: str) -> None:
+    """Refuse a URL that carries credentials (a password, or user info where it can only be a key)."""
+    if "://" not in url:
+        return
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    if not userinfo:
+        return
+    if ":" in userinfo or protocol_of(url) not in _USER_IS_NOT_A_CREDENTIAL:
+        bare = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+        raise ConfigError(
+            f"credentials in the URL are not supported (and are not shown): use {bare} and give credentials "
+            "through the environment, a profile, an instance role or storage options"
+        )
+
+
 def open_backend(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Storage:
     """The backend for ``url``, without retries."""
     text = os.fspath(url)
@@ -50,11 +70,7 @@ def open_backend(url: str | os.PathLike[str], storage_options: Mapping[str, Any]
         return LocalStorage(text)
     import fsspec
 
-    if "@" in text.split("://", 1)[1].split("/", 1)[0] and protocol not in ("az", "abfs", "abfss"):
-        raise ConfigError(
-            f"{redact_url(text)!r}: do not put credentials in the URL; use the environment, a profile, "
-            "an instance role, or storage_options"
-        )
+    check_no_credentials(text)
     if protocol not in _EXTRAS and protocol != "memory":
         known = ", ".join(sorted({"file", "memory", *_EXTRAS}))
         raise ConfigError(f"unsupported storage URL {redact_url(text)!r}: use a local folder or one of {known}://")

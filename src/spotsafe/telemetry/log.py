@@ -117,7 +117,7 @@ def read_events(path: str | os.PathLike[str]) -> Iterator[LoggedEvent]:
     """Yield the events in ``path`` in order, skipping damaged or unknown lines."""
     try:
         with open(path, "rb") as handle:
-            yield from _parse_lines(handle)
+            yield from parse_lines(handle)
     except FileNotFoundError:
         return
 
@@ -143,11 +143,12 @@ class EventTail:
         self._partial = lines.pop()
         out: list[LoggedEvent] = []
         for raw in lines:
-            out.extend(_parse_lines([raw]))
+            out.extend(parse_lines([raw]))
         return out
 
 
-def _parse_lines(lines: Iterable[bytes]) -> Iterator[LoggedEvent]:
+def parse_lines(lines: Iterable[bytes]) -> Iterator[LoggedEvent]:
+    """Typed events from raw JSON lines; damaged or unknown lines are skipped."""
     for raw in lines:
         try:
             record = json.loads(raw)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from spotsafe.errors import StorageError
 from spotsafe.storage.base import Storage
-from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, _parse_lines, read_events
+from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, parse_lines, read_events
 
 EVENTS_PREFIX = "events"
 _SEGMENT = re.compile(r"^a(\d{6})-p(\d{8})-([0-9a-f]{8})$")
@@ -88,4 +88,4 @@ def read_run_events(storage: Storage) -> Iterator[LoggedEvent]:
             parts.setdefault(pieces[1], []).append((int(match.group(1)), key))
     for segment in sorted(parts, key=_segment_order):
         for _, key in sorted(parts[segment]):
-            yield from _parse_lines(storage.read(key).splitlines())
+            yield from parse_lines(storage.read(key).splitlines())
