@@ -144,7 +144,7 @@ def tamper_path_escape(ckpt: Path) -> None:
 def tamper_tensor_overrun(ckpt: Path) -> None:
     def edit(ckpt: Path) -> None:
         state = json.loads((ckpt / "state.json").read_text())
-        state["components"]["model"]["tensors"][0]["offset"] = 10**9
+        state["components"]["model"]["tensors"][0]["segments"][0][1] = 10**9
         (ckpt / "state.json").write_text(json.dumps(state))
 
     _rewrite(ckpt, edit)
@@ -311,8 +311,12 @@ def test_signal_during_regular_save_exits_without_saving_twice(tmp_path: Path) -
     job = make_job(tmp_path, handle_signals=True, exit=fake_exit, storage=storage)
     with pytest.raises(Exited):
         job.train(100)
-    assert [(e.step, e.reason) for e in events(tmp_path, "save_committed")] == [(7, "interval")]
-    assert [e.step for e in events(tmp_path, "run_exited")] == [7]
+    # The save at step 7 is written in the background while training goes on; the notice is
+    # handled at the next step boundary: one emergency save there, none repeated at step 7.
+    saves = [(e.step, e.reason) for e in events(tmp_path, "save_committed")]
+    exited = [e.step for e in events(tmp_path, "run_exited")]
+    assert saves[0] == (7, "interval") and len(exited) == 1
+    assert saves[1:] in ([], [(exited[0], "notice")]) and (saves[1:] or exited == [7])
 
 
 class FailingWrites(LocalStorage):

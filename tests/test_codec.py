@@ -34,7 +34,7 @@ def roundtrip(tree: Any) -> Any:
     entries, size = plan(tensors)
     blob = bytearray(b"".join(bytes(chunk) for chunk in pack(tensors, entries)))
     assert len(blob) == size
-    return codec.decode(json.loads(text), lambda i: unpack(blob, entries[i]))
+    return codec.decode(json.loads(text), lambda i: unpack({"": blob}, entries[i]))
 
 
 def bits(x: float) -> bytes:

@@ -60,7 +60,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_killed_repeatedly_with_sigterm_and_sigkill_resumes_bit_exact(reference: Path, tmp_path: Path) -> None:
     run = tmp_path / "interrupted"
     modes = [*DEFAULT_MODES, KillMode.SIGKILL_IN_SAVE]
-    chaos = ChaosRun(example("--storage-latency", "0.05"), run, modes=modes, seed=11, max_delay=1.5).run()
+    chaos = ChaosRun(example("--storage-latency", "0.05"), run, modes=modes, seed=11, max_delay=0.8).run()
 
     assert chaos.ok, chaos.problems
     assert len(chaos.interruptions) == len(modes) >= 5

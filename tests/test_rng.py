@@ -23,7 +23,7 @@ def through_checkpoint(tree: Any) -> Any:
     text = json.dumps(codec.encode(tree, tensors), allow_nan=False)
     entries, _ = plan(tensors)
     blob = bytearray(b"".join(bytes(chunk) for chunk in pack(tensors, entries)))
-    return codec.decode(json.loads(text), lambda i: unpack(blob, entries[i]))
+    return codec.decode(json.loads(text), lambda i: unpack({"": blob}, entries[i]))
 
 
 @pytest.fixture(autouse=True)

@@ -85,14 +85,17 @@ def test_emergency_save_in_local_then_upload_mode_waits_for_the_upload(run_url: 
 def test_a_stale_writer_is_fenced_off(run_url: str) -> None:
     old = make_job(run_url, keep=1)
     old.train(7)
+    old.ckpt.wait()  # committed before the replacement starts (a save in flight could be cleaned up)
     new = make_job(run_url, keep=1)  # a replacement starts while the old one still runs
     assert new.ckpt.generation == old.ckpt.generation + 1
     assert new.ckpt.restore() == 7
+    old.train(14)  # the old writer's save at 14 must not commit: it fails in the background ...
     with pytest.raises(FencedError, match="stale"):
-        old.train(14)  # the old writer's save at 14 must not commit
+        old.ckpt.wait()  # ... and the error surfaces at the next call
     assert committed_steps(run_url) == [7]
     assert [e.step for e in event_list(run_url, "save_failed")] == [14]
     new.train(14)
+    new.ckpt.wait()
     assert committed_steps(run_url) == [14], "the new writer's retention removed the old checkpoint"
     new.ckpt.close()
     old.ckpt.close()

@@ -28,10 +28,11 @@ Call sequence and contracts:
 4. ``finish()`` writes the final checkpoint and closes. ``close()`` alone only
    releases resources (it waits for an upload in flight).
 
-Durability when ``save()`` returns: the checkpoint is committed on the run's
-storage; in local-then-upload mode (``stage_dir=``) it is committed on local
-disk and uploading, except for ``notice`` and ``final`` saves, which wait for
-the upload.
+Durability when ``save()`` returns: the state is copied into staging memory
+and being written in the background (training may change it at once); a
+``notice`` or ``final`` save, or any save with ``async_save=False``, has
+committed on the run's storage. A background failure is raised by the next
+call and recorded as a ``save_failed`` event. See :mod:`spotsafe.engine.saver`.
 """
 
 from __future__ import annotations
@@ -50,16 +51,16 @@ import torch
 
 from spotsafe import __version__
 from spotsafe.engine.components import Progress, collect
-from spotsafe.engine.persist import persist
 from spotsafe.engine.reader import load_newest_valid
-from spotsafe.engine.staged import Upload, UploadDone, Uploader, wipe_stage
+from spotsafe.engine.saver import Outcome, Saver, SaveState
+from spotsafe.engine.staged import wipe_stage
+from spotsafe.engine.staging import parse_budget
 from spotsafe.errors import CheckpointMismatchError, ConfigError, CorruptCheckpointError, SpotsafeError
 from spotsafe.exit_codes import EXIT_PREEMPTED
 from spotsafe.notices.base import NoticeBoard, NoticeSource
 from spotsafe.notices.signals import DEFAULT_SIGNALS, SignalNotices
 from spotsafe.policy.interval import SaveContext, SavePolicy, every
 from spotsafe.policy.retention import Candidate, KeepLast
-from spotsafe.state.snapshot import Snapshot
 from spotsafe.storage.base import Storage
 from spotsafe.storage.errors import redact
 from spotsafe.storage.fencing import WriterLease
@@ -72,6 +73,15 @@ from spotsafe.telemetry.log import EVENTS_FILE, EventLog, EventSink, RunIdentity
 from spotsafe.telemetry.store import EventUploader, read_run_events
 
 log = logging.getLogger("spotsafe")
+
+
+def default_budget() -> int | None:
+    """Half the machine's physical memory (``None`` where it cannot be read)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2
+    except (ValueError, OSError, AttributeError):
+        return None
+
 
 ENV_URL = "SPOTSAFE_CHECKPOINT_URL"
 ENV_RUN_ID = "SPOTSAFE_RUN_ID"
@@ -91,7 +101,17 @@ class Checkpointer:
             ``torch.Generator`` / ``numpy.random.Generator`` objects.
         policy: when to take regular checkpoints (default ``every(minutes=10)``).
         keep: how many committed checkpoints to keep (the newest intact one is always kept).
-        stage_dir: a fast local folder: saves commit there first and upload in the background.
+        stage_dir: a fast local folder: saves commit there first, then upload.
+        async_save: snapshot into staging memory and write in the background (default);
+            ``False`` writes on the training thread.
+        incremental: write only the chunks that changed since the last commit; the new
+            checkpoint shares the rest with older ones (exact: compared byte for byte).
+        overlap: copy the optimizer-owned state while forward/backward run and block only
+            before ``optimizer.step()`` (a step pre-hook on ``optimizer``).
+        staging_budget: most host memory for staging (bytes, or ``"8GB"``); ``"auto"`` is half
+            the machine's memory, ``None`` no limit. A bigger state is saved directly.
+        when_busy: what an interval save does while the previous one is still being
+            written: ``"wait"`` (default: keeps the steps the policy names) or ``"skip"`` (defer it to a later step).
         storage_options: passed to the fsspec file system (credentials, endpoint, ...).
         retry: how long to retry transient storage errors (default: 120 s budget).
         handle_signals: install handlers for ``signals`` (default SIGTERM, SIGINT, SIGUSR1).
@@ -117,6 +137,11 @@ class Checkpointer:
         policy: SavePolicy | None = None,
         keep: int = 3,
         stage_dir: str | os.PathLike[str] | None = None,
+        async_save: bool = True,
+        incremental: bool = True,
+        overlap: bool = False,
+        staging_budget: int | str | None = "auto",
+        when_busy: str = "wait",
         storage_options: Mapping[str, Any] | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         handle_signals: bool = True,
@@ -134,7 +159,8 @@ class Checkpointer:
         self._closed = False
         self._sources: list[NoticeSource] = []
         self._owned_log: EventLog | None = None
-        self._uploader: Uploader | None = None
+        self._saver: Saver | None = None
+        self._hooks: list[Any] = []
         if url is None and storage is None:
             url = os.environ.get(ENV_URL)
             if not url:
@@ -148,6 +174,13 @@ class Checkpointer:
             json.dumps(self.metadata, allow_nan=False)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"metadata must be JSON-serialisable: {err}") from err
+        if when_busy not in ("skip", "wait"):
+            raise ConfigError(f"when_busy must be 'skip' or 'wait', got {when_busy!r}")
+        if overlap and (optimizer is None or not async_save):
+            raise ConfigError("overlap=True needs an optimizer (its step pre-hook ends the copy) and async_save=True")
+        budget = default_budget() if staging_budget == "auto" else parse_budget(staging_budget)
+        self.when_busy = when_busy
+        self.optimizer = optimizer
         self.policy = policy if policy is not None else every(minutes=10)
         self.retention = KeepLast(keep)
         self.loader = loader
@@ -176,8 +209,20 @@ class Checkpointer:
         self._emit(ev.WriterClaimed, generation=self.generation)
         for key in self.repo.remove_leftovers():
             self._emit(ev.PartialRemoved, path=key)
-        if stage_dir is not None:
-            self._start_stage(LocalStorage(stage_dir))
+        stage = self._open_stage(LocalStorage(stage_dir)) if stage_dir is not None else None
+        self._saver = Saver(
+            self.repo,
+            on_done=self._save_done,
+            budget=budget,
+            background=async_save,
+            incremental=incremental,
+            overlap=overlap,
+            stage=stage,
+            owned=self._optimizer_owned,
+            clock=clock,
+        )
+        if overlap and optimizer is not None:
+            self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self._settle()))
 
         self.board = NoticeBoard()
         self._sources = list(notices)
@@ -194,6 +239,7 @@ class Checkpointer:
         self._last_save_time = clock()
         self._last_progress_time = -float("inf")
         self._stop_requested = False
+        self._deferred = False
 
     # -- set-up helpers ------------------------------------------------------
     def _open_log(self) -> EventLog:
@@ -209,12 +255,17 @@ class Checkpointer:
             self._owned_log = EventLog(spool, identity, uploader=uploader)
         return self._owned_log
 
-    def _start_stage(self, stage: LocalStorage) -> None:
+    def _open_stage(self, stage: LocalStorage) -> tuple[CheckpointRepository, LocalStorage]:
         if stage.root_path == getattr(self.storage, "root_path", None):
             raise ConfigError("stage_dir must differ from the run's location")
         wipe_stage(stage)
-        self._stage_repo = CheckpointRepository(stage, clock=self._wall)
-        self._uploader = Uploader(self._stage_repo, stage, self.repo, self._upload_done, clock=self._clock)
+        return CheckpointRepository(stage, clock=self._wall), stage
+
+    def _optimizer_owned(self) -> set[int]:
+        """Addresses of the parameters the optimizer updates (copied during overlap)."""
+        if self.optimizer is None:
+            return set()
+        return {p.data_ptr() for group in self.optimizer.param_groups for p in group["params"] if p.numel()}
 
     def _read_history(self) -> dict[str, Any]:
         """Attempts so far and the furthest step the latest attempt reached, from the event log."""
@@ -283,6 +334,8 @@ class Checkpointer:
             return 0
         name = restored.checkpoint.ref.name
         self._apply(restored.components, strict=strict, where=name)
+        if self._saver is not None:
+            self._saver.adopt(restored.checkpoint, restored.decoded)
         self._last_save_step = self.step
         self._last_save_time = self._clock()
         replayed = None if self._last_known_step is None else max(0, self._last_known_step - self.step)
@@ -325,9 +378,10 @@ class Checkpointer:
     def step_done(self) -> bool:
         """Count one completed step; save if due; handle notices. Returns whether it saved.
 
-        Raises the error of a failed background upload, once, at the next call after it failed.
+        Raises the error of a failed background save, once, at the next call after it failed.
         """
-        self._raise_upload_failure()
+        self._settle()
+        self._raise_save_failure()
         self._progress.step += 1
         if self.loader is not None and hasattr(self.loader, "epoch"):
             self._progress.epoch = int(self.loader.epoch)
@@ -345,10 +399,10 @@ class Checkpointer:
         )
         if not self.policy.should_save(ctx):
             return False
-        self.save(reason="interval")
+        saved = self.save(reason="interval") is not None
         if self._poll_notices():
             self._handle_notice()
-        return True
+        return saved
 
     def _poll_notices(self) -> bool:
         for notice in self.board.drain():
@@ -360,11 +414,13 @@ class Checkpointer:
     def _handle_notice(self) -> None:
         self._stop_requested = True
         try:
+            self._wait_for_save()
+        except Exception as err:  # noqa: BLE001 - the emergency save below is what matters now
+            log.error("spotsafe: the save in flight failed (%s); saving again", redact(str(err)))
+            self._last_save_step = None
+        try:
             if self._last_save_step != self.step:
                 self.save(reason="notice")
-            elif self._uploader is not None:
-                self._uploader.wait()
-                self._raise_upload_failure()
         except Exception as err:  # noqa: BLE001 - the last verified checkpoint stays the resume point
             log.error("spotsafe: emergency save failed (%s); the last committed checkpoint is the resume point", err)
         self._poll_notices()
@@ -374,43 +430,78 @@ class Checkpointer:
             self._exit(EXIT_PREEMPTED)
 
     # -- saving --------------------------------------------------------------
-    def save(self, reason: str = "manual") -> CheckpointRef:
-        """Write a checkpoint of the current state now.
+    @property
+    def saving(self) -> bool:
+        """A save is being written in the background."""
+        return self._saver is not None and self._saver.busy
 
-        Direct mode: durable and visible when it returns. Local-then-upload mode:
-        committed locally and uploading; ``notice`` and ``final`` saves wait for the upload.
+    @property
+    def staging_bytes(self) -> int:
+        """Host memory held for staging snapshots (reused by every save)."""
+        return self._saver.staging_bytes if self._saver is not None else 0
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; raise its error if it failed."""
+        self._wait_for_save()
+
+    def _settle(self) -> None:
+        if self._saver is not None:
+            self._saver.settle()
+
+    def _wait_for_save(self) -> None:
+        if self._saver is not None:
+            self._saver.wait()
+        self._raise_save_failure()
+
+    def save(self, reason: str = "manual") -> CheckpointRef | None:
+        """Checkpoint the current state now; return the checkpoint's name.
+
+        Returns once the state is staged (training may change it); ``notice`` and ``final``
+        saves, and every save with ``async_save=False``, return once committed. An
+        ``interval`` save while the previous one is still being written is deferred
+        (``None``) when ``when_busy="skip"``; every other save waits for it first.
         """
         if self._closed:
             raise RuntimeError("this Checkpointer is closed")
-        if self._uploader is not None:
-            self._uploader.wait()  # at most one save in flight
-            self._raise_upload_failure()
+        saver = self._saver
+        assert saver is not None
+        saver.settle()
+        if saver.busy and reason == "interval" and self.when_busy == "skip":
+            if not self._deferred:
+                self._deferred = True
+                self._emit(
+                    ev.SaveSkipped, step=self.step, reason=reason, why="the previous save is still being written"
+                )
+            return None
+        self._wait_for_save()
+        self._deferred = False
         step = self.step
-        started = self._clock()
         self._emit(ev.SaveStarted, step=step, reason=reason)
-        target = self._stage_repo if self._uploader is not None else self.repo
-        try:
-            snapshot = Snapshot.capture(step, {n: c.state_dict() for n, c in self._components.items()})
-            ref, manifest = persist(
-                target, snapshot, metadata=self.metadata, writer=self._writer_info(reason), generation=self.generation
-            )
-        except Exception as err:
-            self._emit(ev.SaveFailed, step=step, reason=reason, error=redact(f"{type(err).__name__}: {err}"))
-            raise
-        stall = self._clock() - started
+        job = saver.save(
+            step,
+            reason,
+            {n: c.state_dict() for n, c in self._components.items()},
+            generation=self.generation,
+            metadata=self.metadata,
+            writer=self._writer_info(reason),
+        )
         self._last_save_step = step
         self._last_save_time = self._clock()
-        if self._uploader is None:
-            self._committed(ref, manifest.total_bytes, len(manifest.blobs), reason, stall, stall)
-            return ref
-        self._emit(
-            ev.SaveStaged, step=step, checkpoint=ref.name, reason=reason, bytes=manifest.total_bytes, stall_s=stall
-        )
-        self._uploader.submit(Upload(ref=ref, reason=reason, started=started, stall_s=stall))
-        if reason in ("notice", "final"):
-            self._uploader.wait()
-            self._raise_upload_failure()
-        return ref
+        if job.state is SaveState.STAGED:
+            self._emit(
+                ev.SaveStaged,
+                step=step,
+                checkpoint=job.ref.name,
+                reason=reason,
+                bytes=job.stats.bytes,
+                stall_s=job.stall_s,
+                copied_bytes=job.stats.copied_bytes,
+                staging_bytes=saver.staging_bytes,
+                overlapped=bool(job.deferred),
+            )
+            if reason in ("notice", "final"):
+                self._wait_for_save()
+        return job.ref
 
     def _writer_info(self, reason: str) -> dict[str, Any]:
         return {
@@ -424,45 +515,37 @@ class Checkpointer:
             "reason": reason,
         }
 
-    def _committed(self, ref: CheckpointRef, nbytes: int, blobs: int, reason: str, stall: float, total: float) -> None:
-        """A checkpoint became durable: record it, point the hint at it, apply retention."""
-        self._emit(
-            ev.SaveCommitted,
-            step=ref.step,
-            checkpoint=ref.name,
-            reason=reason,
-            bytes=nbytes,
-            blobs=blobs,
-            stall_s=stall,
-            duration_s=total,
-        )
-        try:
-            if self._uploader is None:
-                self.repo.write_latest(ref)
-            self._apply_retention(ref)
-        except SpotsafeError as err:
-            # The new checkpoint is committed; failing to update the hint or delete old ones must not undo that.
-            log.warning("spotsafe: after committing %s: %s", ref.name, err)
-            self._emit(ev.RunWarning, message=redact(f"after committing {ref.name}: {err}"))
-
-    def _upload_done(self, done: UploadDone) -> None:
-        """Runs on the upload thread."""
-        upload = done.upload
-        if done.error is not None or done.manifest is None:
+    def _save_done(self, outcome: Outcome) -> None:
+        """A save ended (on the save worker, or inline for a direct save)."""
+        job = outcome.job
+        if outcome.error is not None or outcome.manifest is None:
+            error = outcome.error
             self._emit(
-                ev.SaveFailed,
-                step=upload.ref.step,
-                reason=upload.reason,
-                error=redact(f"upload: {type(done.error).__name__}: {done.error}"),
+                ev.SaveFailed, step=job.step, reason=job.reason, error=redact(f"{type(error).__name__}: {error}")
             )
             return
-        total = done.finished - upload.started
-        self._committed(
-            upload.ref, done.manifest.total_bytes, len(done.manifest.blobs), upload.reason, upload.stall_s, total
+        manifest = outcome.manifest
+        self._emit(
+            ev.SaveCommitted,
+            step=job.step,
+            checkpoint=job.ref.name,
+            reason=job.reason,
+            bytes=manifest.total_bytes,
+            blobs=len(manifest.blobs),
+            stall_s=job.stall_s,
+            duration_s=outcome.duration_s,
+            written_bytes=manifest.own_bytes,
         )
+        try:
+            self.repo.write_latest(job.ref)
+            self._apply_retention(job.ref)
+        except SpotsafeError as err:
+            # The new checkpoint is committed; failing to update the hint or delete old ones must not undo that.
+            log.warning("spotsafe: after committing %s: %s", job.ref.name, err)
+            self._emit(ev.RunWarning, message=redact(f"after committing {job.ref.name}: {err}"))
 
-    def _raise_upload_failure(self) -> None:
-        failure = self._uploader.take_failure() if self._uploader is not None else None
+    def _raise_save_failure(self) -> None:
+        failure = self._saver.take_failure() if self._saver is not None else None
         if failure is not None:
             raise failure
 
@@ -471,6 +554,7 @@ class Checkpointer:
 
         The checkpoint this process just committed is intact by construction (its blobs have
         the sizes it wrote), so the others are only checked when it is not among the kept ones.
+        Files that a kept checkpoint shares survive their own checkpoint's deletion.
         """
         refs = {r.name: r for r in self.repo.committed()}
         candidates = [
@@ -478,11 +562,17 @@ class Checkpointer:
         ]
         if not any(c.intact for c in candidates[: self.retention.n]):
             candidates = [Candidate(name=r.name, step=r.step, intact=self._intact(r)) for r in refs.values()]
+        deleted = False
         for candidate in self.retention.to_delete(candidates):
             self.repo.delete(refs[candidate.name])
+            deleted = True
             self._emit(
                 ev.CheckpointDeleted, checkpoint=candidate.name, step=candidate.step, reason=self.retention.describe()
             )
+        if deleted:
+            # Folders kept only for their shared files may be unreferenced now. No save is in
+            # flight here (this runs at the end of the only one), so every uncommitted folder is garbage.
+            self.repo.remove_leftovers()
 
     def _intact(self, ref: CheckpointRef) -> bool:
         try:
@@ -492,25 +582,26 @@ class Checkpointer:
         return True
 
     def finish(self) -> None:
-        """Save the final state (unless the last save was at this step), record success, close."""
+        """Save the final state (unless the last save was at this step), wait until it is durable, close."""
+        self._wait_for_save()
         if self._last_save_step != self.step:
             self.save(reason="final")
-        elif self._uploader is not None:
-            self._uploader.wait()
-            self._raise_upload_failure()
+        self._wait_for_save()
         self._emit(ev.RunExited, reason="finished", step=self.step, exit_code=0)
         self.close()
 
     def close(self) -> None:
-        """Wait for an upload in flight, put signal handlers back, close the event log. Safe to call twice."""
+        """Finish a save in flight, put signal handlers back, close the event log. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        if self._uploader is not None:
-            self._uploader.wait()
-            failure = self._uploader.take_failure()
+        if self._saver is not None:
+            self._saver.close()
+            failure = self._saver.take_failure()
             if failure is not None:
-                log.error("spotsafe: the last upload failed: %s", redact(str(failure)))
+                log.error("spotsafe: the last save failed: %s", redact(str(failure)))
+        for hook in self._hooks:
+            hook.remove()
         for source in self._sources:
             source.stop()
         if self._owned_log is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spotsafe.errors import CorruptCheckpointError
-from spotsafe.state.snapshot import restore_components
+from spotsafe.state.snapshot import DecodedState, decode_state
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository, LoadedCheckpoint
 
 SkipFn = Callable[[CheckpointRef, CorruptCheckpointError], None]
@@ -18,7 +18,11 @@ class RestoredState:
     """A verified checkpoint and its decoded components (tensors view the loaded blobs)."""
 
     checkpoint: LoadedCheckpoint
-    components: dict[str, Any]
+    decoded: DecodedState
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return self.decoded.components
 
     @property
     def step(self) -> int:
@@ -28,7 +32,7 @@ class RestoredState:
 def load_state(repo: CheckpointRepository, ref: CheckpointRef) -> RestoredState:
     """Read, verify and decode one checkpoint. Raises :class:`CorruptCheckpointError`."""
     loaded = repo.load(ref)
-    return RestoredState(checkpoint=loaded, components=restore_components(loaded.blobs, ref.name))
+    return RestoredState(checkpoint=loaded, decoded=decode_state(loaded.blobs, ref.name))
 
 
 def load_newest_valid(repo: CheckpointRepository, on_skip: SkipFn | None = None) -> RestoredState | None:

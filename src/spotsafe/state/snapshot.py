@@ -1,9 +1,11 @@
 """Training state as named components, turned into blobs and back.
 
-A checkpoint holds one blob of raw tensor bytes per component (``model.bin``,
-``optimizer.bin``, ...) and one ``state.json`` with everything else: the
-components' non-tensor state in the tagged JSON of :mod:`spotsafe.state.codec`
-and each tensor's place in its blob.
+A checkpoint holds blobs of raw tensor bytes (``model.bin``, ``optimizer.bin``,
+...) and one ``state.json`` with everything else: the components' non-tensor
+state in the tagged JSON of :mod:`spotsafe.state.codec` and, per tensor, the
+segments of blobs that hold its bytes. A full checkpoint stores each tensor
+whole in its component's blob; an incremental one points unchanged chunks at
+blobs of older checkpoints (see :mod:`spotsafe.engine.staging`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from spotsafe.state.tensors import TensorEntry, pack, plan, unpack
 from spotsafe.storage.base import ChunkSource
 
 STATE_BLOB = "state.json"
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+_READABLE = (1, 2)
 _COMPONENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -71,58 +74,72 @@ class Snapshot:
         Each source yields the blob's bytes from the start whenever it is called,
         so a write can be retried; the tensors must not change until the save ends.
         """
-        index: dict[str, Any] = {}
+        entries: dict[str, list[TensorEntry]] = {}
         for part in self.components:
-            entries, _ = plan(part.tensors)
-            index[part.name] = {
-                "tree": part.tree,
-                "blob": part.blob_name if part.tensors else None,
-                "tensors": [e.to_json() for e in entries],
-            }
-            if part.tensors:
-                yield part.blob_name, functools.partial(pack, part.tensors, entries)
-        doc = {"format_version": STATE_FORMAT, "step": self.step, "components": index}
-        state = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+            entries[part.name], size = plan(part.tensors, part.blob_name)
+            if size:
+                yield part.blob_name, functools.partial(pack, part.tensors, entries[part.name])
+        state = self.state_json(entries)
         yield STATE_BLOB, lambda: (state,)
+
+    def state_json(self, entries: Mapping[str, list[TensorEntry]]) -> bytes:
+        """``state.json`` for this snapshot, given where each component's tensors are stored."""
+        index = {
+            part.name: {"tree": part.tree, "tensors": [e.to_json() for e in entries[part.name]]}
+            for part in self.components
+        }
+        doc = {"format_version": STATE_FORMAT, "step": self.step, "components": index}
+        return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+
+
+@dataclass
+class DecodedState:
+    """A checkpoint's components, and where each of their tensors is stored."""
+
+    components: dict[str, Any]
+    entries: dict[str, list[TensorEntry]]
 
 
 def restore_components(blobs: Mapping[str, bytearray], where: str) -> dict[str, Any]:
     """Decode verified blobs back into ``{component: state}``. Tensors view the blobs' memory."""
+    return decode_state(blobs, where).components
+
+
+def decode_state(blobs: Mapping[str, bytearray], where: str) -> DecodedState:
+    """Decode verified blobs (keyed as the manifest names them) into components and tensor entries."""
     try:
         doc = json.loads(blobs[STATE_BLOB])
     except KeyError:
         raise CorruptCheckpointError(f"{where}: the checkpoint has no {STATE_BLOB}") from None
     except (ValueError, UnicodeDecodeError) as err:
         raise CorruptCheckpointError(f"{where}: {STATE_BLOB} is not valid JSON") from err
-    if not isinstance(doc, dict) or doc.get("format_version") != STATE_FORMAT:
+    if not isinstance(doc, dict) or doc.get("format_version") not in _READABLE:
         raise CorruptCheckpointError(f"{where}: {STATE_BLOB} has an unsupported format")
     components = doc.get("components")
     if not isinstance(components, dict):
         raise CorruptCheckpointError(f"{where}: {STATE_BLOB} lists no components")
-    out: dict[str, Any] = {}
+    out = DecodedState(components={}, entries={})
     for name, part in components.items():
         if not isinstance(part, dict) or not isinstance(part.get("tensors"), list):
             raise CorruptCheckpointError(f"{where}: component {name!r} is malformed")
-        entries = [TensorEntry.from_json(e) for e in part["tensors"]]
-        blob_name = part.get("blob")
-        blob: bytearray | None = None
-        if entries:
-            if not isinstance(blob_name, str) or blob_name not in blobs or blob_name == STATE_BLOB:
+        default_blob = part.get("blob")
+        if default_blob is not None and not isinstance(default_blob, str):
+            raise UnsafeCheckpointError(f"{where}: component {name!r} names a malformed blob")
+        entries = [TensorEntry.from_json(e, default_blob) for e in part["tensors"]]
+        for entry in entries:
+            if any(seg.blob == STATE_BLOB or seg.blob not in blobs for seg in entry.segments):
                 raise UnsafeCheckpointError(f"{where}: component {name!r} refers to a blob not in the manifest")
-            blob = blobs[blob_name]
         cache: dict[int, torch.Tensor] = {}
 
         def tensor_at(
-            i: int,
-            entries: list[TensorEntry] = entries,
-            blob: bytearray | None = blob,
-            cache: dict[int, torch.Tensor] = cache,
+            i: int, entries: list[TensorEntry] = entries, cache: dict[int, torch.Tensor] = cache
         ) -> torch.Tensor:
-            if i >= len(entries) or blob is None:
+            if i >= len(entries):
                 raise UnsafeCheckpointError(f"{where}: tensor reference {i} out of range")
             if i not in cache:
-                cache[i] = unpack(blob, entries[i])
+                cache[i] = unpack(blobs, entries[i])
             return cache[i]
 
-        out[name] = codec.decode(part.get("tree"), tensor_at, f"{where}:{name}")
+        out.components[name] = codec.decode(part.get("tree"), tensor_at, f"{where}:{name}")
+        out.entries[name] = entries
     return out

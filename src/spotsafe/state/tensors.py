@@ -8,7 +8,7 @@ verified bytes as a tensor of a dtype from a fixed allow-list.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,30 +61,78 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 @dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor lives inside a blob."""
+class Segment:
+    """``length`` bytes of a tensor, stored at ``offset`` in blob ``blob``."""
 
+    blob: str
     offset: int
+    length: int
+
+    def to_json(self) -> list[Any]:
+        return [self.blob, self.offset, self.length]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes live: one or more segments, in order.
+
+    A fully written tensor has one segment in its component's blob; a tensor of
+    an incremental checkpoint may have segments in blobs of older checkpoints
+    (blob names such as ``g000001-step-.../model.bin``) for its unchanged chunks.
+    """
+
     nbytes: int
     dtype: str
     shape: tuple[int, ...]
+    segments: tuple[Segment, ...]
+
+    @property
+    def offset(self) -> int:
+        """Offset of the first segment (entries of one blob written at once have one segment)."""
+        return self.segments[0].offset if self.segments else 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"offset": self.offset, "nbytes": self.nbytes, "dtype": self.dtype, "shape": list(self.shape)}
+        return {
+            "nbytes": self.nbytes,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "segments": [s.to_json() for s in self.segments],
+        }
 
     @classmethod
-    def from_json(cls, doc: Any) -> TensorEntry:
+    def from_json(cls, doc: Any, default_blob: str | None = None) -> TensorEntry:
+        """Parse an entry; version-1 entries (``offset`` into ``default_blob``) become one segment."""
         if not isinstance(doc, dict):
             raise UnsafeCheckpointError("malformed tensor entry")
-        offset, nbytes, dtype, shape = doc.get("offset"), doc.get("nbytes"), doc.get("dtype"), doc.get("shape")
-        ints = (offset, nbytes)
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
-            raise UnsafeCheckpointError("tensor entry has a bad offset or size")
+        nbytes, dtype, shape = doc.get("nbytes"), doc.get("dtype"), doc.get("shape")
+        if not _count(nbytes):
+            raise UnsafeCheckpointError("tensor entry has a bad size")
         if not isinstance(dtype, str) or not isinstance(shape, list):
             raise UnsafeCheckpointError("tensor entry has a bad dtype or shape")
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not all(_count(d) for d in shape):
             raise UnsafeCheckpointError("tensor entry has a bad shape")
-        return cls(offset=offset, nbytes=nbytes, dtype=dtype, shape=tuple(shape))  # type: ignore[arg-type]
+        raw = doc.get("segments")
+        if raw is None:  # format 1
+            offset = doc.get("offset")
+            if not _count(offset) or (nbytes and default_blob is None):
+                raise UnsafeCheckpointError("tensor entry has a bad offset or no blob")
+            raw = [[default_blob, offset, nbytes]] if nbytes else []
+        if not isinstance(raw, list):
+            raise UnsafeCheckpointError("tensor entry has malformed segments")
+        segments: list[Segment] = []
+        for seg in raw:
+            if not (isinstance(seg, list) and len(seg) == 3 and isinstance(seg[0], str)):
+                raise UnsafeCheckpointError("tensor entry has a malformed segment")
+            if not (_count(seg[1]) and _count(seg[2]) and seg[2] > 0):
+                raise UnsafeCheckpointError("tensor segment has a bad offset or length")
+            segments.append(Segment(seg[0], seg[1], seg[2]))
+        if sum(s.length for s in segments) != nbytes:
+            raise UnsafeCheckpointError(f"tensor segments hold {sum(s.length for s in segments)} bytes, not {nbytes}")
+        return cls(nbytes=nbytes, dtype=dtype, shape=tuple(shape), segments=tuple(segments))
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -98,22 +146,33 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
-def plan(tensors: Sequence[torch.Tensor]) -> tuple[list[TensorEntry], int]:
-    """Offsets for packing ``tensors`` into one blob, and the blob's size."""
+def entry_for(tensor: torch.Tensor, segments: Sequence[Segment]) -> TensorEntry:
+    return TensorEntry(
+        nbytes=tensor.numel() * tensor.element_size(),
+        dtype=dtype_name(tensor.dtype),
+        shape=tuple(tensor.shape),
+        segments=tuple(segments),
+    )
+
+
+def plan(tensors: Sequence[torch.Tensor], blob: str = "") -> tuple[list[TensorEntry], int]:
+    """Entries for packing ``tensors`` whole into blob ``blob``, and the blob's size."""
     entries: list[TensorEntry] = []
-    offset = 0
+    offset = end = 0
     for t in tensors:
         nbytes = t.numel() * t.element_size()
-        entries.append(TensorEntry(offset=offset, nbytes=nbytes, dtype=dtype_name(t.dtype), shape=tuple(t.shape)))
-        offset += nbytes
-        offset += -offset % ALIGN
-    return entries, entries[-1].offset + entries[-1].nbytes if entries else 0
+        entries.append(entry_for(t, [Segment(blob, offset, nbytes)] if nbytes else []))
+        end = offset + nbytes
+        offset = end + (-end % ALIGN)
+    return entries, end
 
 
 def pack(tensors: Sequence[torch.Tensor], entries: Sequence[TensorEntry]) -> Iterator[memoryview | bytes]:
     """Yield the blob's chunks: each tensor's bytes, then padding to the next offset."""
     position = 0
     for tensor, entry in zip(tensors, entries, strict=True):
+        if not entry.nbytes:
+            continue
         if entry.offset > position:
             yield bytes(entry.offset - position)
         data = tensor_bytes(tensor)
@@ -121,21 +180,41 @@ def pack(tensors: Sequence[torch.Tensor], entries: Sequence[TensorEntry]) -> Ite
         position = entry.offset + data.nbytes
 
 
-def unpack(blob: bytearray, entry: TensorEntry) -> torch.Tensor:
-    """A tensor viewing ``blob``'s bytes for ``entry`` (no copy; ``blob`` must stay alive)."""
+def unpack(blobs: Mapping[str, bytearray], entry: TensorEntry) -> torch.Tensor:
+    """The tensor ``entry`` describes, from verified ``blobs`` (keyed by blob name).
+
+    A tensor in one aligned segment views its blob's memory (no copy; the blob
+    must stay alive); one in several segments is assembled into new memory.
+    """
     dtype = dtype_from_name(entry.dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
     count = 1
     for d in entry.shape:
         count *= d
-    if count * itemsize != entry.nbytes or entry.offset + entry.nbytes > len(blob):
+    if count * itemsize != entry.nbytes:
         raise UnsafeCheckpointError(
-            f"tensor entry ({entry.dtype}, shape {list(entry.shape)}) does not match its {entry.nbytes} bytes "
-            f"at offset {entry.offset} of a {len(blob)}-byte blob"
+            f"tensor entry ({entry.dtype}, shape {list(entry.shape)}) does not match its {entry.nbytes} bytes"
         )
-    if entry.offset % itemsize:
-        raise UnsafeCheckpointError("tensor entry is misaligned")
+    for seg in entry.segments:
+        blob = blobs.get(seg.blob)
+        if blob is None:
+            raise UnsafeCheckpointError(f"tensor segment refers to blob {seg.blob!r}, which the manifest does not list")
+        if seg.offset + seg.length > len(blob):
+            raise UnsafeCheckpointError(
+                f"tensor segment of {seg.length} bytes at offset {seg.offset} overruns its {len(blob)}-byte blob"
+            )
     if entry.nbytes == 0:
         return torch.empty(entry.shape, dtype=dtype)
-    raw = torch.frombuffer(blob, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset)
+    if len(entry.segments) == 1:
+        seg = entry.segments[0]
+        if seg.offset % itemsize:
+            raise UnsafeCheckpointError("tensor entry is misaligned")
+        raw = torch.frombuffer(blobs[seg.blob], dtype=torch.uint8, count=seg.length, offset=seg.offset)
+    else:
+        raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+        position = 0
+        for seg in entry.segments:
+            part = torch.frombuffer(blobs[seg.blob], dtype=torch.uint8, count=seg.length, offset=seg.offset)
+            raw[position : position + seg.length].copy_(part)
+            position += seg.length
     return raw.view(dtype).reshape(entry.shape)

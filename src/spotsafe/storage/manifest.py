@@ -21,12 +21,15 @@ import xxhash
 from spotsafe.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 FORMAT = "spotsafe-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 2 added blobs shared with older checkpoints (``BlobEntry.checkpoint``)."""
 MANIFEST_NAME = "manifest.json"
 CHECKSUM_ALGORITHM = "xxh3-128"
 
 _BLOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
+_CHECKPOINT_NAME = re.compile(r"^g\d{6}-step-\d{12}-\d{13}-[0-9a-f]{4}$")
 
 
 def new_hasher() -> Any:
@@ -48,16 +51,38 @@ def check_blob_name(name: str) -> str:
     return name
 
 
+def check_checkpoint_name(name: str) -> str:
+    """Return ``name`` if it is a checkpoint folder name (the only place a shared blob may live)."""
+    if not isinstance(name, str) or not _CHECKPOINT_NAME.match(name):
+        raise UnsafeCheckpointError(f"shared blob folder {name!r} is not a checkpoint name; refusing to follow it")
+    return name
+
+
 @dataclass(frozen=True)
 class BlobEntry:
-    """One file of a checkpoint."""
+    """One file a checkpoint needs.
+
+    ``checkpoint`` is ``None`` for a file in the checkpoint's own folder, or the
+    name of an older checkpoint folder whose file this checkpoint shares
+    (an incremental checkpoint references what did not change instead of
+    writing it again).
+    """
 
     path: str
     size: int
     checksum: str
+    checkpoint: str | None = None
+
+    @property
+    def ref(self) -> str:
+        """How ``state.json`` names this blob: ``path``, or ``checkpoint/path`` for a shared one."""
+        return self.path if self.checkpoint is None else f"{self.checkpoint}/{self.path}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "checksum": self.checksum}
+        doc: dict[str, Any] = {"path": self.path, "size": self.size, "checksum": self.checksum}
+        if self.checkpoint is not None:
+            doc["checkpoint"] = self.checkpoint
+        return doc
 
 
 @dataclass(frozen=True)
@@ -72,13 +97,23 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes a restore reads: own and shared blobs."""
         return sum(b.size for b in self.blobs)
 
-    def blob(self, path: str) -> BlobEntry:
+    @property
+    def own_bytes(self) -> int:
+        """Bytes stored in this checkpoint's own folder (what its save wrote)."""
+        return sum(b.size for b in self.blobs if b.checkpoint is None)
+
+    @property
+    def shared(self) -> tuple[BlobEntry, ...]:
+        return tuple(b for b in self.blobs if b.checkpoint is not None)
+
+    def blob(self, ref: str) -> BlobEntry:
         for entry in self.blobs:
-            if entry.path == path:
+            if entry.ref == ref:
                 return entry
-        raise CorruptCheckpointError(f"the manifest lists no blob named {path!r}")
+        raise CorruptCheckpointError(f"the manifest lists no blob named {ref!r}")
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -102,10 +137,10 @@ class Manifest:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise CorruptCheckpointError(f"{where}: not a spotsafe manifest")
         version = doc.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
             raise CorruptCheckpointError(
                 f"{where}: format version {version!r} is not supported by this spotsafe "
-                f"(it reads version {FORMAT_VERSION}); upgrade spotsafe to read it"
+                f"(it reads versions {READABLE_VERSIONS[0]} to {READABLE_VERSIONS[-1]}); upgrade spotsafe to read it"
             )
         if doc.get("checksum_algorithm") != CHECKSUM_ALGORITHM:
             raise CorruptCheckpointError(f"{where}: unknown checksum algorithm {doc.get('checksum_algorithm')!r}")
@@ -126,15 +161,19 @@ class Manifest:
             if not isinstance(raw, dict):
                 raise CorruptCheckpointError(f"{where}: malformed blob entry {raw!r}")
             path = check_blob_name(raw.get("path"))  # type: ignore[arg-type]
+            owner = raw.get("checkpoint")
+            if owner is not None:
+                check_checkpoint_name(owner)
             size, checksum = raw.get("size"), raw.get("checksum")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise CorruptCheckpointError(f"{where}: blob {path!r} has a bad size {size!r}")
             if not isinstance(checksum, str) or not _HEX128.match(checksum):
                 raise CorruptCheckpointError(f"{where}: blob {path!r} has a bad checksum {checksum!r}")
-            if path in seen:
-                raise CorruptCheckpointError(f"{where}: blob {path!r} is listed twice")
-            seen.add(path)
-            blobs.append(BlobEntry(path=path, size=size, checksum=checksum))
+            entry = BlobEntry(path=path, size=size, checksum=checksum, checkpoint=owner)
+            if entry.ref in seen:
+                raise CorruptCheckpointError(f"{where}: blob {entry.ref!r} is listed twice")
+            seen.add(entry.ref)
+            blobs.append(entry)
         return cls(
             step=step,
             created_at=float(created),

@@ -15,6 +15,12 @@ Until (3) returns, readers do not see the checkpoint at all: on a disk the
 manifest appears by rename, on an object store by a single PUT. Every save gets
 a folder of its own, so a save never writes into a committed checkpoint.
 
+An incremental checkpoint also lists, in its manifest, blobs of older
+checkpoints that it shares (``BlobEntry.checkpoint``). Deleting a checkpoint
+removes its manifest first, then only the files of its folder that no other
+committed manifest references; a folder whose manifest is gone but whose
+files are still referenced stays until nothing references them.
+
 Folder names sort by writer generation, then step, then creation time. Readers
 order by that and verify each manifest before trusting it; ``latest.json`` only
 adds a candidate, it never overrides what verification says.
@@ -79,13 +85,21 @@ class PendingCheckpoint:
         self.blobs: list[BlobEntry] = []
         self.committed = False
 
+    def add_shared(self, entry: BlobEntry) -> None:
+        """List a blob of an older checkpoint that this one uses without writing it again."""
+        if entry.checkpoint is None or entry.checkpoint == self.ref.name:
+            raise ValueError(f"a shared blob must live in another checkpoint, got {entry!r}")
+        if any(b.ref == entry.ref for b in self.blobs):
+            return
+        self.blobs.append(entry)
+
     def write_blob(self, name: str, source: ChunkSource) -> BlobEntry:
         """Stream one blob to storage, computing its size and checksum on the way.
 
         ``source()`` must yield the same bytes every time it is called (a retry calls it again).
         """
         check_blob_name(name)
-        if any(b.path == name for b in self.blobs):
+        if any(b.ref == name for b in self.blobs):
             raise ValueError(f"blob {name!r} written twice in one checkpoint")
         hashers: list[object] = []
 
@@ -101,14 +115,28 @@ class PendingCheckpoint:
         self.blobs.append(entry)
         return entry
 
-    def commit(self, *, metadata: dict[str, object], writer: dict[str, object]) -> Manifest:
+    def commit(self, *, metadata: dict[str, object], writer: dict[str, object], verify_shared: bool = True) -> Manifest:
         """Make the checkpoint exist. Every blob is durable before the manifest is written.
 
+        Shared blobs are checked to still exist with their recorded size (``verify_shared``;
+        off only for a local staging copy, whose shared blobs live on the durable store).
         Raises :class:`~spotsafe.storage.fencing.FencedError` (and commits nothing)
         if a newer writer has taken over the run.
         """
-        if self.blobs:
+        if any(b.checkpoint is None for b in self.blobs):
             self._storage.sync_prefix(self.ref.key)
+        for entry in self.blobs:
+            if entry.checkpoint is not None and verify_shared:
+                key = f"{CHECKPOINTS}/{entry.checkpoint}/{entry.path}"
+                try:
+                    size = self._storage.size(key)
+                except BlobNotFoundError:
+                    size = -1
+                if size != entry.size:
+                    raise CorruptCheckpointError(
+                        f"shared blob {entry.ref} is gone or changed; not committing a checkpoint that needs it",
+                        checkpoint=self.ref.name,
+                    )
         manifest = Manifest(
             step=self.ref.step,
             created_at=self._clock(),
@@ -222,7 +250,14 @@ class CheckpointRepository:
             raise CorruptCheckpointError(
                 f"manifest says step {manifest.step} but the folder says step {ref.step}", checkpoint=ref.name
             )
+        if any(b.checkpoint == ref.name for b in manifest.blobs):
+            raise CorruptCheckpointError("the manifest lists its own folder as a shared blob", checkpoint=ref.name)
         return manifest
+
+    @staticmethod
+    def blob_key(ref: CheckpointRef, entry: BlobEntry) -> str:
+        """Where ``entry`` of checkpoint ``ref`` is stored (its own folder, or the folder it shares)."""
+        return f"{CHECKPOINTS}/{entry.checkpoint or ref.name}/{entry.path}"
 
     def check_sizes(self, ref: CheckpointRef) -> Manifest:
         """Cheap structural check: the manifest parses and every blob has its recorded size."""
@@ -233,12 +268,12 @@ class CheckpointRepository:
 
     def _checked_size(self, ref: CheckpointRef, entry: BlobEntry) -> None:
         try:
-            size = self.storage.size(f"{ref.key}/{entry.path}")
+            size = self.storage.size(self.blob_key(ref, entry))
         except BlobNotFoundError as err:
-            raise CorruptCheckpointError(f"blob {entry.path} is missing", checkpoint=ref.name) from err
+            raise CorruptCheckpointError(f"blob {entry.ref} is missing", checkpoint=ref.name) from err
         if size != entry.size:
             raise CorruptCheckpointError(
-                f"blob {entry.path} has {size} bytes, the manifest says {entry.size}", checkpoint=ref.name
+                f"blob {entry.ref} has {size} bytes, the manifest says {entry.size}", checkpoint=ref.name
             )
 
     def read_blob(self, ref: CheckpointRef, entry: BlobEntry) -> bytearray:
@@ -246,17 +281,17 @@ class CheckpointRepository:
         self._checked_size(ref, entry)
         buffer = bytearray(entry.size)
         try:
-            got = self.storage.read_into(f"{ref.key}/{entry.path}", buffer)
+            got = self.storage.read_into(self.blob_key(ref, entry), buffer)
         except BlobNotFoundError as err:
-            raise CorruptCheckpointError(f"blob {entry.path} is missing", checkpoint=ref.name) from err
+            raise CorruptCheckpointError(f"blob {entry.ref} is missing", checkpoint=ref.name) from err
         if got != entry.size:
             raise CorruptCheckpointError(
-                f"blob {entry.path} ended after {got} of {entry.size} bytes", checkpoint=ref.name
+                f"blob {entry.ref} ended after {got} of {entry.size} bytes", checkpoint=ref.name
             )
         hasher = new_hasher()
         hasher.update(buffer)
         if hasher.hexdigest() != entry.checksum:
-            raise CorruptCheckpointError(f"blob {entry.path} fails its checksum", checkpoint=ref.name)
+            raise CorruptCheckpointError(f"blob {entry.ref} fails its checksum", checkpoint=ref.name)
         return buffer
 
     def load(self, ref: CheckpointRef, progress: ProgressFn | None = None) -> LoadedCheckpoint:
@@ -264,7 +299,7 @@ class CheckpointRepository:
         manifest = self.read_manifest(ref)
         blobs: dict[str, bytearray] = {}
         for entry in manifest.blobs:
-            blobs[entry.path] = self.read_blob(ref, entry)
+            blobs[entry.ref] = self.read_blob(ref, entry)
             if progress is not None:
                 progress(entry.size)
         return LoadedCheckpoint(ref=ref, manifest=manifest, blobs=blobs)
@@ -279,27 +314,80 @@ class CheckpointRepository:
         return manifest
 
     # -- deleting ------------------------------------------------------------
-    def delete(self, ref: CheckpointRef) -> None:
-        """Delete a checkpoint: the manifest first, so it stops existing before its blobs go."""
+    def live_keys(self) -> set[str]:
+        """Keys of every blob that a committed manifest needs (its own files and the ones it shares).
+
+        A manifest that does not parse protects nothing (such a checkpoint cannot be restored);
+        storage errors propagate, so nothing is deleted on a guess.
+        """
+        live: set[str] = set()
+        for ref in self.committed():
+            live.add(f"{ref.key}/{MANIFEST_NAME}")
+            try:
+                manifest = self.read_manifest(ref)
+            except CorruptCheckpointError:
+                continue
+            live.update(self.blob_key(ref, entry) for entry in manifest.blobs)
+        return live
+
+    def delete(self, ref: CheckpointRef) -> list[str]:
+        """Delete a checkpoint: its manifest first, so it stops existing, then its unshared files.
+
+        Files of its folder that another committed checkpoint shares stay (see
+        :meth:`sweep`). Returns the keys kept for that reason.
+        """
         self.fence()
         self.storage.delete(f"{ref.key}/{MANIFEST_NAME}")
-        self.storage.delete_prefix(ref.key)
+        return self.sweep(ref, self.live_keys())
+
+    def sweep(self, ref: CheckpointRef, live: set[str]) -> list[str]:
+        """Delete the files of an uncommitted folder that no key in ``live`` names; return the kept keys."""
+        keys = [k for k in self.storage.find(ref.key) if k.startswith(ref.key + "/")]
+        kept = [k for k in keys if k in live]
+        if not kept:
+            self.fence()
+            self.storage.delete_prefix(ref.key)
+            return []
+        for key in keys:
+            if key not in live:
+                self.fence()
+                self.storage.delete(key)
+        return kept
+
+    def shared_folders(self, live: set[str] | None = None) -> dict[CheckpointRef, int]:
+        """Uncommitted folders that hold blobs of committed checkpoints, with how many such blobs."""
+        live = self.live_keys() if live is None else live
+        committed = set(self.committed())
+        out: dict[CheckpointRef, int] = {}
+        for ref in self.folders():
+            if ref not in committed:
+                count = sum(1 for key in live if key.startswith(ref.key + "/"))
+                if count:
+                    out[ref] = count
+        return out
 
     def remove_leftovers(self) -> list[str]:
-        """Delete folders of saves that never committed and stray temporary files.
+        """Delete what saves that never committed left behind, and stray temporary files.
 
         Only the run's current writer may call this, at start, before it saves:
         a folder without a manifest is otherwise indistinguishable from a save
         in progress. A stale writer's save in progress may be removed: its
-        checkpoint would rank below the current writer's anyway.
+        checkpoint would rank below the current writer's anyway. Files that a
+        committed checkpoint shares are kept (their own checkpoint was deleted
+        by retention).
         """
         removed: list[str] = []
         committed = set(self.committed())
+        live: set[str] | None = None
         for ref in self.folders():
             if ref not in committed:
-                self.fence()
-                self.storage.delete_prefix(ref.key)
-                removed.append(ref.key)
+                live = self.live_keys() if live is None else live
+                before = [k for k in self.storage.find(ref.key) if k.startswith(ref.key + "/")]
+                kept = self.sweep(ref, live)
+                if not kept:
+                    removed.append(ref.key)
+                else:
+                    removed.extend(k for k in before if k not in kept)
                 continue
             for name in self.storage.list_files(ref.key):
                 if TMP_MARKER in name and name.startswith("."):

@@ -72,14 +72,18 @@ class SaveCommitted(Event):
     blobs: int
     stall_s: float
     duration_s: float
+    written_bytes: int | None = None
+    """Bytes this save wrote (``bytes`` counts shared blobs of older checkpoints too)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class SaveStaged(Event):
-    """Local-then-upload mode: the checkpoint is committed on local disk (not yet durable).
+    """The state was copied into staging memory; training goes on while it is written.
 
-    ``stall_s`` is how long the training loop waited; the upload continues in the background
-    and ends with ``save_committed`` (durable) or ``save_failed``.
+    ``stall_s`` is how long the training loop waited (for an overlapped save, the part
+    copied before returning). ``bytes`` is the state's tensor bytes, ``copied_bytes``
+    what changed since the slot was last filled, ``staging_bytes`` the staging memory
+    held. The save ends with ``save_committed`` or ``save_failed``.
     """
 
     type: ClassVar[str] = "save_staged"
@@ -88,6 +92,19 @@ class SaveStaged(Event):
     reason: str
     bytes: int
     stall_s: float
+    copied_bytes: int | None = None
+    staging_bytes: int | None = None
+    overlapped: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaveSkipped(Event):
+    """A save the policy asked for was deferred (``why``: the previous save is still being written)."""
+
+    type: ClassVar[str] = "save_skipped"
+    step: int
+    reason: str
+    why: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +223,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         Progress,
         SaveStarted,
         SaveStaged,
+        SaveSkipped,
         SaveCommitted,
         SaveFailed,
         RestoreCompleted,

@@ -1,0 +1,350 @@
+"""Two-phase saves: snapshot into staging memory on the training thread, persist in the background.
+
+Lifecycle of one save (:class:`SaveState`; each transition emits one event)::
+
+    STAGING ──▶ STAGED ──▶ COMMITTED
+       │           ├─────▶ FAILED       (storage error; the error is raised at the next call)
+       │           └─────▶ ABANDONED    (overlap: the state changed while it was being copied)
+       └──────────────────▶ FAILED
+
+* STAGING: the training thread copies what changed into reused staging slots
+  (:mod:`spotsafe.engine.staging`). With ``overlap``, the optimizer-owned tensors
+  (parameters, optimizer state) are copied by the save worker while forward and
+  backward run instead; :meth:`Saver.settle`, called from an optimizer step
+  pre-hook and from every checkpointer call, waits for that copy and checks
+  that nothing it copied was modified meanwhile.
+* STAGED: training may modify every tensor. One worker thread writes the new
+  blobs, ``state.json`` and the manifest (and, with a stage folder, uploads).
+* At most one save is in flight. A new save waits for it (or, for interval
+  saves with ``when_busy="skip"``, is deferred to a later step).
+
+A state bigger than the staging budget is saved *directly*: the training thread
+streams it to storage in pieces (memory stays bounded; the stall becomes the
+write time), and the save is a full one.
+
+Threads: every public method is for the training thread. ``on_committed`` and
+``on_failed`` run on the worker thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import enum
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from spotsafe.engine.persist import persist
+from spotsafe.engine.plan import SavePlan, locations_of, make_plan
+from spotsafe.engine.staged import upload_staged
+from spotsafe.engine.staging import StagedTensor, StageStats, StagingArea
+from spotsafe.errors import CheckpointError
+from spotsafe.state.snapshot import STATE_BLOB, DecodedState, Snapshot
+from spotsafe.state.tensors import unpack
+from spotsafe.storage.local import LocalStorage
+from spotsafe.storage.manifest import BlobEntry, Manifest
+from spotsafe.storage.repository import CheckpointRef, CheckpointRepository, LoadedCheckpoint
+
+Key = tuple[str, int]
+
+
+class SaveState(enum.Enum):
+    """Where one save is; see the module docstring for the legal transitions."""
+
+    STAGING = "staging"
+    STAGED = "staged"
+    COMMITTED = "committed"
+    FAILED = "failed"
+    ABANDONED = "abandoned"
+
+
+class SnapshotTornError(CheckpointError):
+    """An overlapped snapshot was modified before its copy finished; the save was abandoned."""
+
+
+@dataclass
+class SaveJob:
+    """One save, from snapshot to commit."""
+
+    step: int
+    reason: str
+    ref: CheckpointRef
+    snapshot: Snapshot
+    started: float
+    metadata: dict[str, Any]
+    writer: dict[str, Any]
+    staged: dict[Key, StagedTensor] = field(default_factory=dict)
+    deferred: list[tuple[Key, torch.Tensor]] = field(default_factory=list)
+    versions: dict[Key, int | None] = field(default_factory=dict)
+    stats: StageStats = field(default_factory=StageStats)
+    state: SaveState = SaveState.STAGING
+    stall_s: float = 0.0
+    copied: threading.Event = field(default_factory=threading.Event)
+    verdict: threading.Event = field(default_factory=threading.Event)
+    torn: str | None = None
+    plan: SavePlan | None = None
+
+    def to(self, state: SaveState) -> None:
+        legal = {
+            SaveState.STAGING: {SaveState.STAGED, SaveState.FAILED},
+            SaveState.STAGED: {SaveState.COMMITTED, SaveState.FAILED, SaveState.ABANDONED},
+        }
+        if state not in legal.get(self.state, set()):
+            raise RuntimeError(f"save of step {self.step}: illegal transition {self.state.value} -> {state.value}")
+        self.state = state
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished save reports to the checkpointer (on the worker thread, or inline)."""
+
+    job: SaveJob
+    manifest: Manifest | None
+    error: BaseException | None
+    duration_s: float
+
+
+class Saver:
+    """Runs saves for one checkpointer. See the module docstring."""
+
+    def __init__(
+        self,
+        repo: CheckpointRepository,
+        *,
+        on_done: Callable[[Outcome], None],
+        budget: int | None,
+        background: bool = True,
+        incremental: bool = True,
+        overlap: bool = False,
+        stage: tuple[CheckpointRepository, LocalStorage] | None = None,
+        owned: Callable[[], set[int]] = set,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.repo = repo
+        self.on_done = on_done
+        self.area = StagingArea(budget)
+        self.background = background
+        self.incremental = incremental
+        self.overlap = overlap
+        self.stage = stage
+        self._owned = owned
+        self._clock = clock
+        self._known: dict[str, BlobEntry] = {}
+        self._job: SaveJob | None = None
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        atexit.register(self._at_exit)
+
+    # -- state ---------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """A save is still being written."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.area.reserved_bytes
+
+    def take_failure(self) -> BaseException | None:
+        """The error of a failed background save not yet reported, and forget it."""
+        failure, self._failure = self._failure, None
+        return failure
+
+    # -- the training thread's calls -------------------------------------------------
+    def settle(self) -> None:
+        """A safe point (no forward/backward running): finish an overlapped copy and judge it."""
+        job = self._job
+        if job is None or job.verdict.is_set():
+            return
+        job.copied.wait()
+        for key, tensor in job.deferred:
+            before = job.versions.get(key)
+            now = _version(tensor)
+            if before is not None and now is not None and now != before:
+                job.torn = f"{key[0]} tensor {key[1]} was modified while it was being copied (overlap)"
+                break
+        job.deferred = []
+        job.verdict.set()
+
+    def wait(self) -> None:
+        """Block until no save is in flight."""
+        self.settle()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._job = None
+
+    def save(
+        self,
+        step: int,
+        reason: str,
+        states: Mapping[str, Any],
+        *,
+        generation: int,
+        metadata: dict[str, Any],
+        writer: dict[str, Any],
+    ) -> SaveJob:
+        """Snapshot ``states`` and persist them. Returns when training may modify the state again.
+
+        The caller has waited for the previous save. A direct (synchronous) save has
+        committed or raised when this returns; a background one has only been staged.
+        """
+        started = self._clock()
+        snapshot = Snapshot.capture(step, states)
+        target = self.stage[0] if self.stage is not None else self.repo
+        job = SaveJob(
+            step=step,
+            reason=reason,
+            ref=target.begin(step, generation).ref,
+            snapshot=snapshot,
+            started=started,
+            metadata=metadata,
+            writer=writer,
+        )
+        items = [((p.name, i), t) for p in snapshot.components for i, t in enumerate(p.tensors)]
+        if not self.incremental:
+            self.area.release_except(set())
+        if not self.background or not self.area.fits(items):
+            self._direct(job)
+            return job
+        self.area.release_except({key for key, _ in items})
+        owned = self._owned() if self.overlap else set()
+        now = [(k, t) for k, t in items if not _is_owned(k, t, owned)]
+        job.deferred = [(k, t) for k, t in items if _is_owned(k, t, owned)]
+        job.versions = {k: _version(t) for k, t in job.deferred}
+        staged = self.area.stage(now, job.stats)
+        job.staged.update({s.key: s for s in staged})
+        if not job.deferred:
+            job.copied.set()
+            job.verdict.set()
+        job.stall_s = self._clock() - started
+        job.to(SaveState.STAGED)
+        self._job = job
+        self._thread = threading.Thread(target=self._run, args=(job,), name="spotsafe-save", daemon=True)
+        self._thread.start()
+        return job
+
+    def adopt(self, loaded: LoadedCheckpoint, decoded: DecodedState) -> None:
+        """After a restore: fill the staging slots with the verified bytes so the next save can share them."""
+        if not self.incremental or not self.background:
+            return
+        name = loaded.ref.name
+        items = [((c, i), e) for c, entries in decoded.entries.items() for i, e in enumerate(entries)]
+        if self.area.budget is not None and sum(e.nbytes for _, e in items) > self.area.budget:
+            return
+        for key, entry in items:
+            self.area.adopt(key, unpack(loaded.blobs, entry), locations_of(entry, name))
+        self._known = {}
+        for blob in loaded.manifest.blobs:
+            shared = blob if blob.checkpoint is not None else BlobEntry(blob.path, blob.size, blob.checksum, name)
+            self._known[shared.ref] = shared
+
+    def close(self) -> None:
+        self.wait()
+        atexit.unregister(self._at_exit)
+
+    # -- the worker ------------------------------------------------------------------
+    def _run(self, job: SaveJob) -> None:
+        manifest: Manifest | None = None
+        error: BaseException | None = None
+        try:
+            if job.deferred:
+                try:
+                    job.staged.update({s.key: s for s in self.area.stage(job.deferred, job.stats)})
+                finally:
+                    job.copied.set()
+            manifest = self._write(job)
+        except BaseException as err:  # noqa: BLE001 - reported at the training thread's next call
+            error = err
+            self._failure = err
+            job.to(SaveState.ABANDONED if isinstance(err, SnapshotTornError) else SaveState.FAILED)
+        finally:
+            job.copied.set()
+        self.on_done(Outcome(job, manifest, error, self._clock() - job.started))
+
+    def _write(self, job: SaveJob) -> Manifest:
+        plan = job.plan = make_plan(job.snapshot, job.staged, self._known)
+        target = self.stage[0] if self.stage is not None else self.repo
+        pending = target.begin_copy(job.ref)
+        try:
+            for blob in plan.blobs:
+                pending.write_blob(blob.name, blob.chunks)
+            for entry in plan.shared:
+                pending.add_shared(entry)
+            state = job.snapshot.state_json(plan.entries)
+            pending.write_blob(STATE_BLOB, lambda: (state,))
+            job.verdict.wait()
+            if job.torn is not None:
+                raise SnapshotTornError(f"save of step {job.step} abandoned: {job.torn}")
+            manifest = pending.commit(metadata=job.metadata, writer=job.writer, verify_shared=self.stage is None)
+        except BaseException:
+            if not pending.committed:
+                with contextlib.suppress(Exception):  # leftovers are removed at the next start
+                    pending.abort()
+            raise
+        if self.stage is not None:
+            manifest = upload_staged(self.stage[0], self.stage[1], self.repo, job.ref)
+        self.area.committed(list(job.staged.values()), plan.placed(job.ref.name))
+        self._remember(job.ref, manifest)
+        job.to(SaveState.COMMITTED)
+        return manifest
+
+    def _remember(self, ref: CheckpointRef, manifest: Manifest) -> None:
+        """Blobs the slots may point at from now on: exactly the ones this manifest lists."""
+        self._known = {}
+        for blob in manifest.blobs:
+            shared = blob if blob.checkpoint is not None else BlobEntry(blob.path, blob.size, blob.checksum, ref.name)
+            self._known[shared.ref] = shared
+
+    def _direct(self, job: SaveJob) -> None:
+        """A full save streamed from the live tensors on this thread (over budget, or background off)."""
+        job.stats.bytes = sum(t.numel() * t.element_size() for p in job.snapshot.components for t in p.tensors)
+        job.stats.copied_bytes = 0
+        manifest: Manifest | None = None
+        error: BaseException | None = None
+        try:
+            target = self.stage[0] if self.stage is not None else self.repo
+            ref, manifest = persist(
+                target, job.snapshot, metadata=job.metadata, writer=job.writer, generation=job.ref.generation
+            )
+            job.ref = ref
+            if self.stage is not None:
+                manifest = upload_staged(self.stage[0], self.stage[1], self.repo, ref)
+            self._known = {}  # the slots' locations may be deleted by retention from now on
+            for slot in self.area.slots.values():
+                slot.locations = [None] * slot.chunks()
+            job.stall_s = self._clock() - job.started
+            job.to(SaveState.STAGED)
+            job.to(SaveState.COMMITTED)
+        except BaseException as err:
+            error = err
+            job.state = SaveState.FAILED
+            raise
+        finally:
+            job.copied.set()
+            job.verdict.set()
+            self.on_done(Outcome(job, manifest, error, self._clock() - job.started))
+
+    def _at_exit(self) -> None:
+        """At interpreter exit, finish a save in flight rather than abandon it half-written."""
+        with contextlib.suppress(Exception):
+            self.wait()
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return int(tensor._version)
+    except RuntimeError:
+        return None
+
+
+def _is_owned(key: Key, tensor: torch.Tensor, owned: set[int]) -> bool:
+    """Optimizer-owned: optimizer state, or a parameter the optimizer updates (copied during overlap)."""
+    if not owned:
+        return False
+    return key[0] == "optimizer" or (tensor.numel() > 0 and tensor.data_ptr() in owned)

@@ -1,0 +1,318 @@
+"""Staging memory and change detection: the copy a save makes before training goes on.
+
+Every tensor the checkpointer saves has a *slot* here: host memory of the
+tensor's size (pinned when the tensor lives on a GPU), allocated once and reused
+by every later save, so a save does not page-fault or allocate. A slot always
+holds the bytes of the tensor as of the last save that staged it, and, per
+1 MiB chunk, where those exact bytes are committed (blob and offset), if they are.
+
+Staging a tensor walks its chunks and compares the live bytes with the slot
+(``memcmp``). Equal chunks whose bytes are committed somewhere are not copied
+and not written again: the new checkpoint points at the old blob. Different
+chunks are copied into the slot and written. This is exact, not a guess:
+
+* a chunk is reused only if its bytes are equal, byte for byte, to the slot,
+  and the slot's bytes are equal to the committed bytes it points at (the slot
+  was filled from those bytes, by a save that committed them or by the restore
+  that verified them);
+* a location is dropped the moment its slot chunk is overwritten and set again
+  only when the save that wrote the new bytes commits; a failed save leaves the
+  chunk without a location, so the next save writes it.
+
+Why not version counters or hashes: ``tensor._version`` is not bumped by fused
+optimizers (``torch.optim.AdamW(fused=True)``), ``.data`` writes or NumPy views,
+so it would silently keep stale bytes; hashing reads every byte at a lower rate
+than ``memcmp``, and a hash match is only probable. ``memcmp`` stops at the first
+difference, so a changed chunk costs about a copy and an unchanged one a read.
+
+Threads: :meth:`StagingArea.stage` runs on one thread at a time (the training
+thread, or the save worker for overlapped copies); the per-chunk work is spread
+over a few threads that call libc ``memcmp``/``memmove`` without the GIL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from spotsafe.errors import ConfigError
+
+CHUNK = 1 << 20
+"""Change-detection granularity in bytes."""
+
+_libc = ctypes.CDLL(None)
+_memcmp = _libc.memcmp
+_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+_memcmp.restype = ctypes.c_int
+_memmove = ctypes.memmove
+
+Location = tuple[str, int]
+"""Committed bytes of a chunk: (blob reference ``checkpoint/file``, offset in that blob)."""
+
+
+def parse_budget(value: int | str | None) -> int | None:
+    """``None`` (no limit), a byte count, or a size such as ``"2GB"``, ``"512MiB"``."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"staging_budget must be a byte count or a size such as '4GB', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"staging_budget must be >= 0 bytes, got {value}")
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": 10**9, "MB": 10**6}
+    units |= {"KB": 10**3, "B": 1}
+    for unit, scale in units.items():
+        if text.endswith(unit):
+            number = text[: -len(unit)]
+            try:
+                amount = float(number)
+            except ValueError:
+                break
+            if amount < 0:
+                break
+            return int(amount * scale)
+    raise ConfigError(f"staging_budget {value!r} is not a size: use bytes or a size such as '4GB' or '512MiB'")
+
+
+@dataclass
+class Slot:
+    """Staged bytes of one tensor, and where each chunk's bytes are committed."""
+
+    buffer: torch.Tensor
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    locations: list[Location | None]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.numel())
+
+    def chunks(self) -> int:
+        return len(self.locations)
+
+
+@dataclass
+class StagedTensor:
+    """One tensor of a save: its slot, and the chunks this save must write."""
+
+    key: tuple[str, int]
+    slot: Slot
+    dirty: list[int]
+    version: int | None = None
+
+    def runs(self) -> Iterator[tuple[int, int]]:
+        """Consecutive dirty chunks as (start byte, end byte) ranges of the tensor."""
+        n = self.slot.nbytes
+        start = prev = None
+        for c in self.dirty:
+            if start is None:
+                start = prev = c
+            elif c == prev + 1:  # type: ignore[operator]
+                prev = c
+            else:
+                yield start * CHUNK, min((prev + 1) * CHUNK, n)  # type: ignore[operator]
+                start = prev = c
+        if start is not None:
+            yield start * CHUNK, min((prev + 1) * CHUNK, n)  # type: ignore[operator]
+
+
+@dataclass
+class StageStats:
+    tensors: int = 0
+    bytes: int = 0
+    copied_bytes: int = 0
+
+
+@dataclass
+class _Work:
+    src: int
+    dst: int
+    offsets: list[tuple[int, int, int]] = field(default_factory=list)  # (chunk index, start, length)
+
+
+class StagingArea:
+    """Slots for every saved tensor, within an optional byte budget.
+
+    ``threads`` workers split the compare-and-copy work; ``None`` uses up to 4,
+    at most the number of CPUs.
+    """
+
+    def __init__(self, budget: int | None = None, *, threads: int | None = None) -> None:
+        self.budget = budget
+        self.slots: dict[tuple[str, int], Slot] = {}
+        self._threads = max(1, min(4, os.cpu_count() or 1) if threads is None else threads)
+        self._bounce: torch.Tensor | None = None
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Host memory held for staging now."""
+        bounce = int(self._bounce.numel()) if self._bounce is not None else 0
+        return sum(s.nbytes for s in self.slots.values()) + bounce
+
+    def fits(self, tensors: Sequence[tuple[tuple[str, int], torch.Tensor]]) -> bool:
+        """Whether staging ``tensors`` stays within the budget (slots of other keys are released first)."""
+        if self.budget is None:
+            return True
+        need = sum(_nbytes(t) for _, t in tensors)
+        if any(t.device.type == "cuda" for _, t in tensors):
+            need += min(64 * CHUNK, max((_nbytes(t) for _, t in tensors), default=0))
+        return need <= self.budget
+
+    def release_except(self, keys: set[tuple[str, int]]) -> None:
+        for key in [k for k in self.slots if k not in keys]:
+            del self.slots[key]
+
+    def clear(self) -> None:
+        self.slots.clear()
+        self._bounce = None
+
+    # -- staging ---------------------------------------------------------------
+    def stage(self, items: Sequence[tuple[tuple[str, int], torch.Tensor]], stats: StageStats) -> list[StagedTensor]:
+        """Bring every slot up to date with the live tensors; return what each save must write.
+
+        Dirty chunks lose their location here (the slot no longer matches it);
+        :meth:`committed` gives them their new one.
+        """
+        staged: list[StagedTensor] = []
+        pending: list[tuple[StagedTensor, _Work, torch.Tensor]] = []
+        for key, tensor in items:
+            slot = self._slot(key, tensor)
+            entry = StagedTensor(key=key, slot=slot, dirty=[], version=_version(tensor))
+            staged.append(entry)
+            stats.tensors += 1
+            stats.bytes += slot.nbytes
+            if slot.nbytes == 0:
+                continue
+            src = _host_source(tensor)
+            if src.device.type == "cuda":
+                self._stage_from_gpu(src, entry)
+                continue
+            job = _Work(src=src.data_ptr(), dst=slot.buffer.data_ptr())
+            job.offsets = [(c, c * CHUNK, min(CHUNK, slot.nbytes - c * CHUNK)) for c in range(slot.chunks())]
+            pending.append((entry, job, src))  # src stays referenced until the copy is done
+        dirty = self._run([job for _, job, _ in pending])
+        for entry, job, _ in pending:
+            entry.dirty.extend(dirty[id(job)])
+        for entry in staged:
+            entry.dirty.sort()
+            for c in entry.dirty:
+                entry.slot.locations[c] = None
+            stats.copied_bytes += sum(end - start for start, end in entry.runs())
+        return staged
+
+    def _slot(self, key: tuple[str, int], tensor: torch.Tensor) -> Slot:
+        nbytes = _nbytes(tensor)
+        slot = self.slots.get(key)
+        if slot is None or slot.nbytes != nbytes or slot.dtype != tensor.dtype or slot.shape != tuple(tensor.shape):
+            pin = tensor.device.type == "cuda" and torch.cuda.is_available()
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+            slot = Slot(
+                buffer=buffer, dtype=tensor.dtype, shape=tuple(tensor.shape), locations=[None] * _chunks(nbytes)
+            )
+            self.slots[key] = slot
+        return slot
+
+    def _run(self, work: list[_Work]) -> dict[int, list[int]]:
+        """Compare and copy every chunk, spread over the worker threads; dirty chunk indexes per job."""
+        tasks = [(job, c, start, length) for job in work for c, start, length in job.offsets]
+        result: dict[int, list[int]] = {id(job): [] for job in work}
+        if not tasks:
+            return result
+        lock = threading.Lock()
+
+        def run(part: Sequence[tuple[_Work, int, int, int]]) -> None:
+            found: list[tuple[int, int]] = []
+            for job, c, start, length in part:
+                if _memcmp(job.src + start, job.dst + start, length) != 0:
+                    _memmove(job.dst + start, job.src + start, length)
+                    found.append((id(job), c))
+            with lock:
+                for job_id, c in found:
+                    result[job_id].append(c)
+
+        # Hand out contiguous ranges of roughly equal bytes, one per thread.
+        total = sum(t[3] for t in tasks)
+        n = self._threads if total >= 8 * CHUNK else 1
+        parts: list[list[tuple[_Work, int, int, int]]] = [[] for _ in range(n)]
+        share, acc, i = total / n, 0, 0
+        for task in tasks:
+            if acc >= share * (i + 1) and i < n - 1:
+                i += 1
+            parts[i].append(task)
+            acc += task[3]
+        threads = [threading.Thread(target=run, args=(p,), name="spotsafe-stage") for p in parts[1:] if p]
+        for t in threads:
+            t.start()
+        try:
+            run(parts[0])
+        finally:
+            for t in threads:
+                t.join()
+        return result
+
+    def _stage_from_gpu(self, src: torch.Tensor, entry: StagedTensor) -> None:
+        """Copy a GPU tensor through a pinned bounce buffer, window by window, comparing on the host."""
+        window = 64 * CHUNK
+        if self._bounce is None or self._bounce.numel() < min(window, entry.slot.nbytes):
+            self._bounce = torch.empty(min(window, max(entry.slot.nbytes, CHUNK)), dtype=torch.uint8, pin_memory=True)
+        flat = src.reshape(-1).view(torch.uint8)
+        slot = entry.slot
+        for base in range(0, slot.nbytes, window):
+            n = min(window, slot.nbytes - base)
+            self._bounce[:n].copy_(flat[base : base + n])  # synchronous: the bounce is reused at once
+            job = _Work(src=self._bounce.data_ptr() - base, dst=slot.buffer.data_ptr())
+            job.offsets = [
+                (c, c * CHUNK, min(CHUNK, slot.nbytes - c * CHUNK)) for c in range(base // CHUNK, _chunks(base + n))
+            ]
+            entry.dirty.extend(self._run([job])[id(job)])
+
+    # -- bookkeeping after a save ----------------------------------------------------
+    def committed(self, staged: Sequence[StagedTensor], placed: dict[tuple[str, int], list[Location]]) -> None:
+        """The save of ``staged`` committed: its dirty chunks are now at ``placed[key][i]``."""
+        for entry in staged:
+            locations = placed.get(entry.key, [])
+            for c, location in zip(entry.dirty, locations, strict=True):
+                entry.slot.locations[c] = location
+
+    def adopt(self, key: tuple[str, int], data: torch.Tensor, locations: list[Location | None]) -> None:
+        """Fill a slot from verified checkpoint bytes (after a restore) so the next save can share them."""
+        slot = self._slot(key, data)
+        flat = data.reshape(-1).view(torch.uint8)
+        slot.buffer.copy_(flat)
+        slot.locations = list(locations)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _chunks(nbytes: int) -> int:
+    return (nbytes + CHUNK - 1) // CHUNK
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return int(tensor._version)
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _host_source(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous view of the tensor's bytes (a copy only if it is not contiguous)."""
+    t = tensor.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.device.type not in ("cpu", "cuda"):
+        t = t.cpu()
+    return t
