@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch: an unpinned torch would pull gigabytes of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,19 @@ demo: $(BIN)/.installed
 	$(BIN)/spotsafe demo
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples bench
+	$(BIN)/ruff format --check src tests examples bench
 	$(BIN)/mypy
 
 test: lint
 	$(BIN)/pytest -q
 
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	touch $@
+
+bench: $(BIN)/.bench-installed
+	$(BIN)/python bench/run.py
+
 clean:
-	rm -rf $(VENV) spotsafe-demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) spotsafe-demo .bench .pytest_cache .mypy_cache .ruff_cache

@@ -240,7 +240,7 @@ def _print_json(doc: Any) -> None:
 @dataclass
 class FolderStatus:
     ref: CheckpointRef
-    status: str  # "committed", "verified", "damaged" or "uncommitted"
+    status: str  # "committed", "verified", "damaged", "shared" or "uncommitted"
     reason: str | None = None
     manifest: Manifest | None = None
     size: int | None = None
@@ -256,6 +256,8 @@ class FolderStatus:
             return f"damaged: {self.reason}"
         if self.status == "uncommitted":
             return "uncommitted (leftover or in progress)"
+        if self.status == "shared":
+            return f"shared: {self.reason}"
         return self.status
 
     def to_json(self) -> dict[str, Any]:
@@ -283,12 +285,16 @@ def _check_folders(run: Run, *, verify: bool) -> tuple[list[FolderStatus], Check
     repo = run.repo
     refs, committed = _all_folders(repo)
     latest = repo.read_latest()
+    shared = repo.shared_folders() if len(refs) > len(committed) else {}
     rows: list[FolderStatus] = []
     for ref in refs:
         row = FolderStatus(ref=ref, status="uncommitted", latest=ref == latest)
         rows.append(row)
         if ref not in committed:
             row.size = _folder_bytes(run.storage, ref)
+            if ref in shared:
+                row.status = "shared"
+                row.reason = f"deleted checkpoint; {shared[ref]} blob(s) still used by newer checkpoints"
             continue
         try:
             row.manifest = repo.check_sizes(ref)
@@ -330,7 +336,13 @@ def ls(run: Run, *, verify: bool, as_json: bool) -> int:
     table.add_column("created (UTC)", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("status")
-    styles = {"committed": "green", "verified": "bold green", "damaged": "red", "uncommitted": "yellow"}
+    styles = {
+        "committed": "green",
+        "verified": "bold green",
+        "damaged": "red",
+        "uncommitted": "yellow",
+        "shared": "cyan",
+    }
     for row in rows:
         table.add_row(
             "*" if row.latest else "",
@@ -345,7 +357,9 @@ def ls(run: Run, *, verify: bool, as_json: bool) -> int:
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.status] = counts.get(row.status, 0) + 1
-    summary = ", ".join(f"{counts[s]} {s}" for s in ("verified", "committed", "damaged", "uncommitted") if s in counts)
+    summary = ", ".join(
+        f"{counts[s]} {s}" for s in ("verified", "committed", "damaged", "shared", "uncommitted") if s in counts
+    )
     noun = "folder" if len(rows) == 1 else "folders"
     if latest is None:
         hint = "no latest.json"
@@ -665,8 +679,15 @@ def _plan_gc(run: Run, keep: int, partial_older_than: float, now: float) -> tupl
         else:
             reason = f"kept: no intact checkpoint found, nothing committed is deleted ({state})"
         items.append(GcItem(ref=ref, committed=True, delete=ref.name in doomed, reason=reason, size=sizes[ref]))
+    shared = repo.shared_folders() if len(refs) > len(committed) else {}
     for ref in refs:
         if ref in committed_set:
+            continue
+        if ref in shared:
+            reason = f"holds {shared[ref]} blob(s) that committed checkpoints share"
+            items.append(
+                GcItem(ref=ref, committed=False, delete=False, reason=reason, size=_folder_bytes(run.storage, ref))
+            )
             continue
         written = max(ref.created_ms / 1000, _newest_write(run.storage, ref) or 0.0)
         age = now - written
@@ -721,7 +742,7 @@ def gc(run: Run, *, keep: int, apply: bool, partial_older_than: float) -> int:
                 elif run.repo.is_committed(item.ref):
                     skipped.append(item.ref.name)  # committed since it was listed: not ours to remove
                 else:
-                    run.storage.delete_prefix(item.ref.key)
+                    run.repo.sweep(item.ref, run.repo.live_keys())  # never a blob a checkpoint shares
                 if item.ref.name not in skipped:
                     deleted.append(item)
             except SpotsafeError as error:

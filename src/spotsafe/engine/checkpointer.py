@@ -222,7 +222,7 @@ class Checkpointer:
             clock=clock,
         )
         if overlap and optimizer is not None:
-            self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self._settle()))
+            self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.before_optimizer_step()))
 
         self.board = NoticeBoard()
         self._sources = list(notices)
@@ -444,9 +444,18 @@ class Checkpointer:
         """Block until the save in flight (if any) is committed; raise its error if it failed."""
         self._wait_for_save()
 
-    def _settle(self) -> None:
+    def before_optimizer_step(self) -> None:
+        """With ``overlap=True``: wait until the snapshot copy of the optimizer-owned state is done.
+
+        Called automatically by a step pre-hook on the registered optimizer; call it yourself
+        right before anything else that modifies parameters or optimizer state in place (a
+        second optimizer, manual weight updates, an EMA written with ``.data``). A no-op when no
+        overlapped copy is running.
+        """
         if self._saver is not None:
             self._saver.settle()
+
+    _settle = before_optimizer_step
 
     def _wait_for_save(self) -> None:
         if self._saver is not None:

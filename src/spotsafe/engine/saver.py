@@ -31,8 +31,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import enum
+import functools
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +54,7 @@ from spotsafe.storage.manifest import BlobEntry, Manifest
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository, LoadedCheckpoint
 
 Key = tuple[str, int]
+WORKER_NICE = 10
 
 
 class SaveState(enum.Enum):
@@ -138,7 +142,8 @@ class Saver:
         self._job: SaveJob | None = None
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
-        atexit.register(self._at_exit)
+        self._exit_hook = functools.partial(_finish_at_exit, weakref.ref(self))
+        atexit.register(self._exit_hook)
 
     # -- state ---------------------------------------------------------------------
     @property
@@ -208,7 +213,7 @@ class Saver:
         )
         items = [((p.name, i), t) for p in snapshot.components for i, t in enumerate(p.tensors)]
         if not self.incremental:
-            self.area.release_except(set())
+            self.area.forget_locations()  # every chunk is written; the slots are still reused
         if not self.background or not self.area.fits(items):
             self._direct(job)
             return job
@@ -246,12 +251,13 @@ class Saver:
 
     def close(self) -> None:
         self.wait()
-        atexit.unregister(self._at_exit)
+        atexit.unregister(self._exit_hook)
 
     # -- the worker ------------------------------------------------------------------
     def _run(self, job: SaveJob) -> None:
         manifest: Manifest | None = None
         error: BaseException | None = None
+        _lower_priority()
         try:
             if job.deferred:
                 try:
@@ -316,8 +322,7 @@ class Saver:
             if self.stage is not None:
                 manifest = upload_staged(self.stage[0], self.stage[1], self.repo, ref)
             self._known = {}  # the slots' locations may be deleted by retention from now on
-            for slot in self.area.slots.values():
-                slot.locations = [None] * slot.chunks()
+            self.area.forget_locations()
             job.stall_s = self._clock() - job.started
             job.to(SaveState.STAGED)
             job.to(SaveState.COMMITTED)
@@ -330,10 +335,23 @@ class Saver:
             job.verdict.set()
             self.on_done(Outcome(job, manifest, error, self._clock() - job.started))
 
-    def _at_exit(self) -> None:
-        """At interpreter exit, finish a save in flight rather than abandon it half-written."""
+
+def _finish_at_exit(ref: weakref.ref[Saver]) -> None:
+    """At interpreter exit, finish a save in flight rather than abandon it half-written."""
+    saver = ref()
+    if saver is not None:
         with contextlib.suppress(Exception):
-            self.wait()
+            saver.wait()
+
+
+def _lower_priority() -> None:
+    """Give the save worker's CPU time to training first (Linux: a thread's own nice value).
+
+    Writing is mostly waiting for the disk; what CPU it needs (checksums, copies into the
+    page cache) should not slow the training threads. Best effort: other systems run it as is.
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
 
 
 def _version(tensor: torch.Tensor) -> int | None:

@@ -26,8 +26,9 @@ than ``memcmp``, and a hash match is only probable. ``memcmp`` stops at the firs
 difference, so a changed chunk costs about a copy and an unchanged one a read.
 
 Threads: :meth:`StagingArea.stage` runs on one thread at a time (the training
-thread, or the save worker for overlapped copies); the per-chunk work is spread
-over a few threads that call libc ``memcmp``/``memmove`` without the GIL.
+thread, or the save worker for overlapped copies); the comparisons are spread
+over a few threads that call libc ``memcmp`` without the GIL, and each run of
+changed chunks is copied with one ``Tensor.copy_`` (torch's own threads).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ _libc = ctypes.CDLL(None)
 _memcmp = _libc.memcmp
 _memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 _memcmp.restype = ctypes.c_int
-_memmove = ctypes.memmove
 
 Location = tuple[str, int]
 """Committed bytes of a chunk: (blob reference ``checkpoint/file``, offset in that blob)."""
@@ -109,18 +109,7 @@ class StagedTensor:
 
     def runs(self) -> Iterator[tuple[int, int]]:
         """Consecutive dirty chunks as (start byte, end byte) ranges of the tensor."""
-        n = self.slot.nbytes
-        start = prev = None
-        for c in self.dirty:
-            if start is None:
-                start = prev = c
-            elif c == prev + 1:  # type: ignore[operator]
-                prev = c
-            else:
-                yield start * CHUNK, min((prev + 1) * CHUNK, n)  # type: ignore[operator]
-                start = prev = c
-        if start is not None:
-            yield start * CHUNK, min((prev + 1) * CHUNK, n)  # type: ignore[operator]
+        return _runs(self.dirty, self.slot.nbytes)
 
 
 @dataclass
@@ -132,9 +121,12 @@ class StageStats:
 
 @dataclass
 class _Work:
-    src: int
-    dst: int
+    """Chunks of one tensor to compare: ``src`` and ``dst`` are flat uint8 views of equal length."""
+
+    src: torch.Tensor
+    dst: torch.Tensor
     offsets: list[tuple[int, int, int]] = field(default_factory=list)  # (chunk index, start, length)
+    base: int = 0  # byte offset of ``src[0]`` within the tensor (GPU windows)
 
 
 class StagingArea:
@@ -169,6 +161,11 @@ class StagingArea:
         for key in [k for k in self.slots if k not in keys]:
             del self.slots[key]
 
+    def forget_locations(self) -> None:
+        """No slot's bytes may be shared any more (the next save writes every chunk)."""
+        for slot in self.slots.values():
+            slot.locations = [None] * slot.chunks()
+
     def clear(self) -> None:
         self.slots.clear()
         self._bounce = None
@@ -194,9 +191,9 @@ class StagingArea:
             if src.device.type == "cuda":
                 self._stage_from_gpu(src, entry)
                 continue
-            job = _Work(src=src.data_ptr(), dst=slot.buffer.data_ptr())
+            job = _Work(src=src.reshape(-1).view(torch.uint8), dst=slot.buffer)
             job.offsets = [(c, c * CHUNK, min(CHUNK, slot.nbytes - c * CHUNK)) for c in range(slot.chunks())]
-            pending.append((entry, job, src))  # src stays referenced until the copy is done
+            pending.append((entry, job, src))
         dirty = self._run([job for _, job, _ in pending])
         for entry, job, _ in pending:
             entry.dirty.extend(dirty[id(job)])
@@ -220,7 +217,12 @@ class StagingArea:
         return slot
 
     def _run(self, work: list[_Work]) -> dict[int, list[int]]:
-        """Compare and copy every chunk, spread over the worker threads; dirty chunk indexes per job."""
+        """Find the chunks that differ (``memcmp``, spread over the threads), then copy them.
+
+        ``memcmp`` stops at the first differing byte, so finding a changed chunk costs almost
+        nothing and an unchanged one a read of both copies; the copy of each run of changed
+        chunks is one ``Tensor.copy_`` (torch's own threads).
+        """
         tasks = [(job, c, start, length) for job in work for c, start, length in job.offsets]
         result: dict[int, list[int]] = {id(job): [] for job in work}
         if not tasks:
@@ -230,8 +232,8 @@ class StagingArea:
         def run(part: Sequence[tuple[_Work, int, int, int]]) -> None:
             found: list[tuple[int, int]] = []
             for job, c, start, length in part:
-                if _memcmp(job.src + start, job.dst + start, length) != 0:
-                    _memmove(job.dst + start, job.src + start, length)
+                at = start - job.base
+                if _memcmp(job.src.data_ptr() + at, job.dst.data_ptr() + start, length) != 0:
                     found.append((id(job), c))
             with lock:
                 for job_id, c in found:
@@ -255,6 +257,11 @@ class StagingArea:
         finally:
             for t in threads:
                 t.join()
+        for job in work:
+            dirty = sorted(result[id(job)])
+            result[id(job)] = dirty
+            for start, end in _runs(dirty, job.dst.numel()):
+                job.dst[start:end].copy_(job.src[start - job.base : end - job.base])
         return result
 
     def _stage_from_gpu(self, src: torch.Tensor, entry: StagedTensor) -> None:
@@ -267,7 +274,7 @@ class StagingArea:
         for base in range(0, slot.nbytes, window):
             n = min(window, slot.nbytes - base)
             self._bounce[:n].copy_(flat[base : base + n])  # synchronous: the bounce is reused at once
-            job = _Work(src=self._bounce.data_ptr() - base, dst=slot.buffer.data_ptr())
+            job = _Work(src=self._bounce[:n], dst=slot.buffer, base=base)
             job.offsets = [
                 (c, c * CHUNK, min(CHUNK, slot.nbytes - c * CHUNK)) for c in range(base // CHUNK, _chunks(base + n))
             ]
@@ -287,6 +294,20 @@ class StagingArea:
         flat = data.reshape(-1).view(torch.uint8)
         slot.buffer.copy_(flat)
         slot.locations = list(locations)
+
+
+def _runs(chunks: Sequence[int], nbytes: int) -> Iterator[tuple[int, int]]:
+    """Sorted chunk indexes as coalesced (start byte, end byte) ranges."""
+    start = prev = -2
+    for c in chunks:
+        if c == prev + 1:
+            prev = c
+            continue
+        if start >= 0:
+            yield start * CHUNK, min((prev + 1) * CHUNK, nbytes)
+        start = prev = c
+    if start >= 0:
+        yield start * CHUNK, min((prev + 1) * CHUNK, nbytes)
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

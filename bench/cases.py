@@ -1,0 +1,529 @@
+"""The measurements of the benchmark suite, each a function over one training state.
+
+Every case returns plain numbers (seconds, bytes); ``run.py`` turns them into
+ratios against the floors measured in the same process and run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import spotsafe
+from spotsafe.engine.reader import load_newest_valid
+from spotsafe.storage.local import LocalStorage
+from spotsafe.storage.repository import CheckpointRepository
+
+MB = 2**20
+IO_BLOCK = 64 * MB
+
+
+# -- the state --------------------------------------------------------------------------------
+
+
+@dataclass
+class State:
+    """A model and its AdamW state (after one step, so every moment exists)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    nbytes: int
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [t for t in self.model.state_dict().values()]
+        for per_param in self.optimizer.state.values():
+            out.extend(v for v in per_param.values() if isinstance(v, torch.Tensor))
+        return out
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        """Every tensor by a unique name (safetensors wants a flat dict)."""
+        out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        for i, per_param in enumerate(self.optimizer.state.values()):
+            out.update({f"optim.{i}.{k}": v for k, v in per_param.items() if isinstance(v, torch.Tensor)})
+        return out
+
+    def perturb(self, fraction: float) -> int:
+        """Change ``fraction`` of the parameters (and their AdamW moments) in place; return the changed bytes."""
+        params = [p for p in self.model.parameters()]
+        budget = fraction * sum(p.numel() * p.element_size() for p in params)
+        changed = 0
+        done = 0.0
+        with torch.no_grad():
+            for p in params:
+                if done >= budget - 1:
+                    break
+                done += p.numel() * p.element_size()
+                p.add_(1e-3)
+                changed += p.numel() * p.element_size()
+                for value in self.optimizer.state[p].values():
+                    if isinstance(value, torch.Tensor):
+                        value.add_(1e-3)
+                        changed += value.numel() * value.element_size()
+        return changed
+
+
+def make_state(target_bytes: int, width: int = 2048) -> State:
+    """Square linear layers until model + AdamW state reaches ``target_bytes``."""
+    per_layer = 3 * (width * width + width) * 4 + 2 * 4  # weights, bias, two moments, step counters
+    layers = max(1, math.ceil(target_bytes / per_layer))
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state = State(model, optimizer, 0)
+    state.nbytes = sum(t.numel() * t.element_size() for t in state.tensors())
+    return state
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def best(times: list[float]) -> float:
+    return min(times)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file, or every file of a folder and the folder itself."""
+    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    if path.is_dir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def drop_cache(path: Path) -> None:
+    """Evict a file's (or a folder's files') pages from the page cache, so the next read hits the disk."""
+    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def scratch(root: Path, name: str) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- floors --------------------------------------------------------------------------------
+
+
+def memcpy_floor(state: State, repeats: int = 3) -> float:
+    """Seconds to copy every tensor of the state into reused, already-touched buffers."""
+    tensors = state.tensors()
+    buffers = [torch.empty_like(t) for t in tensors]
+    for b, t in zip(buffers, tensors, strict=True):
+        b.copy_(t)  # touch every page once: reused buffers do not page-fault
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for b, t in zip(buffers, tensors, strict=True):
+            b.copy_(t)
+        times.append(time.perf_counter() - start)
+    return best(times)
+
+
+def disk_write_floor(state: State, root: Path, repeats: int = 3) -> tuple[float, float, Path]:
+    """(seconds for Python 64 MiB writes + fsync of the state's bytes, seconds for dd conv=fsync, the file).
+
+    Best of ``repeats``, each into a new file after deleting the previous one (as a save with
+    retention does), so the floor is the disk's best, not its first, write.
+    """
+    path = root / "floor.bin"
+    python_times = []
+    for _ in range(repeats):
+        path.unlink(missing_ok=True)
+        start = time.perf_counter()
+        with open(path, "wb", buffering=0) as handle:
+            for t in state.tensors():
+                view = memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+                for offset in range(0, len(view), IO_BLOCK):
+                    handle.write(view[offset : offset + IO_BLOCK])
+            os.fsync(handle.fileno())
+        python_times.append(time.perf_counter() - start)
+    dd_times = []
+    if shutil.which("dd"):
+        target = root / "dd.bin"
+        count = max(1, round(state.nbytes / IO_BLOCK))
+        for _ in range(repeats):
+            target.unlink(missing_ok=True)
+            start = time.perf_counter()
+            subprocess.run(
+                ["dd", "if=/dev/zero", f"of={target}", "bs=64M", f"count={count}", "conv=fsync"],
+                check=True,
+                capture_output=True,
+            )
+            dd_times.append((time.perf_counter() - start) * state.nbytes / (count * IO_BLOCK))
+        target.unlink()
+    return best(python_times), best(dd_times) if dd_times else float("nan"), path
+
+
+def disk_read_floor(path: Path) -> float:
+    """Seconds to read ``path`` cold (page cache dropped) into a preallocated buffer."""
+    size = path.stat().st_size
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    drop_cache(path)
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as handle:
+        got = 0
+        while got < size:
+            n = handle.readinto(view[got : got + IO_BLOCK])
+            if not n:
+                break
+            got += n
+    return time.perf_counter() - start
+
+
+# -- baselines --------------------------------------------------------------------------------
+
+
+@dataclass
+class SaveTiming:
+    stall_s: float
+    total_s: float
+    bytes_written: int
+    notes: str = ""
+
+
+def torch_save(state: State, root: Path) -> SaveTiming:
+    with scratch(root, "torch-save") as d:
+        path = d / "state.pt"
+        start = time.perf_counter()
+        torch.save(state.state_dict(), path)
+        fsync_path(path)
+        total = time.perf_counter() - start
+        return SaveTiming(total, total, path.stat().st_size)
+
+
+def safetensors_save(state: State, root: Path) -> SaveTiming:
+    from safetensors.torch import save_file
+
+    with scratch(root, "safetensors") as d:
+        path = d / "state.safetensors"
+        start = time.perf_counter()
+        save_file(state.flat(), str(path))
+        fsync_path(path)
+        total = time.perf_counter() - start
+        return SaveTiming(total, total, path.stat().st_size)
+
+
+def dcp_save(state: State, root: Path) -> SaveTiming:
+    import torch.distributed.checkpoint as dcp
+
+    with scratch(root, "dcp") as d:
+        start = time.perf_counter()
+        dcp.save(state.state_dict(), checkpoint_id=str(d / "ckpt"), no_dist=True)
+        total = time.perf_counter() - start
+        return SaveTiming(total, total, folder_bytes(d))
+
+
+def _result(future: Any) -> None:
+    (future.upload_completion if hasattr(future, "upload_completion") else future).result()
+
+
+def dcp_async_save(state: State, root: Path, *, tuned: bool, repeats: int = 2) -> SaveTiming:
+    """``async_save``: default, or with one reused stager and pinned memory off (its best set-up on a CPU).
+
+    The stall is the time until ``async_save`` returns; the best of ``repeats`` calls (the
+    tuned stager reuses its buffers from the second call on).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    stager = None
+    if tuned:
+        options = StagingOptions(
+            use_pinned_memory=False, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False
+        )
+        stager = DefaultStager(options)
+    timings = []
+    with scratch(root, "dcp-async") as d:
+        for i in range(repeats):
+            start = time.perf_counter()
+            kwargs: dict[str, Any] = {"async_stager": stager} if stager is not None else {}
+            future = dcp.async_save(state.state_dict(), checkpoint_id=str(d / f"ckpt{i}"), no_dist=True, **kwargs)
+            stall = time.perf_counter() - start
+            _result(future)
+            timings.append(SaveTiming(stall, time.perf_counter() - start, folder_bytes(d / f"ckpt{i}")))
+            shutil.rmtree(d / f"ckpt{i}")
+    if stager is not None:
+        stager.close()
+    return min(timings, key=lambda t: t.stall_s)
+
+
+# -- spotsafe --------------------------------------------------------------------------------
+
+
+def _events(run: Path, kind: str) -> list[dict[str, Any]]:
+    out = []
+    with open(run / "events.jsonl") as handle:
+        for line in handle:
+            doc = json.loads(line)
+            if doc["type"] == kind:
+                out.append(doc)
+    return out
+
+
+@dataclass
+class SpotsafeTiming:
+    cold: SaveTiming
+    warm: SaveTiming
+    persist_bytes_per_s: float
+    staging_bytes: int
+
+
+def spotsafe_save(state: State, root: Path, repeats: int = 3) -> SpotsafeTiming:
+    """Stall and persist time of full saves (every byte changed between saves).
+
+    The first save allocates the staging slots (cold); later saves reuse them (warm, the steady state).
+    """
+    with scratch(root, "spotsafe") as d:
+        ckpt = spotsafe.Checkpointer(
+            str(d), model=state.model, optimizer=state.optimizer, handle_signals=False, keep=1, staging_budget=None
+        )
+        timings = []
+        for i in range(repeats + 1):
+            if i:
+                state.perturb(1.0)
+            start = time.perf_counter()
+            ckpt.save()
+            stall = time.perf_counter() - start
+            ckpt.wait()
+            timings.append(SaveTiming(stall, time.perf_counter() - start, 0))
+        committed = _events(d, "save_committed")
+        staged = _events(d, "save_staged")
+        for timing, event in zip(timings, committed, strict=True):
+            timing.bytes_written = event["written_bytes"]
+        warm = min(timings[1:], key=lambda t: t.stall_s)
+        persist_s = [t.total_s - t.stall_s for t in timings[1:]]
+        rate = warm.bytes_written / min(persist_s)
+        staging = max(e["staging_bytes"] for e in staged)
+        ckpt.close()
+        return SpotsafeTiming(timings[0], warm, rate, staging)
+
+
+def spotsafe_overlap(state: State, root: Path, step_s: float, repeats: int = 3) -> tuple[float, float]:
+    """(stall at the save call, wait before the optimizer step) with ``overlap=True``.
+
+    Forward/backward is simulated by sleeping ``step_s`` (longer than the copy), as a host
+    thread does while a GPU computes.
+    """
+    with scratch(root, "overlap") as d:
+        ckpt = spotsafe.Checkpointer(
+            str(d),
+            model=state.model,
+            optimizer=state.optimizer,
+            handle_signals=False,
+            keep=1,
+            overlap=True,
+            staging_budget=None,
+        )
+        at_save, at_step = [], []
+        for i in range(repeats + 1):
+            state.perturb(1.0)
+            start = time.perf_counter()
+            ckpt.save()
+            saved = time.perf_counter()
+            time.sleep(step_s)  # "forward and backward"
+            before = time.perf_counter()
+            ckpt.before_optimizer_step()
+            after = time.perf_counter()
+            ckpt.wait()
+            if i:  # the first save allocates the slots
+                at_save.append(saved - start)
+                at_step.append(after - before)
+        failed = _events(d, "save_failed")
+        ckpt.close()
+        if failed:
+            raise RuntimeError(f"overlapped saves failed: {failed}")
+        return min(at_save), min(at_step)
+
+
+def spotsafe_incremental(state: State, root: Path, fractions: tuple[float, ...]) -> list[tuple[float, int, int]]:
+    """(fraction, changed bytes, written bytes) for incremental saves after changing that fraction."""
+    out = []
+    with scratch(root, "incremental") as d:
+        ckpt = spotsafe.Checkpointer(
+            str(d), model=state.model, optimizer=state.optimizer, handle_signals=False, keep=2, staging_budget=None
+        )
+        ckpt.save()
+        ckpt.wait()
+        for fraction in fractions:
+            changed = state.perturb(fraction)
+            ckpt.save()
+            ckpt.wait()
+            written = _events(d, "save_committed")[-1]["written_bytes"]
+            out.append((fraction, changed, written))
+        ckpt.close()
+    return out
+
+
+@dataclass
+class RestoreTiming:
+    spotsafe_load_s: float
+    spotsafe_restore_s: float
+    torch_load_s: float
+    read_floor_s: float
+    bytes: int
+    notes: list[str] = field(default_factory=list)
+
+
+def restore(state: State, root: Path, floor_file: Path) -> RestoreTiming:
+    """Cold-cache restore: spotsafe (read + verify + decode; and the whole ``restore()``) vs torch.load."""
+    with scratch(root, "restore") as d:
+        run = d / "run"
+        ckpt = spotsafe.Checkpointer(
+            str(run), model=state.model, optimizer=state.optimizer, handle_signals=False, incremental=False
+        )
+        ckpt.save()
+        ckpt.close()
+        drop_cache(run)
+        start = time.perf_counter()
+        loaded = load_newest_valid(CheckpointRepository(LocalStorage(run)))
+        load_s = time.perf_counter() - start
+        assert loaded is not None
+        nbytes = loaded.checkpoint.manifest.total_bytes
+        del loaded
+        drop_cache(run)
+        again = spotsafe.Checkpointer(
+            str(run), model=state.model, optimizer=state.optimizer, handle_signals=False, incremental=False
+        )
+        start = time.perf_counter()
+        again.restore()
+        restore_s = time.perf_counter() - start
+        again.close()
+        path = d / "state.pt"
+        torch.save(state.state_dict(), path)
+        drop_cache(path)
+        start = time.perf_counter()
+        loaded_pt = torch.load(path, weights_only=True)
+        state.model.load_state_dict(loaded_pt["model"])
+        state.optimizer.load_state_dict(loaded_pt["optimizer"])
+        torch_s = time.perf_counter() - start
+        del loaded_pt
+        return RestoreTiming(load_s, restore_s, torch_s, disk_read_floor(floor_file), nbytes)
+
+
+# -- training throughput --------------------------------------------------------------------------------
+
+
+def training_throughput(
+    root: Path,
+    steps: int,
+    save_every: int,
+    dim: int,
+    layers: int,
+    rounds: int = 4,
+    spread: dict[str, Any] | None = None,
+) -> tuple[float, float, int]:
+    """(steps/s without checkpoints, steps/s with a background save every ``save_every`` steps, staged bytes).
+
+    The model is the example job's TinyLM, widened so its state is worth persisting. The two
+    runs alternate in ``rounds`` windows of ``steps`` steps each and the best window of each
+    counts, so a noisy neighbour on a shared machine does not decide the ratio.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_lm", Path(__file__).parent.parent / "examples" / "tiny_lm.py")
+    assert spec is not None and spec.loader is not None
+    tiny_lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_lm)
+    data = tiny_lm.MarkovText(256)
+    batch = torch.stack([data[i] for i in range(16)])
+    loss_fn = nn.CrossEntropyLoss()
+
+    def setup(ckpt_dir: Path | None) -> Callable[[], None]:
+        torch.manual_seed(0)
+        model = tiny_lm.TinyLM(dim=dim, layers=layers, heads=8, dropout=0.0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ckpt = None
+        if ckpt_dir is not None:
+            ckpt = spotsafe.Checkpointer(
+                str(ckpt_dir),
+                model=model,
+                optimizer=optimizer,
+                handle_signals=False,
+                keep=1,
+                policy=spotsafe.every(steps=save_every),
+                staging_budget=None,
+            )
+            holder.append(ckpt)
+
+        def step() -> None:
+            logits = model(batch[:, :-1])
+            loss = loss_fn(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ckpt is not None:
+                ckpt.step_done()
+
+        return step
+
+    holder: list[spotsafe.Checkpointer] = []
+    spread = {} if spread is None else spread
+    with scratch(root, "throughput") as d:
+        plain, saving = setup(None), setup(d)
+        for _ in range(save_every):  # warm-up; includes the first save, which allocates the staging slots
+            plain()
+            saving()
+        holder[0].wait()
+        rates: dict[str, list[float]] = {"plain": [], "saving": []}
+        for _ in range(rounds):
+            for name, step in (("plain", plain), ("saving", saving)):
+                holder[0].wait()  # untimed: no save of the other window runs into this one
+                start = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                rates[name].append(steps / (time.perf_counter() - start))
+        spread.update(rates)
+        nbytes = holder[0].staging_bytes
+        holder[0].close()
+    return max(rates["plain"]), max(rates["saving"]), nbytes
+
+
+def threads_note() -> str:
+    return f"torch threads {torch.get_num_threads()}, python threads {threading.active_count()}"
+
+
+Timer = Callable[[], float]
