@@ -425,9 +425,7 @@ def restore(state: State, root: Path, floor_file: Path) -> RestoreTiming:
         nbytes = loaded.checkpoint.manifest.total_bytes
         del loaded
         drop_cache(run)
-        again = spotsafe.Checkpointer(
-            str(run), model=state.model, optimizer=state.optimizer, handle_signals=False, incremental=False
-        )
+        again = spotsafe.Checkpointer(str(run), model=state.model, optimizer=state.optimizer, handle_signals=False)
         start = time.perf_counter()
         again.restore()
         restore_s = time.perf_counter() - start

@@ -231,11 +231,6 @@ def test_saves_go_on_after_a_failure_and_restore_bit_exact(tmp_path: Path) -> No
     fresh.ckpt.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: plan.make_plan treats a chunk that stage() found equal to its slot as reusable even when the slot "
-    "has no committed location (its save failed): the next save fails with AssertionError",
-)
 def test_the_save_after_a_failure_writes_the_chunks_that_failed(tmp_path: Path) -> None:
     emb = nn.Embedding(4096, 256)  # 4 MiB: four chunks
     storage = Failing(tmp_path)
@@ -402,11 +397,6 @@ def test_fused_adamw_updates_are_saved_although_versions_do_not_change(tmp_path:
         assert not diff(restored_state(tmp_path, ref), state)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a tensor whose bytes equal a fresh staging slot (all zeros, as a new mmap'd slot is) is never "
-    "marked dirty on its first save, and make_plan asserts 'a clean chunk always has a location'",
-)
 def test_a_zero_initialised_tensor_is_saved_on_the_first_save(tmp_path: Path) -> None:
     # Zero-initialised like a LoRA "B" matrix; 64 MiB, above glibc's largest mmap threshold, so that the new
     # slot is always fresh (zero) pages from the kernel.
@@ -419,12 +409,6 @@ def test_a_zero_initialised_tensor_is_saved_on_the_first_save(tmp_path: Path) ->
     assert torch.equal(restored_state(tmp_path, ref)["model"]["weight"], torch.zeros(4096, 4096))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: incremental=False releases the staging slots and allocates new ones at every save; a new slot that "
-    "lands on the released memory already holds the unchanged tensor's bytes, so its chunks look clean but have no "
-    "location, and make_plan asserts 'a clean chunk always has a location'",
-)
 def test_full_saves_with_incremental_off_repeat(tmp_path: Path) -> None:
     job = build(tmp_path, incremental=False)
     failures = []
@@ -709,13 +693,6 @@ def test_a_save_whose_shared_blob_was_deleted_fails_and_commits_nothing(tmp_path
     assert [e.step for e in local_events(tmp_path, "save_failed")] == [2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=CorruptCheckpointError,
-    reason="BUG: after a commit is refused because a shared blob is gone, the saver keeps pointing the unchanged "
-    "chunks at that blob (Saver._known and the slot locations change only on a commit), so every later "
-    "incremental save of the process is refused the same way",
-)
 def test_saves_recover_after_a_shared_blob_was_deleted(tmp_path: Path) -> None:
     job = build(tmp_path, keep=5)
     with job.ckpt:

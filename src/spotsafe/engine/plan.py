@@ -73,7 +73,7 @@ class SavePlan:
 def make_plan(
     snapshot: Snapshot, staged: Mapping[tuple[str, int], StagedTensor], known: Mapping[str, BlobEntry]
 ) -> SavePlan:
-    """Lay out the save. A chunk whose location is unknown or whose blob is not in ``known`` is written."""
+    """Lay out the save. A chunk is written if it changed, or if its bytes are committed nowhere in ``known``."""
     blobs: list[BlobPlan] = []
     entries: dict[str, list[TensorEntry]] = {}
     shared: dict[str, BlobEntry] = {}
@@ -82,12 +82,12 @@ def make_plan(
         entries[part.name] = []
         for index, tensor in enumerate(part.tensors):
             item = staged[(part.name, index)]
+            dirty = set(item.dirty)
             for c, location in enumerate(item.slot.locations):
-                if location is not None and location[0] not in known:
+                if location is None or location[0] not in known:
                     item.slot.locations[c] = None
-                    if c not in item.dirty:
-                        item.dirty.append(c)
-            item.dirty.sort()
+                    dirty.add(c)  # the slot holds the right bytes; they are committed nowhere known
+            item.dirty = sorted(dirty)
             mine: list[Run] = []
             for start, end in item.runs():
                 blob.size += -blob.size % ALIGN

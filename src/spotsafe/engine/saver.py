@@ -46,7 +46,7 @@ from spotsafe.engine.persist import persist
 from spotsafe.engine.plan import SavePlan, locations_of, make_plan
 from spotsafe.engine.staged import upload_staged
 from spotsafe.engine.staging import StagedTensor, StageStats, StagingArea
-from spotsafe.errors import CheckpointError
+from spotsafe.errors import CheckpointError, CorruptCheckpointError
 from spotsafe.state.snapshot import STATE_BLOB, DecodedState, Snapshot
 from spotsafe.state.tensors import unpack
 from spotsafe.storage.local import LocalStorage
@@ -268,6 +268,10 @@ class Saver:
         except BaseException as err:  # noqa: BLE001 - reported at the training thread's next call
             error = err
             self._failure = err
+            if isinstance(err, CorruptCheckpointError):
+                # A blob the slots point at is gone or changed: share nothing until a save writes it all again.
+                self._known = {}
+                self.area.forget_locations()
             job.to(SaveState.ABANDONED if isinstance(err, SnapshotTornError) else SaveState.FAILED)
         finally:
             job.copied.set()

@@ -162,8 +162,9 @@ def plan(tensors: Sequence[torch.Tensor], blob: str = "") -> tuple[list[TensorEn
     for t in tensors:
         nbytes = t.numel() * t.element_size()
         entries.append(entry_for(t, [Segment(blob, offset, nbytes)] if nbytes else []))
-        end = offset + nbytes
-        offset = end + (-end % ALIGN)
+        if nbytes:
+            end = offset + nbytes
+            offset = end + (-end % ALIGN)
     return entries, end
 
 
@@ -195,6 +196,8 @@ def unpack(blobs: Mapping[str, bytearray], entry: TensorEntry) -> torch.Tensor:
         raise UnsafeCheckpointError(
             f"tensor entry ({entry.dtype}, shape {list(entry.shape)}) does not match its {entry.nbytes} bytes"
         )
+    if sum(seg.length for seg in entry.segments) != entry.nbytes:
+        raise UnsafeCheckpointError(f"tensor segments do not add up to its {entry.nbytes} bytes")
     for seg in entry.segments:
         blob = blobs.get(seg.blob)
         if blob is None:
