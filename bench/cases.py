@@ -147,7 +147,7 @@ def scratch(root: Path, name: str) -> Iterator[Path]:
 # -- floors --------------------------------------------------------------------------------
 
 
-def memcpy_floor(state: State, repeats: int = 3) -> float:
+def memcpy_floor(state: State, repeats: int = 5) -> float:
     """Seconds to copy every tensor of the state into reused, already-touched buffers."""
     tensors = state.tensors()
     buffers = [torch.empty_like(t) for t in tensors]
@@ -162,6 +162,19 @@ def memcpy_floor(state: State, repeats: int = 3) -> float:
     return best(times)
 
 
+def write_floor_once(state: State, path: Path) -> float:
+    """Seconds to write the state's bytes to a new file in 64 MiB writes, then fsync (``dd conv=fsync``)."""
+    path.unlink(missing_ok=True)
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as handle:
+        for t in state.tensors():
+            view = memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+            for offset in range(0, len(view), IO_BLOCK):
+                handle.write(view[offset : offset + IO_BLOCK])
+        os.fsync(handle.fileno())
+    return time.perf_counter() - start
+
+
 def disk_write_floor(state: State, root: Path, repeats: int = 3) -> tuple[float, float, Path]:
     """(seconds for Python 64 MiB writes + fsync of the state's bytes, seconds for dd conv=fsync, the file).
 
@@ -169,17 +182,7 @@ def disk_write_floor(state: State, root: Path, repeats: int = 3) -> tuple[float,
     retention does), so the floor is the disk's best, not its first, write.
     """
     path = root / "floor.bin"
-    python_times = []
-    for _ in range(repeats):
-        path.unlink(missing_ok=True)
-        start = time.perf_counter()
-        with open(path, "wb", buffering=0) as handle:
-            for t in state.tensors():
-                view = memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-                for offset in range(0, len(view), IO_BLOCK):
-                    handle.write(view[offset : offset + IO_BLOCK])
-            os.fsync(handle.fileno())
-        python_times.append(time.perf_counter() - start)
+    python_s = best([write_floor_once(state, path) for _ in range(repeats)])
     dd_times = []
     if shutil.which("dd"):
         target = root / "dd.bin"
@@ -194,7 +197,7 @@ def disk_write_floor(state: State, root: Path, repeats: int = 3) -> tuple[float,
             )
             dd_times.append((time.perf_counter() - start) * state.nbytes / (count * IO_BLOCK))
         target.unlink()
-    return best(python_times), best(dd_times) if dd_times else float("nan"), path
+    return python_s, best(dd_times) if dd_times else float("nan"), path
 
 
 def disk_read_floor(path: Path) -> float:
@@ -309,37 +312,47 @@ class SpotsafeTiming:
     cold: SaveTiming
     warm: SaveTiming
     persist_bytes_per_s: float
+    persist_vs_floor: float
     staging_bytes: int
 
 
-def spotsafe_save(state: State, root: Path, repeats: int = 3) -> SpotsafeTiming:
+def spotsafe_save(state: State, root: Path, repeats: int = 5) -> SpotsafeTiming:
     """Stall and persist time of full saves (every byte changed between saves).
 
-    The first save allocates the staging slots (cold); later saves reuse them (warm, the steady state).
+    The first save allocates the staging slots (cold); later saves reuse them (warm, the steady
+    state). Before each warm save the disk floor is measured again (a plain write + fsync of the
+    same bytes) and the persist is compared with it pair by pair: the median of the paired ratios
+    is robust to a shared disk whose speed changes from one second to the next.
     """
     with scratch(root, "spotsafe") as d:
+        run = d / "run"
         ckpt = spotsafe.Checkpointer(
-            str(d), model=state.model, optimizer=state.optimizer, handle_signals=False, keep=1, staging_budget=None
+            str(run), model=state.model, optimizer=state.optimizer, handle_signals=False, keep=1, staging_budget=None
         )
-        timings = []
+        timings, floors = [], []
         for i in range(repeats + 1):
             if i:
+                floors.append(write_floor_once(state, d / "floor.bin"))
                 state.perturb(1.0)
             start = time.perf_counter()
             ckpt.save()
             stall = time.perf_counter() - start
             ckpt.wait()
             timings.append(SaveTiming(stall, time.perf_counter() - start, 0))
-        committed = _events(d, "save_committed")
-        staged = _events(d, "save_staged")
+        committed = _events(run, "save_committed")
+        staged = _events(run, "save_staged")
         for timing, event in zip(timings, committed, strict=True):
             timing.bytes_written = event["written_bytes"]
         warm = min(timings[1:], key=lambda t: t.stall_s)
-        persist_s = [t.total_s - t.stall_s for t in timings[1:]]
+        # From the end of the stall to the commit (save_committed is emitted before retention deletes
+        # the previous checkpoint, which the disk floor does not pay either).
+        persist_s = [e["duration_s"] - e["stall_s"] for e in committed[1:]]
         rate = warm.bytes_written / min(persist_s)
+        pairs = zip(committed[1:], persist_s, floors, strict=True)
+        ratios = sorted((e["written_bytes"] / p) / (state.nbytes / f) for e, p, f in pairs)
         staging = max(e["staging_bytes"] for e in staged)
         ckpt.close()
-        return SpotsafeTiming(timings[0], warm, rate, staging)
+        return SpotsafeTiming(timings[0], warm, rate, ratios[len(ratios) // 2], staging)
 
 
 def spotsafe_overlap(state: State, root: Path, step_s: float, repeats: int = 3) -> tuple[float, float]:
@@ -405,11 +418,16 @@ class RestoreTiming:
     torch_load_s: float
     read_floor_s: float
     bytes: int
-    notes: list[str] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)
+    """Per measure, the median of (measure / read floor) over paired repeats."""
 
 
-def restore(state: State, root: Path, floor_file: Path) -> RestoreTiming:
-    """Cold-cache restore: spotsafe (read + verify + decode; and the whole ``restore()``) vs torch.load."""
+def restore(state: State, root: Path, floor_file: Path, repeats: int = 3) -> RestoreTiming:
+    """Cold-cache restore: spotsafe (read + verify + decode; and the whole ``restore()``) vs torch.load.
+
+    Each repeat measures all three and the read floor, each after dropping the files from the page
+    cache; times are the best of ``repeats``, ratios the median of the paired ones.
+    """
     with scratch(root, "restore") as d:
         run = d / "run"
         ckpt = spotsafe.Checkpointer(
@@ -417,29 +435,38 @@ def restore(state: State, root: Path, floor_file: Path) -> RestoreTiming:
         )
         ckpt.save()
         ckpt.close()
-        drop_cache(run)
-        start = time.perf_counter()
-        loaded = load_newest_valid(CheckpointRepository(LocalStorage(run)))
-        load_s = time.perf_counter() - start
-        assert loaded is not None
-        nbytes = loaded.checkpoint.manifest.total_bytes
-        del loaded
-        drop_cache(run)
-        again = spotsafe.Checkpointer(str(run), model=state.model, optimizer=state.optimizer, handle_signals=False)
-        start = time.perf_counter()
-        again.restore()
-        restore_s = time.perf_counter() - start
-        again.close()
         path = d / "state.pt"
         torch.save(state.state_dict(), path)
-        drop_cache(path)
-        start = time.perf_counter()
-        loaded_pt = torch.load(path, weights_only=True)
-        state.model.load_state_dict(loaded_pt["model"])
-        state.optimizer.load_state_dict(loaded_pt["optimizer"])
-        torch_s = time.perf_counter() - start
-        del loaded_pt
-        return RestoreTiming(load_s, restore_s, torch_s, disk_read_floor(floor_file), nbytes)
+        load_s, restore_s, torch_s, floor_s = [], [], [], []
+        nbytes = 0
+        for _ in range(repeats):
+            drop_cache(run)
+            start = time.perf_counter()
+            loaded = load_newest_valid(CheckpointRepository(LocalStorage(run)))
+            load_s.append(time.perf_counter() - start)
+            assert loaded is not None
+            nbytes = loaded.checkpoint.manifest.total_bytes
+            del loaded
+            again = spotsafe.Checkpointer(str(run), model=state.model, optimizer=state.optimizer, handle_signals=False)
+            drop_cache(run)
+            start = time.perf_counter()
+            again.restore()
+            restore_s.append(time.perf_counter() - start)
+            again.close()
+            drop_cache(path)
+            start = time.perf_counter()
+            loaded_pt = torch.load(path, weights_only=True)
+            state.model.load_state_dict(loaded_pt["model"])
+            state.optimizer.load_state_dict(loaded_pt["optimizer"])
+            torch_s.append(time.perf_counter() - start)
+            del loaded_pt
+            floor_s.append(disk_read_floor(floor_file))
+
+        def paired(times: list[float]) -> float:
+            return sorted(t / f for t, f in zip(times, floor_s, strict=True))[len(times) // 2]
+
+        ratios = {"load": paired(load_s), "restore": paired(restore_s), "torch": paired(torch_s)}
+        return RestoreTiming(best(load_s), best(restore_s), best(torch_s), best(floor_s), nbytes, ratios)
 
 
 # -- training throughput --------------------------------------------------------------------------------

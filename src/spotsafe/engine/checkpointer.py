@@ -50,17 +50,18 @@ from typing import Any, NoReturn
 import torch
 
 from spotsafe import __version__
-from spotsafe.engine.components import Progress, collect
+from spotsafe.engine.commits import AfterSave
+from spotsafe.engine.components import Progress, apply_states, collect
 from spotsafe.engine.reader import load_newest_valid
-from spotsafe.engine.saver import Outcome, Saver, SaveState
+from spotsafe.engine.saver import Saver, SaveState
 from spotsafe.engine.staged import wipe_stage
-from spotsafe.engine.staging import parse_budget
-from spotsafe.errors import CheckpointMismatchError, ConfigError, CorruptCheckpointError, SpotsafeError
+from spotsafe.engine.staging import default_budget, parse_budget
+from spotsafe.errors import ConfigError, CorruptCheckpointError
 from spotsafe.exit_codes import EXIT_PREEMPTED
 from spotsafe.notices.base import NoticeBoard, NoticeSource
 from spotsafe.notices.signals import DEFAULT_SIGNALS, SignalNotices
 from spotsafe.policy.interval import SaveContext, SavePolicy, every
-from spotsafe.policy.retention import Candidate, KeepLast
+from spotsafe.policy.retention import KeepLast
 from spotsafe.storage.base import Storage
 from spotsafe.storage.errors import redact
 from spotsafe.storage.fencing import WriterLease
@@ -70,18 +71,9 @@ from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
 from spotsafe.storage.retry import DEFAULT_RETRY, RetryPolicy
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, EventLog, EventSink, RunIdentity
-from spotsafe.telemetry.store import EventUploader, read_run_events
+from spotsafe.telemetry.store import EventUploader, run_history
 
 log = logging.getLogger("spotsafe")
-
-
-def default_budget() -> int | None:
-    """Half the machine's physical memory (``None`` where it cannot be read)."""
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2
-    except (ValueError, OSError, AttributeError):
-        return None
-
 
 ENV_URL = "SPOTSAFE_CHECKPOINT_URL"
 ENV_RUN_ID = "SPOTSAFE_RUN_ID"
@@ -197,10 +189,9 @@ class Checkpointer:
         elif getattr(storage, "on_retry", False) is None:
             storage.on_retry = self._on_retry  # type: ignore[attr-defined]  # an injected RetryingStorage
         self.storage: Storage = storage
-        history = self._read_history()
+        attempts, self._last_known_step = run_history(self.storage)
         self.run_id = os.environ.get(ENV_RUN_ID) or os.path.basename(str(self.storage.url).rstrip("/"))
-        self.attempt = int(os.environ.get(ENV_ATTEMPT) or history["attempts"] + 1)
-        self._last_known_step: int | None = history["last_step"]
+        self.attempt = int(os.environ.get(ENV_ATTEMPT) or attempts + 1)
         self.lease = WriterLease.acquire(self.storage, run_id=self.run_id, attempt=self.attempt, clock=wall_clock)
         self.generation = self.lease.generation
         self.repo = CheckpointRepository(self.storage, clock=wall_clock, fence=self.lease.check)
@@ -212,7 +203,7 @@ class Checkpointer:
         stage = self._open_stage(LocalStorage(stage_dir)) if stage_dir is not None else None
         self._saver = Saver(
             self.repo,
-            on_done=self._save_done,
+            on_done=AfterSave(self.repo, self.retention, self._emit),
             budget=budget,
             background=async_save,
             incremental=incremental,
@@ -266,18 +257,6 @@ class Checkpointer:
         if self.optimizer is None:
             return set()
         return {p.data_ptr() for group in self.optimizer.param_groups for p in group["params"] if p.numel()}
-
-    def _read_history(self) -> dict[str, Any]:
-        """Attempts so far and the furthest step the latest attempt reached, from the event log."""
-        attempts, last_step = 0, None
-        for logged in read_run_events(self.storage):
-            event = logged.event
-            if isinstance(event, ev.RunStarted):
-                attempts += 1
-                last_step = None
-            elif isinstance(event, (ev.Progress, ev.SaveCommitted, ev.RunExited, ev.RestoreCompleted)):
-                last_step = max(last_step or 0, event.step)
-        return {"attempts": attempts, "last_step": last_step}
 
     def _emit(self, cls: type[ev.Event], **fields: Any) -> None:
         self.events.emit(cls(time=self._wall(), **fields))
@@ -333,7 +312,8 @@ class Checkpointer:
             self._emit(ev.RestoreFresh, skipped=len(skipped))
             return 0
         name = restored.checkpoint.ref.name
-        self._apply(restored.components, strict=strict, where=name)
+        warn = lambda message: self._emit(ev.RunWarning, message=message)  # noqa: E731
+        apply_states(self._components, restored.components, strict=strict, where=name, warn=warn)
         if self._saver is not None:
             self._saver.adopt(restored.checkpoint, restored.decoded)
         self._last_save_step = self.step
@@ -350,29 +330,6 @@ class Checkpointer:
             replayed_steps=replayed,
         )
         return self.step
-
-    def _apply(self, states: Mapping[str, Any], *, strict: bool, where: str) -> None:
-        missing = [n for n in self._components if n not in states]
-        if missing and strict:
-            raise CheckpointMismatchError(
-                f"checkpoint {where} has no state for {', '.join(missing)}; it was written by a run with "
-                "different objects. Register the same objects, or call restore(strict=False).",
-                checkpoint=where,
-            )
-        unknown = [n for n in states if n not in self._components]
-        if unknown:
-            self._emit(ev.RunWarning, message=f"checkpoint {where} holds state for unregistered {', '.join(unknown)}")
-        for name, component in self._components.items():
-            if name not in states:
-                continue
-            try:
-                component.load_state_dict(states[name])
-            except CheckpointMismatchError:
-                raise
-            except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
-                raise CheckpointMismatchError(
-                    f"checkpoint {where}: the saved {name} does not fit the current one: {err}", checkpoint=where
-                ) from err
 
     # -- the loop ------------------------------------------------------------
     def step_done(self) -> bool:
@@ -524,71 +481,10 @@ class Checkpointer:
             "reason": reason,
         }
 
-    def _save_done(self, outcome: Outcome) -> None:
-        """A save ended (on the save worker, or inline for a direct save)."""
-        job = outcome.job
-        if outcome.error is not None or outcome.manifest is None:
-            error = outcome.error
-            self._emit(
-                ev.SaveFailed, step=job.step, reason=job.reason, error=redact(f"{type(error).__name__}: {error}")
-            )
-            return
-        manifest = outcome.manifest
-        self._emit(
-            ev.SaveCommitted,
-            step=job.step,
-            checkpoint=job.ref.name,
-            reason=job.reason,
-            bytes=manifest.total_bytes,
-            blobs=len(manifest.blobs),
-            stall_s=job.stall_s,
-            duration_s=outcome.duration_s,
-            written_bytes=manifest.own_bytes,
-        )
-        try:
-            self.repo.write_latest(job.ref)
-            self._apply_retention(job.ref)
-        except SpotsafeError as err:
-            # The new checkpoint is committed; failing to update the hint or delete old ones must not undo that.
-            log.warning("spotsafe: after committing %s: %s", job.ref.name, err)
-            self._emit(ev.RunWarning, message=redact(f"after committing {job.ref.name}: {err}"))
-
     def _raise_save_failure(self) -> None:
         failure = self._saver.take_failure() if self._saver is not None else None
         if failure is not None:
             raise failure
-
-    def _apply_retention(self, just_committed: CheckpointRef) -> None:
-        """Delete what the retention policy says, after ``just_committed`` was committed.
-
-        The checkpoint this process just committed is intact by construction (its blobs have
-        the sizes it wrote), so the others are only checked when it is not among the kept ones.
-        Files that a kept checkpoint shares survive their own checkpoint's deletion.
-        """
-        refs = {r.name: r for r in self.repo.committed()}
-        candidates = [
-            Candidate(name=r.name, step=r.step, intact=True if r == just_committed else None) for r in refs.values()
-        ]
-        if not any(c.intact for c in candidates[: self.retention.n]):
-            candidates = [Candidate(name=r.name, step=r.step, intact=self._intact(r)) for r in refs.values()]
-        deleted = False
-        for candidate in self.retention.to_delete(candidates):
-            self.repo.delete(refs[candidate.name])
-            deleted = True
-            self._emit(
-                ev.CheckpointDeleted, checkpoint=candidate.name, step=candidate.step, reason=self.retention.describe()
-            )
-        if deleted:
-            # Folders kept only for their shared files may be unreferenced now. No save is in
-            # flight here (this runs at the end of the only one), so every uncommitted folder is garbage.
-            self.repo.remove_leftovers()
-
-    def _intact(self, ref: CheckpointRef) -> bool:
-        try:
-            self.repo.check_sizes(ref)
-        except CorruptCheckpointError:
-            return False
-        return True
 
     def finish(self) -> None:
         """Save the final state (unless the last save was at this step), wait until it is durable, close."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from spotsafe.errors import CheckpointMismatchError, ConfigError
@@ -43,3 +43,35 @@ def collect(named: Mapping[str, Any], extra: Mapping[str, Any] | None, progress:
     components["progress"] = progress
     components["rng"] = GlobalRNG()
     return components
+
+
+def apply_states(
+    components: Mapping[str, Any],
+    states: Mapping[str, Any],
+    *,
+    strict: bool,
+    where: str,
+    warn: Callable[[str], None],
+) -> None:
+    """Load restored ``states`` into ``components`` (in their order); a mismatch raises, never half-guesses."""
+    missing = [n for n in components if n not in states]
+    if missing and strict:
+        raise CheckpointMismatchError(
+            f"checkpoint {where} has no state for {', '.join(missing)}; it was written by a run with "
+            "different objects. Register the same objects, or call restore(strict=False).",
+            checkpoint=where,
+        )
+    unknown = [n for n in states if n not in components]
+    if unknown:
+        warn(f"checkpoint {where} holds state for unregistered {', '.join(unknown)}")
+    for name, component in components.items():
+        if name not in states:
+            continue
+        try:
+            component.load_state_dict(states[name])
+        except CheckpointMismatchError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+            raise CheckpointMismatchError(
+                f"checkpoint {where}: the saved {name} does not fit the current one: {err}", checkpoint=where
+            ) from err

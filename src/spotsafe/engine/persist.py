@@ -1,9 +1,10 @@
-"""Persisting a snapshot through the commit protocol.
+"""Persisting a whole snapshot through the commit protocol, straight from the live tensors.
 
-This is the part a background writer runs (in a later release, on a worker
-thread, from staged copies): it takes a :class:`~spotsafe.state.snapshot.Snapshot`
-whose tensors must not change while it runs, and either commits the whole
-checkpoint or leaves nothing visible.
+This is the *direct* save (:mod:`spotsafe.engine.saver` uses it when the state
+does not fit the staging budget, or with ``async_save=False``): it takes a
+:class:`~spotsafe.state.snapshot.Snapshot` whose tensors must not change while it
+runs, streams every tensor into its component's blob, and either commits the
+whole checkpoint or leaves nothing visible.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spotsafe.errors import ConfigError
+from spotsafe.storage.base import HUGE, new_buffer
 
 CHUNK = 1 << 20
 """Change-detection granularity in bytes."""
@@ -79,6 +80,14 @@ def parse_budget(value: int | str | None) -> int | None:
                 break
             return int(amount * scale)
     raise ConfigError(f"staging_budget {value!r} is not a size: use bytes or a size such as '4GB' or '512MiB'")
+
+
+def default_budget() -> int | None:
+    """Half the machine's physical memory (``None`` where it cannot be read)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @dataclass
@@ -208,8 +217,12 @@ class StagingArea:
         nbytes = _nbytes(tensor)
         slot = self.slots.get(key)
         if slot is None or slot.nbytes != nbytes or slot.dtype != tensor.dtype or slot.shape != tuple(tensor.shape):
-            pin = tensor.device.type == "cuda" and torch.cuda.is_available()
-            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+            if tensor.device.type == "cuda" and torch.cuda.is_available():
+                buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            elif nbytes >= HUGE:
+                buffer = torch.frombuffer(new_buffer(nbytes), dtype=torch.uint8)
+            else:
+                buffer = torch.empty(nbytes, dtype=torch.uint8)
             slot = Slot(
                 buffer=buffer, dtype=tensor.dtype, shape=tuple(tensor.shape), locations=[None] * _chunks(nbytes)
             )

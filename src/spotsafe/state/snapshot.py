@@ -100,15 +100,15 @@ class DecodedState:
     entries: dict[str, list[TensorEntry]]
 
 
-def restore_components(blobs: Mapping[str, bytearray], where: str) -> dict[str, Any]:
+def restore_components(blobs: Mapping[str, bytearray | memoryview], where: str) -> dict[str, Any]:
     """Decode verified blobs back into ``{component: state}``. Tensors view the blobs' memory."""
     return decode_state(blobs, where).components
 
 
-def decode_state(blobs: Mapping[str, bytearray], where: str) -> DecodedState:
+def decode_state(blobs: Mapping[str, bytearray | memoryview], where: str) -> DecodedState:
     """Decode verified blobs (keyed as the manifest names them) into components and tensor entries."""
     try:
-        doc = json.loads(blobs[STATE_BLOB])
+        doc = json.loads(bytes(blobs[STATE_BLOB]))
     except KeyError:
         raise CorruptCheckpointError(f"{where}: the checkpoint has no {STATE_BLOB}") from None
     except (ValueError, UnicodeDecodeError) as err:

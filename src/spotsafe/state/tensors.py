@@ -181,7 +181,7 @@ def pack(tensors: Sequence[torch.Tensor], entries: Sequence[TensorEntry]) -> Ite
         position = entry.offset + data.nbytes
 
 
-def unpack(blobs: Mapping[str, bytearray], entry: TensorEntry) -> torch.Tensor:
+def unpack(blobs: Mapping[str, bytearray | memoryview], entry: TensorEntry) -> torch.Tensor:
     """The tensor ``entry`` describes, from verified ``blobs`` (keyed by blob name).
 
     A tensor in one aligned segment views its blob's memory (no copy; the blob

@@ -10,16 +10,38 @@ PUT is atomic, nothing else is).
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
 from spotsafe.errors import PermanentStorageError
 
 Chunk = bytes | bytearray | memoryview
+Buffer = bytearray | memoryview
+"""Writable memory that a blob is read into."""
 ChunkSource = Callable[[], Iterable[Chunk]]
 TMP_MARKER = ".tmp-"
 """Marks temporary files (``.<name>.tmp-<random>``) that cleanup may delete."""
 """Produces an object's bytes from the start each time it is called, so a write can be retried."""
+
+
+HUGE = 2 * 1024 * 1024
+
+
+def new_buffer(size: int) -> memoryview:
+    """Writable, uninitialised memory of ``size`` bytes, for reading a blob into.
+
+    Large buffers are anonymous maps advised to use transparent huge pages: touching fresh
+    memory page by page is a large part of reading a big checkpoint (``bytearray(size)``
+    would also zero it first, a wasted pass).
+    """
+    if size < HUGE:
+        return memoryview(bytearray(size))
+    region = mmap.mmap(-1, size)
+    with contextlib.suppress(AttributeError, OSError):
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return memoryview(region)
 
 
 class BlobNotFoundError(PermanentStorageError):

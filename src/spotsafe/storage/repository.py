@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from spotsafe.errors import CorruptCheckpointError
-from spotsafe.storage.base import TMP_MARKER, BlobNotFoundError, Chunk, ChunkSource, Storage
+from spotsafe.storage.base import TMP_MARKER, BlobNotFoundError, Buffer, Chunk, ChunkSource, Storage, new_buffer
 from spotsafe.storage.manifest import MANIFEST_NAME, BlobEntry, Manifest, check_blob_name, new_hasher
 
 CHECKPOINTS = "checkpoints"
@@ -163,7 +163,7 @@ class LoadedCheckpoint:
 
     ref: CheckpointRef
     manifest: Manifest
-    blobs: dict[str, bytearray]
+    blobs: dict[str, Buffer]
 
 
 class CheckpointRepository:
@@ -276,10 +276,10 @@ class CheckpointRepository:
                 f"blob {entry.ref} has {size} bytes, the manifest says {entry.size}", checkpoint=ref.name
             )
 
-    def read_blob(self, ref: CheckpointRef, entry: BlobEntry) -> bytearray:
-        """Read one blob, verifying its size and checksum."""
+    def read_blob(self, ref: CheckpointRef, entry: BlobEntry) -> Buffer:
+        """Read one blob, verifying its size and checksum. Returns writable memory of exactly its size."""
         self._checked_size(ref, entry)
-        buffer = bytearray(entry.size)
+        buffer = new_buffer(entry.size)
         try:
             got = self.storage.read_into(self.blob_key(ref, entry), buffer)
         except BlobNotFoundError as err:
@@ -297,7 +297,7 @@ class CheckpointRepository:
     def load(self, ref: CheckpointRef, progress: ProgressFn | None = None) -> LoadedCheckpoint:
         """Read and verify every blob of ``ref``. Raises :class:`CorruptCheckpointError`."""
         manifest = self.read_manifest(ref)
-        blobs: dict[str, bytearray] = {}
+        blobs: dict[str, Buffer] = {}
         for entry in manifest.blobs:
             blobs[entry.ref] = self.read_blob(ref, entry)
             if progress is not None:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 from spotsafe.errors import StorageError
 from spotsafe.storage.base import Storage
+from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, parse_lines, read_events
 
 EVENTS_PREFIX = "events"
@@ -89,3 +90,16 @@ def read_run_events(storage: Storage) -> Iterator[LoggedEvent]:
     for segment in sorted(parts, key=_segment_order):
         for _, key in sorted(parts[segment]):
             yield from parse_lines(storage.read(key).splitlines())
+
+
+def run_history(storage: Storage) -> tuple[int, int | None]:
+    """Attempts so far, and the furthest step the latest attempt reached, from the run's event log."""
+    attempts, last_step = 0, None
+    for logged in read_run_events(storage):
+        event = logged.event
+        if isinstance(event, ev.RunStarted):
+            attempts += 1
+            last_step = None
+        elif isinstance(event, (ev.Progress, ev.SaveCommitted, ev.RunExited, ev.RestoreCompleted)):
+            last_step = max(last_step or 0, event.step)
+    return attempts, last_step

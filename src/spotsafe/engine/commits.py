@@ -1,0 +1,91 @@
+"""What happens after a save ends: its event, the ``latest`` hint, and retention.
+
+Runs on the save worker (or inline for a direct save), at the end of the only
+save in flight, so retention never races a save of this process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from spotsafe.engine.saver import Outcome
+from spotsafe.errors import CorruptCheckpointError, SpotsafeError
+from spotsafe.policy.retention import Candidate, KeepLast
+from spotsafe.storage.errors import redact
+from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
+from spotsafe.telemetry import events as ev
+
+log = logging.getLogger("spotsafe")
+
+Emit = Callable[..., None]
+
+
+class AfterSave:
+    """Records how each save ended and applies retention after each commit."""
+
+    def __init__(self, repo: CheckpointRepository, retention: KeepLast, emit: Emit) -> None:
+        self.repo = repo
+        self.retention = retention
+        self._emit = emit
+
+    def __call__(self, outcome: Outcome) -> None:
+        """A save ended."""
+        job = outcome.job
+        if outcome.error is not None or outcome.manifest is None:
+            error = outcome.error
+            self._emit(
+                ev.SaveFailed, step=job.step, reason=job.reason, error=redact(f"{type(error).__name__}: {error}")
+            )
+            return
+        manifest = outcome.manifest
+        self._emit(
+            ev.SaveCommitted,
+            step=job.step,
+            checkpoint=job.ref.name,
+            reason=job.reason,
+            bytes=manifest.total_bytes,
+            blobs=len(manifest.blobs),
+            stall_s=job.stall_s,
+            duration_s=outcome.duration_s,
+            written_bytes=manifest.own_bytes,
+        )
+        try:
+            self.repo.write_latest(job.ref)
+            self.apply_retention(job.ref)
+        except SpotsafeError as err:
+            # The new checkpoint is committed; failing to update the hint or delete old ones must not undo that.
+            log.warning("spotsafe: after committing %s: %s", job.ref.name, err)
+            self._emit(ev.RunWarning, message=redact(f"after committing {job.ref.name}: {err}"))
+
+    def apply_retention(self, just_committed: CheckpointRef) -> None:
+        """Delete what the retention policy says, after ``just_committed`` was committed.
+
+        The checkpoint this process just committed is intact by construction (its blobs have
+        the sizes it wrote), so the others are only checked when it is not among the kept ones.
+        Files that a kept checkpoint shares survive their own checkpoint's deletion.
+        """
+        refs = {r.name: r for r in self.repo.committed()}
+        candidates = [
+            Candidate(name=r.name, step=r.step, intact=True if r == just_committed else None) for r in refs.values()
+        ]
+        if not any(c.intact for c in candidates[: self.retention.n]):
+            candidates = [Candidate(name=r.name, step=r.step, intact=self._intact(r)) for r in refs.values()]
+        deleted = False
+        for candidate in self.retention.to_delete(candidates):
+            self.repo.delete(refs[candidate.name])
+            deleted = True
+            self._emit(
+                ev.CheckpointDeleted, checkpoint=candidate.name, step=candidate.step, reason=self.retention.describe()
+            )
+        if deleted:
+            # Folders kept only for their shared files may be unreferenced now. No save is in
+            # flight here (this runs at the end of the only one), so every uncommitted folder is garbage.
+            self.repo.remove_leftovers()
+
+    def _intact(self, ref: CheckpointRef) -> bool:
+        try:
+            self.repo.check_sizes(ref)
+        except CorruptCheckpointError:
+            return False
+        return True
