@@ -62,6 +62,7 @@ from spotsafe.notices.base import NoticeBoard, NoticeSource
 from spotsafe.notices.signals import DEFAULT_SIGNALS, SignalNotices
 from spotsafe.policy.interval import SaveContext, SavePolicy, every
 from spotsafe.policy.retention import KeepLast
+from spotsafe.state.snapshot import Snapshot
 from spotsafe.storage.base import Storage
 from spotsafe.storage.errors import redact
 from spotsafe.storage.fencing import WriterLease
@@ -315,7 +316,8 @@ class Checkpointer:
         warn = lambda message: self._emit(ev.RunWarning, message=message)  # noqa: E731
         apply_states(self._components, restored.components, strict=strict, where=name, warn=warn)
         if self._saver is not None:
-            self._saver.adopt(restored.checkpoint, restored.decoded)
+            live = Snapshot.capture(self.step, {n: c.state_dict() for n, c in self._components.items()})
+            self._saver.adopt(restored.checkpoint, restored.decoded, [t for p in live.components for t in p.tensors])
         self._last_save_step = self.step
         self._last_save_time = self._clock()
         replayed = None if self._last_known_step is None else max(0, self._last_known_step - self.step)

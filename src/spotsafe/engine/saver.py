@@ -29,6 +29,7 @@ Threads: every public method is for the training thread. ``on_committed`` and
 from __future__ import annotations
 
 import atexit
+import bisect
 import contextlib
 import enum
 import functools
@@ -36,7 +37,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,16 +235,27 @@ class Saver:
         self._thread.start()
         return job
 
-    def adopt(self, loaded: LoadedCheckpoint, decoded: DecodedState) -> None:
-        """After a restore: fill the staging slots with the verified bytes so the next save can share them."""
+    def adopt(self, loaded: LoadedCheckpoint, decoded: DecodedState, live: Iterable[torch.Tensor]) -> None:
+        """After a restore: the verified bytes become staging slots, so the next save can share them.
+
+        ``live`` are the state's tensors after loading. The loaded blob memory is used as the
+        slots themselves (no copy) wherever no live tensor uses that memory: ``load_state_dict``
+        copies into a model's parameters, but an optimizer keeps the tensors it is given, and a
+        slot must never be memory that training modifies. Such tensors get no slot; the next
+        save copies them (optimizer moments change at every step anyway).
+        """
         if not self.incremental or not self.background:
             return
         name = loaded.ref.name
         items = [((c, i), e) for c, entries in decoded.entries.items() for i, e in enumerate(entries)]
         if self.area.budget is not None and sum(e.nbytes for _, e in items) > self.area.budget:
             return
+        used = _ranges(live)
         for key, entry in items:
-            self.area.adopt(key, unpack(loaded.blobs, entry), locations_of(entry, name))
+            tensor = unpack(loaded.blobs, entry)
+            if tensor.numel() == 0 or _overlaps(tensor, used):
+                continue
+            self.area.adopt(key, tensor, locations_of(entry, name))
         self._known = {}
         for blob in loaded.manifest.blobs:
             shared = blob if blob.checkpoint is not None else BlobEntry(blob.path, blob.size, blob.checksum, name)
@@ -356,6 +368,25 @@ def _lower_priority() -> None:
     """
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
+
+
+def _ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
+    """Sorted memory ranges ``[start, end)`` of the CPU tensors' storages."""
+    out = []
+    for t in tensors:
+        if t.device.type == "cpu":
+            storage = t.untyped_storage()
+            if storage.nbytes():
+                out.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+    return sorted(out)
+
+
+def _overlaps(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """Whether the tensor's storage shares memory with any of ``ranges`` (sorted by start)."""
+    lo = tensor.untyped_storage().data_ptr()
+    hi = lo + tensor.untyped_storage().nbytes()
+    below = bisect.bisect_left(ranges, (hi, hi))  # only ranges that start before ``hi`` can overlap
+    return any(end > lo for _, end in ranges[:below])
 
 
 def _version(tensor: torch.Tensor) -> int | None:

@@ -302,11 +302,12 @@ class StagingArea:
                 entry.slot.locations[c] = location
 
     def adopt(self, key: tuple[str, int], data: torch.Tensor, locations: list[Location | None]) -> None:
-        """Fill a slot from verified checkpoint bytes (after a restore) so the next save can share them."""
-        slot = self._slot(key, data)
+        """Make ``data`` (verified checkpoint bytes, on the CPU, used by nothing else) the slot of ``key``.
+
+        No copy: the slot views ``data``'s memory from now on.
+        """
         flat = data.reshape(-1).view(torch.uint8)
-        slot.buffer.copy_(flat)
-        slot.locations = list(locations)
+        self.slots[key] = Slot(buffer=flat, dtype=data.dtype, shape=tuple(data.shape), locations=list(locations))
 
 
 def _runs(chunks: Sequence[int], nbytes: int) -> Iterator[tuple[int, int]]:
