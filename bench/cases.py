@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -102,37 +101,37 @@ def best(times: list[float]) -> float:
     return min(times)
 
 
+def _files(path: Path) -> list[Path]:
+    """``path`` itself if it is a file, else every file under it."""
+    return [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+
+
+def _sync(path: Path, *, drop: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        if drop:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file, or every file of a folder and the folder itself."""
-    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    for p in _files(path):
+        _sync(p)
     if path.is_dir():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _sync(path)
 
 
 def drop_cache(path: Path) -> None:
     """Evict a file's (or a folder's files') pages from the page cache, so the next read hits the disk."""
-    paths = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    for p in _files(path):
+        _sync(p, drop=True)
 
 
 def folder_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in _files(path))
 
 
 @contextlib.contextmanager
@@ -545,10 +544,3 @@ def training_throughput(
         nbytes = holder[0].staging_bytes
         holder[0].close()
     return max(rates["plain"]), max(rates["saving"]), nbytes
-
-
-def threads_note() -> str:
-    return f"torch threads {torch.get_num_threads()}, python threads {threading.active_count()}"
-
-
-Timer = Callable[[], float]

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from spotsafe.engine.persist import persist
-from spotsafe.engine.plan import SavePlan, locations_of, make_plan
+from spotsafe.engine.plan import locations_of, make_plan
 from spotsafe.engine.staged import upload_staged
 from spotsafe.engine.staging import StagedTensor, StageStats, StagingArea
 from spotsafe.errors import CheckpointError, CorruptCheckpointError
@@ -92,7 +92,6 @@ class SaveJob:
     copied: threading.Event = field(default_factory=threading.Event)
     verdict: threading.Event = field(default_factory=threading.Event)
     torn: str | None = None
-    plan: SavePlan | None = None
 
     def to(self, state: SaveState) -> None:
         legal = {
@@ -290,7 +289,7 @@ class Saver:
         self.on_done(Outcome(job, manifest, error, self._clock() - job.started))
 
     def _write(self, job: SaveJob) -> Manifest:
-        plan = job.plan = make_plan(job.snapshot, job.staged, self._known)
+        plan = make_plan(job.snapshot, job.staged, self._known)
         target = self.stage[0] if self.stage is not None else self.repo
         pending = target.begin_copy(job.ref)
         try:

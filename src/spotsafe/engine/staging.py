@@ -175,10 +175,6 @@ class StagingArea:
         for slot in self.slots.values():
             slot.locations = [None] * slot.chunks()
 
-    def clear(self) -> None:
-        self.slots.clear()
-        self._bounce = None
-
     # -- staging ---------------------------------------------------------------
     def stage(self, items: Sequence[tuple[tuple[str, int], torch.Tensor]], stats: StageStats) -> list[StagedTensor]:
         """Bring every slot up to date with the live tensors; return what each save must write.
