@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ import xxhash
 from spotsafe.errors import CorruptCheckpointError, PermanentStorageError, StorageError, UnsafeCheckpointError
 from spotsafe.storage.base import Storage
 from spotsafe.storage.local import LocalStorage
-from spotsafe.storage.manifest import MANIFEST_NAME, Manifest
+from spotsafe.storage.manifest import MANIFEST_NAME, Manifest, new_hasher
 from spotsafe.storage.registry import open_storage
-from spotsafe.storage.repository import CHECKPOINTS, CheckpointRef, CheckpointRepository
+from spotsafe.storage.repository import CHECKPOINTS, CheckpointRef, CheckpointRepository, _HashAsRead
 
 BLOBS = {"model.bin": bytes(range(256)) * 40 + b"tail", "state.json": b'{"step": 1}', "empty.bin": b""}
 
@@ -562,3 +563,41 @@ def test_storage_basics(storage: Storage) -> None:
     assert storage.find("") == []
     path = local_path(storage, "p")
     assert path is None or not path.exists()
+
+
+# -- checksums computed while a blob is read ---------------------------------------------
+
+
+def _digest(data: bytes | bytearray) -> str:
+    hasher = new_hasher()
+    hasher.update(data)
+    return str(hasher.hexdigest())
+
+
+def _fill(buffer: bytearray, data: bytes, progress: Callable[[int], None], piece: int) -> None:
+    progress(0)
+    for start in range(0, len(data), piece):
+        buffer[start : start + piece] = data[start : start + piece]
+        progress(min(start + piece, len(data)))
+
+
+def test_hash_as_read_matches_a_hash_of_the_whole_buffer() -> None:
+    data = os.urandom(5 * 2**20 + 123)
+    buffer = bytearray(len(data))
+    hashing = _HashAsRead(memoryview(buffer))
+    _fill(buffer, data, hashing.progress, 2**20)
+    assert hashing.finish() == _digest(data)
+
+
+def test_hash_as_read_hashes_what_a_retried_read_left_in_the_buffer() -> None:
+    """A first attempt that read other bytes must not leave its bytes in the digest."""
+    good = os.urandom(3 * 2**20)
+    buffer = bytearray(len(good))
+    hashing = _HashAsRead(memoryview(buffer))
+    _fill(buffer, os.urandom(len(good)), hashing.progress, 2**20)  # attempt 1: other bytes, then a retry
+    _fill(buffer, good, hashing.progress, 2**20)
+    assert hashing.finish() == _digest(good)
+    hashing = _HashAsRead(memoryview(buffer))
+    buffer[:] = os.urandom(len(good))
+    hashing.progress(len(good))  # a short or damaged read: the digest is of what the buffer holds
+    assert hashing.finish() == _digest(buffer) != _digest(good)

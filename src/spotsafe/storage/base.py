@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 from spotsafe.errors import PermanentStorageError
 
 Chunk = bytes | bytearray | memoryview
+ReadProgress = Callable[[int], None]
 Buffer = bytearray | memoryview
 """Writable memory that a blob is read into."""
 ChunkSource = Callable[[], Iterable[Chunk]]
@@ -75,8 +76,12 @@ class Storage(Protocol):
         """Return the whole object. Raises :class:`BlobNotFoundError`."""
         ...
 
-    def read_into(self, key: str, buffer: bytearray | memoryview) -> int:
-        """Read the object into ``buffer`` (sized by the caller), returning bytes read."""
+    def read_into(self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None) -> int:
+        """Read the object into ``buffer`` (sized by the caller), returning bytes read.
+
+        ``progress(n)``, if given, is called as bytes arrive with how many are in ``buffer`` so
+        far (so a caller can checksum while the rest is read); a retried read starts again at 0.
+        """
         ...
 
     def size(self, key: str) -> int:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from spotsafe.errors import TransientStorageError
-from spotsafe.storage.base import Chunk, ChunkSource, Storage
+from spotsafe.storage.base import Chunk, ChunkSource, ReadProgress, Storage
 
 T = TypeVar("T")
 
@@ -93,8 +93,8 @@ class FaultyStorage:
     def read(self, key: str) -> bytes:
         return self._call(f"read {key}", lambda: self.inner.read(key))
 
-    def read_into(self, key: str, buffer: bytearray | memoryview) -> int:
-        return self._call(f"read {key}", lambda: self.inner.read_into(key, buffer))
+    def read_into(self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None) -> int:
+        return self._call(f"read {key}", lambda: self.inner.read_into(key, buffer, progress))
 
     def size(self, key: str) -> int:
         return self._call(f"stat {key}", lambda: self.inner.size(key))

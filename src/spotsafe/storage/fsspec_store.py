@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from spotsafe.errors import PermanentStorageError
-from spotsafe.storage.base import BlobNotFoundError, ChunkSource
+from spotsafe.storage.base import BlobNotFoundError, ChunkSource, ReadProgress
 from spotsafe.storage.errors import redact_url, translate
 
 T = TypeVar("T")
@@ -37,14 +37,25 @@ def _missing_ok(err: FileNotFoundError, key: str, where: str) -> None:
         raise err
 
 
-def read_fully(handle: Any, view: memoryview) -> int:
-    """Fill ``view`` from ``handle`` until it is full or the file ends; return the bytes read."""
+READ_PIECE = 16 * 1024 * 1024
+
+
+def read_fully(handle: Any, view: memoryview, progress: ReadProgress | None = None) -> int:
+    """Fill ``view`` from ``handle`` until it is full or the file ends; return the bytes read.
+
+    Reads at most :data:`READ_PIECE` bytes at a time and reports each to ``progress``; it
+    reports 0 first, so a listener sees every retried read start again.
+    """
     got = 0
+    if progress is not None:
+        progress(0)
     while got < view.nbytes:
-        n = handle.readinto(view[got:])
+        n = handle.readinto(view[got : got + READ_PIECE])
         if not n:
             break
         got += n
+        if progress is not None:
+            progress(got)
     return got
 
 
@@ -124,13 +135,13 @@ class FsspecStorage:
         data = self._call(key, lambda: self.fs.cat_file(path))
         return bytes(data)
 
-    def read_into(self, key: str, buffer: bytearray | memoryview) -> int:
+    def read_into(self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None) -> int:
         path = self._path(key)
         view = memoryview(buffer)
 
         def run() -> int:
             with self.fs.open(path, "rb", block_size=self.block_size) as handle:
-                return read_fully(handle, view)
+                return read_fully(handle, view, progress)
 
         return self._call(key, run)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from fsspec.implementations.local import LocalFileSystem
 
 from spotsafe.errors import ConfigError
-from spotsafe.storage.base import TMP_MARKER, ChunkSource
+from spotsafe.storage.base import TMP_MARKER, ChunkSource, ReadProgress
 from spotsafe.storage.errors import translate
 from spotsafe.storage.fsspec_store import FsspecStorage, check_key, read_fully
 
@@ -87,11 +87,11 @@ class LocalStorage(FsspecStorage):
             tmp.unlink(missing_ok=True)
             raise translate(err, key, self.url) from err
 
-    def read_into(self, key: str, buffer: bytearray | memoryview) -> int:
+    def read_into(self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None) -> int:
         view = memoryview(buffer)
         try:
             with open(self.path_of(key), "rb", buffering=0) as handle:
-                return read_fully(handle, view)
+                return read_fully(handle, view, progress)
         except OSError as err:
             raise translate(err, key, self.url) from err
 

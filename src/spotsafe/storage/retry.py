@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from spotsafe.errors import ConfigError, TransientStorageError
-from spotsafe.storage.base import ChunkSource, Storage
+from spotsafe.storage.base import ChunkSource, ReadProgress, Storage
 
 T = TypeVar("T")
 RetryHook = Callable[[str, int, float, Exception], None]
@@ -104,8 +104,8 @@ class RetryingStorage:
     def read(self, key: str) -> bytes:
         return self._retry(f"read {key}", lambda: self.inner.read(key))
 
-    def read_into(self, key: str, buffer: bytearray | memoryview) -> int:
-        return self._retry(f"read {key}", lambda: self.inner.read_into(key, buffer))
+    def read_into(self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None) -> int:
+        return self._retry(f"read {key}", lambda: self.inner.read_into(key, buffer, progress))
 
     def size(self, key: str) -> int:
         return self._retry(f"stat {key}", lambda: self.inner.size(key))
