@@ -68,6 +68,13 @@ class Job:
         self.train_step()
         return self.ckpt.step_done()
 
+    def saved(self) -> CheckpointRef:
+        """Save now and wait until the checkpoint is committed."""
+        ref = self.ckpt.save()
+        self.ckpt.wait()
+        assert ref is not None
+        return ref
+
     def state(self) -> dict[str, Any]:
         """A deep copy of the state a checkpoint of this job must hold."""
         return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
@@ -177,8 +184,7 @@ def test_a_background_failure_is_raised_once_at_the_next_call(
     storage = Failing(tmp_path)
     job = build(tmp_path, storage=storage)
     job.step()
-    good = job.ckpt.save()
-    job.ckpt.wait()
+    good = job.saved()
     job.step()
     storage.error = error
     bad = job.ckpt.save()  # staged: returns before the write fails
@@ -220,8 +226,7 @@ def test_saves_go_on_after_a_failure_and_restore_bit_exact(tmp_path: Path) -> No
         job.step()  # raised by step_done, before it counts the step
     job.step()
     expected = job.state()
-    ref = job.ckpt.save()
-    job.ckpt.wait()
+    ref = job.saved()
     job.ckpt.close()
     assert ref is not None and ref.step == job.ckpt.step
     assert not diff(restored_state(tmp_path, ref), expected)
@@ -311,11 +316,9 @@ def test_a_staged_save_holds_the_state_of_the_step_it_was_taken_at(tmp_path: Pat
 def test_a_frozen_backbone_is_written_once(tmp_path: Path) -> None:
     job = build(tmp_path)
     job.step()
-    first = job.ckpt.save()
-    job.ckpt.wait()
+    first = job.saved()
     job.step()
-    second = job.ckpt.save()
-    job.ckpt.wait()
+    second = job.saved()
     third = job.ckpt.save()  # nothing changed since the second
     job.ckpt.wait()
     job.ckpt.close()
@@ -462,8 +465,7 @@ def _flip_byte(url: str, key: str, at: int) -> None:
 def test_retention_keeps_shared_blobs_until_nothing_needs_them(run_url: str) -> None:
     job = build(run_url, keep=1)
     job.step()
-    first = job.ckpt.save()
-    job.ckpt.wait()
+    first = job.saved()
     for _ in range(3):
         job.step()
         job.ckpt.save()
@@ -499,8 +501,7 @@ def test_retention_keeps_shared_blobs_until_nothing_needs_them(run_url: str) -> 
     full = build(run_url, keep=1, async_save=False)  # a direct save writes everything
     assert full.ckpt.restore() == 5
     full.step()
-    last = full.ckpt.save()
-    full.ckpt.wait()
+    last = full.saved()
     expected = full.state()
     full.ckpt.close()
     assert last is not None
@@ -514,14 +515,11 @@ def test_retention_keeps_shared_blobs_until_nothing_needs_them(run_url: str) -> 
 def test_a_damaged_shared_blob_fails_its_referencing_checkpoints(run_url: str) -> None:
     job = build(run_url, keep=5)
     job.step()
-    a = job.ckpt.save()
-    job.ckpt.wait()
+    a = job.saved()
     job.step()
-    b = job.ckpt.save()
-    job.ckpt.wait()
+    b = job.saved()
     job.ckpt.step_done()  # step 3, nothing changed: everything but state.json is shared
-    c = job.ckpt.save()
-    job.ckpt.wait()
+    c = job.saved()
     job.ckpt.close()
     assert a is not None and b is not None and c is not None
     repo = repo_of(run_url)
@@ -544,11 +542,9 @@ def test_a_damaged_shared_blob_fails_its_referencing_checkpoints(run_url: str) -
 def test_a_damaged_blob_of_a_deleted_checkpoint_fails_the_one_that_shares_it(tmp_path: Path) -> None:
     job = build(tmp_path, keep=1)
     job.step()
-    first = job.ckpt.save()
-    job.ckpt.wait()
+    first = job.saved()
     job.step()
-    kept = job.ckpt.save()
-    job.ckpt.wait()
+    kept = job.saved()
     job.ckpt.close()
     assert first is not None and kept is not None
     assert repo_of(tmp_path).committed() == [kept]
@@ -567,11 +563,9 @@ def test_a_damaged_blob_of_a_deleted_checkpoint_fails_the_one_that_shares_it(tmp
 def _committed_pair(run: Path) -> tuple[CheckpointRef, CheckpointRef]:
     job = build(run, keep=5)
     job.step()
-    a = job.ckpt.save()
-    job.ckpt.wait()
+    a = job.saved()
     job.step()
-    b = job.ckpt.save()
-    job.ckpt.wait()
+    b = job.saved()
     job.ckpt.close()
     assert a is not None and b is not None
     return a, b
@@ -678,8 +672,7 @@ def test_commit_refuses_when_a_shared_blob_is_gone_or_changed(tmp_path: Path) ->
 def test_a_save_whose_shared_blob_was_deleted_fails_and_commits_nothing(tmp_path: Path) -> None:
     job = build(tmp_path, keep=5)
     job.step()
-    a = job.ckpt.save()
-    job.ckpt.wait()
+    a = job.saved()
     assert a is not None
     (tmp_path / a.key / "model.bin").unlink()  # someone deletes the frozen backbone's blob
     job.step()
@@ -697,8 +690,7 @@ def test_saves_recover_after_a_shared_blob_was_deleted(tmp_path: Path) -> None:
     job = build(tmp_path, keep=5)
     with job.ckpt:
         job.step()
-        a = job.ckpt.save()
-        job.ckpt.wait()
+        a = job.saved()
         assert a is not None
         (tmp_path / a.key / "model.bin").unlink()
         job.step()
@@ -862,8 +854,7 @@ def test_overlap_saves_the_same_bits_as_no_overlap(tmp_path: Path, fused: bool) 
 def test_an_in_place_change_during_an_overlapped_copy_abandons_the_save(tmp_path: Path) -> None:
     job = build(tmp_path, frozen=False, overlap=True)
     job.step()
-    good = job.ckpt.save()
-    job.ckpt.wait()
+    good = job.saved()
     job.step()
     torn = job.ckpt.save()  # the optimizer-owned tensors are copied while the next step runs
 
@@ -878,8 +869,7 @@ def test_an_in_place_change_during_an_overlapped_copy_abandons_the_save(tmp_path
     job.ckpt.step_done()  # reported once
     job.step()
     expected = job.state()
-    after = job.ckpt.save()
-    job.ckpt.wait()
+    after = job.saved()
     job.ckpt.close()
     assert good is not None and torn is not None and after is not None
     [failed] = local_events(tmp_path, "save_failed")

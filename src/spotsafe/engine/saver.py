@@ -255,10 +255,7 @@ class Saver:
             if tensor.numel() == 0 or _overlaps(tensor, used):
                 continue
             self.area.adopt(key, tensor, locations_of(entry, name))
-        self._known = {}
-        for blob in loaded.manifest.blobs:
-            shared = blob if blob.checkpoint is not None else BlobEntry(blob.path, blob.size, blob.checksum, name)
-            self._known[shared.ref] = shared
+        self._remember(loaded.ref, loaded.manifest)
 
     def close(self) -> None:
         self.wait()
