@@ -20,6 +20,11 @@ from torch import nn
 
 import spotsafe
 
+# Notice sources: signals only, whatever machine the tests run on. Auto-detection would poll a real
+# provider's metadata service on a cloud VM (tests talk to 127.0.0.1 only); tests that want a provider
+# point it at an emulator and set this themselves.
+os.environ["SPOTSAFE_NOTICES"] = "signals"
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_lm.py"
 

@@ -47,7 +47,7 @@ def test_local_then_upload_commits_durably_and_restores_from_the_durable_copy(ru
     fresh.ckpt.close()
 
 
-def test_a_local_copy_alone_never_counts_as_durable(tmp_path: Path) -> None:
+def test_a_local_copy_is_not_durable_until_uploaded_at_the_next_start(tmp_path: Path) -> None:
     durable_url = str(tmp_path / "durable")
     faulty = FaultyStorage(open_backend(durable_url))
     broken = RetryingStorage(faulty, RetryPolicy(budget_s=0.05, initial=0.01))
@@ -61,10 +61,28 @@ def test_a_local_copy_alone_never_counts_as_durable(tmp_path: Path) -> None:
     assert [e.step for e in event_list(durable_url, "save_staged")] == [7]
     assert [e.step for e in event_list(durable_url, "save_failed")] == [7]
     assert committed_steps(durable_url) == []
+    # The store is back: the next start uploads the local commit (verifying it) before restoring.
     again = make_job(durable_url, stage_dir=str(tmp_path / "stage"))
-    assert again.ckpt.restore() == 0, "the staged local copy must not be restored"
+    assert [e.step for e in event_list(durable_url, "stage_recovered")] == [7]
+    assert committed_steps(durable_url) == [7]
+    assert again.ckpt.restore() == 7
     assert not any((tmp_path / "stage").rglob("manifest.json")), "staging is wiped at start"
     again.ckpt.close()
+
+
+def test_a_stage_folder_of_another_run_is_wiped_not_uploaded(tmp_path: Path) -> None:
+    stage = str(tmp_path / "stage")
+    first = make_job(str(tmp_path / "run-a"), stage_dir=stage)
+    first.train(7)
+    first.ckpt.wait()
+    first.ckpt.close()
+    assert any((tmp_path / "stage").rglob("manifest.json"))
+    other = make_job(str(tmp_path / "run-b"), stage_dir=stage)
+    assert event_list(str(tmp_path / "run-b"), "stage_recovered") == []
+    assert committed_steps(str(tmp_path / "run-b")) == []
+    assert not any((tmp_path / "stage").rglob("manifest.json"))
+    assert other.ckpt.restore() == 0
+    other.ckpt.close()
 
 
 def test_emergency_save_in_local_then_upload_mode_waits_for_the_upload(run_url: str, tmp_path: Path) -> None:

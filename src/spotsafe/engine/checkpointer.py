@@ -50,17 +50,21 @@ from typing import Any, NoReturn
 import torch
 
 from spotsafe import __version__
+from spotsafe.engine import agreement as agree
 from spotsafe.engine.commits import AfterSave
 from spotsafe.engine.components import Progress, apply_states, collect
-from spotsafe.engine.reader import load_newest_valid
+from spotsafe.engine.emergency import FULL, INCREMENTAL, STAGED, Plan, SaveCosts, options_for, plan_emergency
+from spotsafe.engine.reader import load_agreed, load_newest_valid
 from spotsafe.engine.saver import Saver, SaveState
-from spotsafe.engine.staged import wipe_stage
+from spotsafe.engine.staged import recover_stage, wipe_stage
 from spotsafe.engine.staging import default_budget, parse_budget
-from spotsafe.errors import ConfigError, CorruptCheckpointError
+from spotsafe.engine.watch import NoticeHub, make_sources
+from spotsafe.errors import ConfigError, CorruptCheckpointError, SpotsafeError
 from spotsafe.exit_codes import EXIT_PREEMPTED
-from spotsafe.notices.base import NoticeBoard, NoticeSource
-from spotsafe.notices.signals import DEFAULT_SIGNALS, SignalNotices
-from spotsafe.policy.interval import SaveContext, SavePolicy, every
+from spotsafe.notices.base import NoticeSource
+from spotsafe.notices.signals import DEFAULT_SIGNALS
+from spotsafe.policy.adaptive import OnNotice
+from spotsafe.policy.interval import Choice, SaveContext, SavePolicy, every
 from spotsafe.policy.retention import KeepLast
 from spotsafe.state.snapshot import Snapshot
 from spotsafe.storage.base import Storage
@@ -72,7 +76,7 @@ from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
 from spotsafe.storage.retry import DEFAULT_RETRY, RetryPolicy
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, EventLog, EventSink, RunIdentity
-from spotsafe.telemetry.store import EventUploader, run_history
+from spotsafe.telemetry.store import EventUploader, read_history
 
 log = logging.getLogger("spotsafe")
 
@@ -80,6 +84,8 @@ ENV_URL = "SPOTSAFE_CHECKPOINT_URL"
 ENV_RUN_ID = "SPOTSAFE_RUN_ID"
 ENV_ATTEMPT = "SPOTSAFE_ATTEMPT"
 ENV_EVENTS_FILE = "SPOTSAFE_EVENTS_FILE"
+ALREADY_SAVED = "already-saved"
+STAGE_MARKER = "stage-of.json"
 
 
 class Checkpointer:
@@ -108,12 +114,20 @@ class Checkpointer:
         storage_options: passed to the fsspec file system (credentials, endpoint, ...).
         retry: how long to retry transient storage errors (default: 120 s budget).
         handle_signals: install handlers for ``signals`` (default SIGTERM, SIGINT, SIGUSR1).
+        grace_s: seconds from a signal to the hard stop (its deadline); ``None``: unknown, or
+            ``$SPOTSAFE_GRACE_SECONDS``, or 30 s under Kubernetes.
         exit_on_notice: after the emergency save, exit the process with
             :data:`~spotsafe.EXIT_PREEMPTED` (75). If ``False``, ``step_done`` returns
             and :attr:`stop_requested` is ``True``; the caller must stop.
         progress_interval: seconds between ``progress`` events (0: every step).
         metadata: JSON-serialisable values stored in every manifest.
-        notices: extra notice sources (cloud watchers, later).
+        notices: ``"auto"`` (default): detect the provider (AWS, GCP, Azure), Kubernetes and
+            Slurm from the environment (see :mod:`spotsafe.notices.detect`); or a list of
+            notice sources, used as given (plus signal handling when ``handle_signals``).
+        distributed: decide together with the other ranks of ``process_group`` (torch.distributed):
+            every rank stops, saves and restores at the same step. ``None``: when torch.distributed
+            is initialised with more than one rank. Each rank saves its own state; with a ``url``,
+            under ``<url>/rank-<r>``.
         storage, events, clock, wall_clock, exit: injectable effects for tests.
     """
 
@@ -139,10 +153,13 @@ class Checkpointer:
         retry: RetryPolicy = DEFAULT_RETRY,
         handle_signals: bool = True,
         signals: Iterable[int] = DEFAULT_SIGNALS,
+        grace_s: float | None = None,
         exit_on_notice: bool = True,
         progress_interval: float = 1.0,
         metadata: Mapping[str, Any] | None = None,
-        notices: Iterable[NoticeSource] = (),
+        notices: Iterable[NoticeSource] | str = "auto",
+        distributed: bool | None = None,
+        process_group: Any = None,
         storage: Storage | None = None,
         events: EventSink | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -150,7 +167,7 @@ class Checkpointer:
         exit: Callable[[int], NoReturn] = sys.exit,
     ) -> None:
         self._closed = False
-        self._sources: list[NoticeSource] = []
+        self._hub: NoticeHub | None = None
         self._owned_log: EventLog | None = None
         self._saver: Saver | None = None
         self._hooks: list[Any] = []
@@ -177,6 +194,10 @@ class Checkpointer:
         self.policy = policy if policy is not None else every(minutes=10)
         self.retention = KeepLast(keep)
         self.loader = loader
+        self.notice_settings = next((p for p in self.policy.parts() if isinstance(p, OnNotice)), OnNotice())
+        self._agreement = agree.Agreement(process_group) if _distributed(distributed, process_group) else None
+        if self._agreement is not None and url is not None and storage is None:
+            url = f"{str(url).rstrip('/')}/rank-{self._agreement.rank:05d}"
         self.exit_on_notice = exit_on_notice
         self.progress_interval = float(progress_interval)
         self._clock, self._wall, self._exit = clock, wall_clock, exit
@@ -190,9 +211,12 @@ class Checkpointer:
         elif getattr(storage, "on_retry", False) is None:
             storage.on_retry = self._on_retry  # type: ignore[attr-defined]  # an injected RetryingStorage
         self.storage: Storage = storage
-        attempts, self._last_known_step = run_history(self.storage)
+        self._history = read_history(self.storage)
+        self._last_known_step = self._history.last_step
+        self.costs = SaveCosts(s for s in self._history.saves)
+        self._started_wall = wall_clock()
         self.run_id = os.environ.get(ENV_RUN_ID) or os.path.basename(str(self.storage.url).rstrip("/"))
-        self.attempt = int(os.environ.get(ENV_ATTEMPT) or attempts + 1)
+        self.attempt = int(os.environ.get(ENV_ATTEMPT) or self._history.attempts + 1)
         self.lease = WriterLease.acquire(self.storage, run_id=self.run_id, attempt=self.attempt, clock=wall_clock)
         self.generation = self.lease.generation
         self.repo = CheckpointRepository(self.storage, clock=wall_clock, fence=self.lease.check)
@@ -204,7 +228,7 @@ class Checkpointer:
         stage = self._open_stage(LocalStorage(stage_dir)) if stage_dir is not None else None
         self._saver = Saver(
             self.repo,
-            on_done=AfterSave(self.repo, self.retention, self._emit),
+            on_done=AfterSave(self.repo, self.retention, self._emit, measured=self.costs.add),
             budget=budget,
             background=async_save,
             incremental=incremental,
@@ -216,17 +240,15 @@ class Checkpointer:
         if overlap and optimizer is not None:
             self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.before_optimizer_step()))
 
-        self.board = NoticeBoard()
-        self._sources = list(notices)
-        if handle_signals:
-            self._sources.insert(0, SignalNotices(signals))
         try:
-            for source in self._sources:
-                source.start(self.board)
+            sources, reasons = make_sources(notices, signals=signals, handle_signals=handle_signals, grace_s=grace_s)
+            self._hub = NoticeHub(sources, reasons, self._emit)
+            self._hub.start()
         except BaseException:
             self.close()
             raise
-        self._notice_counts: dict[str, int] = {}
+        self.board = self._hub.board
+        self._choices: dict[str, Choice | None] = {}
         self._last_save_step: int | None = None
         self._last_save_time = clock()
         self._last_progress_time = -float("inf")
@@ -250,8 +272,19 @@ class Checkpointer:
     def _open_stage(self, stage: LocalStorage) -> tuple[CheckpointRepository, LocalStorage]:
         if stage.root_path == getattr(self.storage, "root_path", None):
             raise ConfigError("stage_dir must differ from the run's location")
-        wipe_stage(stage)
-        return CheckpointRepository(stage, clock=self._wall), stage
+        repo = CheckpointRepository(stage, clock=self._wall)
+        owner = str(self.storage.url)
+        try:
+            marker = json.loads(stage.read(STAGE_MARKER)).get("run")
+        except (SpotsafeError, ValueError, AttributeError):
+            marker = None
+        if marker == owner:  # only this run's local copies may be uploaded into it
+            for ref in recover_stage(repo, stage, self.repo):
+                self._emit(ev.StageRecovered, checkpoint=ref.name, step=ref.step)
+        else:
+            wipe_stage(stage)
+        stage.write_atomic(STAGE_MARKER, json.dumps({"run": owner}).encode())
+        return repo, stage
 
     def _optimizer_owned(self) -> set[int]:
         """Addresses of the parameters the optimizer updates (copied during overlap)."""
@@ -288,7 +321,7 @@ class Checkpointer:
     @property
     def stop_requested(self) -> bool:
         """True once an interruption notice arrived; the loop must stop taking work."""
-        return self._stop_requested or self.board.pending()
+        return self._stop_requested or (self._hub is not None and self._hub.pending())
 
     # -- restore -------------------------------------------------------------
     def restore(self, *, strict: bool = True) -> int:
@@ -308,9 +341,13 @@ class Checkpointer:
             log.warning("spotsafe: skipping checkpoint %s: %s", ref.name, err)
             self._emit(ev.CheckpointSkipped, checkpoint=ref.name, step=ref.step, reason=str(err))
 
-        restored = load_newest_valid(self.repo, on_skip)
+        if self._agreement is not None:
+            restored = load_agreed(self.repo, self._agreement, on_skip)
+        else:
+            restored = load_newest_valid(self.repo, on_skip)
         if restored is None:
             self._emit(ev.RestoreFresh, skipped=len(skipped))
+            self._react_after_restore()
             return 0
         name = restored.checkpoint.ref.name
         warn = lambda message: self._emit(ev.RunWarning, message=message)  # noqa: E731
@@ -331,12 +368,19 @@ class Checkpointer:
             last_known_step=self._last_known_step,
             replayed_steps=replayed,
         )
+        self._react_after_restore()
         return self.step
+
+    def _react_after_restore(self) -> None:
+        """A stop notice that came during the restore: the restored checkpoint is the resume point; stop now."""
+        if self._agreement is None and self._hub is not None and self._hub.poll(self.step):
+            self._handle_notice(self._hub.deadline)
 
     # -- the loop ------------------------------------------------------------
     def step_done(self) -> bool:
         """Count one completed step; save if due; handle notices. Returns whether it saved.
 
+        With ``distributed``, every rank must call it at every step (one small collective).
         Raises the error of a failed background save, once, at the next call after it failed.
         """
         self._settle()
@@ -348,45 +392,142 @@ class Checkpointer:
         if now - self._last_progress_time >= self.progress_interval:
             self._last_progress_time = now
             self._emit(ev.Progress, step=self.step, epoch=self.epoch)
-        if self._poll_notices():
-            self._handle_notice()
+        hub = self._hub
+        assert hub is not None
+        stop = hub.poll(self.step)
+        ctx = self.save_context(now)
+        self._note_choices(ctx)
+        due = not stop and self.policy.should_save(ctx)
+        warning = hub.take_warning() is not None and self.notice_settings.warnings == "save"
+        deadline = hub.deadline
+        if self._agreement is not None:
+            decision = self._agreement.exchange(stop=stop, warning=warning, save=due, deadline=deadline)
+            stop, warning, due, deadline = decision.stop, decision.warning, decision.save, decision.deadline
+        if stop:
+            self._handle_notice(deadline)
             return True
-        ctx = SaveContext(
+        if warning and self._last_save_step != self.step:
+            return self.save(reason="warning") is not None
+        if not due:
+            return False
+        saved = self.save(reason="interval") is not None
+        if self._agreement is None and hub.poll(self.step):
+            self._handle_notice(hub.deadline)
+        return saved
+
+    def save_context(self, now: float | None = None) -> SaveContext:
+        """What the save policy sees now: counters, measured save and restart costs, the run's interruptions."""
+        now = self._clock() if now is None else now
+        restarts = sorted(self._history.restart_s)
+        return SaveContext(
             step=self.step,
             steps_since_save=self.step - (self._last_save_step or 0),
             seconds_since_save=now - self._last_save_time,
+            stall_s=self.costs.stall_s,
+            commit_s=self.costs.commit_s,
+            restart_s=restarts[len(restarts) // 2] if restarts else None,
+            run_s=self._history.run_s + max(0.0, self._wall() - self._started_wall),
+            interruptions=self._history.interruptions,
+            unnoticed=self._history.unnoticed,
         )
-        if not self.policy.should_save(ctx):
-            return False
-        saved = self.save(reason="interval") is not None
-        if self._poll_notices():
-            self._handle_notice()
-        return saved
 
-    def _poll_notices(self) -> bool:
-        for notice in self.board.drain():
-            count = self._notice_counts.get(notice.source, 0) + 1
-            self._notice_counts[notice.source] = count
-            self._emit(ev.NoticeReceived, source=notice.source, count=count, step=self.step, deadline=notice.deadline)
-        return self.board.pending()
+    def _note_choices(self, ctx: SaveContext) -> None:
+        """An ``interval_chosen`` event for each policy whose interval is new (or changed by >10%)."""
+        for part in self.policy.parts():
+            choice = part.choose(ctx)
+            key = part.describe()
+            if choice is not None and choice.differs(self._choices.get(key)):
+                self._choices[key] = choice
+                self._emit(
+                    ev.IntervalChosen,
+                    policy=key,
+                    interval_s=choice.seconds,
+                    interval_steps=choice.steps,
+                    reason=choice.reason,
+                )
 
-    def _handle_notice(self) -> None:
+    def _handle_notice(self, deadline: float | None) -> None:
+        """Stop: the emergency save that fits before ``deadline`` (Unix time), then exit 75."""
         self._stop_requested = True
+        hub = self._hub
+        assert hub is not None
+        started = self._wall()
         try:
             self._wait_for_save()
         except Exception as err:  # noqa: BLE001 - the emergency save below is what matters now
             log.error("spotsafe: the save in flight failed (%s); saving again", redact(str(err)))
             self._last_save_step = None
-        try:
-            if self._last_save_step != self.step:
-                self.save(reason="notice")
-        except Exception as err:  # noqa: BLE001 - the last verified checkpoint stays the resume point
-            log.error("spotsafe: emergency save failed (%s); the last committed checkpoint is the resume point", err)
-        self._poll_notices()
+        first = hub.first
+        source = first.source if first is not None else "another rank"
+        nothing_new = self._last_save_step == self.step or (self._last_save_step is None and self.step == 0)
+        if nothing_new:
+            plan = None
+            reason = "a checkpoint of this step is already committed" if self.step else "nothing trained yet"
+            self._emit(
+                ev.EmergencyPlanned,
+                step=self.step,
+                source=source,
+                deadline=deadline,
+                time_left_s=None,
+                choice=ALREADY_SAVED,
+                estimate_s=None,
+                options={},
+                reason=reason,
+            )
+        else:
+            plan = self._plan_emergency(deadline)
+            self._emit(
+                ev.EmergencyPlanned,
+                step=self.step,
+                source=source,
+                deadline=deadline,
+                time_left_s=plan.time_left_s,
+                choice=plan.name,
+                estimate_s=plan.choice.estimate_s if plan.choice is not None else None,
+                options=plan.estimates(),
+                reason=plan.reason,
+            )
+            log.warning("spotsafe: stop notice from %s at step %d: %s (%s)", source, self.step, plan.name, plan.reason)
+        committed = nothing_new
+        if plan is not None and plan.choice is not None:
+            option = plan.choice
+            try:
+                self.save(reason="notice", full=option.full, via_stage=option.route == STAGED)
+                committed = True
+            except Exception as err:  # noqa: BLE001 - the last verified checkpoint stays the resume point
+                log.error(
+                    "spotsafe: emergency save failed (%s); the last committed checkpoint is the resume point", err
+                )
+            done = self._wall()
+            self._emit(
+                ev.EmergencyFinished,
+                step=self.step,
+                choice=option.name,
+                committed=committed,
+                deadline=deadline,
+                before_deadline=None if deadline is None or not committed else done <= deadline,
+                margin_s=None if deadline is None or not committed else deadline - done,
+                duration_s=done - started,
+            )
+        hub.after_stop(committed)
+        hub.poll(self.step)
         self._emit(ev.RunExited, reason="preempted", step=self.step, exit_code=EXIT_PREEMPTED)
         if self.exit_on_notice:
             self.close()
             self._exit(EXIT_PREEMPTED)
+
+    def _plan_emergency(self, deadline: float | None) -> Plan:
+        saver = self._saver
+        assert saver is not None
+        states = {n: c.state_dict() for n, c in self._components.items()}
+        snapshot = Snapshot.capture(self.step, states)
+        total = sum(t.numel() * t.element_size() for p in snapshot.components for t in p.tensors)
+        staged = saver.stage is not None
+        options = options_for(self.costs, total_bytes=total, can_share=saver.can_share, staged=staged)
+        preferred = STAGED if staged else INCREMENTAL if saver.can_share else FULL
+        settings = self.notice_settings
+        time_left = None if deadline is None else deadline - self._wall() - settings.margin_s
+        return plan_emergency(options, time_left_s=time_left, safety=settings.safety, preferred=preferred)
 
     # -- saving --------------------------------------------------------------
     @property
@@ -421,13 +562,16 @@ class Checkpointer:
             self._saver.wait()
         self._raise_save_failure()
 
-    def save(self, reason: str = "manual") -> CheckpointRef | None:
+    def save(
+        self, reason: str = "manual", *, full: bool = False, via_stage: bool | None = None
+    ) -> CheckpointRef | None:
         """Checkpoint the current state now; return the checkpoint's name.
 
         Returns once the state is staged (training may change it); ``notice`` and ``final``
         saves, and every save with ``async_save=False``, return once committed. An
         ``interval`` save while the previous one is still being written is deferred
         (``None``) when ``when_busy="skip"``; every other save waits for it first.
+        ``full=True`` writes every byte; ``via_stage=False`` bypasses ``stage_dir``.
         """
         if self._closed:
             raise RuntimeError("this Checkpointer is closed")
@@ -452,6 +596,8 @@ class Checkpointer:
             generation=self.generation,
             metadata=self.metadata,
             writer=self._writer_info(reason),
+            full=full,
+            via_stage=via_stage,
         )
         self._last_save_step = step
         self._last_save_time = self._clock()
@@ -509,8 +655,8 @@ class Checkpointer:
                 log.error("spotsafe: the last save failed: %s", redact(str(failure)))
         for hook in self._hooks:
             hook.remove()
-        for source in self._sources:
-            source.stop()
+        if self._hub is not None:
+            self._hub.close()
         if self._owned_log is not None:
             self._owned_log.close()
 
@@ -519,3 +665,11 @@ class Checkpointer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _distributed(setting: bool | None, group: Any) -> bool:
+    if setting is None:
+        return agree.active(group)
+    if setting and not agree.active(group):
+        raise ConfigError("distributed=True needs torch.distributed initialised with more than one rank")
+    return setting

@@ -15,6 +15,7 @@ from spotsafe.policy.retention import Candidate, KeepLast
 from spotsafe.storage.errors import redact
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
 from spotsafe.telemetry import events as ev
+from spotsafe.telemetry.store import SaveSample
 
 log = logging.getLogger("spotsafe")
 
@@ -24,10 +25,17 @@ Emit = Callable[..., None]
 class AfterSave:
     """Records how each save ended and applies retention after each commit."""
 
-    def __init__(self, repo: CheckpointRepository, retention: KeepLast, emit: Emit) -> None:
+    def __init__(
+        self,
+        repo: CheckpointRepository,
+        retention: KeepLast,
+        emit: Emit,
+        measured: Callable[[SaveSample], None] | None = None,
+    ) -> None:
         self.repo = repo
         self.retention = retention
         self._emit = emit
+        self._measured = measured
 
     def __call__(self, outcome: Outcome) -> None:
         """A save ended."""
@@ -49,7 +57,22 @@ class AfterSave:
             stall_s=job.stall_s,
             duration_s=outcome.duration_s,
             written_bytes=manifest.own_bytes,
+            route=job.route,
+            local_s=job.local_s,
+            upload_s=job.upload_s,
         )
+        if self._measured is not None:
+            self._measured(
+                SaveSample(
+                    bytes=manifest.total_bytes,
+                    written_bytes=manifest.own_bytes,
+                    stall_s=job.stall_s,
+                    duration_s=outcome.duration_s,
+                    route=job.route,
+                    local_s=job.local_s,
+                    upload_s=job.upload_s,
+                )
+            )
         try:
             self.repo.write_latest(job.ref)
             self.apply_retention(job.ref)

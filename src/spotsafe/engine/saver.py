@@ -92,6 +92,14 @@ class SaveJob:
     copied: threading.Event = field(default_factory=threading.Event)
     verdict: threading.Event = field(default_factory=threading.Event)
     torn: str | None = None
+    staged_route: bool = False
+    local_s: float | None = None
+    upload_s: float | None = None
+
+    @property
+    def route(self) -> str:
+        """``direct`` or ``local-then-upload``."""
+        return "local-then-upload" if self.staged_route else "direct"
 
     def to(self, state: SaveState) -> None:
         legal = {
@@ -155,6 +163,11 @@ class Saver:
     def staging_bytes(self) -> int:
         return self.area.reserved_bytes
 
+    @property
+    def can_share(self) -> bool:
+        """Whether the next save may share chunks with committed checkpoints (an incremental save)."""
+        return self.incremental and self.background and bool(self._known)
+
     def take_failure(self) -> BaseException | None:
         """The error of a failed background save not yet reported, and forget it."""
         failure, self._failure = self._failure, None
@@ -193,15 +206,20 @@ class Saver:
         generation: int,
         metadata: dict[str, Any],
         writer: dict[str, Any],
+        full: bool = False,
+        via_stage: bool | None = None,
     ) -> SaveJob:
         """Snapshot ``states`` and persist them. Returns when training may modify the state again.
 
         The caller has waited for the previous save. A direct (synchronous) save has
         committed or raised when this returns; a background one has only been staged.
+        ``full`` writes every byte (shares nothing); ``via_stage=False`` writes straight to
+        the run's storage even when a stage folder is configured (``None``: as configured).
         """
         started = self._clock()
         snapshot = Snapshot.capture(step, states)
-        target = self.stage[0] if self.stage is not None else self.repo
+        staged_route = self.stage is not None and via_stage is not False
+        target = self.stage[0] if self.stage is not None and staged_route else self.repo
         job = SaveJob(
             step=step,
             reason=reason,
@@ -210,9 +228,10 @@ class Saver:
             started=started,
             metadata=metadata,
             writer=writer,
+            staged_route=staged_route,
         )
         items = [((p.name, i), t) for p in snapshot.components for i, t in enumerate(p.tensors)]
-        if not self.incremental:
+        if not self.incremental or full:
             self.area.forget_locations()  # every chunk is written; the slots are still reused
         if not self.background or not self.area.fits(items):
             self._direct(job)
@@ -287,7 +306,8 @@ class Saver:
 
     def _write(self, job: SaveJob) -> Manifest:
         plan = make_plan(job.snapshot, job.staged, self._known)
-        target = self.stage[0] if self.stage is not None else self.repo
+        stage = self.stage if job.staged_route else None
+        target = stage[0] if stage is not None else self.repo
         pending = target.begin_copy(job.ref)
         try:
             for blob in plan.blobs:
@@ -299,14 +319,17 @@ class Saver:
             job.verdict.wait()
             if job.torn is not None:
                 raise SnapshotTornError(f"save of step {job.step} abandoned: {job.torn}")
-            manifest = pending.commit(metadata=job.metadata, writer=job.writer, verify_shared=self.stage is None)
+            manifest = pending.commit(metadata=job.metadata, writer=job.writer, verify_shared=stage is None)
         except BaseException:
             if not pending.committed:
                 with contextlib.suppress(Exception):  # leftovers are removed at the next start
                     pending.abort()
             raise
-        if self.stage is not None:
-            manifest = upload_staged(self.stage[0], self.stage[1], self.repo, job.ref)
+        if stage is not None:
+            local_done = self._clock()
+            job.local_s = local_done - job.started
+            manifest = upload_staged(stage[0], stage[1], self.repo, job.ref)
+            job.upload_s = self._clock() - local_done
         self.area.committed(list(job.staged.values()), plan.placed(job.ref.name))
         self._remember(job.ref, manifest)
         job.to(SaveState.COMMITTED)
@@ -326,13 +349,17 @@ class Saver:
         manifest: Manifest | None = None
         error: BaseException | None = None
         try:
-            target = self.stage[0] if self.stage is not None else self.repo
+            stage = self.stage if job.staged_route else None
+            target = stage[0] if stage is not None else self.repo
             ref, manifest = persist(
                 target, job.snapshot, metadata=job.metadata, writer=job.writer, generation=job.ref.generation
             )
             job.ref = ref
-            if self.stage is not None:
-                manifest = upload_staged(self.stage[0], self.stage[1], self.repo, ref)
+            if stage is not None:
+                local_done = self._clock()
+                job.local_s = local_done - job.started
+                manifest = upload_staged(stage[0], stage[1], self.repo, ref)
+                job.upload_s = self._clock() - local_done
             self._known = {}  # the slots' locations may be deleted by retention from now on
             self.area.forget_locations()
             job.stall_s = self._clock() - job.started

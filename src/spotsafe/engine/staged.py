@@ -3,22 +3,29 @@
 The save worker commits the checkpoint in a local stage folder, then uploads it
 from that copy (which nothing modifies) and commits it on the durable store with
 the same protocol as a direct save (blobs, then the manifest, fenced). The local
-copy alone never counts as durable: restore reads only the durable store, and
-the stage folder is wiped at start.
+copy alone never counts as durable: restore reads only the durable store.
+
+At start, :func:`recover_stage` looks at what the stage folder still holds: a
+committed local checkpoint newer than every durable one is an emergency save
+whose upload was cut off by the stop (the disk survived: an AWS ``stop`` or
+``hibernate``, a persistent volume, a requeue on the same node). It is uploaded,
+verified on the way, before anything else; then the folder is wiped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
-from spotsafe.errors import CorruptCheckpointError
+from spotsafe.errors import CorruptCheckpointError, SpotsafeError
 from spotsafe.storage.base import ChunkSource
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.manifest import BlobEntry, Manifest
 from spotsafe.storage.repository import CHECKPOINTS, CheckpointRef, CheckpointRepository
 
 READ_CHUNK = 8 * 1024 * 1024
+log = logging.getLogger("spotsafe")
 
 
 def _source(stage_storage: LocalStorage, ref: CheckpointRef, entry: BlobEntry) -> ChunkSource:
@@ -62,6 +69,31 @@ def upload_staged(
         if old != ref:
             stage_storage.delete_prefix(old.key)
     return manifest
+
+
+def recover_stage(
+    stage: CheckpointRepository, stage_storage: LocalStorage, durable: CheckpointRepository
+) -> list[CheckpointRef]:
+    """Upload the newest staged checkpoint if it is newer than every durable one; wipe the stage.
+
+    Returns what was uploaded. A staged copy that is damaged, or shares a blob the durable
+    store no longer has, is left out (with a warning): the durable checkpoints are the resume
+    point then, as always.
+    """
+    uploaded: list[CheckpointRef] = []
+    staged = stage.committed()
+    if staged:
+        durable_refs = durable.committed()
+        newest = max(durable_refs) if durable_refs else None
+        candidate = staged[0]
+        if (newest is None or candidate > newest) and candidate not in durable_refs:
+            try:
+                upload_staged(stage, stage_storage, durable, candidate)
+                uploaded.append(candidate)
+            except SpotsafeError as err:
+                log.warning("spotsafe: not uploading the staged checkpoint %s: %s", candidate.name, err)
+    wipe_stage(stage_storage)
+    return uploaded
 
 
 def wipe_stage(storage: LocalStorage) -> None:

@@ -1,10 +1,13 @@
-"""Signals as notices: SIGTERM (Kubernetes, systemd, GCP soft-off), SIGINT (Ctrl-C),
+"""Signals as notices: SIGTERM (Kubernetes, systemd, GCP soft-off, Slurm's end), SIGINT (Ctrl-C),
 SIGUSR1 (Slurm ``--signal=USR1@N``).
 
 The handler only posts a :class:`~spotsafe.notices.base.Notice`; the training
 loop reacts at its next step boundary. Repeated signals are posted too (so
 they are logged) and change nothing: a second SIGTERM during the emergency save
 does not interrupt it.
+
+A signal carries no deadline; ``grace_seconds`` (or a per-signal ``grace``) gives
+one: Kubernetes' ``terminationGracePeriodSeconds``, Slurm's ``--signal=SIG@N``.
 
 Installing a handler is what makes this work when the training script is PID 1
 in a container: the kernel drops signals to PID 1 that have no handler.
@@ -15,11 +18,11 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
 from typing import Any
 
-from spotsafe.notices.base import Notice, NoticeBoard
+from spotsafe.notices.base import STOP, Notice, NoticeBoard
 
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -27,7 +30,13 @@ InstallFn = Callable[[int, Any], Any]
 
 
 class SignalNotices:
-    """A notice source that turns signals into notices.
+    """A notice source that turns signals into ``stop`` notices.
+
+    ``source`` names the notices (default: the signal's name, ``SIGTERM``; with a
+    ``source`` such as ``kubernetes``, the signal's name goes to ``detail``).
+    ``grace_seconds`` sets every signal's deadline, ``grace`` overrides it per signal.
+    ``on_after_stop(committed)`` runs once after the emergency checkpoint, only when
+    one of these signals caused the stop (Slurm's requeue).
 
     ``install`` defaults to :func:`signal.signal` (injectable for tests).
     :meth:`start` must run in the main thread, as Python requires; elsewhere it
@@ -39,23 +48,41 @@ class SignalNotices:
         signals: Iterable[int] = DEFAULT_SIGNALS,
         *,
         grace_seconds: float | None = None,
+        grace: Mapping[int, float] | None = None,
+        source: str | None = None,
+        on_after_stop: Callable[[bool], None] | None = None,
         install: InstallFn = signal.signal,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.signals = tuple(signal.Signals(s) for s in signals)
         self.grace_seconds = grace_seconds
+        self.grace = {signal.Signals(s): float(g) for s, g in (grace or {}).items()}
+        self.source = source
+        self.name = source or "signals"
+        self.fired = False
+        self._on_after_stop = on_after_stop
         self._install = install
         self._clock = clock
         self._previous: dict[int, Any] = {}
         self._board: NoticeBoard | None = None
 
+    def deadline_after(self, signum: int) -> float | None:
+        """Seconds from the signal to the hard stop, or ``None`` when unknown."""
+        return self.grace.get(signal.Signals(signum), self.grace_seconds)
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         board = self._board
         if board is None:
             return
+        self.fired = True
         now = self._clock()
-        deadline = now + self.grace_seconds if self.grace_seconds is not None else None
-        board.post(Notice(source=signal.Signals(signum).name, received_at=now, deadline=deadline))
+        grace = self.deadline_after(signum)
+        deadline = now + grace if grace is not None else None
+        name = signal.Signals(signum).name
+        if self.source is None:
+            board.post(Notice(source=name, received_at=now, deadline=deadline))
+        else:
+            board.post(Notice(source=self.source, received_at=now, deadline=deadline, kind=STOP, detail=name))
 
     def start(self, board: NoticeBoard) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -66,6 +93,10 @@ class SignalNotices:
         self._board = board
         for sig in self.signals:
             self._previous[sig] = self._install(sig, self._handle)
+
+    def after_stop(self, committed: bool) -> None:
+        if self.fired and self._on_after_stop is not None:
+            self._on_after_stop(committed)
 
     def stop(self) -> None:
         for sig, previous in self._previous.items():

@@ -1,10 +1,14 @@
 """When to take a regular checkpoint: small policy values that compose with ``|``.
 
->>> policy = every(steps=500) | every(minutes=15)
+>>> policy = every(steps=500) | every(minutes=15) | on_notice(margin_s=5)
 
 A policy looks only at a :class:`SaveContext` and answers yes or no, so it is
-trivial to test and to combine. Interruption notices are not a policy: a
-notice always triggers the emergency save.
+trivial to test and to combine. :meth:`SavePolicy.choose` says which interval the
+policy currently wants and why (fixed ones always the same; the cost-based ones
+in :mod:`spotsafe.policy.adaptive` recompute it from measured save costs and the
+observed interruption rate), and the checkpointer records each new choice as an
+``interval_chosen`` event. A notice always triggers the emergency save;
+``on_notice()`` only tunes how.
 """
 
 from __future__ import annotations
@@ -17,11 +21,42 @@ from spotsafe.errors import ConfigError
 
 @dataclass(frozen=True, kw_only=True)
 class SaveContext:
-    """What a policy may look at, after the training loop finished ``step``."""
+    """What a policy may look at, after the training loop finished ``step``.
+
+    Measured values are ``None`` until known: ``stall_s`` (median time training waited
+    per save), ``commit_s`` (median time from the start of a save until it is durable),
+    ``restart_s`` (median time from the end of an attempt to the restored state of the
+    next). ``run_s`` is the run's time so far across attempts; ``interruptions`` the
+    attempts that ended without finishing, ``unnoticed`` those that lost work (killed
+    without an emergency checkpoint).
+    """
 
     step: int
     steps_since_save: int
     seconds_since_save: float
+    stall_s: float | None = None
+    commit_s: float | None = None
+    restart_s: float | None = None
+    run_s: float = 0.0
+    interruptions: int = 0
+    unnoticed: int = 0
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The interval a policy wants now: ``seconds`` and/or ``steps`` between saves, and why."""
+
+    seconds: float | None
+    steps: int | None
+    reason: str
+
+    def differs(self, other: Choice | None, tolerance: float = 0.1) -> bool:
+        """Whether this choice is news compared with ``other`` (a new kind, or an interval >10% apart)."""
+        if other is None or self.steps != other.steps or (self.seconds is None) != (other.seconds is None):
+            return True
+        if self.seconds is None or other.seconds is None:
+            return False
+        return abs(self.seconds - other.seconds) > tolerance * max(other.seconds, 1e-9)
 
 
 class SavePolicy(ABC):
@@ -33,6 +68,14 @@ class SavePolicy(ABC):
     @abstractmethod
     def describe(self) -> str:
         """A short human-readable reason, used in events."""
+
+    def choose(self, ctx: SaveContext) -> Choice | None:
+        """The interval this policy wants in ``ctx``, or ``None`` when it has none."""
+        return None
+
+    def parts(self) -> tuple[SavePolicy, ...]:
+        """The policies this one is made of (itself, unless it is a composition)."""
+        return (self,)
 
     def __or__(self, other: SavePolicy) -> SavePolicy:
         return AnyOf((self, other))
@@ -52,6 +95,9 @@ class EverySteps(SavePolicy):
     def describe(self) -> str:
         return f"every {self.steps} steps"
 
+    def choose(self, ctx: SaveContext) -> Choice:
+        return Choice(None, self.steps, f"fixed: every {self.steps} steps")
+
 
 @dataclass(frozen=True)
 class EverySeconds(SavePolicy):
@@ -66,6 +112,9 @@ class EverySeconds(SavePolicy):
 
     def describe(self) -> str:
         return f"every {self.seconds:g} s"
+
+    def choose(self, ctx: SaveContext) -> Choice:
+        return Choice(self.seconds, None, f"fixed: every {self.seconds:g} s of work")
 
 
 @dataclass(frozen=True)
@@ -88,6 +137,9 @@ class AnyOf(SavePolicy):
 
     def describe(self) -> str:
         return " or ".join(p.describe() for p in self.policies)
+
+    def parts(self) -> tuple[SavePolicy, ...]:
+        return tuple(part for p in self.policies for part in p.parts())
 
     def __or__(self, other: SavePolicy) -> SavePolicy:
         return AnyOf((*self.policies, other))

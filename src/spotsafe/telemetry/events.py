@@ -74,6 +74,11 @@ class SaveCommitted(Event):
     duration_s: float
     written_bytes: int | None = None
     """Bytes this save wrote (``bytes`` counts shared blobs of older checkpoints too)."""
+    route: str | None = None
+    """``direct`` (written to the run's storage) or ``local-then-upload`` (committed on ``stage_dir`` first)."""
+    local_s: float | None = None
+    """With ``local-then-upload``: seconds to commit the local copy (``upload_s``: to upload it)."""
+    upload_s: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,10 +180,12 @@ class PartialRemoved(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class NoticeReceived(Event):
-    """An interruption notice arrived (a signal, or later a provider notice).
+    """An interruption notice arrived (a signal or a provider notice).
 
     ``count`` is how many notices from this source arrived so far in this
-    process; ``deadline`` is Unix time or ``None`` when the source gives none.
+    process; ``deadline`` is Unix time or ``None`` when the source gives none;
+    ``kind`` is ``stop`` or ``warning`` (a soft warning: an early checkpoint, training
+    goes on); ``detail`` is what the source said (``terminate``, ``Preempt ...``, ``SIGTERM``).
     """
 
     type: ClassVar[str] = "notice_received"
@@ -186,6 +193,75 @@ class NoticeReceived(Event):
     count: int
     step: int
     deadline: float | None
+    kind: str = "stop"
+    detail: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoticeSourceStatus(Event):
+    """A notice source changed state: ``watching``, ``unreachable``, ``recovered``,
+    ``bad_response``, ``acknowledged`` or ``ack_failed`` (Azure ``StartRequests``, Slurm requeue)."""
+
+    type: ClassVar[str] = "notice_source"
+    source: str
+    status: str
+    message: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmergencyPlanned(Event):
+    """The emergency save chosen for a stop notice, from measured save costs.
+
+    ``choice``: ``incremental``, ``full`` or ``local-then-upload``, or ``none`` when nothing
+    fits (the last verified checkpoint stays the resume point). ``options`` maps each
+    option to its estimated seconds until durable (``None``: not measured yet).
+    ``time_left_s`` is the time to the deadline minus the margin (``None``: no deadline).
+    """
+
+    type: ClassVar[str] = "emergency_planned"
+    step: int
+    source: str
+    deadline: float | None
+    time_left_s: float | None
+    choice: str
+    estimate_s: float | None
+    options: dict[str, float | None]
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmergencyFinished(Event):
+    """How the emergency save ended: ``committed`` durable or not, and whether before the deadline."""
+
+    type: ClassVar[str] = "emergency_finished"
+    step: int
+    choice: str
+    committed: bool
+    deadline: float | None
+    before_deadline: bool | None
+    margin_s: float | None
+    duration_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class IntervalChosen(Event):
+    """A save policy chose a (new) interval: ``interval_s`` seconds and/or ``interval_steps``, and why."""
+
+    type: ClassVar[str] = "interval_chosen"
+    policy: str
+    interval_s: float | None
+    interval_steps: int | None
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageRecovered(Event):
+    """At start, a checkpoint committed only on ``stage_dir`` (an emergency save that ran out of
+    time to upload) was newer than the durable ones and was uploaded."""
+
+    type: ClassVar[str] = "stage_recovered"
+    checkpoint: str
+    step: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,6 +308,11 @@ EVENT_TYPES: dict[str, type[Event]] = {
         CheckpointDeleted,
         PartialRemoved,
         NoticeReceived,
+        NoticeSourceStatus,
+        EmergencyPlanned,
+        EmergencyFinished,
+        IntervalChosen,
+        StageRecovered,
         WriterClaimed,
         StorageRetry,
         RunWarning,

@@ -45,7 +45,16 @@ class EventLog:
     """
 
     DURABLE = frozenset(
-        {"save_committed", "save_failed", "notice_received", "run_exited", "restore_completed", "checkpoint_skipped"}
+        {
+            "save_committed",
+            "save_failed",
+            "notice_received",
+            "run_exited",
+            "restore_completed",
+            "checkpoint_skipped",
+            "emergency_planned",
+            "emergency_finished",
+        }
     )
 
     def __init__(self, path: str | os.PathLike[str], identity: RunIdentity, *, uploader: Any = None) -> None:

@@ -19,6 +19,7 @@ import re
 import secrets
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from spotsafe.errors import StorageError
 from spotsafe.storage.base import Storage
@@ -92,14 +93,101 @@ def read_run_events(storage: Storage) -> Iterator[LoggedEvent]:
             yield from parse_lines(storage.read(key).splitlines())
 
 
-def run_history(storage: Storage) -> tuple[int, int | None]:
-    """Attempts so far, and the furthest step the latest attempt reached, from the run's event log."""
-    attempts, last_step = 0, None
+@dataclass(frozen=True)
+class SaveSample:
+    """What one committed save cost (from a ``save_committed`` event)."""
+
+    bytes: int
+    written_bytes: int
+    stall_s: float
+    duration_s: float
+    route: str
+    local_s: float | None = None
+    upload_s: float | None = None
+
+
+@dataclass
+class RunHistory:
+    """What the run's event log says about earlier attempts (see :func:`read_history`).
+
+    ``interruptions`` counts attempts that ended without finishing; ``unnoticed`` those
+    that lost work (no emergency checkpoint committed at the step where they stopped).
+    ``run_s`` is the time the attempts ran; ``restart_s`` the time from the end of each
+    interrupted attempt to the restored state of the next.
+    """
+
+    attempts: int = 0
+    last_step: int | None = None
+    run_s: float = 0.0
+    interruptions: int = 0
+    unnoticed: int = 0
+    restart_s: list[float] = field(default_factory=list)
+    saves: list[SaveSample] = field(default_factory=list)
+
+
+@dataclass
+class _Attempt:
+    started: float
+    last: float
+    exit_reason: str | None = None
+    exit_step: int | None = None
+    committed_steps: set[int] = field(default_factory=set)
+    restored_at: float | None = None
+
+
+def _sample(event: ev.SaveCommitted) -> SaveSample:
+    return SaveSample(
+        bytes=event.bytes,
+        written_bytes=event.written_bytes if event.written_bytes is not None else event.bytes,
+        stall_s=event.stall_s,
+        duration_s=event.duration_s,
+        route=event.route or "direct",
+        local_s=event.local_s,
+        upload_s=event.upload_s,
+    )
+
+
+def read_history(storage: Storage, *, max_saves: int = 50) -> RunHistory:
+    """The run's history from its event log, read by a process about to start a new attempt
+    (every attempt in the log has ended)."""
+    history = RunHistory()
+    attempts: list[_Attempt] = []
     for logged in read_run_events(storage):
         event = logged.event
         if isinstance(event, ev.RunStarted):
-            attempts += 1
-            last_step = None
-        elif isinstance(event, (ev.Progress, ev.SaveCommitted, ev.RunExited, ev.RestoreCompleted)):
-            last_step = max(last_step or 0, event.step)
-    return attempts, last_step
+            attempts.append(_Attempt(event.time, event.time))
+            history.last_step = None
+            continue
+        if not attempts:
+            continue
+        current = attempts[-1]
+        current.last = max(current.last, event.time)
+        if isinstance(event, (ev.Progress, ev.SaveCommitted, ev.RunExited, ev.RestoreCompleted)):
+            history.last_step = max(history.last_step or 0, event.step)
+        if isinstance(event, ev.SaveCommitted):
+            current.committed_steps.add(event.step)
+            history.saves.append(_sample(event))
+        elif isinstance(event, ev.RunExited):
+            current.exit_reason, current.exit_step = event.reason, event.step
+        if isinstance(event, ev.RestoreCompleted):
+            current.committed_steps.add(event.step)  # stopping at the restored step loses nothing
+        if isinstance(event, (ev.RestoreCompleted, ev.RestoreFresh)) and current.restored_at is None:
+            current.restored_at = event.time
+    history.attempts = len(attempts)
+    history.saves = history.saves[-max_saves:]
+    for i, attempt in enumerate(attempts):
+        history.run_s += attempt.last - attempt.started
+        if i > 0 and attempts[i - 1].exit_reason != "finished" and attempt.restored_at is not None:
+            history.restart_s.append(max(0.0, attempt.restored_at - attempts[i - 1].last))
+        if attempt.exit_reason == "finished":
+            continue
+        history.interruptions += 1
+        if attempt.exit_reason != "preempted" or attempt.exit_step not in attempt.committed_steps:
+            history.unnoticed += 1
+    return history
+
+
+def run_history(storage: Storage) -> tuple[int, int | None]:
+    """Attempts so far, and the furthest step the latest attempt reached, from the run's event log."""
+    history = read_history(storage)
+    return history.attempts, history.last_step
