@@ -7,9 +7,16 @@ loader with two worker processes. Trains in well under a minute on 2 CPU cores.
 
     python examples/tiny_lm.py --run-dir runs/tiny-lm
 
-Kill it at any moment (SIGTERM, SIGINT, SIGUSR1: it saves and exits with 75;
-SIGKILL: it loses the steps since the last checkpoint) and run the same command
-again: it resumes and ends with exactly the same weights as an uninterrupted run.
+Kill it at any moment (SIGTERM, SIGINT, SIGUSR1, or a provider's preemption
+notice: it saves and exits with 75; SIGKILL: it loses the steps since the last
+checkpoint) and run the same command again: it resumes and ends with exactly the
+same weights as an uninterrupted run.
+
+Under torchrun it trains data-parallel (DDP over gloo, each rank on its own shard
+of the data); every rank saves its own state under ``<run-dir>/rank-<r>`` and all
+ranks stop, save and resume at the same step:
+
+    torchrun --standalone --nproc-per-node 2 examples/tiny_lm.py --run-dir runs/tiny-lm-ddp
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch
 from torch import nn
 
 import spotsafe
+from spotsafe.engine.agreement import rank_url
 from spotsafe.storage.faults import SlowStorage
 from spotsafe.storage.registry import open_storage
 
@@ -107,16 +115,23 @@ def main() -> None:
     np.random.seed(0)
     torch.manual_seed(0)
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # started by torchrun: data-parallel over gloo
+        torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank() if world > 1 else 0
+
     model = TinyLM()
+    trained: nn.Module = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps // 10, args.steps))
-    loader = spotsafe.ResumableLoader(
-        MarkovText(args.samples), batch_size=args.batch_size, shuffle=True, seed=7, num_workers=args.workers
-    )
+    data: torch.utils.data.Dataset[torch.Tensor] = MarkovText(args.samples)
+    if world > 1:
+        data = torch.utils.data.Subset(data, range(rank, args.samples, world))
+    loader = spotsafe.ResumableLoader(data, batch_size=args.batch_size, shuffle=True, seed=7, num_workers=args.workers)
     storage = None
     if args.storage_latency > 0:
         url = args.run_dir or os.environ["SPOTSAFE_CHECKPOINT_URL"]
-        storage = SlowStorage(open_storage(url), args.storage_latency)
+        storage = SlowStorage(open_storage(rank_url(url, rank) if world > 1 else url), args.storage_latency)
 
     ckpt = spotsafe.Checkpointer(
         args.run_dir,
@@ -132,13 +147,14 @@ def main() -> None:
         stage_dir=args.stage_dir,
     )
     start = ckpt.restore()
-    print(f"tiny_lm: attempt {ckpt.attempt}, starting at step {start} (epoch {ckpt.epoch})", flush=True)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"tiny_lm: attempt {ckpt.attempt}, starting at step {start} (epoch {ckpt.epoch})", flush=True)
 
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     while ckpt.step < args.steps:
         for batch in loader:
-            logits = model(batch[:, :-1])
+            logits = trained(batch[:, :-1])
             loss = loss_fn(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -147,11 +163,13 @@ def main() -> None:
             scheduler.step()
             ckpt.step_done()
             if ckpt.step % args.log_every == 0:
-                print(f"step {ckpt.step:5d}  epoch {ckpt.epoch}  loss {loss.item():.4f}", flush=True)
+                say(f"step {ckpt.step:5d}  epoch {ckpt.epoch}  loss {loss.item():.4f}", flush=True)
             if ckpt.step >= args.steps:
                 break
     ckpt.finish()
-    print(f"tiny_lm: finished at step {ckpt.step}", flush=True)
+    say(f"tiny_lm: finished at step {ckpt.step}", flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -123,13 +123,29 @@ class Seen:
 
 
 @contextlib.contextmanager
-def running(source: NoticeSource, board: NoticeBoard) -> Iterator[None]:
-    """``start`` the source, and always ``stop`` it."""
+def running(source: NoticeSource, board: NoticeBoard, *, down_first: ProviderEmulator | None = None) -> Iterator[None]:
+    """``start`` the source, and always ``stop`` it.
+
+    ``down_first``: stop this emulator before the source, which ends GCP's hanging GETs at once
+    (``GcpNotices.stop`` would otherwise wait up to a second per key for them).
+    """
     source.start(board)
     try:
         yield
     finally:
+        if down_first is not None:
+            shut(down_first)
         source.stop()
+
+
+def shut(emulator: ProviderEmulator) -> None:
+    """``emulator.stop()`` without the wait for ``serve_forever``'s 0.5 s poll: connections wake its select."""
+    stopper = threading.Thread(target=emulator.stop)
+    stopper.start()
+    while stopper.is_alive():
+        with contextlib.suppress(OSError):
+            socket.create_connection((emulator.host, emulator.port), timeout=1).close()
+        stopper.join(0.01)
 
 
 def count_calls(client: MetadataClient) -> list[str]:
@@ -290,15 +306,20 @@ class ScriptedEmulator(ProviderEmulator):
 
 @pytest.fixture
 def emulator() -> Iterator[ProviderEmulator]:
-    with ProviderEmulator() as emu:
+    emu = ProviderEmulator().start()
+    try:
         yield emu
+    finally:
+        shut(emu)
 
 
 @pytest.fixture
 def scripted() -> Iterator[ScriptedEmulator]:
-    emu = ScriptedEmulator()
-    with emu:
+    emu = ScriptedEmulator().start()
+    try:
         yield emu
+    finally:
+        shut(emu)
 
 
 @pytest.fixture
@@ -529,6 +550,26 @@ def test_emulator_azure_start_and_clear_change_the_incarnation(emulator: Provide
     assert (cleared["DocumentIncarnation"], cleared["Events"]) == (first + 2, [])
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: emulator.py ProviderEmulator.stop() only closes the listening socket; handler threads keep "
+    "answering on keep-alive connections opened before, so a watcher's pooled connection never sees the endpoint down",
+)
+def test_emulator_stop_also_ends_open_keep_alive_connections(emulator: ProviderEmulator) -> None:
+    conn = http.client.HTTPConnection(emulator.host, emulator.port, timeout=10)
+    try:
+        conn.request("GET", AZURE_EVENTS, headers=AZURE_HEADERS)
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200
+        shut(emulator)
+        with pytest.raises(OSError):  # RemoteDisconnected, ConnectionRefusedError...
+            conn.request("GET", AZURE_EVENTS, headers=AZURE_HEADERS)
+            conn.getresponse().read()
+    finally:
+        conn.close()
+
+
 def test_emulator_faults_status_and_stop(emulator: ProviderEmulator) -> None:
     emulator.status["azure"] = 503
     assert raw(emulator, "GET", AZURE_EVENTS, AZURE_HEADERS).status == 503
@@ -552,7 +593,7 @@ def test_aws_posts_one_stop_notice_per_interruption(emulator: ProviderEmulator, 
         assert not seen.board.pending()
         when = emulator.aws_interrupt(action, in_s=120)
         seen.wait_notices(1)
-        wait_polls(watcher, 10)  # it sees the same notice on every poll
+        wait_polls(watcher, 5)  # it sees the same notice on every poll
     t1 = time.time()
     (notice,) = seen.pump().notices
     assert (notice.source, notice.kind, notice.detail, notice.key) == ("aws", STOP, action, "aws:spot-interruption")
@@ -707,11 +748,14 @@ def test_aws_endpoint_down_then_up(seen: Seen) -> None:
         assert seen.statuses() == ["unreachable"]  # once per outage, not once per poll
         (report,) = seen.reports
         assert report.source == "aws" and str(port) in report.message
-        with ProviderEmulator(port=port) as late:
+        late = ProviderEmulator(port=port).start()
+        try:
             seen.wait_status("recovered")
             when = late.aws_interrupt()
             (notice,) = seen.wait_notices(1)
             watcher.stop()
+        finally:
+            shut(late)
     finally:
         watcher.stop()
     assert notice.deadline == when
@@ -754,12 +798,12 @@ def test_aws_stop_ends_the_thread_without_waiting_for_the_next_poll(emulator: Pr
 def test_gcp_preempted_is_a_stop_notice(emulator: ProviderEmulator, seen: Seen, notice_s: float) -> None:
     source = gcp(emulator, notice_s=notice_s)
     watcher = source.watchers[0]
-    with running(source, seen.board):
+    with running(source, seen.board, down_first=emulator):
         wait_until(lambda: watcher.etag is not None, what="the first answer")
         assert seen.pump().notices == []
         emulator.gcp_preempt()
         seen.wait_notices(1)
-        wait_polls(watcher, 2)  # TRUE again at the end of each hang: still one notice
+        wait_polls(watcher, 1)  # TRUE again at the end of the next hang: still one notice
     (notice,) = seen.pump().notices
     assert (notice.source, notice.kind, notice.detail, notice.key) == ("gcp", STOP, "preempted", "gcp:preempted")
     assert notice.deadline == pytest.approx(notice.received_at + 30.0 + notice_s, abs=1e-6)
@@ -772,11 +816,11 @@ def test_gcp_preempted_is_a_stop_notice(emulator: ProviderEmulator, seen: Seen, 
 def test_gcp_maintenance_events(emulator: ProviderEmulator, seen: Seen, value: str, kind: str) -> None:
     source = gcp(emulator, maintenance=True, maintenance_window_s=45.0)
     assert [w.key for w in source.watchers] == ["preempted", "maintenance-event"]
-    with running(source, seen.board):
+    with running(source, seen.board, down_first=emulator):
         wait_until(lambda: all(w.etag is not None for w in source.watchers), what="both keys answered")
         emulator.gcp_set("maintenance-event", value)
         seen.wait_notices(1)
-        wait_polls(source.watchers[1], 2)
+        wait_polls(source.watchers[1], 1)
     (notice,) = seen.pump().notices
     assert (notice.source, notice.kind, notice.detail) == ("gcp", kind, value)
     if kind == STOP:
@@ -790,11 +834,10 @@ def test_gcp_maintenance_events(emulator: ProviderEmulator, seen: Seen, value: s
 def test_gcp_notice_arrives_while_a_hanging_get_is_in_progress(scripted: ScriptedEmulator, seen: Seen) -> None:
     etag = raw(scripted, "GET", gcp_path("preempted"), FLAVOR).headers["etag"]
     source = gcp(scripted, hang_s=60)
-    with running(source, seen.board):
+    with running(source, seen.board, down_first=scripted):
         wait_until(lambda: scripted.hanging == 1, what="the watcher's GET to hang")
         scripted.gcp_preempt()
         (notice,) = seen.wait_notices(1, timeout=30)  # the hang would last 60 s
-        scripted.stop()  # end the next hang now, so that stop() does not wait for it
     assert notice.detail == "preempted"
     asked = [r for r in scripted.requests if r.path.startswith(gcp_path("preempted"))]
     assert all(r.headers["metadata-flavor"] == "Google" for r in asked)
@@ -807,8 +850,8 @@ def test_gcp_notice_arrives_while_a_hanging_get_is_in_progress(scripted: Scripte
 def test_gcp_hangs_again_after_each_timeout(emulator: ProviderEmulator, seen: Seen) -> None:
     etag = raw(emulator, "GET", gcp_path("preempted"), FLAVOR).headers["etag"]
     source = gcp(emulator, hang_s=1)
-    with running(source, seen.board):
-        wait_polls(source.watchers[0], 3)
+    with running(source, seen.board, down_first=emulator):
+        wait_polls(source.watchers[0], 2)
     asked = [r for r in emulator.requests if r.path.startswith(gcp_path("preempted?"))]
     assert len(asked) >= 2
     assert all(query_of(r.path)["last_etag"] == [etag] for r in asked)
@@ -870,7 +913,7 @@ def test_azure_stop_event_deadline_is_not_before(emulator: ProviderEmulator, see
         seen.wait_status("watching")
         event_id = emulator.azure_event(kind, in_s=45)
         seen.wait_notices(1)
-        wait_polls(watcher, 10)  # the same event on every poll: still one notice
+        wait_polls(watcher, 5)  # the same event on every poll: still one notice
     (notice,) = seen.pump().notices
     event = azure_event(emulator, event_id)
     assert (notice.source, notice.kind, notice.key) == ("azure", STOP, f"azure:{event_id}")
@@ -986,7 +1029,10 @@ def test_azure_failed_acknowledgement_is_reported(emulator: ProviderEmulator, se
         if fault == "status":
             emulator.status["azure"] = 500
         else:
-            emulator.stop()
+            shut(emulator)
+            # The emulator still answers on connections opened before stop() (see the xfail test of it):
+            # drop the pooled one so that the acknowledgement must connect anew.
+            watcher.client.close()
         watcher.after_stop(committed=True)
     assert emulator.acks == []
     assert seen.statuses().count("ack_failed") == 1
@@ -1128,10 +1174,10 @@ def test_board_instance_action_after_termination_time_is_the_same_notice(
 
 
 def test_board_deadline_is_the_earliest_across_providers(emulator: ProviderEmulator, seen: Seen) -> None:
-    sources: list[NoticeSource] = [aws(emulator), azure(emulator), gcp(emulator, maintenance=True)]
     with contextlib.ExitStack() as stack:
-        for source in sources:
-            stack.enter_context(running(source, seen.board))
+        stack.enter_context(running(aws(emulator), seen.board))
+        stack.enter_context(running(azure(emulator), seen.board))
+        stack.enter_context(running(gcp(emulator, maintenance=True), seen.board, down_first=emulator))
         emulator.gcp_set("maintenance-event", "MIGRATE_ON_HOST_MAINTENANCE")
         seen.wait_notices(1)
         assert not seen.board.pending()
@@ -1139,7 +1185,7 @@ def test_board_deadline_is_the_earliest_across_providers(emulator: ProviderEmula
         seen.wait_notices(2)
         event_id = emulator.azure_event("Preempt", in_s=40)
         seen.wait_notices(3)
-    azure_when = rfc1123(azure_event(emulator, event_id)["NotBefore"])
+        azure_when = rfc1123(azure_event(emulator, event_id)["NotBefore"])
     assert azure_when < aws_when
     assert [(n.source, n.kind) for n in seen.pump().notices] == [("gcp", WARNING), ("aws", STOP), ("azure", STOP)]
     assert seen.board.deadline == azure_when
@@ -1546,7 +1592,7 @@ def test_detected_sources_watch_the_emulator(tmp_path: Path, emulator: ProviderE
         emulator.azure_event("Preempt", in_s=60)
         seen.wait_notices(3)
     finally:
-        emulator.stop()  # ends GCP's 60 s hanging GETs at once
+        shut(emulator)  # ends GCP's 60 s hanging GETs at once
         for source in sources:
             source.stop()
     assert sorted(n.source for n in seen.pump().notices) == ["aws", "azure", "gcp"]

@@ -34,6 +34,11 @@ class Decision:
     deadline: float | None
 
 
+def rank_url(url: str, rank: int) -> str:
+    """Where one rank's checkpoints live: ``<url>/rank-<r>`` (each rank saves its own state)."""
+    return f"{url.rstrip('/')}/rank-{rank:05d}"
+
+
 def active(group: Any = None) -> bool:
     """Whether torch.distributed is initialised with more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1

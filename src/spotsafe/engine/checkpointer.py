@@ -197,7 +197,7 @@ class Checkpointer:
         self.notice_settings = next((p for p in self.policy.parts() if isinstance(p, OnNotice)), OnNotice())
         self._agreement = agree.Agreement(process_group) if _distributed(distributed, process_group) else None
         if self._agreement is not None and url is not None and storage is None:
-            url = f"{str(url).rstrip('/')}/rank-{self._agreement.rank:05d}"
+            url = agree.rank_url(str(url), self._agreement.rank)
         self.exit_on_notice = exit_on_notice
         self.progress_interval = float(progress_interval)
         self._clock, self._wall, self._exit = clock, wall_clock, exit
@@ -432,7 +432,7 @@ class Checkpointer:
         )
 
     def _note_choices(self, ctx: SaveContext) -> None:
-        """An ``interval_chosen`` event for each policy whose interval is new (or changed by >10%)."""
+        """An ``interval_chosen`` event for each policy whose interval is new (or changed by >25%)."""
         for part in self.policy.parts():
             choice = part.choose(ctx)
             key = part.describe()

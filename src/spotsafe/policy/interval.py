@@ -50,8 +50,8 @@ class Choice:
     steps: int | None
     reason: str
 
-    def differs(self, other: Choice | None, tolerance: float = 0.1) -> bool:
-        """Whether this choice is news compared with ``other`` (a new kind, or an interval >10% apart)."""
+    def differs(self, other: Choice | None, tolerance: float = 0.25) -> bool:
+        """Whether this choice is news compared with ``other`` (a new kind, or an interval >25% apart)."""
         if other is None or self.steps != other.steps or (self.seconds is None) != (other.seconds is None):
             return True
         if self.seconds is None or other.seconds is None:

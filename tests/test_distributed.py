@@ -1,0 +1,150 @@
+"""Several ranks under torchrun (gloo, 2 CPU processes): they stop, save, restore and finish together.
+
+Each rank watches its own notice sources and gets the notice at its own moment: a
+SIGTERM to one rank only, or the same emulated AWS notice seen by each rank's own
+watcher at a different poll. The ranks must still save at the same step, and the
+resumed run must end bit-identical, rank by rank, to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spotsafe.cli.demo import compare_final
+from spotsafe.notices.emulator import ProviderEmulator
+from spotsafe.storage.local import LocalStorage
+from spotsafe.storage.repository import CheckpointRepository
+from spotsafe.telemetry.events import Event
+from spotsafe.telemetry.log import EVENTS_FILE, read_events
+
+from .conftest import EXAMPLE
+
+pytestmark = pytest.mark.e2e
+
+STEPS = 80
+ARGS = ["--steps", str(STEPS), "--samples", "256", "--save-every", "20", "--progress-interval", "0"]
+RANKS = ("rank-00000", "rank-00001")
+
+
+def torchrun(run: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(EXAMPLE),
+        "--run-dir",
+        str(run),
+        "--workers",
+        "1",
+        *ARGS,
+    ]
+    return subprocess.Popen(
+        command,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen[bytes], timeout: float = 300) -> int:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    if proc.returncode not in (0, 1):
+        raise AssertionError(f"torchrun exited {proc.returncode}: {err.decode()[-2000:]}")
+    return proc.returncode
+
+
+def events(run: Path, rank: str, kind: str | None = None) -> list[Event]:
+    found = [e.event for e in read_events(run / rank / EVENTS_FILE)]
+    return [e for e in found if kind is None or e.type == kind]
+
+
+def wait_for_step(run: Path, rank: str, step: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "torchrun ended before the notice"
+        if any(getattr(e, "step", 0) >= step for e in events(run, rank, "progress")):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{rank} never reached step {step}")
+
+
+def stop_steps(run: Path, attempt: int) -> dict[str, int]:
+    """Per rank: the step of this attempt's preempted exit (asserting a checkpoint committed there)."""
+    out: dict[str, int] = {}
+    for rank in RANKS:
+        logged = events(run, rank)
+        exits = [e for e in logged if e.type == "run_exited" and e.reason == "preempted"]  # type: ignore[attr-defined]
+        assert len(exits) >= attempt, f"{rank}: no preempted exit in attempt {attempt}"
+        step = exits[attempt - 1].step  # type: ignore[attr-defined]
+        committed = [e.step for e in logged if e.type == "save_committed"]  # type: ignore[attr-defined]
+        assert step in committed, f"{rank} stopped at {step} without a checkpoint there"
+        out[rank] = step
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("ddp-reference")
+    assert finish(torchrun(run)) == 0
+    return run
+
+
+def test_ranks_stop_at_the_same_step_and_resume_bit_exact(reference: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+
+    # Attempt 1: SIGTERM to rank 1 only. Rank 0 learns of it through the step-boundary agreement.
+    first = torchrun(run)
+    wait_for_step(run, "rank-00001", 15, first)
+    rank1_pid = next(e.pid for e in read_events(run / "rank-00001" / EVENTS_FILE) if e.event.type == "run_started")
+    os.kill(rank1_pid, signal.SIGTERM)
+    finish(first)
+    steps = stop_steps(run, 1)
+    assert steps["rank-00000"] == steps["rank-00001"] > 15
+    planned = {rank: events(run, rank, "emergency_planned")[-1] for rank in RANKS}
+    assert planned["rank-00001"].source == "SIGTERM"  # type: ignore[attr-defined]
+    assert planned["rank-00000"].source == "another rank"  # type: ignore[attr-defined]
+    assert events(run, "rank-00000", "notice_received") == []
+
+    # Attempt 2: an emulated AWS notice, which each rank's own watcher sees at its own poll.
+    with ProviderEmulator() as market:
+        env = {**market.env(), "SPOTSAFE_NOTICES": "aws", "SPOTSAFE_NOTICE_POLL_SECONDS": "0.3"}
+        second = torchrun(run, env)
+        wait_for_step(run, "rank-00000", steps["rank-00000"] + 15, second)
+        market.aws_interrupt(in_s=60)
+        finish(second)
+    again = stop_steps(run, 2)
+    assert again["rank-00000"] == again["rank-00001"] > steps["rank-00000"]
+    for rank in RANKS:
+        (restored,) = [e for e in events(run, rank, "restore_completed")]
+        assert restored.step == steps[rank] and restored.replayed_steps == 0  # type: ignore[attr-defined]
+
+    # Damage rank 1's newest checkpoint: both ranks must restore the newest step they both have intact.
+    newest = CheckpointRepository(LocalStorage(run / "rank-00001")).committed()[0]
+    assert newest.step == again["rank-00001"]
+    blob = run / "rank-00001" / newest.key / "state.json"
+    blob.write_bytes(b"garbage" + blob.read_bytes()[7:])
+    assert finish(torchrun(run)) == 0
+    restored_steps = {rank: events(run, rank, "restore_completed")[-1].step for rank in RANKS}  # type: ignore[attr-defined]
+    assert restored_steps["rank-00000"] == restored_steps["rank-00001"] < again["rank-00000"]
+    assert [e.checkpoint for e in events(run, "rank-00001", "checkpoint_skipped")] == [newest.name]  # type: ignore[attr-defined]
+
+    for rank in RANKS:
+        ref_step, run_step, diffs = compare_final(reference / rank, run / rank)
+        assert ref_step == run_step == STEPS
+        assert {"model", "optimizer", "scheduler", "loader", "rng"} <= set(diffs)
+        assert all(not d for d in diffs.values()), (rank, diffs)
