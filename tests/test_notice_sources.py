@@ -863,7 +863,7 @@ def test_gcp_unexpected_value_is_reported_once_then_a_notice_still_arrives(
     emulator: ProviderEmulator, seen: Seen
 ) -> None:
     source = gcp(emulator)
-    with running(source, seen.board):
+    with running(source, seen.board, down_first=emulator):
         seen.wait_status("watching")
         emulator.gcp_set("preempted", "MAYBE")
         seen.wait_status("bad_response")
@@ -880,7 +880,7 @@ def test_gcp_unexpected_value_is_reported_once_then_a_notice_still_arrives(
 def test_gcp_garbage_is_reported_once(emulator: ProviderEmulator, seen: Seen) -> None:
     emulator.garbage.add("gcp")
     source = gcp(emulator)
-    with running(source, seen.board):
+    with running(source, seen.board, down_first=emulator):
         seen.wait_status("bad_response")
         asked = len(emulator.requests)
         wait_until(lambda: len(emulator.requests) >= asked + 10, what="10 more requests")

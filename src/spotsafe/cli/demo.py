@@ -1,7 +1,7 @@
 """``spotsafe demo``: prove bit-exact resume on this machine.
 
 1. Run the job once, uninterrupted (the reference).
-2. Run it again while interrupting it repeatedly (SIGTERM and SIGKILL, at random
+2. Run it again while interrupting it repeatedly (SIGTERM, SIGKILL and emulated AWS and Azure notices, at random
    moments and in the middle of saves), resuming each time, until it finishes.
 3. Compare the final checkpoints of both runs bit for bit, and summarise what
    happened from the interrupted run's event log.
@@ -28,7 +28,7 @@ from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.store import read_run_events
 
 DEFAULT_COMMAND = (
-    "{python} examples/tiny_lm.py --steps 400 --save-every 40 --progress-interval 0 --storage-latency 0.05"
+    "{python} examples/tiny_lm.py --steps 600 --save-every 40 --progress-interval 0 --storage-latency 0.05"
 )
 
 

@@ -8,6 +8,11 @@ the next attempt starts and must resume. The last attempt runs to the end.
 
 The job's event log is watched to time kills (after progress, or right after a
 save started) and to tell afterwards what each kill hit.
+
+Provider notices (``aws-notice``, ``azure-notice``) go through a
+:class:`~spotsafe.notices.emulator.ProviderEmulator` on 127.0.0.1 that every
+attempt is pointed at: the notice is posted with a ``notice_window`` deadline,
+and the job is killed with SIGKILL when the deadline passes, as the provider would.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spotsafe.exit_codes import EXIT_PREEMPTED, EXIT_SUCCESS
+from spotsafe.notices.emulator import ProviderEmulator
 from spotsafe.storage.registry import open_storage, protocol_of
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.supervisor.process import Job, describe_exit, launch
@@ -42,6 +48,14 @@ class KillMode(enum.Enum):
     """SIGKILL to every process at a random moment (the machine is gone): resume from the last commit."""
     SIGKILL_IN_SAVE = "sigkill-in-save"
     """SIGKILL to every process while a checkpoint is being written: that save must never be used."""
+    AWS_NOTICE = "aws-notice"
+    """An AWS spot interruption notice on the emulated IMDS, SIGKILL at its deadline: save in time, exit 75."""
+    AZURE_NOTICE = "azure-notice"
+    """An Azure ``Preempt`` scheduled event, SIGKILL at its ``NotBefore``: save in time, exit 75."""
+
+    @property
+    def is_notice(self) -> bool:
+        return self in (KillMode.AWS_NOTICE, KillMode.AZURE_NOTICE)
 
     @property
     def expected_exit(self) -> int:
@@ -51,9 +65,11 @@ class KillMode(enum.Enum):
 DEFAULT_MODES: tuple[KillMode, ...] = (
     KillMode.SIGTERM,
     KillMode.SIGKILL_IN_SAVE,
+    KillMode.AWS_NOTICE,
     KillMode.SIGKILL,
     KillMode.SIGTERM_TWICE,
     KillMode.SIGKILL_IN_SAVE,
+    KillMode.AZURE_NOTICE,
     KillMode.SIGTERM_GROUP,
 )
 
@@ -120,6 +136,7 @@ class ChaosRun:
         seed: int = 0,
         max_delay: float = 3.0,
         save_kill_window: float = 0.15,
+        notice_window: float = 10.0,
         attempt_timeout: float = 300.0,
         run_id: str = "chaos",
         log: Callable[[str], None] = lambda message: None,
@@ -133,6 +150,7 @@ class ChaosRun:
         self.rng = random.Random(seed)
         self.max_delay = max_delay
         self.save_kill_window = save_kill_window
+        self.notice_window = notice_window
         self.attempt_timeout = attempt_timeout
         self.run_id = run_id
         self.log = log
@@ -147,6 +165,21 @@ class ChaosRun:
         self._repo = CheckpointRepository(open_storage(self.url))
 
     def run(self) -> ChaosResult:
+        if not any(mode.is_notice for mode in self.modes):
+            return self._run()
+        with ProviderEmulator() as market:
+            self._market = market
+            self._extra_env.update(
+                {**market.env(), "SPOTSAFE_NOTICES": "aws,azure", "SPOTSAFE_NOTICE_POLL_SECONDS": "0.5"}
+            )
+            try:
+                return self._run()
+            finally:
+                self._market = None
+
+    _market: ProviderEmulator | None = None
+
+    def _run(self) -> ChaosResult:
         result = ChaosResult()
         pending = list(self.modes)
         max_attempts = len(pending) + 3
@@ -238,6 +271,8 @@ class ChaosRun:
         if job.poll() is not None:
             return None
         step = watch.last_step
+        if mode.is_notice:
+            return self._notice(job, watch, attempt, mode)
         if mode in (KillMode.SIGKILL, KillMode.SIGKILL_IN_SAVE):
             job.signal(signal.SIGKILL, group=True)
         elif mode is KillMode.SIGTERM_GROUP:
@@ -248,6 +283,30 @@ class ChaosRun:
                 self._wait_until(job, watch, lambda: watch.notice_save_started)
                 job.signal(signal.SIGTERM)
         code = self._wait_exit(job, watch)
+        return self._judge(job, watch, attempt, mode, step, code)
+
+    def _notice(self, job: Job, watch: _Watch, attempt: int, mode: KillMode) -> Interruption:
+        """Post a provider notice; the provider takes the machine back (SIGKILL) at its deadline."""
+        market = self._market
+        assert market is not None
+        step = watch.last_step
+        if mode is KillMode.AWS_NOTICE:
+            market.aws_interrupt(in_s=self.notice_window)
+        else:
+            market.azure_event("Preempt", in_s=self.notice_window)
+        try:
+            code = job.wait(self.notice_window)
+        except subprocess.TimeoutExpired:
+            job.signal(signal.SIGKILL, group=True)
+            code = job.wait()
+        self._pump(watch)
+        market.aws_clear()  # the next attempt runs on a new machine
+        market.azure_clear()
+        return self._judge(job, watch, attempt, mode, step, code)
+
+    def _judge(
+        self, job: Job, watch: _Watch, attempt: int, mode: KillMode, step: int | None, code: int
+    ) -> Interruption:
         job.reap_group()
         # Ground truth, not timing: a save folder without a manifest survived the kill.
         in_save = any(not self._repo.is_committed(ref) for ref in self._repo.folders())
