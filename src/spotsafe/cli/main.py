@@ -87,7 +87,7 @@ def print_summary(s: DemoSummary) -> None:
     table.add_row("  landed mid-save", str(sum(i.in_save for i in s.chaos.interruptions)))
     table.add_row("attempts", str(s.chaos.attempts))
     table.add_row(
-        "checkpoints committed", f"{s.checkpoints_committed} ({s.emergency_saves} emergency saves on a notice or signal)"
+        "checkpoints committed", f"{s.checkpoints_committed} ({s.emergency_saves} emergency saves on a notice)"
     )
     table.add_row("partial saves cleaned up", str(s.partial_saves_removed))
     table.add_row("corrupt checkpoints skipped", str(s.fallbacks))

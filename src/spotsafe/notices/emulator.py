@@ -249,7 +249,8 @@ class ProviderEmulator:
             issued = secrets.token_urlsafe(42)
             with self._changed:
                 self._state.tokens[issued] = self.clock() + ttl
-            return 200, {"Content-Type": "text/plain", "X-aws-ec2-metadata-token-ttl-seconds": str(ttl)}, issued.encode()
+            reply = {"Content-Type": "text/plain", "X-aws-ec2-metadata-token-ttl-seconds": str(ttl)}
+            return 200, reply, issued.encode()
         if method != "GET":
             return 405, html, b"Method Not Allowed\n"
         token = headers.get("x-aws-ec2-metadata-token")
