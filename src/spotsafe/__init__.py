@@ -22,6 +22,7 @@ from spotsafe.errors import (
     UnsafeCheckpointError,
 )
 from spotsafe.exit_codes import EXIT_PREEMPTED, EXIT_SUCCESS
+from spotsafe.policy.adaptive import max_loss, on_notice, young_daly
 from spotsafe.policy.interval import every
 
 __all__ = [
@@ -36,4 +37,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "__version__",
     "every",
+    "max_loss",
+    "on_notice",
+    "young_daly",
 ]

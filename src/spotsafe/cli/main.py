@@ -238,6 +238,24 @@ def gc(
     sys.exit(manage.gc(run, keep=keep, apply=apply, partial_older_than=partial_older_than))
 
 
+@cli.command("notices")
+@click.option("--watch", "watch_too", is_flag=True, help="Run the sources and print notices as they arrive.")
+@click.option(
+    "--seconds", type=click.FloatRange(min=0, min_open=True), default=None, help="With --watch: stop after this long."
+)
+def notices(watch_too: bool, seconds: float | None) -> None:
+    """Show the preemption notice sources spotsafe detects here (and why); --watch runs them.
+
+    Detection reads only the environment and /sys (set $SPOTSAFE_NOTICES to choose by hand).
+    With --watch, exits 0 when the time is up and 75 when a stop notice arrived.
+    """
+    from spotsafe.cli import notices as notices_cli
+    from spotsafe.exit_codes import EXIT_PREEMPTED
+
+    stopped = notices_cli.run(watch_too, seconds, console)
+    sys.exit(EXIT_PREEMPTED if stopped else 0)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

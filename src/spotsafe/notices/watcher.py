@@ -131,7 +131,7 @@ class Watcher(ABC):
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             # A hanging GET ends at its read timeout; the thread is a daemon, so do not wait for it long.
-            thread.join(timeout=1.0)
+            thread.join(timeout=0.2)
 
     @property
     def stopped(self) -> bool:

@@ -1,0 +1,94 @@
+"""``spotsafe notices``: which preemption notice sources apply on this machine, and a live watch of them.
+
+Run it on the instance (or in the pod) where training will run: it shows what
+auto-detection found and why, and with ``--watch`` it polls the real endpoints
+and prints every notice and every endpoint problem as it happens, so that a
+missing IMDS hop limit or a blocked metadata server shows up before a job
+depends on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from spotsafe.notices.base import NoticeBoard, NoticeSource
+from spotsafe.notices.detect import Detection, build_sources, detect
+
+
+def _when(unix: float | None) -> str:
+    if unix is None:
+        return "unknown"
+    return datetime.fromtimestamp(unix).astimezone().strftime("%H:%M:%S %Z")
+
+
+def describe_sources(detection: Detection, sources: list[NoticeSource]) -> Table:
+    table = Table(title="spotsafe notices", show_lines=False)
+    table.add_column("source")
+    table.add_column("why")
+    table.add_column("watches")
+    for source in sources:
+        what = getattr(source, "describe", None)
+        if callable(what):
+            watches = str(what())
+        elif hasattr(source, "watchers"):
+            watches = "; ".join(w.describe() for w in source.watchers)
+        else:
+            signals = ", ".join(s.name for s in getattr(source, "signals", ()))
+            grace = getattr(source, "grace_seconds", None)
+            watches = f"signals {signals}" + (f", deadline {grace:g} s after the signal" if grace else "")
+        table.add_row(source.name, detection.reasons.get(source.name, "signals"), escape(watches))
+    return table
+
+
+def watch(
+    sources: list[NoticeSource],
+    console: Console,
+    *,
+    seconds: float | None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Run the sources and print what they post until a stop notice arrives or ``seconds`` pass.
+
+    Returns the number of stop notices seen (0 or 1).
+    """
+    board = NoticeBoard()
+    started: list[NoticeSource] = []
+    ends = None if seconds is None else clock() + seconds
+    try:
+        for source in sources:
+            source.start(board)
+            started.append(source)
+        console.print("watching; Ctrl-C (itself a SIGINT notice) stops")
+        while ends is None or clock() < ends:
+            for report in board.reports():
+                console.print(
+                    f"[dim]{_when(report.time)}[/dim] {report.source}: {report.status}: {escape(report.message)}"
+                )
+            for notice in board.drain():
+                console.print(
+                    f"[bold]{_when(notice.received_at)}[/bold] {notice.kind} notice from {notice.source}"
+                    f" ({escape(notice.detail or notice.source)}), deadline {_when(notice.deadline)}"
+                )
+            if board.pending():
+                return 1
+            sleep(0.2)
+        return 0
+    finally:
+        for source in started:
+            source.stop()
+
+
+def run(watch_too: bool, seconds: float | None, console: Console) -> int:
+    detection = detect()
+    sources = build_sources(detection.names)
+    console.print(describe_sources(detection, sources))
+    if not watch_too:
+        return 0
+    return watch(sources, console, seconds=seconds)
