@@ -20,11 +20,6 @@ from torch import nn
 
 import spotsafe
 
-# Notice sources: signals only, whatever machine the tests run on. Auto-detection would poll a real
-# provider's metadata service on a cloud VM (tests talk to 127.0.0.1 only); tests that want a provider
-# point it at an emulator and set this themselves.
-os.environ["SPOTSAFE_NOTICES"] = "signals"
-
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_lm.py"
 
@@ -113,6 +108,10 @@ def _no_inherited_run_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(key, raising=False)
     # Never let botocore's credential chain reach for the real instance-metadata address.
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # Notice sources: signals only, whatever machine the tests run on. Auto-detection would poll a real
+    # provider's metadata service on a cloud VM (tests talk to 127.0.0.1 only); tests that want a
+    # provider point it at an emulator and set this themselves.
+    monkeypatch.setenv("SPOTSAFE_NOTICES", "signals")
 
 
 @dataclass(frozen=True)
