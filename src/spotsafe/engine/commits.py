@@ -15,7 +15,7 @@ from spotsafe.policy.retention import Candidate, KeepLast
 from spotsafe.storage.errors import redact
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
 from spotsafe.telemetry import events as ev
-from spotsafe.telemetry.store import SaveSample
+from spotsafe.telemetry.store import SaveSample, sample_of
 
 log = logging.getLogger("spotsafe")
 
@@ -47,8 +47,7 @@ class AfterSave:
             )
             return
         manifest = outcome.manifest
-        self._emit(
-            ev.SaveCommitted,
+        fields = dict(
             step=job.step,
             checkpoint=job.ref.name,
             reason=job.reason,
@@ -61,18 +60,9 @@ class AfterSave:
             local_s=job.local_s,
             upload_s=job.upload_s,
         )
+        self._emit(ev.SaveCommitted, **fields)
         if self._measured is not None:
-            self._measured(
-                SaveSample(
-                    bytes=manifest.total_bytes,
-                    written_bytes=manifest.own_bytes,
-                    stall_s=job.stall_s,
-                    duration_s=outcome.duration_s,
-                    route=job.route,
-                    local_s=job.local_s,
-                    upload_s=job.upload_s,
-                )
-            )
+            self._measured(sample_of(ev.SaveCommitted(time=0.0, **fields)))  # type: ignore[arg-type]
         try:
             self.repo.write_latest(job.ref)
             self.apply_retention(job.ref)

@@ -249,9 +249,10 @@ class ChaosRun:
             self._sleep(0.002)
         return False
 
-    def _wait_exit(self, job: Job, watch: _Watch) -> int:
+    def _wait_exit(self, job: Job, watch: _Watch, timeout: float | None = None) -> int:
+        """Wait for the job to exit; SIGKILL it (the whole group) after ``timeout`` (default: the attempt's)."""
         try:
-            code = job.wait(self.attempt_timeout)
+            code = job.wait(self.attempt_timeout if timeout is None else timeout)
         except subprocess.TimeoutExpired:
             job.signal(signal.SIGKILL, group=True)
             code = job.wait()
@@ -294,12 +295,7 @@ class ChaosRun:
             market.aws_interrupt(in_s=self.notice_window)
         else:
             market.azure_event("Preempt", in_s=self.notice_window)
-        try:
-            code = job.wait(self.notice_window)
-        except subprocess.TimeoutExpired:
-            job.signal(signal.SIGKILL, group=True)
-            code = job.wait()
-        self._pump(watch)
+        code = self._wait_exit(job, watch, self.notice_window)  # the provider takes the machine at the deadline
         market.aws_clear()  # the next attempt runs on a new machine
         market.azure_clear()
         return self._judge(job, watch, attempt, mode, step, code)

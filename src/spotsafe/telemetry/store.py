@@ -135,7 +135,8 @@ class _Attempt:
     restored_at: float | None = None
 
 
-def _sample(event: ev.SaveCommitted) -> SaveSample:
+def sample_of(event: ev.SaveCommitted) -> SaveSample:
+    """What a committed save cost, as the cost model keeps it."""
     return SaveSample(
         bytes=event.bytes,
         written_bytes=event.written_bytes if event.written_bytes is not None else event.bytes,
@@ -166,7 +167,7 @@ def read_history(storage: Storage, *, max_saves: int = 50) -> RunHistory:
             history.last_step = max(history.last_step or 0, event.step)
         if isinstance(event, ev.SaveCommitted):
             current.committed_steps.add(event.step)
-            history.saves.append(_sample(event))
+            history.saves.append(sample_of(event))
         elif isinstance(event, ev.RunExited):
             current.exit_reason, current.exit_step = event.reason, event.step
         if isinstance(event, ev.RestoreCompleted):
