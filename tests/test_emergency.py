@@ -38,7 +38,7 @@ from spotsafe.telemetry.store import SaveSample, read_history
 
 from .conftest import Exited, Job, fake_exit, make_job
 
-# -- helpers ----------------------------------------------------------------------------------------------------------
+# -- helpers -----------------------------------------------------------------------------------------------------------
 
 
 def logged(run: Path) -> list[LoggedEvent]:
@@ -105,7 +105,7 @@ def unused_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# -- SaveCosts ----------------------------------------------------------------------------------------------------------
+# -- SaveCosts ---------------------------------------------------------------------------------------------------------
 
 
 def test_save_costs_without_samples_know_nothing() -> None:
@@ -153,7 +153,9 @@ def test_save_costs_direct_and_upload_stand_in_for_each_other() -> None:
     assert staged_only.write_for(2000, "local") == pytest.approx(0.6)
 
     # With both kinds measured, each leg uses its own kind only.
-    both = SaveCosts([sample(stall=0.5, duration=2.5), sample(stall=0.1, duration=5.0, route=STAGED, local=0.3, upload=4.0)])
+    both = SaveCosts(
+        [sample(stall=0.5, duration=2.5), sample(stall=0.1, duration=5.0, route=STAGED, local=0.3, upload=4.0)]
+    )
     assert both.write_for(1000, "direct") == pytest.approx(2.0)
     assert both.write_for(1000, "upload") == pytest.approx(4.0)
     # A staged save that never finished its legs (no local/upload times) says nothing about them.
@@ -196,7 +198,7 @@ def test_save_costs_are_safe_to_add_from_another_thread() -> None:
     assert len(costs) == 800
 
 
-# -- options_for ---------------------------------------------------------------------------------------------------------
+# -- options_for -------------------------------------------------------------------------------------------------------
 
 
 def test_options_without_samples_have_no_estimates() -> None:
@@ -223,7 +225,7 @@ def test_incremental_only_when_chunks_can_be_shared_and_staged_only_with_a_stage
 
 def test_the_staged_option_adds_the_local_commit_and_the_upload() -> None:
     costs = SaveCosts([sample(stall=0.5, duration=5.0, route=STAGED, local=0.5, upload=4.0)])
-    incremental, full, staged = options_for(costs, total_bytes=1000, can_share=True, staged=True)
+    incremental, _, staged = options_for(costs, total_bytes=1000, can_share=True, staged=True)
     assert (staged.route, staged.full, staged.bytes) == (STAGED, False, 1000)
     assert staged.local_s == pytest.approx(1.0)  # stall + local commit
     assert staged.estimate_s == pytest.approx(5.0)  # + upload
@@ -235,7 +237,7 @@ def test_the_staged_option_adds_the_local_commit_and_the_upload() -> None:
     assert options_for(direct, total_bytes=1000, can_share=False, staged=True)[1].estimate_s is None
 
 
-# -- plan_emergency --------------------------------------------------------------------------------------------------
+# -- plan_emergency ----------------------------------------------------------------------------------------------------
 
 
 def opt(name: str, estimate: float | None, route: str = DIRECT, local: float | None = None) -> Option:
@@ -315,7 +317,7 @@ def test_plan_estimates_are_rounded_per_option() -> None:
     assert plan.options == tuple(options) and plan.time_left_s == 9.0
 
 
-# -- end to end: a notice while training ----------------------------------------------------------------------------
+# -- end to end: a notice while training -------------------------------------------------------------------------------
 
 
 def test_notice_mid_step_stops_at_the_next_boundary_with_one_emergency_save(tmp_path: Path) -> None:
@@ -336,7 +338,12 @@ def test_notice_mid_step_stops_at_the_next_boundary_with_one_emergency_save(tmp_
     assert set(planned.options) == {INCREMENTAL, FULL}
     assert "incremental fits" in planned.reason
     [finished] = events(tmp_path, "emergency_finished")
-    assert (finished.step, finished.choice, finished.committed, finished.before_deadline) == (7, INCREMENTAL, True, True)
+    assert (finished.step, finished.choice, finished.committed, finished.before_deadline) == (
+        7,
+        INCREMENTAL,
+        True,
+        True,
+    )
     assert finished.margin_s is not None and finished.margin_s > 0
     assert [(e.step, e.reason) for e in events(tmp_path, "save_committed")] == [(5, "interval"), (7, "notice")]
     assert [(e.reason, e.step, e.exit_code) for e in events(tmp_path, "run_exited")] == [("preempted", 7, 75)]
@@ -359,6 +366,32 @@ def test_notice_before_any_save_is_measured_tries_the_configured_route(tmp_path:
     assert planned.reason == "no save measured yet: trying full"
     assert planned.options == {FULL: None}
     assert [(e.step, e.reason) for e in events(tmp_path, "save_committed")] == [(2, "notice")]
+
+
+def test_a_save_still_writing_at_the_deadline_is_recorded_then_goes_on_until_the_machine_is_taken(
+    tmp_path: Path,
+) -> None:
+    # Nothing measured yet, so the plan tries; the store takes 0.8 s per write (a save needs several), and
+    # the deadline is 2-3 s away (AWS notice times are whole seconds).
+    slow = SlowStorage(LocalStorage(tmp_path), latency=0.8)
+    with ProviderEmulator() as em:
+        job = notice_job(
+            tmp_path,
+            AwsSpotNotices(env=em.env(), poll_s=0.05),
+            policy=every(steps=1000) | on_notice(margin_s=0.5),
+            storage=slow,
+        )
+        with pytest.raises(Exited) as info:
+            job.train(100, on_step=post_at(job, 3, lambda: em.aws_interrupt(in_s=3)))
+    assert info.value.code == 75
+    [finished] = events(tmp_path, "emergency_finished")
+    assert (finished.step, finished.committed, finished.still_writing) == (3, False, True)
+    assert finished.before_deadline is None and finished.local_committed is None
+    # The stop was recorded before the deadline; the save went on (close() waits for it) and committed late.
+    order = [e.type for e in events(tmp_path, "run_exited") + events(tmp_path, "save_committed")]
+    types = [item.event.type for item in logged(tmp_path) if item.event.type in ("run_exited", "save_committed")]
+    assert sorted(order) == sorted(types) and types == ["run_exited", "save_committed"]
+    assert committed_steps(tmp_path) == [3]
 
 
 def test_notice_while_a_background_save_is_in_flight_still_commits_at_the_stop_step(tmp_path: Path) -> None:
@@ -404,6 +437,8 @@ def test_notice_around_restore_exits_75_at_the_restored_step_without_saving(tmp_
     first = make_job(tmp_path, notices=[])
     first.train(10)
     first.ckpt.finish()
+    before = committed_steps(tmp_path)
+    assert before[0] == 10
     with ProviderEmulator() as em:
         aws = AwsSpotNotices(env=em.env(), poll_s=0.05)
         holder: list[Job] = []
@@ -431,7 +466,7 @@ def test_notice_around_restore_exits_75_at_the_restored_step_without_saving(tmp_
     assert [(e.reason, e.step, e.exit_code) for e in events(tmp_path, "run_exited", attempt=2)] == [
         ("preempted", 10, 75)
     ]
-    assert committed_steps(tmp_path) == [10]
+    assert committed_steps(tmp_path) == before
 
 
 def _preempt_a_fresh_restore(run: Path) -> None:
@@ -453,12 +488,6 @@ def test_notice_during_a_fresh_restore_exits_75_with_nothing_to_save(tmp_path: P
     assert [(e.reason, e.step) for e in events(tmp_path, "run_exited")] == [("preempted", 0)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: read_history counts an attempt stopped at step 0 of a fresh run (nothing to lose, no "
-    "checkpoint) as 'unnoticed' (lost work), because only save_committed/restore_completed steps count as "
-    "safe; young_daly(count='unnoticed') then halves M for a notice that cost nothing",
-)
 def test_a_notice_during_a_fresh_restore_is_not_an_unnoticed_interruption(tmp_path: Path) -> None:
     _preempt_a_fresh_restore(tmp_path)
     history = read_history(LocalStorage(tmp_path))
@@ -475,7 +504,7 @@ def test_the_same_provider_notice_on_many_polls_is_one_notice(tmp_path: Path) ->
             em.aws_interrupt(in_s=120)
             wait_until(lambda: job.ckpt.stop_requested, "the stop notice")
             seen = aws.polls
-            wait_until(lambda: aws.polls >= seen + 5, "five more polls that see the same notice")
+            wait_until(lambda: aws.polls >= seen + 6, "five more polls that see the same notice")
 
         with pytest.raises(Exited):
             job.train(100, on_step=post_at(job, 3, post))
@@ -537,8 +566,8 @@ def test_a_deadline_too_close_for_the_measured_cost_saves_nothing(tmp_path: Path
     assert [e.step for e in events(tmp_path, "save_started")] == [5]
     assert [(e.reason, e.step, e.exit_code) for e in events(tmp_path, "run_exited")] == [("preempted", 7, 75)]
     assert committed_steps(tmp_path) == [5]
-    assert make_job(tmp_path, notices=[]).ckpt.restore() == 5
     assert read_history(LocalStorage(tmp_path)).unnoticed == 1  # it lost steps 6 and 7
+    assert make_job(tmp_path, notices=[]).ckpt.restore() == 5
 
 
 def test_local_then_upload_when_only_the_local_commit_fits_and_the_next_start_uploads_it(tmp_path: Path) -> None:
@@ -557,7 +586,9 @@ def test_local_then_upload_when_only_the_local_commit_fits_and_the_next_start_up
 
         def post() -> None:
             job.ckpt.wait()  # the save of step 5 is measured: committed locally, then uploaded
-            durable.fail_rate = 1.0  # the machine stops before any upload can finish
+            # The machine stops before any upload can finish. (Failing late, not at once: see
+            # test_a_background_emergency_save_that_fails_fast_is_not_reported_committed.)
+            durable.fail_rate, durable.latency = 1.0, 0.5
             em.aws_interrupt(in_s=2)
 
         with pytest.raises(Exited) as info:
@@ -570,9 +601,10 @@ def test_local_then_upload_when_only_the_local_commit_fits_and_the_next_start_up
     assert "no durable save fits" in planned.reason and "the local commit fits" in planned.reason
     [finished] = events(run, "emergency_finished")
     assert (finished.choice, finished.committed) == (STAGED, False)  # committed locally only
+    assert finished.local_committed and not finished.still_writing  # the upload failed before the deadline
     assert [(e.reason, e.step) for e in events(run, "run_exited")] == [("preempted", 7)]
     assert committed_steps(run) == [5]
-    assert [r.step for r in CheckpointRepository(LocalStorage(stage)).committed()] == [7]
+    assert max(r.step for r in CheckpointRepository(LocalStorage(stage)).committed()) == 7
 
     # The next start on the same machine (the stage disk survived) uploads the local copy first.
     nxt = make_job(run, stage_dir=str(stage), notices=[])
@@ -584,7 +616,7 @@ def test_local_then_upload_when_only_the_local_commit_fits_and_the_next_start_up
     nxt.ckpt.close()
 
 
-# -- Azure acknowledgements -------------------------------------------------------------------------------------------
+# -- Azure acknowledgements --------------------------------------------------------------------------------------------
 
 
 def test_azure_event_is_acknowledged_after_the_emergency_save_commits(tmp_path: Path) -> None:
@@ -617,7 +649,8 @@ def test_azure_event_is_not_acknowledged_when_the_emergency_save_fails(tmp_path:
 
         def post() -> None:
             job.ckpt.wait()  # step 5 is committed before the storage breaks
-            faulty.fail_rate = 1.0
+            # Every storage call now fails after 1 s (a failure that comes at once races: see the next test).
+            faulty.fail_rate, faulty.latency = 1.0, 1.0
             em.azure_event("Preempt", in_s=30)
 
         with pytest.raises(Exited) as info:
@@ -634,7 +667,44 @@ def test_azure_event_is_not_acknowledged_when_the_emergency_save_fails(tmp_path:
     assert committed_steps(tmp_path) == [5]
 
 
-# -- soft warnings and unreachable endpoints -------------------------------------------------------------------------
+class MainThreadLag:
+    """A monotonic clock that, once ``armed``, is slow to answer on the main (training) thread only: the
+    save worker gets ahead of the training thread, as it may on a loaded machine."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def __call__(self) -> float:
+        if self.armed and threading.current_thread() is threading.main_thread():
+            time.sleep(0.25)
+        return time.monotonic()
+
+
+def test_a_background_emergency_save_that_fails_fast_is_not_reported_committed(tmp_path: Path) -> None:
+    faulty = FaultyStorage(LocalStorage(tmp_path))
+    lag = MainThreadLag()
+    with ProviderEmulator() as em:
+        azure = AzureScheduledEvents(env=em.env(), poll_s=0.05, acknowledge=True)
+        job = notice_job(tmp_path, azure, storage=faulty, clock=lag)
+
+        def post() -> None:
+            job.ckpt.wait()
+            faulty.fail_rate = 1.0  # every storage call fails at once
+            em.azure_event("Preempt", in_s=30)
+            wait_until(lambda: job.ckpt.stop_requested, "the stop notice")
+            lag.armed = True
+
+        with pytest.raises(Exited) as info:
+            job.train(100, on_step=post_at(job, 7, post))
+        acks = em.acks
+    assert info.value.code == 75
+    assert [e.step for e in events(tmp_path, "save_failed")] == [7]
+    [finished] = events(tmp_path, "emergency_finished")
+    assert finished.committed is False
+    assert acks == []
+
+
+# -- soft warnings and unreachable endpoints ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("warnings", ["save", "ignore"])

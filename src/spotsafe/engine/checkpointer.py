@@ -30,9 +30,10 @@ Call sequence and contracts:
 
 Durability when ``save()`` returns: the state is copied into staging memory
 and being written in the background (training may change it at once); a
-``notice`` or ``final`` save, or any save with ``async_save=False``, has
-committed on the run's storage. A background failure is raised by the next
-call and recorded as a ``save_failed`` event. See :mod:`spotsafe.engine.saver`.
+``final`` save, or any save with ``async_save=False``, has committed on the
+run's storage. The emergency save on a notice is waited for until its deadline.
+A background failure is raised by the next call and recorded as a
+``save_failed`` event. See :mod:`spotsafe.engine.saver`.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from spotsafe.engine.commits import AfterSave
 from spotsafe.engine.components import Progress, apply_states, collect
 from spotsafe.engine.emergency import FULL, INCREMENTAL, STAGED, Plan, SaveCosts, options_for, plan_emergency
 from spotsafe.engine.reader import load_agreed, load_newest_valid
-from spotsafe.engine.saver import Saver, SaveState
+from spotsafe.engine.saver import SaveJob, Saver
 from spotsafe.engine.staged import recover_stage, wipe_stage
 from spotsafe.engine.staging import default_budget, parse_budget
 from spotsafe.engine.watch import NoticeHub, make_sources
@@ -229,6 +230,7 @@ class Checkpointer:
         self._saver = Saver(
             self.repo,
             on_done=AfterSave(self.repo, self.retention, self._emit, measured=self.costs.add),
+            on_staged=self._on_staged,
             budget=budget,
             background=async_save,
             incremental=incremental,
@@ -435,12 +437,12 @@ class Checkpointer:
         """An ``interval_chosen`` event for each policy whose interval is new (or changed by >25%)."""
         for part in self.policy.parts():
             choice = part.choose(ctx)
-            key = part.describe()
+            key = repr(part)  # two parts may describe themselves alike
             if choice is not None and choice.differs(self._choices.get(key)):
                 self._choices[key] = choice
                 self._emit(
                     ev.IntervalChosen,
-                    policy=key,
+                    policy=part.describe(),
                     interval_s=choice.seconds,
                     interval_steps=choice.steps,
                     reason=choice.reason,
@@ -491,14 +493,23 @@ class Checkpointer:
         committed = nothing_new
         if plan is not None and plan.choice is not None:
             option = plan.choice
+            writing = False
+            job: SaveJob | None = None
             try:
                 self.save(reason="notice", full=option.full, via_stage=option.route == STAGED)
-                committed = True
+                job = self._saver.current if self._saver is not None else None
+                committed = self._await_emergency(deadline)
+                writing = not committed
             except Exception as err:  # noqa: BLE001 - the last verified checkpoint stays the resume point
                 log.error(
                     "spotsafe: emergency save failed (%s); the last committed checkpoint is the resume point", err
                 )
             done = self._wall()
+            if writing:
+                log.warning(
+                    "spotsafe: the emergency save is still being written at the deadline; it goes on until the "
+                    "machine is taken, and the last committed checkpoint is the resume point unless it finishes"
+                )
             self._emit(
                 ev.EmergencyFinished,
                 step=self.step,
@@ -508,6 +519,8 @@ class Checkpointer:
                 before_deadline=None if deadline is None or not committed else done <= deadline,
                 margin_s=None if deadline is None or not committed else deadline - done,
                 duration_s=done - started,
+                still_writing=writing,
+                local_committed=None if job is None or not job.staged_route else job.local_s is not None,
             )
         hub.after_stop(committed)
         hub.poll(self.step)
@@ -515,6 +528,23 @@ class Checkpointer:
         if self.exit_on_notice:
             self.close()
             self._exit(EXIT_PREEMPTED)
+
+    def _await_emergency(self, deadline: float | None) -> bool:
+        """Wait for the emergency save until ``deadline`` minus the margin; whether it committed by then.
+
+        Raises its error if it failed. When it is still being written at the deadline, the caller
+        records the stop and exits, and ``close()`` keeps waiting for it until the machine is taken.
+        """
+        saver = self._saver
+        assert saver is not None
+        if deadline is None:
+            self._wait_for_save()
+            return True
+        left = deadline - self.notice_settings.margin_s - self._wall()
+        if not saver.wait(max(0.0, left)):
+            return False
+        self._raise_save_failure()
+        return True
 
     def _plan_emergency(self, deadline: float | None) -> Plan:
         saver = self._saver
@@ -567,8 +597,8 @@ class Checkpointer:
     ) -> CheckpointRef | None:
         """Checkpoint the current state now; return the checkpoint's name.
 
-        Returns once the state is staged (training may change it); ``notice`` and ``final``
-        saves, and every save with ``async_save=False``, return once committed. An
+        Returns once the state is staged (training may change it); a ``final`` save, and
+        every save with ``async_save=False``, return once committed. An
         ``interval`` save while the previous one is still being written is deferred
         (``None``) when ``when_busy="skip"``; every other save waits for it first.
         ``full=True`` writes every byte; ``via_stage=False`` bypasses ``stage_dir``.
@@ -601,21 +631,23 @@ class Checkpointer:
         )
         self._last_save_step = step
         self._last_save_time = self._clock()
-        if job.state is SaveState.STAGED:
-            self._emit(
-                ev.SaveStaged,
-                step=step,
-                checkpoint=job.ref.name,
-                reason=reason,
-                bytes=job.stats.bytes,
-                stall_s=job.stall_s,
-                copied_bytes=job.stats.copied_bytes,
-                staging_bytes=saver.staging_bytes,
-                overlapped=bool(job.deferred),
-            )
-            if reason in ("notice", "final"):
-                self._wait_for_save()
+        if job.background and reason == "final":
+            self._wait_for_save()
         return job.ref
+
+    def _on_staged(self, job: SaveJob) -> None:
+        assert self._saver is not None
+        self._emit(
+            ev.SaveStaged,
+            step=job.step,
+            checkpoint=job.ref.name,
+            reason=job.reason,
+            bytes=job.stats.bytes,
+            stall_s=job.stall_s,
+            copied_bytes=job.stats.copied_bytes,
+            staging_bytes=self._saver.staging_bytes,
+            overlapped=bool(job.deferred),
+        )
 
     def _writer_info(self, reason: str) -> dict[str, Any]:
         return {

@@ -93,6 +93,7 @@ class SaveJob:
     verdict: threading.Event = field(default_factory=threading.Event)
     torn: str | None = None
     staged_route: bool = False
+    background: bool = False
     local_s: float | None = None
     upload_s: float | None = None
 
@@ -129,6 +130,7 @@ class Saver:
         repo: CheckpointRepository,
         *,
         on_done: Callable[[Outcome], None],
+        on_staged: Callable[[SaveJob], None] = lambda job: None,
         budget: int | None,
         background: bool = True,
         incremental: bool = True,
@@ -139,6 +141,7 @@ class Saver:
     ) -> None:
         self.repo = repo
         self.on_done = on_done
+        self.on_staged = on_staged
         self.area = StagingArea(budget)
         self.background = background
         self.incremental = incremental
@@ -162,6 +165,11 @@ class Saver:
     @property
     def staging_bytes(self) -> int:
         return self.area.reserved_bytes
+
+    @property
+    def current(self) -> SaveJob | None:
+        """The save in flight (or the last one, until :meth:`wait` sees it finish)."""
+        return self._job
 
     @property
     def can_share(self) -> bool:
@@ -189,13 +197,16 @@ class Saver:
         job.deferred = []
         job.verdict.set()
 
-    def wait(self) -> None:
-        """Block until no save is in flight."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no save is in flight, or ``timeout`` seconds pass; return whether none is."""
         self.settle()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
             self._thread = None
         self._job = None
+        return True
 
     def save(
         self,
@@ -248,6 +259,8 @@ class Saver:
             job.verdict.set()
         job.stall_s = self._clock() - started
         job.to(SaveState.STAGED)
+        job.background = True
+        self.on_staged(job)  # before the worker starts, so its events come after this one
         self._job = job
         self._thread = threading.Thread(target=self._run, args=(job,), name="spotsafe-save", daemon=True)
         self._thread.start()

@@ -5,9 +5,11 @@ Variables (``../shared/PREEMPTION-SIGNALS.md``): ``d`` the time one checkpoint t
 (provision + restore), ``t`` the compute time between checkpoints.
 
 * :func:`young_daly` - ``t = sqrt(2 d M)`` refined by Daly (2006). ``d`` is the measured
-  stall per save (what a save costs training); ``M`` is the run's observed time divided by
-  the interruptions that lost work, with a prior (``prior_mtbi_hours``, worth one
-  interruption) so that the first hours of a run are not a guess from nothing.
+  time a save takes until it is durable (``cost="commit"``; an asynchronous save stalls
+  training only for its copy, but its writing still competes for I/O and CPU, so the
+  stall alone, ``cost="stall"``, makes saves very frequent); ``M`` is the run's observed
+  time divided by the interruptions that lost work, with a prior (``prior_mtbi_hours``,
+  worth one interruption) so that the first hours of a run are not a guess from nothing.
 * :func:`max_loss` - keep the expected loss per interruption, ``t/2 + d + R`` with ``d`` the
   time until a save is durable, under a budget given in minutes of lost work or in dollars
   (``price_per_hour`` x ``nodes``): ``t = 2 (L - d - R)``.
@@ -69,6 +71,7 @@ class YoungDaly(SavePolicy):
 
     prior_mtbi_hours: float = 4.0
     count: str = "unnoticed"
+    cost: str = "commit"
     first_save_s: float = FIRST_SAVE_S
 
     def __post_init__(self) -> None:
@@ -76,6 +79,8 @@ class YoungDaly(SavePolicy):
         _positive("first_save_s", self.first_save_s)
         if self.count not in ("unnoticed", "all"):
             raise ConfigError(f"count must be 'unnoticed' or 'all', got {self.count!r}")
+        if self.cost not in ("commit", "stall"):
+            raise ConfigError(f"cost must be 'commit' or 'stall', got {self.cost!r}")
 
     def mtbi(self, ctx: SaveContext) -> tuple[float, int]:
         """(M in seconds, interruptions counted)."""
@@ -86,22 +91,25 @@ class YoungDaly(SavePolicy):
         m, n = self.mtbi(ctx)
         kind = "interruptions that lost work" if self.count == "unnoticed" else "interruptions"
         observed = f"M={_fmt(m)} ({n} {kind} in {_fmt(ctx.run_s)} + a {self.prior_mtbi_hours:g} h prior)"
-        if ctx.stall_s is None:
+        measured = ctx.commit_s if self.cost == "commit" else ctx.stall_s
+        if measured is None:
             return Choice(
                 self.first_save_s,
                 None,
                 f"Young/Daly: no save measured yet, first save after {_fmt(self.first_save_s)}; {observed}",
             )
-        d = max(ctx.stall_s, 1e-3)
+        d = max(measured, 1e-3)
+        what = "time to commit a save" if self.cost == "commit" else "stall per save"
         t, raised = _floor(ctx, daly_interval(d, m))
-        return Choice(t, None, f"Young/Daly: d={d:.3f} s (stall per save), {observed} -> t={_fmt(t)}{raised}")
+        return Choice(t, None, f"Young/Daly: d={d:.3f} s ({what}), {observed} -> t={_fmt(t)}{raised}")
 
     def should_save(self, ctx: SaveContext) -> bool:
         choice = self.choose(ctx)
         return ctx.steps_since_save > 0 and choice.seconds is not None and ctx.seconds_since_save >= choice.seconds
 
     def describe(self) -> str:
-        return "young_daly()"
+        changed = [f"{k}={v!r}" for k, v in self.__dict__.items() if v != type(self).__dataclass_fields__[k].default]
+        return f"young_daly({', '.join(changed)})"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,8 +165,9 @@ class OnNotice(SavePolicy):
         _positive("safety", self.safety)
         if self.safety < 1:
             raise ConfigError(f"safety must be >= 1 (estimates are multiplied by it), got {self.safety!r}")
-        if isinstance(self.margin_s, bool) or not isinstance(self.margin_s, (int, float)) or self.margin_s < 0:
-            raise ConfigError(f"margin_s must be >= 0 seconds, got {self.margin_s!r}")
+        margin = self.margin_s
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
+            raise ConfigError(f"margin_s must be a finite number of seconds >= 0, got {self.margin_s!r}")
         if self.warnings not in ("save", "ignore"):
             raise ConfigError(f"warnings must be 'save' or 'ignore', got {self.warnings!r}")
 
@@ -170,15 +179,16 @@ class OnNotice(SavePolicy):
 
 
 def young_daly(
-    *, prior_mtbi_hours: float = 4.0, count: str = "unnoticed", first_save_s: float = FIRST_SAVE_S
+    *, prior_mtbi_hours: float = 4.0, count: str = "unnoticed", cost: str = "commit", first_save_s: float = FIRST_SAVE_S
 ) -> YoungDaly:
-    """The Young/Daly interval from the measured stall and the observed interruption rate.
+    """The Young/Daly interval from the measured save cost and the observed interruption rate.
 
     ``count="unnoticed"`` (default) counts only interruptions that lost work: when notices
     arrive in time the emergency checkpoint removes the loss, so rare regular saves suffice.
-    Until a save is measured, the first one comes after ``first_save_s``.
+    ``cost="commit"`` (default) takes a save's time until durable as ``d``; ``"stall"`` only
+    the time training waited. Until a save is measured, the first one comes after ``first_save_s``.
     """
-    return YoungDaly(prior_mtbi_hours=prior_mtbi_hours, count=count, first_save_s=first_save_s)
+    return YoungDaly(prior_mtbi_hours=prior_mtbi_hours, count=count, cost=cost, first_save_s=first_save_s)
 
 
 def max_loss(

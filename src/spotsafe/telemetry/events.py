@@ -231,7 +231,13 @@ class EmergencyPlanned(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class EmergencyFinished(Event):
-    """How the emergency save ended: ``committed`` durable or not, and whether before the deadline."""
+    """How the emergency save ended: ``committed`` durable or not, and whether before the deadline.
+
+    ``still_writing``: not committed when the deadline (minus the margin) came; the process
+    records its stop and keeps writing until the machine is taken (a ``save_committed`` follows
+    if it makes it). ``local_committed`` (``local-then-upload`` only): the local copy is committed,
+    so the next start on the same disk uploads it.
+    """
 
     type: ClassVar[str] = "emergency_finished"
     step: int
@@ -241,6 +247,8 @@ class EmergencyFinished(Event):
     before_deadline: bool | None
     margin_s: float | None
     duration_s: float
+    still_writing: bool = False
+    local_committed: bool | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -172,6 +172,8 @@ def read_history(storage: Storage, *, max_saves: int = 50) -> RunHistory:
             current.exit_reason, current.exit_step = event.reason, event.step
         if isinstance(event, ev.RestoreCompleted):
             current.committed_steps.add(event.step)  # stopping at the restored step loses nothing
+        elif isinstance(event, ev.RestoreFresh):
+            current.committed_steps.add(0)  # nor does stopping before the first step
         if isinstance(event, (ev.RestoreCompleted, ev.RestoreFresh)) and current.restored_at is None:
             current.restored_at = event.time
     history.attempts = len(attempts)
