@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch: an unpinned torch would pull gigabytes of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo test lint install bench bench-notices clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 
 bench: $(BIN)/.bench-installed
 	$(BIN)/python bench/run.py
+
+bench-notices: $(BIN)/.installed
+	$(BIN)/python bench/notices.py
 
 clean:
 	rm -rf $(VENV) spotsafe-demo .bench .pytest_cache .mypy_cache .ruff_cache

@@ -22,6 +22,7 @@ from __future__ import annotations
 import email.utils
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 
@@ -33,10 +34,14 @@ ENV_ENDPOINT = "SPOTSAFE_AZURE_METADATA_ENDPOINT"
 EVENTS_PATH = "/metadata/scheduledevents?api-version=2020-07-01"
 NAME_PATH = "/metadata/instance/compute/name?api-version=2021-02-01&format=text"
 HEADERS = {"Metadata": "true"}
+VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
+NAME_TRIES = 5
 
 
-def parse_not_before(value: str) -> float:
+def parse_not_before(value: object) -> float:
     """``Mon, 19 Sep 2016 18:29:47 GMT`` -> Unix time."""
+    if not isinstance(value, str):
+        raise BadResponse(f"NotBefore is not a string: {value!r:.80}")
     try:
         return email.utils.parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError, IndexError) as err:
@@ -72,7 +77,7 @@ class AzureScheduledEvents(Watcher):
         self.first_call_timeout_s = first_call_timeout_s
         self.client = MetadataClient(self.endpoint, connect_timeout_s=timeout_s, read_timeout_s=timeout_s)
         self._answered = False
-        self._name_known = vm_name is not None
+        self._name_tries = 0 if vm_name is None else NAME_TRIES
         self._to_ack: list[str] = []
         self.incarnation: int | None = None
 
@@ -80,7 +85,7 @@ class AzureScheduledEvents(Watcher):
         return f"{self.endpoint}{EVENTS_PATH} every {self.poll_s:g} s"
 
     def poll(self) -> float | None:
-        if not self._name_known:
+        if self._name_tries < NAME_TRIES:
             self._learn_name()
         received = self.now()
         timeout = None if self._answered else self.first_call_timeout_s
@@ -101,10 +106,14 @@ class AzureScheduledEvents(Watcher):
         return None
 
     def _learn_name(self) -> None:
+        """This VM's name, to tell its events from its neighbours'. Until a valid one is read (a few
+        tries), every event counts: a missed preemption costs more than a neighbour's early save."""
+        self._name_tries += 1
         reply = self.client.request("GET", NAME_PATH, headers=HEADERS)
-        self._name_known = True
-        if reply.status == 200 and reply.text.strip():
-            self.vm_name = reply.text.strip()
+        name = reply.text.strip()
+        if reply.status == 200 and VM_NAME.fullmatch(name):
+            self.vm_name = name
+            self._name_tries = NAME_TRIES
 
     def _consider(self, event: object, received: float) -> None:
         if not isinstance(event, dict) or not isinstance(event.get("EventId"), str):
@@ -116,9 +125,9 @@ class AzureScheduledEvents(Watcher):
         if self.vm_name is not None and isinstance(resources, list) and self.vm_name not in resources:
             return
         event_id = event["EventId"]
-        not_before = event.get("NotBefore") or ""
+        not_before = event.get("NotBefore")
         if kind in self.stop_types:
-            deadline = parse_not_before(not_before) if not_before else received
+            deadline = parse_not_before(not_before) if not_before not in (None, "") else received
             if event_id not in self._to_ack:
                 self._to_ack.append(event_id)
             detail = f"{kind} {event_id} ({event.get('EventStatus', '?')})"

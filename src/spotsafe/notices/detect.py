@@ -21,6 +21,7 @@ events once the emergency checkpoint is durable.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from collections.abc import Iterable, Mapping
@@ -74,8 +75,8 @@ def _seconds(env: Mapping[str, str], key: str) -> float | None:
         seconds = float(value)  # type: ignore[arg-type]
     except ValueError as err:
         raise ConfigError(f"${key} must be a number of seconds, got {value!r}") from err
-    if seconds < 0:
-        raise ConfigError(f"${key} must be >= 0 seconds, got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"${key} must be a finite number of seconds >= 0, got {value!r}")
     return seconds
 
 
@@ -145,6 +146,8 @@ def build_sources(
     env = os.environ if env is None else env
     names = tuple(names)
     poll = _seconds(env, ENV_POLL)
+    if poll == 0:
+        raise ConfigError(f"${ENV_POLL} must be > 0 seconds")
     sources: list[NoticeSource] = []
     if "aws" in names:
         sources.append(AwsSpotNotices(env=env, poll_s=poll or 5.0))

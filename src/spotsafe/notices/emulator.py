@@ -192,6 +192,12 @@ class ProviderEmulator:
                     event["EventStatus"], event["NotBefore"] = "Started", ""
             self._state.azure_incarnation += 1
 
+    def azure_finish(self, event_id: str) -> None:
+        """The event is over: it disappears from the document."""
+        with self._changed:
+            self._state.azure_events = [e for e in self._state.azure_events if e["EventId"] != event_id]
+            self._state.azure_incarnation += 1
+
     def azure_clear(self) -> None:
         with self._changed:
             self._state.azure_events.clear()
@@ -274,11 +280,16 @@ class ProviderEmulator:
         if headers.get("metadata-flavor") != "Google" or "x-forwarded-for" in headers:
             return 403, {"Content-Type": "text/html"}, b"Your client does not have permission to get URL.\n"
         key = path[len(GCP_PREFIX) :] if path.startswith(GCP_PREFIX) else ""
-        if method != "GET" or key not in self._state.gcp:
+        if key not in self._state.gcp:
             return 404, {"Content-Type": "text/html"}, b"Not Found\n"
+        if method != "GET":
+            return 405, {"Content-Type": "text/html"}, b"Method Not Allowed\n"
         if query.get("wait_for_change", ["false"])[0].lower() == "true":
             last = query.get("last_etag", [None])[0]
-            timeout = float(query.get("timeout_sec", ["300"])[0])
+            try:
+                timeout = float(query.get("timeout_sec", ["300"])[0])
+            except ValueError:
+                return 400, {"Content-Type": "text/html"}, b"Bad Request: timeout_sec\n"
             deadline = time.monotonic() + timeout
             with self._changed:
                 start_etag = self._state.gcp[key][1]
@@ -333,6 +344,9 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "EC2ws"
 
     def _serve(self) -> None:
+        if self.emulator._server is None:  # stopped: drop connections kept alive from before, unanswered
+            self.close_connection = True
+            return
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}

@@ -174,13 +174,11 @@ class Watcher(ABC):
                     self._down = True
                     self._report("unreachable", f"{err}; retrying with backoff up to {self.max_backoff_s:g} s")
                 pause, backoff = backoff, min(self.max_backoff_s, backoff * 2)
-            except BadResponse as err:
-                if str(err) != self._last_problem:
-                    self._last_problem = str(err)
-                    self._report("bad_response", str(err))
-                pause = self.poll_s
             except Exception as err:  # noqa: BLE001 - a watcher must never die silently
-                self._report("bad_response", f"{type(err).__name__}: {err}")
+                problem = str(err) if isinstance(err, BadResponse) else f"{type(err).__name__}: {err}"
+                if problem != self._last_problem:  # once per distinct problem, not once per poll
+                    self._last_problem = problem
+                    self._report("bad_response", problem)
                 pause = self.poll_s
             else:
                 self.polls += 1

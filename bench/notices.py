@@ -1,0 +1,229 @@
+"""spotsafe notice benchmarks: what watching for notices costs a step, and how good the emergency estimate is.
+
+Run with ``make bench-notices`` (or ``.venv/bin/python bench/notices.py``). Every figure is measured in
+this run, on this machine, as a ratio against a baseline measured in the same process:
+
+1. **Per-step overhead** of ``step_done()`` (no save due) with signals only, with an AWS watcher polling
+   an emulated IMDS on 127.0.0.1, with the cost-based policies, and of the two-rank agreement (one
+   gloo ``all_reduce`` per step, two processes) - as microseconds and as a share of one training step
+   of the example model.
+2. **Emergency estimate vs reality**: after a few measured interval saves of a 256 MiB state, a notice
+   arrives; the estimate the plan used is compared with the time the emergency save then took, for a
+   dense state (everything changed) and for one with a frozen half (incremental).
+
+Results go into ``BENCHMARKS.md`` between the ``<!-- notices -->`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from rich.console import Console
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import cases
+from run import disk_description, machine, markdown
+
+import spotsafe
+from spotsafe.notices import AwsSpotNotices
+from spotsafe.notices.emulator import ProviderEmulator
+
+MB = 2**20
+START = "<!-- notices: written by bench/notices.py -->"
+END = "<!-- end of notices -->"
+STEPS = 20000
+
+
+def per_step_us(ckpt: spotsafe.Checkpointer | None, steps: int = STEPS) -> float:
+    started = time.perf_counter()
+    for _ in range(steps):
+        if ckpt is not None:
+            ckpt.step_done()
+    return (time.perf_counter() - started) / steps * 1e6
+
+
+def overhead_case(root: Path, name: str, **kwargs: Any) -> float:
+    model = nn.Linear(8, 8)
+    with spotsafe.Checkpointer(root / name, model=model, progress_interval=1e9, **kwargs) as ckpt:
+        ckpt.restore()
+        per_step_us(ckpt, 500)  # warm up
+        return statistics.median(per_step_us(ckpt) for _ in range(3))
+
+
+def example_step_ms() -> float:
+    """One training step of the example TinyLM (batch 16, sequence 32), median of 30."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    import tiny_lm
+
+    torch.manual_seed(0)
+    model = tiny_lm.TinyLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = torch.randint(tiny_lm.VOCAB, (16, tiny_lm.SEQ + 1))
+    times = []
+    for _ in range(35):
+        started = time.perf_counter()
+        loss = nn.functional.cross_entropy(model(batch[:, :-1]).reshape(-1, tiny_lm.VOCAB), batch[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[5:]) * 1e3
+
+
+def _agreement_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from spotsafe.engine.agreement import Agreement
+
+    agreement = Agreement()
+    for _ in range(200):
+        agreement.exchange(stop=False, warning=False, save=False, deadline=None)
+    rounds = []
+    for _ in range(3):
+        started = time.perf_counter()
+        for _ in range(2000):
+            agreement.exchange(stop=False, warning=False, save=False, deadline=None)
+        rounds.append((time.perf_counter() - started) / 2000 * 1e6)
+    if rank == 0:
+        Path(out).write_text(json.dumps(statistics.median(rounds)))
+    dist.destroy_process_group()
+
+
+def agreement_us(root: Path) -> float:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = root / "agreement.json"
+    mp.start_processes(_agreement_worker, args=(port, str(out)), nprocs=2, start_method="spawn")
+    return float(json.loads(out.read_text()))
+
+
+def emergency_case(root: Path, frozen_half: bool, rounds: int = 3) -> list[tuple[str, float, float]]:
+    """(choice, estimate, actual) per round: a few measured interval saves, then a notice."""
+    state = cases.make_state(256 * MB)
+    params = list(state.model.parameters())
+    trained = params[len(params) // 2 :] if frozen_half else params
+    found = []
+    for i in range(rounds):
+        run = root / f"emergency-{int(frozen_half)}-{i}"
+        with ProviderEmulator() as market:
+            exited: list[int] = []
+
+            def stop(code: int, exited: list[int] = exited) -> None:
+                exited.append(code)
+
+            ckpt = spotsafe.Checkpointer(
+                run,
+                model=state.model,
+                optimizer=state.optimizer,
+                policy=spotsafe.every(steps=2),
+                notices=[AwsSpotNotices(env=market.env(), poll_s=0.05)],
+                handle_signals=False,
+                exit=stop,  # type: ignore[arg-type]
+            )
+            ckpt.restore()
+            step = 0
+            while not exited:
+                for p in trained:  # an optimizer step changes the trained weights and their moments
+                    p.grad = torch.full_like(p, 1e-3)
+                state.optimizer.step()
+                state.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step == 7:
+                    ckpt.wait()
+                    market.aws_interrupt(in_s=600)
+                    while not ckpt.stop_requested:
+                        time.sleep(0.01)
+                ckpt.step_done()
+        logged = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+        planned = next(e for e in logged if e["type"] == "emergency_planned")
+        finished = next(e for e in logged if e["type"] == "emergency_finished")
+        found.append((planned["choice"], planned["estimate_s"], finished["duration_s"]))
+        shutil.rmtree(run, ignore_errors=True)
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default=None, help="scratch folder (default: ./.bench)")
+    parser.add_argument("--out", default="BENCHMARKS.md", help="markdown file to write the results into ('' = none)")
+    args = parser.parse_args()
+    os.environ["SPOTSAFE_NOTICES"] = "signals"
+    console = Console()
+    base = Path(args.dir or ".bench").absolute()
+    base.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="notices-", dir=base))
+    try:
+        step_ms = example_step_ms()
+        console.print(f"example TinyLM step: {step_ms:.2f} ms")
+        bare = statistics.median(per_step_us(None) for _ in range(3))
+        rows = [["step_done() with", "us per step", "vs one example step"]]
+
+        def row(label: str, us: float) -> None:
+            rows.append([label, f"{us:.1f}", f"{us / (step_ms * 1e3):.3%}"])
+            console.print(f"{label}: {us:.1f} us")
+
+        row("nothing (an empty loop)", bare)
+        row("signals, every(steps=N)", overhead_case(root, "signals", policy=spotsafe.every(steps=10**9)))
+        with ProviderEmulator() as market:
+            aws = AwsSpotNotices(env=market.env(), poll_s=5.0)
+            row("signals + AWS watcher (5 s polls), every(steps=N)", overhead_case(root, "aws", notices=[aws]))
+        adaptive = spotsafe.young_daly(first_save_s=1e9) | spotsafe.max_loss(minutes=1e6)
+        row("signals, young_daly() | max_loss(minutes=...)", overhead_case(root, "adaptive", policy=adaptive))
+        row("two-rank agreement (one gloo all_reduce), added", agreement_us(root))
+
+        dense = emergency_case(root, frozen_half=False)
+        sparse = emergency_case(root, frozen_half=True)
+        est_rows = [["256 MiB state (model + AdamW)", "choice", "estimate", "actual", "actual / estimate"]]
+        for label, found in (("every layer trained", dense), ("half the layers frozen", sparse)):
+            for choice, estimate, actual in found:
+                ratio = actual / estimate if estimate else float("nan")
+                est_rows.append([label, choice, f"{estimate:.2f} s", f"{actual:.2f} s", f"{ratio:.2f}"])
+                console.print(f"{label}: {choice} estimate {estimate:.2f} s, actual {actual:.2f} s")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    text = "\n".join(
+        [
+            START,
+            "",
+            "Machine:",
+            "",
+            *[f"- {line}" for line in [*machine(), disk_description(base)]],
+            "",
+            f"### Per-step cost of watching for notices\n\n{markdown(rows)}\n",
+            "### Emergency save: estimate against what it took\n",
+            "The estimate is what the plan compared with the time left (before the safety factor); the "
+            "actual time runs from the start of the notice handling to the commit.\n",
+            f"{markdown(est_rows)}\n",
+            END,
+        ]
+    )
+    if args.out:
+        path = Path(args.out)
+        current = path.read_text() if path.exists() else ""
+        if START in current and END in current:
+            current = current[: current.index(START)] + text + current[current.index(END) + len(END) :]
+        else:
+            current = current.rstrip("\n") + "\n\n## Notices\n\n" + text + "\n"
+        path.write_text(current)
+        console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
