@@ -141,6 +141,17 @@ def test_save_costs_scale_with_size_but_never_below_a_measured_sample() -> None:
     assert costs.write_for(1, "direct") == pytest.approx(2.0)
 
 
+def test_save_costs_estimate_from_the_slowest_of_the_three_most_recent_samples() -> None:
+    # Oldest first: a slow save long ago no longer counts; among the last three, the slowest does.
+    costs = SaveCosts([sample(stall=0.1, duration=9.1)] + [sample(stall=0.1, duration=d) for d in (1.1, 3.1, 2.1)])
+    assert costs.write_for(1000, "direct") == pytest.approx(3.0)
+    assert costs.commit_s == pytest.approx(2.6)  # the policies' d stays a median over all kept samples
+    costs.add(sample(stall=0.1, duration=1.1))
+    costs.add(sample(stall=0.1, duration=1.1))
+    assert costs.write_for(1000, "direct") == pytest.approx(2.0)
+    assert costs.stall_for(1000) == pytest.approx(0.1)
+
+
 def test_save_costs_direct_and_upload_stand_in_for_each_other() -> None:
     direct_only = SaveCosts([sample(stall=0.5, duration=2.5)])
     assert direct_only.write_for(1000, "upload") == pytest.approx(2.0)
@@ -300,6 +311,19 @@ def test_plan_is_none_when_nothing_fits() -> None:
     assert "the last verified checkpoint stays the resume point" in plan.reason
     direct_only = plan_emergency([opt(FULL, 3.0)], time_left_s=2.0, safety=1.0, preferred=FULL)
     assert direct_only.choice is None
+
+
+def test_plan_tries_the_quickest_option_that_fits_only_without_the_safety_factor() -> None:
+    # Running out of time costs nothing (a save that does not commit is never used): better to try.
+    options = [opt(INCREMENTAL, 4.0), opt(FULL, 9.0)]
+    plan = plan_emergency(options, time_left_s=5.0, safety=1.5, preferred=INCREMENTAL)  # 4 x 1.5 > 5 >= 4
+    assert plan.name == INCREMENTAL
+    assert plan.reason.startswith("incremental fits only without the safety factor (~4.0 s of 5.0 s left)")
+    # A local commit that fits with the factor still comes first: it is sure to secure the state.
+    staged = plan_emergency(
+        [*options, opt(STAGED, 9.0, STAGED, local=1.0)], time_left_s=5.0, safety=1.5, preferred=STAGED
+    )
+    assert staged.name == STAGED and "the local commit fits" in staged.reason
 
 
 def test_plan_tries_an_unmeasured_option_when_the_measured_ones_do_not_fit() -> None:

@@ -1,24 +1,38 @@
-"""Ranks that decide together: one small collective per step boundary (torch.distributed).
+"""Ranks that decide together: one small collective every half second or so (torch.distributed).
 
 Every rank watches its own notice sources and gets a notice at its own moment
-(a metadata poll a few seconds apart, a signal to one process). At each step
-boundary all ranks exchange four numbers with one ``all_reduce(MAX)`` on a gloo
-group: *stop*, *warning*, *save due* and the earliest deadline. Every rank then
-acts on the same answer at the same step: all stop (and save) at that step, all
-take the interval save a wall-clock policy asked for on any rank.
+(a metadata poll a few seconds apart, a signal to one process). At agreed step
+boundaries all ranks exchange five numbers with one ``all_reduce(MAX)`` on a
+gloo group: *stop*, *warning*, *save due*, the earliest deadline, and the
+slowest rank's seconds per step. Every rank then acts on the same answer at the
+same step: all stop (and save) at that step, all take the interval save a
+wall-clock policy asked for on any rank.
+
+Two things keep it cheap. The exchange is pipelined: the all-reduce posted at
+one exchange step runs in the background and is collected at the next one. And
+exchange steps are ``K`` steps apart, ``K`` chosen so that they come about every
+``every_s`` seconds (0.5 s) from the slowest rank's step time, which every rank
+reads from the same exchange, so all ranks pick the same ``K``. An all-reduce
+costs from tens of microseconds to a few milliseconds (loopback TCP on a busy
+machine); once per half second it costs nothing. The price is latency: ranks
+act on a notice one to two exchange periods after the first of them saw it
+(about a second, against notice windows of 30 s to 2 minutes).
 
 Restores agree too: each rank lists its committed steps, the newest step that
 every rank has is loaded, and if any rank finds its copy damaged, the ranks go
 on to the next common step together.
 
 Call sequence: construct on every rank after ``init_process_group`` (it may
-create a gloo group, which is itself collective), then call :meth:`exchange`
-once per step on every rank.
+create a gloo group, which is itself collective); at every step, every rank
+asks :meth:`Agreement.due`, and where it is due, calls :meth:`Agreement.collect`
+and then :meth:`Agreement.post`.
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +48,16 @@ class Decision:
     deadline: float | None
 
 
+def _decode(values: torch.Tensor) -> Decision:
+    earliest = -float(values[3])
+    return Decision(
+        stop=bool(values[0] > 0),
+        warning=bool(values[1] > 0),
+        save=bool(values[2] > 0),
+        deadline=earliest if math.isfinite(earliest) else None,
+    )
+
+
 def rank_url(url: str, rank: int) -> str:
     """Where one rank's checkpoints live: ``<url>/rank-<r>`` (each rank saves its own state)."""
     return f"{url.rstrip('/')}/rank-{rank:05d}"
@@ -47,28 +71,70 @@ def active(group: Any = None) -> bool:
 class Agreement:
     """Step-boundary decisions shared by all ranks of ``group`` (default: the world)."""
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(
+        self,
+        group: Any = None,
+        *,
+        every_s: float = 0.5,
+        max_steps: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         # CPU tensors and no device sync: a gloo group, also when training uses NCCL.
         self.group = group if dist.get_backend(group) == "gloo" else dist.new_group(backend="gloo")
+        self.every_s = every_s
+        self.max_steps = max_steps
+        self._clock = clock
         self.exchanges = 0
+        self.next_step = 0
+        self.period = 1
+        self._pending: tuple[torch.Tensor, Any] | None = None
+        self._posted: tuple[int, float] | None = None
 
-    def exchange(self, *, stop: bool, warning: bool, save: bool, deadline: float | None) -> Decision:
-        """One all-reduce: any rank's stop/warning/save counts for all; the earliest deadline wins."""
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is an exchange step (the same answer on every rank)."""
+        return step >= self.next_step
+
+    def post(self, step: int, *, stop: bool, warning: bool, save: bool, deadline: float | None) -> None:
+        """Start this exchange step's all-reduce (any rank's stop/warning/save counts for all; the
+        earliest deadline wins). Every rank posts at the same steps, after collecting the previous one."""
+        if self._pending is not None:
+            raise RuntimeError("collect() the previous exchange before posting the next")
+        now = self._clock()
+        step_s = 0.0
+        if self._posted is not None and step > self._posted[0]:
+            step_s = (now - self._posted[1]) / (step - self._posted[0])
+        self._posted = (step, now)
         values = torch.tensor(
-            [float(stop), float(warning), float(save), -deadline if deadline is not None else -math.inf],
+            [float(stop), float(warning), float(save), -deadline if deadline is not None else -math.inf, step_s],
             dtype=torch.float64,
         )
-        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        work = dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self._pending = (values, work)
+        self.next_step = step + self.period
         self.exchanges += 1
-        earliest = -float(values[3])
-        return Decision(
-            stop=bool(values[0] > 0),
-            warning=bool(values[1] > 0),
-            save=bool(values[2] > 0),
-            deadline=earliest if math.isfinite(earliest) else None,
-        )
+
+    def collect(self) -> Decision:
+        """The decision of the exchange posted at the previous exchange step (nothing, if none was).
+
+        Also sets the period until the exchange after the next one, from the slowest rank's step time.
+        """
+        if self._pending is None:
+            return Decision(stop=False, warning=False, save=False, deadline=None)
+        values, work = self._pending
+        self._pending = None
+        work.wait()
+        slowest = float(values[4])
+        if slowest > 0:
+            self.period = max(1, min(self.max_steps, math.ceil(self.every_s / slowest)))
+        return _decode(values)
+
+    def exchange(self, step: int, *, stop: bool, warning: bool, save: bool, deadline: float | None) -> Decision:
+        """Post and collect at once (no pipelining; for tests and tools)."""
+        self.collect()
+        self.post(step, stop=stop, warning=warning, save=save, deadline=deadline)
+        return self.collect()
 
     def common_steps(self, steps: list[int]) -> list[int]:
         """The steps every rank has, newest first."""

@@ -38,6 +38,7 @@ A background failure is raised by the next call and recorded as a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -397,24 +398,47 @@ class Checkpointer:
         hub = self._hub
         assert hub is not None
         stop = hub.poll(self.step)
+        if self._agreement is not None:
+            return self._step_together(stop, now)
         ctx = self.save_context(now)
         self._note_choices(ctx)
-        due = not stop and self.policy.should_save(ctx)
-        warning = hub.take_warning() is not None and self.notice_settings.warnings == "save"
-        deadline = hub.deadline
-        if self._agreement is not None:
-            decision = self._agreement.exchange(stop=stop, warning=warning, save=due, deadline=deadline)
-            stop, warning, due, deadline = decision.stop, decision.warning, decision.save, decision.deadline
         if stop:
-            self._handle_notice(deadline)
+            self._handle_notice(hub.deadline)
             return True
+        warning = hub.take_warning() is not None and self.notice_settings.warnings == "save"
         if warning and self._last_save_step != self.step:
             return self.save(reason="warning") is not None
-        if not due:
+        if not self.policy.should_save(ctx):
             return False
         saved = self.save(reason="interval") is not None
-        if self._agreement is None and hub.poll(self.step):
+        if hub.poll(self.step):
             self._handle_notice(hub.deadline)
+        return saved
+
+    def _step_together(self, stop: bool, now: float) -> bool:
+        """``step_done`` with other ranks: at exchange steps (the same on every rank), act on the exchange
+        posted at the previous one, then post this rank's flags (see :mod:`spotsafe.engine.agreement`)."""
+        agreement, hub = self._agreement, self._hub
+        assert agreement is not None and hub is not None
+        ctx = self.save_context(now)
+        self._note_choices(ctx)
+        parts = self.policy.parts()
+        saved = False
+        # Step-count policies say the same on every rank: they need no exchange.
+        if any(p.steps_only and p.should_save(ctx) for p in parts):
+            saved = self.save(reason="interval") is not None
+        if not agreement.due(self.step):
+            return saved  # between exchange steps: notices and wall-clock saves wait for the next one
+        decision = agreement.collect()
+        if decision.stop:
+            self._handle_notice(decision.deadline)
+            return True
+        if (decision.warning or decision.save) and self._last_save_step != self.step:
+            saved = self.save(reason="warning" if decision.warning else "interval") is not None
+        ctx = self.save_context(now)
+        warning = hub.take_warning() is not None and self.notice_settings.warnings == "save"
+        due = any(not p.steps_only and p.should_save(ctx) for p in parts)
+        agreement.post(self.step, stop=stop or hub.pending(), warning=warning, save=due, deadline=hub.deadline)
         return saved
 
     def save_context(self, now: float | None = None) -> SaveContext:
@@ -680,6 +704,10 @@ class Checkpointer:
         if self._closed:
             return
         self._closed = True
+        if self._agreement is not None:
+            # Every rank posted the last exchange, so it completes; collecting it leaves no collective in flight.
+            with contextlib.suppress(Exception):
+                self._agreement.collect()
         if self._saver is not None:
             self._saver.close()
             failure = self._saver.take_failure()

@@ -3,9 +3,10 @@
 :class:`SaveCosts` keeps what recent saves cost (this process's, and earlier
 attempts' from the event log): the stall, the time to write to the run's storage,
 and with ``stage_dir`` the local commit and the upload separately. Estimates scale
-each sample to the bytes at hand and take the median; scaling never makes a
-smaller save cheaper than a measured one (fixed costs such as fsyncs and
-round trips do not shrink), so estimates lean long.
+each sample to the bytes at hand and take the slowest of the three most recent
+(storage speed drifts, and an estimate that is too short costs a save); scaling
+never makes a smaller save cheaper than a measured one (fixed costs such as fsyncs
+and round trips do not shrink), so estimates lean long.
 
 :func:`plan_emergency` weighs the options:
 
@@ -17,9 +18,11 @@ round trips do not shrink), so estimates lean long.
   option fits, it still secures the state on a disk that may survive the stop (EBS on
   an AWS ``stop``/``hibernate``, a persistent volume), and the next start uploads it.
 
-The fastest option whose estimate, times ``safety``, fits the time left is chosen; when
-none fits, ``none``: the last verified checkpoint stays the resume point. Without a
-deadline or without measurements, the configured route is tried.
+The fastest option whose estimate, times ``safety``, fits the time left is chosen.
+If none does, the local commit of ``local-then-upload`` when it fits; else the quickest
+option if its bare estimate fits (a save that runs out of time costs nothing: it never
+becomes visible); else ``none``: the last verified checkpoint stays the resume point.
+Without a deadline or without measurements, the configured route is tried.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ STAGED = "local-then-upload"
 INCREMENTAL = "incremental"
 FULL = "full"
 NONE = "none"
+RECENT = 3
+
+
+def _recent_high(estimates: list[float]) -> float | None:
+    """The slowest of the most recent estimates (samples are oldest first)."""
+    return max(estimates[-RECENT:]) if estimates else None
 
 
 class SaveCosts:
@@ -79,8 +88,7 @@ class SaveCosts:
 
     def stall_for(self, nbytes: int) -> float | None:
         """Estimated stall for a state of ``nbytes`` (compare and copy scale with the state)."""
-        estimates = [s.stall_s * max(1.0, nbytes / s.bytes) for s in self._all() if s.bytes > 0]
-        return statistics.median(estimates) if estimates else None
+        return _recent_high([s.stall_s * max(1.0, nbytes / s.bytes) for s in self._all() if s.bytes > 0])
 
     def write_for(self, nbytes: int, leg: str) -> float | None:
         """Estimated seconds to write ``nbytes``: ``leg`` is ``direct`` (to the run's storage),
@@ -95,8 +103,7 @@ class SaveCosts:
                 (estimates if leg != "direct" else fallback).append(seconds * scale)
             elif s.route == DIRECT and leg in ("direct", "upload"):
                 (estimates if leg == "direct" else fallback).append(max(0.0, s.duration_s - s.stall_s) * scale)
-        chosen = estimates or fallback
-        return statistics.median(chosen) if chosen else None
+        return _recent_high(estimates or fallback)
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,14 @@ def plan_emergency(options: list[Option], *, time_left_s: float | None, safety: 
                 f"{time_left_s:.1f} s left); the local commit fits (~{option.local_s:.1f} s) and is "
                 "uploaded at the next start if its disk survives",
             )
+    if quickest.estimate_s is not None and quickest.estimate_s <= time_left_s:
+        return Plan(
+            quickest,
+            tuple(options),
+            time_left_s,
+            f"{quickest.name} fits only without the safety factor (~{quickest.estimate_s:.1f} s of "
+            f"{time_left_s:.1f} s left): trying it; if it runs out of time it is never used",
+        )
     return Plan(
         None,
         tuple(options),

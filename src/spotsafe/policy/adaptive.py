@@ -177,6 +177,10 @@ class OnNotice(SavePolicy):
     def describe(self) -> str:
         return "on notice"
 
+    @property
+    def steps_only(self) -> bool:
+        return True
+
 
 def young_daly(
     *, prior_mtbi_hours: float = 4.0, count: str = "unnoticed", cost: str = "commit", first_save_s: float = FIRST_SAVE_S

@@ -77,6 +77,11 @@ class SavePolicy(ABC):
         """The policies this one is made of (itself, unless it is a composition)."""
         return (self,)
 
+    @property
+    def steps_only(self) -> bool:
+        """Whether the decision depends on step counts alone (the same on every rank of a job)."""
+        return False
+
     def __or__(self, other: SavePolicy) -> SavePolicy:
         return AnyOf((self, other))
 
@@ -97,6 +102,10 @@ class EverySteps(SavePolicy):
 
     def choose(self, ctx: SaveContext) -> Choice:
         return Choice(None, self.steps, f"fixed: every {self.steps} steps")
+
+    @property
+    def steps_only(self) -> bool:
+        return True
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,10 @@ class Never(SavePolicy):
 
     def describe(self) -> str:
         return "never"
+
+    @property
+    def steps_only(self) -> bool:
+        return True
 
 
 @dataclass(frozen=True)
