@@ -148,3 +148,19 @@ def test_ranks_stop_at_the_same_step_and_resume_bit_exact(reference: Path, tmp_p
         assert ref_step == run_step == STEPS
         assert {"model", "optimizer", "scheduler", "loader", "rng"} <= set(diffs)
         assert all(not d for d in diffs.values()), (rank, diffs)
+
+
+def test_distributed_true_without_torch_distributed_is_a_config_error(tmp_path: Path) -> None:
+    import torch
+
+    import spotsafe
+
+    with pytest.raises(spotsafe.ConfigError, match="torch.distributed initialised"):
+        spotsafe.Checkpointer(tmp_path / "run", model=torch.nn.Linear(2, 2), distributed=True)
+
+
+def test_each_rank_saves_under_its_own_folder() -> None:
+    from spotsafe.engine.agreement import rank_url
+
+    assert rank_url("s3://bucket/runs/lm/", 3) == "s3://bucket/runs/lm/rank-00003"
+    assert rank_url("runs/lm", 0) == "runs/lm/rank-00000"
