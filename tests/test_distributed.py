@@ -155,7 +155,7 @@ def test_distributed_true_without_torch_distributed_is_a_config_error(tmp_path: 
 
     import spotsafe
 
-    with pytest.raises(spotsafe.ConfigError, match="torch.distributed initialised"):
+    with pytest.raises(spotsafe.ConfigError, match=r"torch\.distributed initialised"):
         spotsafe.Checkpointer(tmp_path / "run", model=torch.nn.Linear(2, 2), distributed=True)
 
 
