@@ -35,7 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cases
-from run import disk_description, machine, markdown
+from run import disk_description, machine, markdown, write_between
 
 import spotsafe
 from spotsafe.notices import AwsSpotNotices
@@ -245,14 +245,8 @@ def main() -> None:
         ]
     )
     if args.out:
-        path = Path(args.out)
-        current = path.read_text() if path.exists() else ""
-        if START in current and END in current:
-            current = current[: current.index(START)] + text + current[current.index(END) + len(END) :]
-        else:
-            current = current.rstrip("\n") + "\n\n## Notices\n\n" + text + "\n"
-        path.write_text(current)
-        console.print(f"wrote {path}")
+        write_between(Path(args.out), START, END, text, heading="## Notices\n\n")
+        console.print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

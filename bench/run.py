@@ -330,14 +330,19 @@ def main() -> None:
         ]
     )
     if args.out:
-        path = Path(args.out)
-        old = path.read_text() if path.exists() else ""
-        if START in old and END in old:
-            new = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
-        else:
-            new = old + ("\n" if old else "") + text + "\n"
-        path.write_text(new)
-        console.print(f"\nwrote {path}")
+        write_between(Path(args.out), START, END, text)
+        console.print(f"\nwrote {args.out}")
+
+
+def write_between(path: Path, start: str, end: str, text: str, heading: str = "") -> None:
+    """Put ``text`` (which begins with ``start`` and ends with ``end``) in place of what ``path`` holds
+    between those markers, or append it (after ``heading``) when the markers are not there yet."""
+    old = path.read_text() if path.exists() else ""
+    if start in old and end in old:
+        new = old[: old.index(start)] + text + old[old.index(end) + len(end) :]
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old else "") + heading + text + "\n"
+    path.write_text(new)
 
 
 if __name__ == "__main__":

@@ -487,35 +487,25 @@ class Checkpointer:
         source = first.source if first is not None else "another rank"
         nothing_new = self._last_save_step == self.step or (self._last_save_step is None and self.step == 0)
         if nothing_new:
-            plan = None
-            reason = "a checkpoint of this step is already committed" if self.step else "nothing trained yet"
-            self._emit(
-                ev.EmergencyPlanned,
-                step=self.step,
-                source=source,
-                deadline=deadline,
-                time_left_s=None,
-                choice=ALREADY_SAVED,
-                estimate_s=None,
-                options={},
-                reason=reason,
-            )
+            why = "a checkpoint of this step is already committed" if self.step else "nothing trained yet"
+            plan, choice = Plan(None, (), None, why), ALREADY_SAVED
         else:
             plan = self._plan_emergency(deadline)
-            self._emit(
-                ev.EmergencyPlanned,
-                step=self.step,
-                source=source,
-                deadline=deadline,
-                time_left_s=plan.time_left_s,
-                choice=plan.name,
-                estimate_s=plan.choice.estimate_s if plan.choice is not None else None,
-                options=plan.estimates(),
-                reason=plan.reason,
-            )
+            choice = plan.name
             log.warning("spotsafe: stop notice from %s at step %d: %s (%s)", source, self.step, plan.name, plan.reason)
+        self._emit(
+            ev.EmergencyPlanned,
+            step=self.step,
+            source=source,
+            deadline=deadline,
+            time_left_s=plan.time_left_s,
+            choice=choice,
+            estimate_s=plan.choice.estimate_s if plan.choice is not None else None,
+            options=plan.estimates(),
+            reason=plan.reason,
+        )
         committed = nothing_new
-        if plan is not None and plan.choice is not None:
+        if plan.choice is not None:
             option = plan.choice
             writing = False
             job: SaveJob | None = None
