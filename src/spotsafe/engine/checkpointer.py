@@ -252,6 +252,8 @@ class Checkpointer:
             raise
         self.board = self._hub.board
         self._choices: dict[str, Choice | None] = {}
+        # Keyed by repr, not describe(): two parts may describe themselves alike.
+        self._keyed_parts = [(repr(part), part) for part in self.policy.parts()]
         self._last_save_step: int | None = None
         self._last_save_time = clock()
         self._last_progress_time = -float("inf")
@@ -383,7 +385,8 @@ class Checkpointer:
     def step_done(self) -> bool:
         """Count one completed step; save if due; handle notices. Returns whether it saved.
 
-        With ``distributed``, every rank must call it at every step (one small collective).
+        With ``distributed``, every rank must call it at every step (ranks exchange a few numbers
+        about every half second, see :mod:`spotsafe.engine.agreement`).
         Raises the error of a failed background save, once, at the next call after it failed.
         """
         self._settle()
@@ -459,9 +462,8 @@ class Checkpointer:
 
     def _note_choices(self, ctx: SaveContext) -> None:
         """An ``interval_chosen`` event for each policy whose interval is new (or changed by >25%)."""
-        for part in self.policy.parts():
+        for key, part in self._keyed_parts:
             choice = part.choose(ctx)
-            key = repr(part)  # two parts may describe themselves alike
             if choice is not None and choice.differs(self._choices.get(key)):
                 self._choices[key] = choice
                 self._emit(
