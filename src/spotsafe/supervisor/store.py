@@ -1,0 +1,244 @@
+"""The durable job store: jobs and their attempts in SQLite (the embedded default, no server).
+
+One row per job (its name, command, checkpoint URL, state) and one per attempt
+(when it started and ended, where it ran, how it exited, the checkpoint step
+before and after, what it cost). A supervisor that is killed and started again
+for the same job reads the same rows and carries on: attempt numbers continue,
+and the budgets are replayed from the attempts
+(:meth:`spotsafe.supervisor.retry.Budget.replay`).
+
+Only one supervisor may run a job at a time: :meth:`JobStore.claim` takes an
+exclusive ``flock`` on a lock file next to the database, which the kernel
+releases when the holder dies, however it dies. A second supervisor for the
+same job gets :class:`JobBusyError` at once, naming the holder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spotsafe.errors import ConfigError, PermanentError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY,
+    command TEXT NOT NULL,
+    url TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    job TEXT NOT NULL REFERENCES jobs(name),
+    number INTEGER NOT NULL,
+    pool TEXT NOT NULL DEFAULT 'local',
+    host TEXT NOT NULL,
+    pid INTEGER,
+    started REAL NOT NULL,
+    ended REAL,
+    exit_code INTEGER,
+    exit_class TEXT,
+    step_before INTEGER,
+    step_after INTEGER,
+    cost REAL,
+    PRIMARY KEY (job, number)
+);
+"""
+RUNNING, SUCCEEDED, FAILED, STOPPED = "running", "succeeded", "failed", "stopped"
+
+
+class JobBusyError(PermanentError):
+    """Another supervisor is running this job."""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    name: str
+    command: list[str]
+    url: str
+    state: str
+    reason: str
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    job: str
+    number: int
+    pool: str
+    host: str
+    pid: int | None
+    started: float
+    ended: float | None
+    exit_code: int | None
+    exit_class: str | None
+    step_before: int | None
+    step_after: int | None
+    cost: float | None
+
+
+class JobStore:
+    """Jobs and attempts in one SQLite file. One connection per store object; not shared across threads."""
+
+    def __init__(self, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- the one-supervisor lock -------------------------------------------------------
+    def claim(self, name: str) -> Claim:
+        """Take the job's lock, or raise :class:`JobBusyError` naming the supervisor that holds it."""
+        lock_path = self.path.with_name(f"{self.path.name}.{_safe(name)}.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise JobBusyError(
+                f"job {name!r} is already being supervised ({holder}); stop that supervisor first, or pick "
+                "another --name"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        return Claim(fd)
+
+    # -- jobs ------------------------------------------------------------------------------
+    def open_job(self, name: str, command: Sequence[str], url: str) -> JobRecord:
+        """The job ``name``: created on first use; a job that exists must have the same command and URL."""
+        now = self._clock()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO jobs (name, command, url, state, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
+                    (name, json.dumps(list(command)), url, RUNNING, now, now),
+                )
+            else:
+                job = _job(row)
+                if job.command != list(command) or job.url != url:
+                    raise ConfigError(
+                        f"job {name!r} exists with another command or checkpoint URL ({job.command!r}, {job.url}); "
+                        "use another --name for a new job"
+                    )
+                db.execute("UPDATE jobs SET state = ?, reason = '', updated = ? WHERE name = ?", (RUNNING, now, name))
+        return self.job(name)
+
+    def job(self, name: str) -> JobRecord:
+        row = self._db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise ConfigError(f"no job named {name!r} in {self.path}")
+        return _job(row)
+
+    def jobs(self) -> list[JobRecord]:
+        return [_job(r) for r in self._db.execute("SELECT * FROM jobs ORDER BY created")]
+
+    def finish_job(self, name: str, state: str, reason: str) -> None:
+        if state not in (SUCCEEDED, FAILED, STOPPED):
+            raise ValueError(f"a job ends as {SUCCEEDED}, {FAILED} or {STOPPED}, not {state!r}")
+        with self._tx() as db:
+            values = (state, reason, self._clock(), name)
+            db.execute("UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE name = ?", values)
+
+    # -- attempts -------------------------------------------------------------------------
+    def start_attempt(self, name: str, *, step_before: int | None, pool: str = "local") -> int:
+        """Record a new attempt (before its process starts); returns its number (1, 2, ...)."""
+        with self._tx() as db:
+            (last,) = db.execute("SELECT COALESCE(MAX(number), 0) FROM attempts WHERE job = ?", (name,)).fetchone()
+            number = int(last) + 1
+            db.execute(
+                "INSERT INTO attempts (job, number, pool, host, started, step_before) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, number, pool, socket.gethostname(), self._clock(), step_before),
+            )
+        return number
+
+    def set_pid(self, name: str, number: int, pid: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE attempts SET pid = ? WHERE job = ? AND number = ?", (pid, name, number))
+
+    def end_attempt(
+        self,
+        name: str,
+        number: int,
+        *,
+        exit_code: int | None,
+        exit_class: str,
+        step_after: int | None,
+        cost: float | None = None,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE attempts SET ended = ?, exit_code = ?, exit_class = ?, step_after = ?, cost = ? "
+                "WHERE job = ? AND number = ?",
+                (self._clock(), exit_code, exit_class, step_after, cost, name, number),
+            )
+
+    def attempts(self, name: str) -> list[AttemptRecord]:
+        rows = self._db.execute("SELECT * FROM attempts WHERE job = ? ORDER BY number", (name,))
+        return [AttemptRecord(*row) for row in rows]
+
+    def unfinished(self, name: str) -> list[AttemptRecord]:
+        """Attempts with no recorded end: their supervisor died while they ran."""
+        return [a for a in self.attempts(name) if a.ended is None]
+
+
+class Claim:
+    """The held lock of one job; released by :meth:`release` or by the process's death."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:100]
+
+
+def _job(row: tuple[Any, ...]) -> JobRecord:
+    name, command, url, state, reason, created, updated = row
+    return JobRecord(str(name), list(json.loads(command)), str(url), str(state), str(reason), created, updated)
