@@ -238,6 +238,56 @@ def gc(
     sys.exit(manage.gc(run, keep=keep, apply=apply, partial_older_than=partial_older_than))
 
 
+@cli.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--name", default=None, help="Job name in the store (default: the last part of the URL).")
+@click.option("--url", default=None, help="The job's checkpoint location (default: $SPOTSAFE_CHECKPOINT_URL).")
+@click.option("--store", default=None, help="SQLite job store (default: $SPOTSAFE_JOB_STORE or .spotsafe/jobs.sqlite).")
+@click.option("--max-preemptions", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option(
+    "--max-errors",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Give up after this many failed attempts in a row without the checkpoint advancing.",
+)
+@click.option("--backoff", type=click.FloatRange(min=0), default=1.0, show_default=True, help="First backoff (s).")
+@click.option("--max-backoff", type=click.FloatRange(min=0), default=60.0, show_default=True)
+@click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, help="SIGTERM to SIGKILL (s).")
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop an attempt that logs no event for this long (s), as no_progress.",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run_cmd(
+    name: str | None,
+    url: str | None,
+    store: str | None,
+    max_preemptions: int,
+    max_errors: int,
+    backoff: float,
+    max_backoff: float,
+    grace: float,
+    stall_timeout: float | None,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND and relaunch it until it succeeds or a retry budget ends it.
+
+    Every exit is classified (succeeded, preempted, killed, out_of_memory, no_progress, crashed, usage);
+    preemptions and errors have separate budgets, and an error counts only when the job's checkpoint did
+    not advance. Jobs and attempts are kept in a SQLite store: run the same command again to continue a
+    job after the supervisor itself was stopped. Exit: 0 succeeded, 1 failed, 2 usage, 75 stopped.
+    """
+    from spotsafe.supervisor.retry import RetryPolicy
+    from spotsafe.supervisor.run import run_job
+
+    retry = RetryPolicy(
+        max_preemptions=max_preemptions, max_errors=max_errors, initial_s=backoff, max_delay_s=max_backoff
+    )
+    sys.exit(run_job(name, command, url=url, store=store, retry=retry, grace_s=grace, stall_timeout_s=stall_timeout))
+
+
 @cli.command("notices")
 @click.option("--watch", "watch_too", is_flag=True, help="Run the sources and print notices as they arrive.")
 @click.option(

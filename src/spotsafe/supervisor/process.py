@@ -9,11 +9,16 @@ Kubernetes and systemd do.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -55,12 +60,37 @@ def launch(
     cwd: str | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
+    parent_death_signal: int | None = None,
 ) -> Job:
-    """Start ``command`` in a new session with ``env`` added to this process's environment."""
+    """Start ``command`` in a new session with ``env`` added to this process's environment.
+
+    ``parent_death_signal`` (Linux): the signal the job's main process gets if this process dies,
+    however it dies. A supervisor passes SIGTERM, so that a job never outlives it unsupervised:
+    it saves and exits, and the supervisor started again relaunches it.
+    """
     full_env = dict(os.environ)
     full_env.update(env or {})
-    popen = subprocess.Popen(list(command), env=full_env, cwd=cwd, stdout=stdout, stderr=stderr, start_new_session=True)
+    preexec = None
+    if parent_death_signal is not None and sys.platform.startswith("linux"):
+        preexec = functools.partial(_die_with_parent, os.getpid(), parent_death_signal)
+    popen = subprocess.Popen(
+        list(command),
+        env=full_env,
+        cwd=cwd,
+        stdout=stdout,
+        stderr=stderr,
+        start_new_session=True,
+        preexec_fn=preexec,  # only prctl and getppid run between fork and exec (no locks taken)
+    )
     return Job(popen)
+
+
+def _die_with_parent(parent: int, sig: int) -> None:
+    """In the child, before exec: ask the kernel for ``sig`` when the parent dies (PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)
 
 
 def describe_exit(code: int) -> str:
