@@ -192,6 +192,7 @@ class Supervisor:
                 if tail.poll():
                     last_sign = now
                 if self._stop_signal is not None and kill_at is None:
+                    job.signal(signal.SIGTERM)  # again, in case the signal came before the job was known
                     kill_at = now + config.grace_s
                 timeout = config.stall_timeout_s
                 if timeout is not None and kill_at is None and now - last_sign > timeout:
