@@ -97,6 +97,7 @@ class Supervisor:
         self._output = output
         self._stop_signal: int | None = None
         self._job: Job | None = None
+        self._told = False
         self._events_file = (
             Path(config.url) / EVENTS_FILE
             if protocol_of(config.url) == "file"
@@ -109,6 +110,7 @@ class Supervisor:
         self._stop_signal = signum
         if self._job is not None:
             self._job.signal(signal.SIGTERM)  # the job saves and exits 75; a second signal is forwarded too
+            self._told = True
         if first:
             self.say(f"got {signal.Signals(signum).name}: stopping the job (SIGKILL after {self.config.grace_s:g} s)")
 
@@ -181,6 +183,7 @@ class Supervisor:
             stderr=self._output,
             parent_death_signal=signal.SIGTERM,
         )
+        self._told = False
         self._job = job
         store.set_pid(config.name, number, job.pid)
         stalled = False
@@ -192,7 +195,8 @@ class Supervisor:
                 if tail.poll():
                     last_sign = now
                 if self._stop_signal is not None and kill_at is None:
-                    job.signal(signal.SIGTERM)  # again, in case the signal came before the job was known
+                    if not self._told:  # the signal came before the job was known
+                        job.signal(signal.SIGTERM)
                     kill_at = now + config.grace_s
                 timeout = config.stall_timeout_s
                 if timeout is not None and kill_at is None and now - last_sign > timeout:
