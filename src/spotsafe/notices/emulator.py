@@ -18,6 +18,7 @@ answers are not what it promises), ``status`` (a provider answers with this stat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import threading
@@ -352,15 +353,13 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {k.lower(): v for k, v in self.headers.items()}
         status, reply_headers, reply = self.emulator.answer(self.command, self.path, headers, body)
         self.emulator._log(Request(self.command, self.path, headers, status, body))
-        try:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (a read timeout)
             self.send_response(status)
             for key, value in reply_headers.items():
                 self.send_header(key, value)
             self.send_header("Content-Length", str(len(reply)))
             self.end_headers()
             self.wfile.write(reply)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (a read timeout): nothing to do
 
     do_GET = do_PUT = do_POST = _serve
 
