@@ -612,7 +612,10 @@ def test_local_then_upload_when_only_the_local_commit_fits_and_the_next_start_up
             job.ckpt.wait()  # the save of step 5 is measured: committed locally, then uploaded
             # The machine stops before any upload can finish. (Failing late, not at once: see
             # test_a_background_emergency_save_that_fails_fast_is_not_reported_committed.)
-            durable.fail_rate, durable.latency = 1.0, 0.5
+            durable.fail_rate, durable.latency = 1.0, 0.3
+            # AWS notice times are whole seconds: post just after a second turns, so ~2 s are left
+            # (less than the ~3 s upload, more than the local commit plus the failing write).
+            time.sleep(1.0 - time.time() % 1.0 + 0.01)
             em.aws_interrupt(in_s=2)
 
         with pytest.raises(Exited) as info:
