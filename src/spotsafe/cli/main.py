@@ -239,53 +239,93 @@ def gc(
 
 
 @cli.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option(
+    "--job-file",
+    "-f",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="A job file (.toml or .yaml): command, checkpoint URL, criticality, deadline, pools. Options below win.",
+)
 @click.option("--name", default=None, help="Job name in the store (default: the last part of the URL).")
 @click.option("--url", default=None, help="The job's checkpoint location (default: $SPOTSAFE_CHECKPOINT_URL).")
 @click.option("--store", default=None, help="SQLite job store (default: $SPOTSAFE_JOB_STORE or .spotsafe/jobs.sqlite).")
-@click.option("--max-preemptions", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option(
+    "--criticality",
+    type=click.Choice(["critical", "standard", "opportunistic"]),
+    default=None,
+    help="Preset for budgets, failover and on-demand escalation (default: standard).",
+)
+@click.option("--deadline", default=None, help="Finish by this time (ISO 8601 with zone, e.g. 2026-11-24T18:00:00Z).")
+@click.option("--total-steps", type=click.IntRange(min=1), default=None, help="Steps the job runs (for the deadline).")
+@click.option("--max-preemptions", type=click.IntRange(min=0), default=None, help="[preset: 100]")
 @click.option(
     "--max-errors",
     type=click.IntRange(min=0),
-    default=3,
-    show_default=True,
-    help="Give up after this many failed attempts in a row without the checkpoint advancing.",
+    default=None,
+    help="Give up after this many failed attempts in a row without the checkpoint advancing. [preset: 3]",
 )
-@click.option("--backoff", type=click.FloatRange(min=0), default=1.0, show_default=True, help="First backoff (s).")
-@click.option("--max-backoff", type=click.FloatRange(min=0), default=60.0, show_default=True)
-@click.option("--grace", type=click.FloatRange(min=0), default=30.0, show_default=True, help="SIGTERM to SIGKILL (s).")
+@click.option("--backoff", type=click.FloatRange(min=0), default=None, help="First backoff (s). [preset: 1]")
+@click.option("--max-backoff", type=click.FloatRange(min=0), default=None, help="[preset: 60]")
+@click.option("--grace", type=click.FloatRange(min=0), default=None, help="SIGTERM to SIGKILL (s). [default: 30]")
 @click.option(
     "--stall-timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Stop an attempt that logs no event for this long (s), as no_progress.",
 )
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run_cmd(
+    job_file: Path | None,
     name: str | None,
     url: str | None,
     store: str | None,
-    max_preemptions: int,
-    max_errors: int,
-    backoff: float,
-    max_backoff: float,
-    grace: float,
+    criticality: str | None,
+    deadline: str | None,
+    total_steps: int | None,
+    max_preemptions: int | None,
+    max_errors: int | None,
+    backoff: float | None,
+    max_backoff: float | None,
+    grace: float | None,
     stall_timeout: float | None,
     command: tuple[str, ...],
 ) -> None:
-    """Run COMMAND and relaunch it until it succeeds or a retry budget ends it.
+    """Run COMMAND (or the job file's) and relaunch it until it succeeds or a retry budget ends it.
 
-    Every exit is classified (succeeded, preempted, killed, out_of_memory, no_progress, crashed, usage);
-    preemptions and errors have separate budgets, and an error counts only when the job's checkpoint did
-    not advance. Jobs and attempts are kept in a SQLite store: run the same command again to continue a
-    job after the supervisor itself was stopped. Exit: 0 succeeded, 1 failed, 2 usage, 75 stopped.
+    Every exit is classified (succeeded, preempted, killed, out_of_memory, no_progress, crashed, usage,
+    no_capacity); preemptions and errors have separate budgets, and an error counts only when the job's
+    checkpoint did not advance. With a job file's pools, each attempt runs in the cheapest healthy spot pool;
+    a pool that keeps getting reclaimed or has no capacity is left for a cool-down, and the job moves to
+    on-demand when its projected finish passes the deadline. Jobs and attempts are kept in a SQLite store:
+    run the same command again to continue a job after the supervisor itself was stopped.
+    Exit: 0 succeeded, 1 failed, 2 usage, 75 stopped.
     """
-    from spotsafe.supervisor.retry import RetryPolicy
-    from spotsafe.supervisor.run import run_job
+    from spotsafe.supervisor.jobfile import overlay, parse_job, read_job_doc
+    from spotsafe.supervisor.run import run_config
 
-    retry = RetryPolicy(
-        max_preemptions=max_preemptions, max_errors=max_errors, initial_s=backoff, max_delay_s=max_backoff
+    doc = read_job_doc(job_file) if job_file is not None else {}
+    merged = overlay(
+        doc,
+        {
+            "job": {
+                "criticality": criticality,
+                "deadline": deadline,
+                "total_steps": total_steps,
+                "grace_seconds": grace,
+                "stall_timeout_seconds": stall_timeout,
+            },
+            "retry": {
+                "max_preemptions": max_preemptions,
+                "max_errors": max_errors,
+                "backoff_seconds": backoff,
+                "max_backoff_seconds": max_backoff,
+            },
+        },
     )
-    sys.exit(run_job(name, command, url=url, store=store, retry=retry, grace_s=grace, stall_timeout_s=stall_timeout))
+    spec = parse_job(merged, job_file or Path("spotsafe run"))
+    if not command and not spec.command:
+        raise click.UsageError("give the job's command after --, or a job file with [job] command")
+    sys.exit(run_config(spec.config(command=command, name=name, url=url, store=store)))
 
 
 @cli.command("notices")

@@ -223,7 +223,7 @@ class Checkpointer:
         self.generation = self.lease.generation
         self.repo = CheckpointRepository(self.storage, clock=wall_clock, fence=self.lease.check)
         self.events: EventSink = events if events is not None else self._open_log()
-        self._emit(ev.RunStarted, url=str(self.storage.url))
+        self._emit(ev.RunStarted, url=str(self.storage.url), host=socket.gethostname())
         self._emit(ev.WriterClaimed, generation=self.generation)
         for key in self.repo.remove_leftovers():
             self._emit(ev.PartialRemoved, path=key)

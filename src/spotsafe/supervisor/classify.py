@@ -10,6 +10,8 @@ class              when                                                      cou
 ``no_progress``    stopped by the supervisor: no progress for too long       errors
 ``crashed``        any other exit (an exception: 1, a native crash: SIGSEGV) errors
 ``usage``          exit 2: the command or its configuration is wrong         (give up)
+``no_capacity``    a pool's launcher could not get a machine (its exit code  (failover)
+                   or output says so; the job never started)
 =================  ========================================================  ===============
 
 The kernel's OOM killer sends SIGKILL like any other; only the memory cgroup's
@@ -35,6 +37,7 @@ class ExitClass(enum.Enum):
     NO_PROGRESS = "no_progress"
     CRASHED = "crashed"
     USAGE = "usage"
+    NO_CAPACITY = "no_capacity"
 
     @property
     def is_preemption(self) -> bool:

@@ -11,14 +11,40 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import io
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 PR_SET_PDEATHSIG = 1
+TAIL_BYTES = 64 * 1024
+
+
+class _Tee:
+    """Copies a pipe to ``fd`` on a thread, keeping its last :data:`TAIL_BYTES`."""
+
+    def __init__(self, pipe: io.BufferedReader, fd: int | None) -> None:
+        self._pipe, self._fd = pipe, fd
+        self._tail = bytearray()
+        self._thread = threading.Thread(target=self._run, name="spotsafe-tee", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while chunk := self._pipe.read1(65536):
+            if self._fd is not None:
+                with contextlib.suppress(OSError):
+                    os.write(self._fd, chunk)
+            self._tail += chunk
+            del self._tail[:-TAIL_BYTES]
+        self._pipe.close()
+
+    def text(self) -> str:
+        self._thread.join(timeout=5.0)  # the process has exited: the pipe ends soon (unless a child holds it)
+        return bytes(self._tail).decode(errors="replace")
 
 
 @dataclass
@@ -26,6 +52,11 @@ class Job:
     """A running job process."""
 
     popen: subprocess.Popen[bytes]
+    tee: _Tee | None = None
+
+    def output_tail(self) -> str:
+        """The end of its output, when it was launched with ``keep_tail`` ("" otherwise)."""
+        return self.tee.text() if self.tee is not None else ""
 
     @property
     def pid(self) -> int:
@@ -61,12 +92,16 @@ def launch(
     stdout: int | None = None,
     stderr: int | None = None,
     parent_death_signal: int | None = None,
+    keep_tail: bool = False,
 ) -> Job:
     """Start ``command`` in a new session with ``env`` added to this process's environment.
 
     ``parent_death_signal`` (Linux): the signal the job's main process gets if this process dies,
     however it dies. A supervisor passes SIGTERM, so that a job never outlives it unsupervised:
     it saves and exits, and the supervisor started again relaunches it.
+
+    ``keep_tail``: stdout and stderr go through a pipe to ``stdout`` (this process's stdout if ``None``),
+    and the job keeps their last bytes (:meth:`Job.output_tail`), to recognise a launcher's errors.
     """
     full_env = dict(os.environ)
     full_env.update(env or {})
@@ -77,12 +112,16 @@ def launch(
         list(command),
         env=full_env,
         cwd=cwd,
-        stdout=stdout,
-        stderr=stderr,
+        stdout=subprocess.PIPE if keep_tail else stdout,
+        stderr=subprocess.STDOUT if keep_tail else stderr,
         start_new_session=True,
         preexec_fn=preexec,  # only prctl and getppid run between fork and exec (no locks taken)
     )
-    return Job(popen)
+    if not keep_tail:
+        return Job(popen)
+    assert popen.stdout is not None
+    target = None if stdout == subprocess.DEVNULL else (stdout if stdout is not None else sys.stdout.fileno())
+    return Job(popen, _Tee(popen.stdout, target))  # type: ignore[arg-type]
 
 
 def _die_with_parent(parent: int, sig: int) -> None:

@@ -5,10 +5,12 @@ fault, so its budget is large. An error counts only when the job made no
 progress: when the newest checkpoint's step did not advance since the attempt
 before. A crash loop that never gets past its checkpoint stops after
 ``max_errors`` attempts in a row; a long job that crashes now and then, but
-checkpoints in between, keeps going. Backoff is exponential with full jitter
-(a random delay between 0 and ``min(max_delay_s, initial_s * 2**n)``), counted
-from the consecutive failures, so that a fleet of jobs reclaimed together does
-not come back all at once.
+checkpoints in between, keeps going. An attempt that found no capacity uses
+neither budget (failover moves the job, and a deadline escalates it), but it
+lengthens the backoff. Backoff is exponential with full jitter (a random delay
+between 0 and ``min(max_delay_s, initial_s * 2**n)``), counted from the
+consecutive failures, so that a fleet of jobs reclaimed together does not come
+back all at once.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class Budget:
         else:
             self.failures_in_a_row += 1
         delay = self.policy.backoff(self.failures_in_a_row, rng)
+        if exit_class is ExitClass.NO_CAPACITY:  # no budget: failover and the deadline decide
+            return Verdict(True, delay, f"no capacity ({self.failures_in_a_row} failures in a row): trying again")
         if exit_class.is_preemption:
             self.preemptions += 1
             if self.preemptions > self.policy.max_preemptions:

@@ -3,10 +3,17 @@
 Lifecycle of one supervised job (each attempt is a row in the :mod:`job store <spotsafe.supervisor.store>`)::
 
     claim the job (one supervisor per job) -> recover attempts a dead supervisor left running
-    -> loop: record the attempt -> launch with SPOTSAFE_CHECKPOINT_URL, SPOTSAFE_RUN_ID, SPOTSAFE_ATTEMPT
+    -> loop: health from the attempts so far -> choose a pool (planner: cheapest healthy spot pool,
+             on-demand when the deadline is at risk; or wait for a cool-down to end)
+             -> record the attempt -> launch in the pool with SPOTSAFE_CHECKPOINT_URL, SPOTSAFE_RUN_ID,
+                SPOTSAFE_ATTEMPT
              -> wait (forwarding SIGTERM/SIGINT with a grace period; stopping a job that makes no progress)
-             -> classify the exit, read the checkpoint step after it, record it
+             -> classify the exit, read the checkpoint step after it, record it with its machine and cost
              -> the retry budget decides: relaunch after a backoff, or end the job (succeeded / failed)
+
+Every decision is a typed event with its reason (``pool_chosen``, ``excluded``,
+``escalated``, ``no_pool_available``, ``attempt_started``, ``attempt_ended``,
+``retry_decided``, ``job_finished``) in the run's event log.
 
 The job runs in a session of its own and gets SIGTERM if the supervisor dies
 (``PR_SET_PDEATHSIG``), so it saves and exits instead of running on unsupervised;
@@ -24,7 +31,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -34,10 +41,14 @@ from spotsafe.exit_codes import EXIT_CRASH, EXIT_PREEMPTED, EXIT_SUCCESS, EXIT_U
 from spotsafe.storage.registry import open_storage, protocol_of
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.supervisor.classify import ExitClass, classify, oom_kill_counter
-from spotsafe.supervisor.process import Job, describe_exit, launch
+from spotsafe.supervisor.health import FailoverPolicy, Health, Outcome
+from spotsafe.supervisor.planner import choose, measure, project
+from spotsafe.supervisor.pools import LOCAL_POOL, Handle, Launcher, LaunchSpec, Pool, PoolLauncher
+from spotsafe.supervisor.process import describe_exit
 from spotsafe.supervisor.retry import Budget, RetryPolicy
 from spotsafe.supervisor.store import FAILED, STOPPED, SUCCEEDED, AttemptRecord, JobStore
-from spotsafe.telemetry.log import EVENTS_FILE, EventTail
+from spotsafe.telemetry import events as ev
+from spotsafe.telemetry.log import EVENTS_FILE, EventLog, EventSink, EventTail, RunIdentity
 
 log = logging.getLogger("spotsafe")
 POLL_S = 0.2
@@ -55,8 +66,26 @@ class RunConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     grace_s: float = 30.0
     stall_timeout_s: float | None = None
+    pools: tuple[Pool, ...] = (LOCAL_POOL,)
+    failover: FailoverPolicy = field(default_factory=FailoverPolicy)
+    deadline: float | None = None
+    """Unix time the job should be done by; needs ``total_steps`` to project the finish."""
+    total_steps: int | None = None
 
     def __post_init__(self) -> None:
+        if not self.pools:
+            raise ConfigError("a job needs at least one pool")
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"pool names must be unique, got {names}")
+        if self.deadline is not None and self.total_steps is None:
+            raise ConfigError(
+                "a deadline needs total_steps (how many steps the job runs) to project when it will finish"
+            )
+        if self.total_steps is not None and (
+            isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
+        ):
+            raise ConfigError(f"total_steps must be an integer >= 1, got {self.total_steps!r}")
         if not self.command:
             raise ConfigError("spotsafe run needs a command after --, e.g. spotsafe run -- python train.py")
         if not self.name or "/" in self.name:
@@ -87,16 +116,23 @@ class Supervisor:
         oom_kills: Callable[[], int] | None = None,
         steps: Callable[[str], int | None] = newest_step,
         output: int | None = None,
+        launcher: Launcher | None = None,
+        clock: Callable[[], float] = time.time,
+        events: EventSink | None = None,
     ) -> None:
         self.config = config
         self.say = say
         self._sleep = sleep
+        self._clock = clock
+        self._launcher = launcher or PoolLauncher()
+        self._events = events
+        self._announced: set[tuple[str, str | None, float]] = set()
         self._rng = rng or random.Random()
         self._oom = oom_kills or oom_kill_counter()
         self._steps = steps
         self._output = output
         self._stop_signal: int | None = None
-        self._job: Job | None = None
+        self._job: Handle | None = None
         self._told = False
         self._events_file = (
             Path(config.url) / EVENTS_FILE
@@ -115,85 +151,216 @@ class Supervisor:
             self.say(f"got {signal.Signals(signum).name}: stopping the job (SIGKILL after {self.config.grace_s:g} s)")
 
     # -- the loop -------------------------------------------------------------------------------------
+    def _emit(self, cls: type[ev.Event], **fields: object) -> None:
+        if self._events is not None:
+            self._events.emit(cls(time=self._clock(), job=self.config.name, **fields))  # type: ignore[call-arg]
+
     def run(self) -> int:
         config = self.config
-        with JobStore(config.store) as store, store.claim(config.name):
-            store.open_job(config.name, config.command, config.url)
-            self._recover(store)
-            history = [(ExitClass(a.exit_class), _progressed(a)) for a in store.attempts(config.name) if a.exit_class]
-            budget = Budget.replay(config.retry, history)
-            previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-            try:
-                return self._loop(store, budget)
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+        with contextlib.ExitStack() as stack:
+            store = stack.enter_context(JobStore(config.store, clock=self._clock))
+            stack.enter_context(store.claim(config.name))
+            if self._events is None:
+                identity = RunIdentity(run_id=config.name, attempt=0, pid=os.getpid())
+                self._events = stack.enter_context(EventLog(self._events_file, identity))
+            return self._run(store)
+
+    def _run(self, store: JobStore) -> int:
+        config = self.config
+        store.open_job(config.name, config.command, config.url)
+        self._recover(store)
+        history = [(ExitClass(a.exit_class), _progressed(a)) for a in store.attempts(config.name) if a.exit_class]
+        budget = Budget.replay(config.retry, history)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            return self._loop(store, budget)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _health(self, store: JobStore, now: float) -> Health:
+        """Scores from the attempts so far; announces each new exclusion once as an event."""
+        health = Health(self.config.failover)
+        health.extend(
+            Outcome(a.ended, a.pool, a.machine, ExitClass(a.exit_class))
+            for a in store.attempts(self.config.name)
+            if a.ended is not None and a.exit_class
+        )
+        for pool in self.config.pools:
+            for ex in [health.pool_exclusion(pool.name, now), *health.machine_exclusions(pool.name, now)]:
+                key = (ex.pool, ex.machine, ex.until)
+                if ex.until > now and key not in self._announced:
+                    self._announced.add(key)
+                    what = f"machine {ex.machine} of pool {ex.pool}" if ex.machine else f"pool {ex.pool}"
+                    self.say(f"excluding {what} for {ex.until - now:.0f} s: {ex.reason}")
+                    self._emit(
+                        ev.Excluded, pool=ex.pool, machine=ex.machine, until=ex.until, score=ex.score, reason=ex.reason
+                    )
+        return health
 
     def _loop(self, store: JobStore, budget: Budget) -> int:
         config = self.config
         while True:
             if self._stop_signal is not None:
-                store.finish_job(config.name, STOPPED, "the supervisor was stopped by a signal; run it again to go on")
-                return EXIT_PREEMPTED
+                return self._finish(store, STOPPED, "the supervisor was stopped by a signal; run it again to go on")
+            now = self._clock()
+            health = self._health(store, now)
             before = self._steps(config.url)
-            number = store.start_attempt(config.name, step_before=before)
-            code, exit_class = self._attempt(store, number)
+            projection = None
+            if config.deadline is not None and config.total_steps is not None:
+                rates = measure(store.attempts(config.name), now, before)
+                projection = project(
+                    deadline=config.deadline,
+                    total_steps=config.total_steps,
+                    rates=rates,
+                    now=now,
+                    slack=config.failover.deadline_slack,
+                )
+            decision = choose(
+                config.pools,
+                health,
+                now=now,
+                policy=config.failover,
+                projection=projection,
+                escalated=store.job(config.name).escalated,
+            )
+            if decision.newly_escalated and projection is not None:
+                store.set_escalated(config.name)
+                self.say(f"escalating to on-demand: {decision.reason}")
+                self._emit(
+                    ev.Escalated,
+                    reason=decision.reason,
+                    deadline=projection.deadline,
+                    spot_finish=_finite(projection.spot_finish),
+                    on_demand_finish=_finite(projection.on_demand_finish),
+                )
+            if decision.pool is None:
+                self.say(f"no pool to run in: {decision.reason}; waiting {decision.wait_s:.0f} s")
+                self._emit(ev.NoPoolAvailable, wait_s=decision.wait_s, reason=decision.reason)
+                self._pause(decision.wait_s)
+                continue
+            pool = decision.pool
+            self._emit(
+                ev.PoolChosen,
+                pool=pool.name,
+                market=pool.market,
+                price_per_hour=pool.price_per_hour,
+                reason=decision.reason,
+                escalated=decision.escalated,
+                excluded=[e.pool for e in decision.excluded],
+                deadline=config.deadline,
+                spot_finish=_finite(projection.spot_finish) if projection else None,
+                on_demand_finish=_finite(projection.on_demand_finish) if projection else None,
+            )
+            exclude = health.excluded_machines(pool.name, now)
+            number = store.start_attempt(config.name, step_before=before, pool=pool.name)
+            self._emit(
+                ev.AttemptStarted,
+                number=number,
+                pool=pool.name,
+                market=pool.market,
+                price_per_hour=pool.price_per_hour,
+                step_before=before,
+                exclude=list(exclude),
+            )
+            started = self._clock()
+            code, exit_class, machine = self._attempt(store, number, pool, exclude)
+            duration = self._clock() - started
             after = self._steps(config.url)
-            store.end_attempt(config.name, number, exit_code=code, exit_class=exit_class.value, step_after=after)
+            cost = 0.0 if exit_class is ExitClass.NO_CAPACITY else pool.cost(duration)
+            store.end_attempt(
+                config.name,
+                number,
+                exit_code=code,
+                exit_class=exit_class.value,
+                step_after=after,
+                cost=cost,
+                machine=machine,
+            )
+            self._emit(
+                ev.AttemptEnded,
+                number=number,
+                pool=pool.name,
+                machine=machine,
+                exit_code=code,
+                exit_class=exit_class.value,
+                step_before=before,
+                step_after=after,
+                duration_s=duration,
+                cost=cost,
+            )
             progressed = (after if after is not None else -1) > (before if before is not None else -1)
             self.say(
-                f"attempt {number}: {describe_exit(code)} -> {exit_class.value}; checkpoint step {before} -> {after}"
+                f"attempt {number} in {pool.name}: {describe_exit(code)} -> {exit_class.value}; "
+                f"checkpoint step {before} -> {after}; ${cost:.4f}"
             )
             if self._stop_signal is not None:
-                store.finish_job(config.name, STOPPED, f"stopped by a signal during attempt {number}")
-                return EXIT_PREEMPTED
+                return self._finish(store, STOPPED, f"stopped by a signal during attempt {number}")
             verdict = budget.after(exit_class, progressed=progressed, rng=self._rng)
+            self._emit(ev.RetryDecided, relaunch=verdict.relaunch, delay_s=verdict.delay_s, reason=verdict.reason)
             if not verdict.relaunch:
                 state = SUCCEEDED if exit_class is ExitClass.SUCCEEDED else FAILED
-                store.finish_job(config.name, state, verdict.reason)
-                self.say(f"job {config.name}: {state}: {verdict.reason}")
+                self._finish(store, state, verdict.reason)
                 if state == SUCCEEDED:
                     return EXIT_SUCCESS
                 return EXIT_USAGE if exit_class is ExitClass.USAGE else EXIT_CRASH
             self.say(f"{verdict.reason}; next attempt in {verdict.delay_s:.1f} s")
             self._pause(verdict.delay_s)
 
-    def _pause(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while self._stop_signal is None and time.monotonic() < deadline:
-            self._sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+    def _finish(self, store: JobStore, state: str, reason: str) -> int:
+        store.finish_job(self.config.name, state, reason)
+        self._emit(ev.JobFinished, state=state, reason=reason)
+        self.say(f"job {self.config.name}: {state}: {reason}")
+        return EXIT_PREEMPTED
 
-    def _attempt(self, store: JobStore, number: int) -> tuple[int, ExitClass]:
+    def _pause(self, seconds: float) -> None:
+        deadline = self._clock() + seconds
+        while self._stop_signal is None and self._clock() < deadline:
+            self._sleep(min(POLL_S, max(0.0, deadline - self._clock())))
+
+    def _attempt(
+        self, store: JobStore, number: int, pool: Pool, exclude: tuple[str, ...]
+    ) -> tuple[int, ExitClass, str | None]:
         config = self.config
         env = {
             "SPOTSAFE_CHECKPOINT_URL": config.url,
             "SPOTSAFE_RUN_ID": config.name,
             "SPOTSAFE_ATTEMPT": str(number),
             "SPOTSAFE_JOB_STORE": str(config.store),
+            "SPOTSAFE_POOL": pool.name,
         }
         if protocol_of(config.url) != "file":
             env["SPOTSAFE_EVENTS_FILE"] = str(self._events_file)
         tail = EventTail(self._events_file)
         tail.poll()  # only what this attempt writes counts as its progress
         oom_before = self._oom()
-        job = launch(
-            config.command,
+        spec = LaunchSpec(
+            job=config.name,
+            attempt=number,
+            url=config.url,
+            command=config.command,
             env=env,
-            stdout=self._output,
-            stderr=self._output,
-            parent_death_signal=signal.SIGTERM,
+            pool=pool,
+            exclude=exclude,
+            output=self._output,
         )
+        job = self._launcher.start(spec)
         self._told = False
         self._job = job
-        store.set_pid(config.name, number, job.pid)
+        if job.pid is not None:
+            store.set_pid(config.name, number, job.pid)
+        machine = job.machine
         stalled = False
-        last_sign = time.monotonic()
+        last_sign = self._clock()
         kill_at: float | None = None
         try:
             while (code := job.poll()) is None:
-                now = time.monotonic()
-                if tail.poll():
-                    last_sign = now
+                now = self._clock()
+                for logged in tail.poll():
+                    if logged.run_id == config.name and logged.attempt == number:
+                        last_sign = now
+                        if machine is None and isinstance(logged.event, ev.RunStarted):
+                            machine = logged.event.host
                 if self._stop_signal is not None and kill_at is None:
                     if not self._told:  # the signal came before the job was known
                         job.signal(signal.SIGTERM)
@@ -210,7 +377,9 @@ class Supervisor:
         finally:
             self._job = None
             job.reap_group()
-        return code, classify(code, oom_kills=self._oom() - oom_before, stalled=stalled)
+        if not stalled and self._stop_signal is None and code != 0 and job.no_capacity(code):
+            return code, ExitClass.NO_CAPACITY, machine
+        return code, classify(code, oom_kills=self._oom() - oom_before, stalled=stalled), machine
 
     def _recover(self, store: JobStore) -> None:
         """Attempts a dead supervisor left without an end: wait for (or stop) their process, record them."""
@@ -228,6 +397,10 @@ class Supervisor:
                 step_after=self._steps(self.config.url),
             )
             self.say(f"attempt {attempt.number} ended while unsupervised: {exit_class.value}")
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and value < float("inf") else None
 
 
 def _progressed(attempt: AttemptRecord) -> bool:
@@ -270,32 +443,9 @@ def _recorded_exit(events_file: Path, attempt: AttemptRecord) -> ExitClass:
     return ExitClass.KILLED
 
 
-def run_job(
-    name: str | None,
-    command: Sequence[str],
-    *,
-    url: str | None,
-    store: str | None,
-    retry: RetryPolicy,
-    grace_s: float,
-    stall_timeout_s: float | None,
-) -> int:
-    """What ``spotsafe run`` does: fill in defaults, supervise, return the exit code."""
-    url = url or os.environ.get("SPOTSAFE_CHECKPOINT_URL")
-    if not url:
-        raise ConfigError("spotsafe run needs --url (or $SPOTSAFE_CHECKPOINT_URL): where the job keeps its checkpoints")
-    name = name or os.path.basename(url.rstrip("/")) or "job"
-    store_path = Path(store or os.environ.get("SPOTSAFE_JOB_STORE") or ".spotsafe/jobs.sqlite")
-    config = RunConfig(
-        name=name,
-        command=tuple(command),
-        url=url,
-        store=store_path,
-        retry=retry,
-        grace_s=grace_s,
-        stall_timeout_s=stall_timeout_s,
-    )
+def run_config(config: RunConfig) -> int:
+    """What ``spotsafe run`` does once its configuration is known: supervise, return the exit code."""
     try:
         return Supervisor(config).run()
     except (OSError, subprocess.SubprocessError) as err:
-        raise SpotsafeError(f"could not run {' '.join(command)!r}: {err}") from err
+        raise SpotsafeError(f"could not run {' '.join(config.command)!r}: {err}") from err

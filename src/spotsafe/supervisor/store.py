@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    escalated INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS attempts (
     job TEXT NOT NULL REFERENCES jobs(name),
@@ -52,9 +53,19 @@ CREATE TABLE IF NOT EXISTS attempts (
     step_before INTEGER,
     step_after INTEGER,
     cost REAL,
+    machine TEXT,
     PRIMARY KEY (job, number)
 );
 """
+# Columns added after the first release, for stores created before them: (table, column, declaration).
+MIGRATIONS = (
+    ("attempts", "machine", "TEXT"),
+    ("jobs", "escalated", "INTEGER NOT NULL DEFAULT 0"),
+)
+ATTEMPT_COLUMNS = (
+    "job, number, pool, host, pid, started, ended, exit_code, exit_class, step_before, step_after, cost, machine"
+)
+JOB_COLUMNS = "name, command, url, state, reason, created, updated, escalated"
 RUNNING, SUCCEEDED, FAILED, STOPPED = "running", "succeeded", "failed", "stopped"
 
 
@@ -71,6 +82,7 @@ class JobRecord:
     reason: str
     created: float
     updated: float
+    escalated: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,7 @@ class AttemptRecord:
     step_before: int | None
     step_after: int | None
     cost: float | None
+    machine: str | None = None
 
 
 class JobStore:
@@ -100,6 +113,10 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        for table, column, declaration in MIGRATIONS:
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         self._db.close()
@@ -143,7 +160,7 @@ class JobStore:
         """The job ``name``: created on first use; a job that exists must have the same command and URL."""
         now = self._clock()
         with self._tx() as db:
-            row = db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+            row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE name = ?", (name,)).fetchone()
             if row is None:
                 db.execute(
                     "INSERT INTO jobs (name, command, url, state, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
@@ -160,13 +177,18 @@ class JobStore:
         return self.job(name)
 
     def job(self, name: str) -> JobRecord:
-        row = self._db.execute("SELECT * FROM jobs WHERE name = ?", (name,)).fetchone()
+        row = self._db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise ConfigError(f"no job named {name!r} in {self.path}")
         return _job(row)
 
     def jobs(self) -> list[JobRecord]:
-        return [_job(r) for r in self._db.execute("SELECT * FROM jobs ORDER BY created")]
+        return [_job(r) for r in self._db.execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY created")]
+
+    def set_escalated(self, name: str) -> None:
+        """Record that the job moved to on-demand for its deadline (it stays there)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET escalated = 1, updated = ? WHERE name = ?", (self._clock(), name))
 
     def finish_job(self, name: str, state: str, reason: str) -> None:
         if state not in (SUCCEEDED, FAILED, STOPPED):
@@ -200,16 +222,17 @@ class JobStore:
         exit_class: str,
         step_after: int | None,
         cost: float | None = None,
+        machine: str | None = None,
     ) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE attempts SET ended = ?, exit_code = ?, exit_class = ?, step_after = ?, cost = ? "
-                "WHERE job = ? AND number = ?",
-                (self._clock(), exit_code, exit_class, step_after, cost, name, number),
+                "UPDATE attempts SET ended = ?, exit_code = ?, exit_class = ?, step_after = ?, cost = ?, "
+                "machine = COALESCE(?, machine) WHERE job = ? AND number = ?",
+                (self._clock(), exit_code, exit_class, step_after, cost, machine, name, number),
             )
 
     def attempts(self, name: str) -> list[AttemptRecord]:
-        rows = self._db.execute("SELECT * FROM attempts WHERE job = ? ORDER BY number", (name,))
+        rows = self._db.execute(f"SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE job = ? ORDER BY number", (name,))
         return [AttemptRecord(*row) for row in rows]
 
     def unfinished(self, name: str) -> list[AttemptRecord]:
@@ -240,5 +263,7 @@ def _safe(name: str) -> str:
 
 
 def _job(row: tuple[Any, ...]) -> JobRecord:
-    name, command, url, state, reason, created, updated = row
-    return JobRecord(str(name), list(json.loads(command)), str(url), str(state), str(reason), created, updated)
+    name, command, url, state, reason, created, updated, escalated = row
+    return JobRecord(
+        str(name), list(json.loads(command)), str(url), str(state), str(reason), created, updated, bool(escalated)
+    )

@@ -30,6 +30,8 @@ class RunStarted(Event):
 
     type: ClassVar[str] = "run_started"
     url: str
+    host: str | None = None
+    """The machine the process runs on (its hostname): the supervisor's health scores key on it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -299,6 +301,110 @@ class RunWarning(Event):
     message: str
 
 
+# -- the supervisor's decisions (written by ``spotsafe run`` and ``spotsafe drill``) ----------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolChosen(Event):
+    """Where the next attempt runs, and why. ``spot_finish``/``on_demand_finish``: projected finish
+    times (Unix) from the measured progress, when a deadline is set and enough is measured."""
+
+    type: ClassVar[str] = "pool_chosen"
+    job: str
+    pool: str
+    market: str
+    price_per_hour: float
+    reason: str
+    escalated: bool = False
+    excluded: list[str] = dataclasses.field(default_factory=list)
+    deadline: float | None = None
+    spot_finish: float | None = None
+    on_demand_finish: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoPoolAvailable(Event):
+    """Every pool that may be used is cooling down: the supervisor waits ``wait_s``."""
+
+    type: ClassVar[str] = "no_pool_available"
+    job: str
+    wait_s: float
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Excluded(Event):
+    """A pool (``machine`` None) or one machine of it is left out until ``until`` (Unix), with the reason."""
+
+    type: ClassVar[str] = "excluded"
+    job: str
+    pool: str
+    machine: str | None
+    until: float
+    score: float
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Escalated(Event):
+    """The job moved to on-demand capacity because the projected finish passed the deadline."""
+
+    type: ClassVar[str] = "escalated"
+    job: str
+    reason: str
+    deadline: float
+    spot_finish: float | None
+    on_demand_finish: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttemptStarted(Event):
+    type: ClassVar[str] = "attempt_started"
+    job: str
+    number: int
+    pool: str
+    market: str
+    price_per_hour: float
+    step_before: int | None
+    exclude: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttemptEnded(Event):
+    """One attempt's end: how it exited, the checkpoint step before and after, what it cost."""
+
+    type: ClassVar[str] = "attempt_ended"
+    job: str
+    number: int
+    pool: str
+    machine: str | None
+    exit_code: int | None
+    exit_class: str
+    step_before: int | None
+    step_after: int | None
+    duration_s: float
+    cost: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryDecided(Event):
+    """After an attempt: relaunch after ``delay_s``, or end the job (``relaunch`` false)."""
+
+    type: ClassVar[str] = "retry_decided"
+    job: str
+    relaunch: bool
+    delay_s: float
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobFinished(Event):
+    type: ClassVar[str] = "job_finished"
+    job: str
+    state: str
+    reason: str
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
     for cls in (
@@ -324,5 +430,13 @@ EVENT_TYPES: dict[str, type[Event]] = {
         WriterClaimed,
         StorageRetry,
         RunWarning,
+        PoolChosen,
+        NoPoolAvailable,
+        Excluded,
+        Escalated,
+        AttemptStarted,
+        AttemptEnded,
+        RetryDecided,
+        JobFinished,
     )
 }

@@ -1,0 +1,397 @@
+"""The job file: one job, its pools and its knobs, in TOML (``.toml``) or YAML (``.yaml``/``.yml``).
+
+::
+
+    [job]
+    name = "tiny-lm"                     # default: the checkpoint URL's last part
+    command = ["python", "train.py"]     # or give it after -- on the command line
+    checkpoint_url = "s3://bucket/runs/tiny-lm"
+    criticality = "standard"             # critical | standard | opportunistic
+    deadline = 2026-11-24T18:00:00Z      # optional; needs total_steps
+    total_steps = 20000
+    grace_seconds = 30
+    stall_timeout_seconds = 900
+
+    [retry]                              # optional: overrides the criticality preset
+    max_preemptions = 100
+    max_errors = 3
+    backoff_seconds = 1
+    max_backoff_seconds = 60
+
+    [failover]                           # optional: overrides the criticality preset
+    reclaims = 3                         # leave a pool reclaimed this often within the window
+    capacity_failures = 2                # ... or without capacity this often in a row
+    machine_errors = 2                   # leave a machine with this many failed attempts
+    window_minutes = 60
+    cooldown_minutes = 30
+    deadline_slack = 0.1
+    escalate = true
+    on_demand_when_spot_exhausted = false
+
+    [[pools]]
+    name = "aws-us-east-1a-spot"
+    market = "spot"                      # spot | on-demand
+    price_per_hour = 0.92                # dollars per node-hour
+    nodes = 1
+    provider = "aws"
+    zone = "us-east-1a"
+    launch = ["sky", "launch", "--yes", "--down", "--use-spot", "--zone", "{zone}", "--env",
+              "SPOTSAFE_CHECKPOINT_URL={url}", "--", "{command_line}"]   # absent: a local process
+    stop = ["sky", "cancel", "--yes", "..."]
+    capacity_exit_codes = []
+    capacity_patterns = ["ResourcesUnavailableError", "InsufficientInstanceCapacity"]
+
+Every error names the key and says what to write instead; unknown keys are
+errors (a misspelt knob would otherwise be silently ignored).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import math
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spotsafe.errors import ConfigError
+from spotsafe.supervisor.health import FailoverPolicy, preset
+from spotsafe.supervisor.pools import Pool
+from spotsafe.supervisor.retry import RetryPolicy
+from spotsafe.supervisor.run import RunConfig
+
+JOB_KEYS = {
+    "name",
+    "command",
+    "checkpoint_url",
+    "criticality",
+    "deadline",
+    "total_steps",
+    "store",
+    "grace_seconds",
+    "stall_timeout_seconds",
+}
+RETRY_KEYS = {"max_preemptions", "max_errors", "backoff_seconds", "max_backoff_seconds"}
+FAILOVER_KEYS = {
+    "reclaims",
+    "capacity_failures",
+    "machine_errors",
+    "window_minutes",
+    "cooldown_minutes",
+    "deadline_slack",
+    "escalate",
+    "on_demand_when_spot_exhausted",
+}
+POOL_KEYS = {
+    "name",
+    "market",
+    "price_per_hour",
+    "nodes",
+    "zone",
+    "provider",
+    "launch",
+    "stop",
+    "capacity_exit_codes",
+    "capacity_patterns",
+}
+TOP_KEYS = {"job", "retry", "failover", "pools"}
+
+
+@dataclass(frozen=True)
+class JobFile:
+    """A parsed, validated job file. :meth:`config` turns it into the supervisor's :class:`RunConfig`."""
+
+    path: Path
+    name: str | None
+    command: tuple[str, ...]
+    url: str | None
+    store: str | None
+    criticality: str
+    retry: RetryPolicy
+    failover: FailoverPolicy
+    pools: tuple[Pool, ...]
+    deadline: float | None
+    total_steps: int | None
+    grace_s: float
+    stall_timeout_s: float | None
+
+    def config(
+        self,
+        *,
+        command: Sequence[str] = (),
+        name: str | None = None,
+        url: str | None = None,
+        store: str | None = None,
+    ) -> RunConfig:
+        """The run configuration, with command-line values (when given) taking precedence."""
+        cmd = tuple(command) or self.command
+        if not cmd:
+            raise ConfigError(f"{self.path}: no command: set [job] command, or give one after --")
+        the_url = url or self.url or os.environ.get("SPOTSAFE_CHECKPOINT_URL")
+        if not the_url:
+            raise ConfigError(f"{self.path}: no checkpoint URL: set [job] checkpoint_url, or pass --url")
+        the_name = name or self.name or os.path.basename(the_url.rstrip("/")) or "job"
+        the_store = Path(store or self.store or os.environ.get("SPOTSAFE_JOB_STORE") or ".spotsafe/jobs.sqlite")
+        return RunConfig(
+            name=the_name,
+            command=cmd,
+            url=the_url,
+            store=the_store,
+            retry=self.retry,
+            grace_s=self.grace_s,
+            stall_timeout_s=self.stall_timeout_s,
+            pools=self.pools,
+            failover=self.failover,
+            deadline=self.deadline,
+            total_steps=self.total_steps,
+        )
+
+
+def read_job_doc(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The raw document of the job file at ``path`` (TOML or YAML by its suffix)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read the job file {p}: {err.strerror or err}") from None
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            doc = yaml.safe_load(text)
+        elif p.suffix == ".toml":
+            doc = tomllib.loads(text)
+        else:
+            raise ConfigError(f"{p}: a job file ends in .toml, .yaml or .yml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{p} is not valid {p.suffix[1:].upper()}: {err}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{p} must hold a table ([job], [[pools]], ...), not a {type(doc).__name__}")
+    return doc
+
+
+def load_job_file(path: str | os.PathLike[str]) -> JobFile:
+    """Read and validate ``path``; :class:`ConfigError` says what is wrong and where."""
+    return parse_job(read_job_doc(path), Path(path))
+
+
+def overlay(doc: Mapping[str, Any], changes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``doc`` with ``changes`` (section -> key -> value; ``None`` values ignored) laid over it:
+    how command-line options take precedence over the job file."""
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in doc.items()}
+    for section, values in changes.items():
+        given = {k: v for k, v in values.items() if v is not None}
+        if given:
+            base = out.get(section, {})
+            out[section] = {**(base if isinstance(base, Mapping) else {}), **given}
+    return out
+
+
+def parse_job(doc: Any, path: Path) -> JobFile:
+    where = str(path)
+    top = _table(doc, where)
+    _keys(top, TOP_KEYS, where)
+    job = _table(top.get("job", {}), f"{where}: [job]")
+    _keys(job, JOB_KEYS, f"{where}: [job]")
+    at = f"{where}: [job]"
+
+    criticality = _str(job, "criticality", at, "standard")
+    base = preset(criticality)
+
+    retry_doc = _table(top.get("retry", {}), f"{where}: [retry]")
+    _keys(retry_doc, RETRY_KEYS, f"{where}: [retry]")
+    retry_changes = {
+        k: v
+        for k, v in {
+            "max_preemptions": _int(retry_doc, "max_preemptions", f"{where}: [retry]", 0),
+            "max_errors": _int(retry_doc, "max_errors", f"{where}: [retry]", 0),
+            "initial_s": _num(retry_doc, "backoff_seconds", f"{where}: [retry]"),
+            "max_delay_s": _num(retry_doc, "max_backoff_seconds", f"{where}: [retry]"),
+        }.items()
+        if v is not None
+    }
+    retry = _build(replace, base.retry, retry_changes, f"{where}: [retry]")
+
+    fo = _table(top.get("failover", {}), f"{where}: [failover]")
+    fat = f"{where}: [failover]"
+    _keys(fo, FAILOVER_KEYS, fat)
+    window = _num(fo, "window_minutes", fat)
+    cooldown = _num(fo, "cooldown_minutes", fat)
+    fo_changes = {
+        k: v
+        for k, v in {
+            "reclaims": _int(fo, "reclaims", fat, 1),
+            "capacity_failures": _int(fo, "capacity_failures", fat, 1),
+            "machine_errors": _int(fo, "machine_errors", fat, 1),
+            "window_s": window * 60 if window is not None else None,
+            "cooldown_s": cooldown * 60 if cooldown is not None else None,
+            "deadline_slack": _num(fo, "deadline_slack", fat),
+            "escalate": _bool(fo, "escalate", fat),
+            "on_demand_when_spot_exhausted": _bool(fo, "on_demand_when_spot_exhausted", fat),
+        }.items()
+        if v is not None
+    }
+    failover = _build(replace, base.failover, fo_changes, fat)
+
+    pools_doc = top.get("pools")
+    if pools_doc is None:
+        pools: tuple[Pool, ...] = (Pool(name="local"),)
+    else:
+        if not isinstance(pools_doc, list) or not pools_doc:
+            raise ConfigError(f"{where}: pools must be a list of [[pools]] tables (at least one)")
+        pools = tuple(_pool(item, f"{where}: pools[{i}]") for i, item in enumerate(pools_doc))
+        names = [pl.name for pl in pools]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"{where}: pool names must be unique; {dup[0]!r} appears twice")
+
+    command = job.get("command", [])
+    if isinstance(command, str) or not isinstance(command, list) or not all(isinstance(c, str) for c in command):
+        raise ConfigError(f'{at}: command must be a list of strings, e.g. ["python", "train.py"]')
+    deadline = _deadline(job.get("deadline"), at)
+    total_steps = _int(job, "total_steps", at, 1)
+    if deadline is not None and total_steps is None:
+        raise ConfigError(f"{at}: a deadline needs total_steps (how many steps the job runs) to project its finish")
+    if (
+        deadline is not None
+        and failover.escalate
+        and not any(not pl.spot for pl in pools)
+        and any(pl.spot for pl in pools)
+    ):
+        raise ConfigError(
+            f"{where}: a deadline with criticality {criticality!r} needs an on-demand pool to escalate to; "
+            'add a [[pools]] table with market = "on-demand", or set criticality = "opportunistic"'
+        )
+    grace = _num(job, "grace_seconds", at)
+    stall = _num(job, "stall_timeout_seconds", at)
+    if stall is not None and stall <= 0:
+        raise ConfigError(f"{at}: stall_timeout_seconds must be > 0 (leave it out for no stall timeout)")
+    return JobFile(
+        path=path,
+        name=_str(job, "name", at, None),
+        command=tuple(command),
+        url=_str(job, "checkpoint_url", at, None),
+        store=_str(job, "store", at, None),
+        criticality=criticality,
+        retry=retry,
+        failover=failover,
+        pools=pools,
+        deadline=deadline,
+        total_steps=total_steps,
+        grace_s=30.0 if grace is None else grace,
+        stall_timeout_s=stall,
+    )
+
+
+def _pool(doc: Any, at: str) -> Pool:
+    table = _table(doc, at)
+    _keys(table, POOL_KEYS, at)
+    name = _str(table, "name", at, None)
+    if name is None:
+        raise ConfigError(f"{at}: every pool needs a name")
+    at = f"{at} ({name})"
+    codes = table.get("capacity_exit_codes", [])
+    patterns = table.get("capacity_patterns", [])
+    for key, value in (("capacity_exit_codes", codes), ("capacity_patterns", patterns)):
+        if not isinstance(value, list):
+            raise ConfigError(f"{at}: {key} must be a list")
+    for key in ("launch", "stop"):
+        value = table.get(key, [])
+        if isinstance(value, str) or not isinstance(value, list):
+            raise ConfigError(f'{at}: {key} must be a list of arguments, e.g. ["sbatch", "--wait", "job.sh"]')
+    price = table.get("price_per_hour", 0.0)
+    nodes = table.get("nodes", 1)
+    pool: Pool = _build(
+        lambda _, **kw: Pool(**kw),
+        None,
+        {
+            "name": name,
+            "market": _str(table, "market", at, "spot"),
+            "price_per_hour": price,
+            "nodes": nodes,
+            "zone": _str(table, "zone", at, ""),
+            "provider": _str(table, "provider", at, ""),
+            "launch": tuple(table.get("launch", [])),
+            "stop": tuple(table.get("stop", [])),
+            "capacity_exit_codes": frozenset(codes),
+            "capacity_patterns": tuple(patterns),
+        },
+        at,
+    )
+    return pool
+
+
+def _build(factory: Any, base: Any, changes: dict[str, Any], at: str) -> Any:
+    try:
+        return factory(base, **changes)
+    except ConfigError as err:
+        raise ConfigError(f"{at}: {err}") from None
+    except TypeError as err:  # an unhashable value in a set, say
+        raise ConfigError(f"{at}: {err}") from None
+
+
+def _table(doc: Any, at: str) -> Mapping[str, Any]:
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{at} must be a table of keys and values, got {type(doc).__name__}")
+    return doc
+
+
+def _keys(table: Mapping[str, Any], allowed: set[str], at: str) -> None:
+    for key in table:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(allowed))}"
+            raise ConfigError(f"{at}: unknown key {key!r}{hint}")
+
+
+def _str(table: Mapping[str, Any], key: str, at: str, default: Any) -> Any:
+    value = table.get(key, default)
+    if value is not default and not isinstance(value, str):
+        raise ConfigError(f"{at}: {key} must be a string, got {value!r}")
+    return value
+
+
+def _int(table: Mapping[str, Any], key: str, at: str, minimum: int) -> int | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{at}: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _num(table: Mapping[str, Any], key: str, at: str) -> float | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ConfigError(f"{at}: {key} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _bool(table: Mapping[str, Any], key: str, at: str) -> bool | None:
+    value = table.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{at}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _deadline(value: Any, at: str) -> float | None:
+    """A TOML/YAML datetime or an ISO 8601 string with a UTC offset, as Unix time."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(f"{at}: deadline {value!r} is not an ISO 8601 time, e.g. 2026-11-24T18:00:00Z") from None
+    if not isinstance(value, dt.datetime):
+        raise ConfigError(f"{at}: deadline must be a date and time, e.g. 2026-11-24T18:00:00Z, got {value!r}")
+    if value.tzinfo is None:
+        raise ConfigError(f"{at}: deadline {value.isoformat()} needs a time zone: add Z for UTC, or an offset")
+    return value.timestamp()
