@@ -18,11 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spotsafe.engine.reader import load_newest_valid
-from spotsafe.state.compare import differences
 from spotsafe.storage.registry import open_storage
-from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.supervisor.chaos import DEFAULT_MODES, ChaosResult, ChaosRun, KillMode
+from spotsafe.supervisor.drill import compare_final
 from spotsafe.supervisor.process import describe_exit, launch
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.store import read_run_events
@@ -68,24 +66,6 @@ def run_reference(command: Sequence[str], run_dir: Path) -> float:
     if code != 0:
         raise RuntimeError(f"the reference run failed ({describe_exit(code)}); run the command by hand to see why")
     return time.monotonic() - started
-
-
-def compare_final(
-    reference: str | Path, interrupted: str | Path
-) -> tuple[int | None, int | None, dict[str, list[str]]]:
-    """Final step of each run (folders or URLs) and, per component, the differences (empty list: identical)."""
-    a = load_newest_valid(CheckpointRepository(open_storage(reference)))
-    b = load_newest_valid(CheckpointRepository(open_storage(interrupted)))
-    if a is None or b is None:
-        return (a.step if a else None), (b.step if b else None), {}
-    names = list(dict.fromkeys([*a.components, *b.components]))
-    diffs: dict[str, list[str]] = {}
-    for name in names:
-        if name not in a.components or name not in b.components:
-            diffs[name] = [f"{name}: present in only one run"]
-        else:
-            diffs[name] = differences(a.components[name], b.components[name], name)
-    return a.step, b.step, diffs
 
 
 def summarise(run: str | Path, chaos: ChaosResult, ref_s: float, int_s: float, reference: Path) -> DemoSummary:
@@ -138,3 +118,13 @@ def run_demo(
 
 def default_command() -> list[str]:
     return DEFAULT_COMMAND.format(python=sys.executable).split()
+
+
+DRILL_COMMAND = (
+    "{python} examples/tiny_lm.py --steps 2000 --save-every 100 --progress-interval 0 --storage-latency 0.05"
+)
+
+
+def default_drill_command() -> list[str]:
+    """The example job ``spotsafe drill`` runs when given no command."""
+    return DRILL_COMMAND.format(python=sys.executable).split()

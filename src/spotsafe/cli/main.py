@@ -16,7 +16,7 @@ from rich.table import Table
 
 from spotsafe import __version__
 from spotsafe.cli import manage
-from spotsafe.cli.demo import DemoSummary, default_command, run_demo
+from spotsafe.cli.demo import DemoSummary, default_command, default_drill_command, run_demo
 from spotsafe.errors import CorruptCheckpointError, SpotsafeError
 from spotsafe.exit_codes import EXIT_CRASH, EXIT_USAGE
 from spotsafe.supervisor.chaos import DEFAULT_MODES, KillMode
@@ -326,6 +326,129 @@ def run_cmd(
     if not command and not spec.command:
         raise click.UsageError("give the job's command after --, or a job file with [job] command")
     sys.exit(run_config(spec.config(command=command, name=name, url=url, store=store)))
+
+
+@cli.command("drill", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("spotsafe-drill"),
+    show_default=True,
+    help="Folder for the drill's run, job store and attempts.log (emptied first; the reference is kept).",
+)
+@click.option(
+    "--reference",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The uninterrupted run's folder, reused when it holds a finished run of the same command "
+    "[default: WORKDIR/reference].",
+)
+@click.option(
+    "--trace",
+    default=None,
+    help="A shipped spot trace (aws-us-east-1c, aws-us-east-1f, aws-us-west-2b, aws-us-west-2c) or a trace file "
+    "to replay [default: aws-us-west-2c, unless --rate].",
+)
+@click.option(
+    "--trace-start",
+    type=click.FloatRange(min=0),
+    default=16.8,
+    show_default=True,
+    help="Where to begin (trace hours).",
+)
+@click.option(
+    "--trace-reading",
+    type=click.Choice(["available", "preempted"]),
+    default="available",
+    show_default=True,
+    help="A trace value is the instances available (upstream README), or 1 means preempted.",
+)
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None, help="Interruptions per trace hour.")
+@click.option(
+    "--time-scale",
+    type=click.FloatRange(min=0, min_open=True),
+    default=120.0,
+    show_default=True,
+    help="Trace seconds per drill second.",
+)
+@click.option(
+    "--notice",
+    type=click.Choice(["aws", "azure", "gcp", "sigterm", "kill"]),
+    default="aws",
+    show_default=True,
+    help="How each interruption is announced (kill: no warning).",
+)
+@click.option(
+    "--window",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds from the notice to SIGKILL.",
+)
+@click.option("--max-interruptions", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--spot-price", type=click.FloatRange(min=0), default=0.918, show_default=True, help="Dollars per hour.")
+@click.option(
+    "--on-demand-price", type=click.FloatRange(min=0), default=3.06, show_default=True, help="Dollars per hour."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --rate.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def drill(
+    workdir: Path,
+    reference: Path | None,
+    trace: str | None,
+    trace_start: float,
+    trace_reading: str,
+    rate: float | None,
+    time_scale: float,
+    notice: str,
+    window: float,
+    max_interruptions: int,
+    spot_price: float,
+    on_demand_price: float,
+    seed: int,
+    as_json: bool,
+    command: tuple[str, ...],
+) -> None:
+    """Run COMMAND under an emulated spot market and prove the resumed result is bit-identical.
+
+    Interruptions are replayed from a real preemption trace (time-scaled) or drawn at a rate; each is a
+    notice on the emulated provider endpoint (or SIGTERM), then SIGKILL when the window ends. The job runs
+    under spotsafe run's supervisor. COMMAND defaults to the tiny transformer example (run from the
+    repository root). Exits 0 only if the job finished and its final state is bit-identical to an
+    uninterrupted run's.
+    """
+    from spotsafe.cli.drill_report import print_drill
+    from spotsafe.supervisor.drill import DrillConfig, run_drill
+
+    cmd = tuple(command) if command else tuple(default_drill_command())
+    if not command and not Path("examples/tiny_lm.py").is_file():
+        raise click.UsageError("examples/tiny_lm.py not found: run from the repository root, or give a command")
+    config = DrillConfig(
+        command=cmd,
+        workdir=workdir,
+        reference=reference,
+        trace=None if rate is not None and trace is None else (trace or "aws-us-west-2c"),
+        trace_start_s=trace_start * 3600.0,
+        trace_reading=trace_reading,
+        rate_per_hour=rate,
+        time_scale=time_scale,
+        mode=notice,
+        window_s=window,
+        max_interruptions=max_interruptions,
+        spot_price=spot_price,
+        on_demand_price=on_demand_price,
+        seed=seed,
+    )
+    log: Callable[[str], None] = (
+        (lambda m: print(m, file=sys.stderr)) if as_json else (lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
+    )
+    report = run_drill(config, log=log)
+    if as_json:
+        manage._print_json(report.to_json())
+    else:
+        print_drill(report, console)
+    sys.exit(0 if report.ok else 1)
 
 
 @cli.command("notices")

@@ -160,10 +160,10 @@ class Health:
     def _recent(self, now: float) -> list[Outcome]:
         return [o for o in self.outcomes if now - o.time <= self.policy.window_s]
 
-    def _capacity_run(self, pool: str) -> list[Outcome]:
-        """The pool's latest attempts without capacity, in a row."""
+    def _capacity_run(self, pool: str, now: float) -> list[Outcome]:
+        """The pool's latest attempts without capacity, in a row, within the window."""
         run: list[Outcome] = []
-        for o in reversed([o for o in self.outcomes if o.pool == pool]):
+        for o in reversed([o for o in self._recent(now) if o.pool == pool]):
             if o.exit_class is not ExitClass.NO_CAPACITY:
                 break
             run.append(o)
@@ -173,7 +173,7 @@ class Health:
         """The pool's score, and (``until > now``) whether it is excluded."""
         p = self.policy
         reclaims = [o for o in self._recent(now) if o.pool == pool and o.exit_class.is_preemption]
-        short = self._capacity_run(pool)
+        short = self._capacity_run(pool, now)
         score = 1.0 - max(len(reclaims) / p.reclaims, len(short) / p.capacity_failures)
         until, reason, no_capacity = -math.inf, "", False
         if len(reclaims) >= p.reclaims:

@@ -41,6 +41,15 @@
     capacity_exit_codes = []
     capacity_patterns = ["ResourcesUnavailableError", "InsufficientInstanceCapacity"]
 
+    [[pools]]                            # where the job goes when the deadline is at risk
+    name = "aws-us-east-1a-on-demand"
+    market = "on-demand"
+    price_per_hour = 3.06
+    provider = "aws"
+    zone = "us-east-1a"
+    launch = ["sky", "launch", "--yes", "--down", "--zone", "{zone}", "--env",
+              "SPOTSAFE_CHECKPOINT_URL={url}", "--", "{command_line}"]
+
 Every error names the key and says what to write instead; unknown keys are
 errors (a misspelt knob would otherwise be silently ignored).
 """
@@ -159,6 +168,8 @@ def read_job_doc(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read the job file {p}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"the job file {p} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
         if p.suffix in (".yaml", ".yml"):
             doc = yaml.safe_load(text)
@@ -186,9 +197,9 @@ def overlay(doc: Mapping[str, Any], changes: Mapping[str, Mapping[str, Any]]) ->
     out: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in doc.items()}
     for section, values in changes.items():
         given = {k: v for k, v in values.items() if v is not None}
-        if given:
-            base = out.get(section, {})
-            out[section] = {**(base if isinstance(base, Mapping) else {}), **given}
+        base = out.get(section, {})
+        if given and isinstance(base, Mapping):  # a section that is not a table is left for parse_job to reject
+            out[section] = {**base, **given}
     return out
 
 
@@ -201,7 +212,10 @@ def parse_job(doc: Any, path: Path) -> JobFile:
     at = f"{where}: [job]"
 
     criticality = _str(job, "criticality", at, "standard")
-    base = preset(criticality)
+    try:
+        base = preset(criticality)
+    except ConfigError as err:
+        raise ConfigError(f"{at}: {err}") from None
 
     retry_doc = _table(top.get("retry", {}), f"{where}: [retry]")
     _keys(retry_doc, RETRY_KEYS, f"{where}: [retry]")
@@ -265,7 +279,7 @@ def parse_job(doc: Any, path: Path) -> JobFile:
     ):
         raise ConfigError(
             f"{where}: a deadline with criticality {criticality!r} needs an on-demand pool to escalate to; "
-            'add a [[pools]] table with market = "on-demand", or set criticality = "opportunistic"'
+            'add a [[pools]] table with market = "on-demand" to the job file, or set criticality = "opportunistic"'
         )
     grace = _num(job, "grace_seconds", at)
     stall = _num(job, "stall_timeout_seconds", at)
@@ -300,6 +314,12 @@ def _pool(doc: Any, at: str) -> Pool:
     for key, value in (("capacity_exit_codes", codes), ("capacity_patterns", patterns)):
         if not isinstance(value, list):
             raise ConfigError(f"{at}: {key} must be a list")
+    for code in codes:
+        if isinstance(code, bool) or not isinstance(code, int):
+            raise ConfigError(f"{at}: capacity_exit_codes must be integers 1-255, got {code!r}")
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise ConfigError(f"{at}: capacity_patterns must be strings (regular expressions), got {pattern!r}")
     for key in ("launch", "stop"):
         value = table.get(key, [])
         if isinstance(value, str) or not isinstance(value, list):

@@ -128,9 +128,8 @@ def choose(
     away = "; ".join(f"{e.pool} excluded for {_when(e.until, now).removeprefix('in ')} ({e.reason})" for e in out)
     suffix = f"; {away}" if away else ""
 
-    def wait(why: str, market_spot: bool | None) -> Decision:
-        ends = [e.until for p, e in zip(pools, exclusions, strict=True) if market_spot is None or p.spot == market_spot]
-        ends = [t for t in ends if t > now]
+    def wait(why: str) -> Decision:
+        ends = [e.until for e in exclusions if e.until > now]
         return Decision(
             None,
             why + suffix,
@@ -140,13 +139,29 @@ def choose(
             projection=projection,
         )
 
+    # Reclaims do not stop work: with nowhere else to go, stay in the cheapest pool that was only reclaimed.
+    reclaimed = sorted(
+        (p for p, e in zip(pools, exclusions, strict=True) if e.until > now and not e.no_capacity),
+        key=lambda p: (not p.spot, *_price(p)),
+    )
+
+    def stay(why: str) -> Decision:
+        pool = reclaimed[0]
+        return Decision(
+            pool,
+            f"{why}; none for lack of capacity: staying in {pool.describe()}, since waiting would not help" + suffix,
+            escalated=escalated and not pool.spot,
+            excluded=out,
+            projection=projection,
+        )
+
+    escalated = escalated and policy.escalate  # a job switched to a policy that never escalates goes back to spot
     at_risk = projection is not None and projection.at_risk
     if escalated or (at_risk and policy.escalate and has_od):
-        assert projection is not None or escalated
         why = (
             "escalated earlier for the deadline; staying on on-demand"
             if escalated
-            else (f"deadline at risk: {projection.reason if projection else ''}")
+            else f"deadline at risk: {projection.reason if projection else ''}"
         )
         if od:
             return Decision(
@@ -165,7 +180,9 @@ def choose(
                 excluded=out,
                 projection=projection,
             )
-        return wait(f"{why}, but every pool is excluded", None)
+        if reclaimed:
+            return stay(f"{why}, but every pool is excluded")
+        return wait(f"{why}, but every pool is out of capacity; waiting for the first cool-down to end")
     note = ""
     if at_risk and projection is not None:
         note = f" (deadline at risk: {projection.reason}; " + (
@@ -178,24 +195,16 @@ def choose(
             excluded=out,
             projection=projection,
         )
-    if od and (policy.on_demand_when_spot_exhausted or not any(p.spot for p in pools)):
+    any_spot = any(p.spot for p in pools)
+    if od and (policy.on_demand_when_spot_exhausted or not any_spot):
         why = (
             "every spot pool is excluded, and this job runs on-demand rather than wait"
-            if any(p.spot for p in pools)
+            if any_spot
             else "only on-demand pools are configured"
         )
         return Decision(od[0], f"{why}: {od[0].describe()}{note}" + suffix, excluded=out, projection=projection)
-    # Reclaims do not stop work: with nowhere else to go, stay in the cheapest pool that was only reclaimed.
-    reclaimed = sorted(
-        (p for p, e in zip(pools, exclusions, strict=True) if e.until > now and not e.no_capacity and p.spot),
-        key=_price,
-    )
-    if reclaimed:
-        return Decision(
-            reclaimed[0],
-            f"every spot pool is excluded, none for lack of capacity: staying in {reclaimed[0].describe()}, since "
-            f"waiting would not help{note}" + suffix,
-            excluded=out,
-            projection=projection,
-        )
-    return wait("every spot pool is out of capacity; waiting for the first cool-down to end" + note, True)
+    candidates = [p for p in reclaimed if p.spot or not any_spot]
+    if candidates:
+        reclaimed[:] = candidates
+        return stay("every pool is excluded" + note)
+    return wait("every pool is out of capacity; waiting for the first cool-down to end" + note)

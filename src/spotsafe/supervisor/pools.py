@@ -58,12 +58,24 @@ def check_template(template: Sequence[str], where: str) -> None:
             raise ConfigError(
                 f"{where}: {arg!r} is not a valid template ({err}); write {{{{ for a literal {{"
             ) from None
+        if "command" in names:
+            raise ConfigError(
+                f"{where}: {{command}} must be a whole argument (it becomes the command's arguments); inside "
+                f"{arg!r} use {{command_line}} (the command as one shell-quoted string)"
+            )
         unknown = [n for n in names if n not in TEMPLATE_FIELDS]
         if unknown:
             raise ConfigError(
                 f"{where}: unknown field {{{unknown[0]}}} in {arg!r}; known: "
                 + ", ".join(f"{{{n}}}" for n in sorted(TEMPLATE_FIELDS | {"command"}))
             )
+        try:
+            arg.format_map(dict.fromkeys(TEMPLATE_FIELDS, "x"))
+        except (KeyError, ValueError, IndexError, AttributeError, TypeError) as err:
+            raise ConfigError(
+                f"{where}: {arg!r} is not a valid template ({type(err).__name__}: {err}); use plain fields like "
+                "{zone}, and {{ }} for literal braces"
+            ) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -231,7 +243,12 @@ class PoolLauncher:
         pool = spec.pool
         if pool.local:
             job = launch(
-                spec.command, env=spec.env, stdout=spec.output, stderr=spec.output, parent_death_signal=signal.SIGTERM
+                spec.command,
+                env=spec.env,
+                stdout=spec.output,
+                stderr=spec.output,
+                parent_death_signal=signal.SIGTERM,
+                keep_tail=bool(pool.capacity_patterns),
             )
             return ProcessHandle(job, pool, socket.gethostname(), None)
         job = launch(

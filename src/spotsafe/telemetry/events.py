@@ -405,6 +405,20 @@ class JobFinished(Event):
     reason: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class MarketInterruption(Event):
+    """``spotsafe drill``: the emulated market took capacity away (``interrupted`` None: no attempt was
+    running; else that attempt's number). ``killed``: the attempt outlived the notice window and got SIGKILL."""
+
+    type: ClassVar[str] = "market_interruption"
+    number: int
+    mode: str
+    interrupted: int | None
+    window_s: float
+    capacity_back_in_s: float
+    killed: bool
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
     for cls in (
@@ -438,5 +452,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
         AttemptEnded,
         RetryDecided,
         JobFinished,
+        MarketInterruption,
     )
 }

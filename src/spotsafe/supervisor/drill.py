@@ -1,0 +1,382 @@
+"""``spotsafe drill``: run a job under an emulated spot market, and prove the result is what it would have been.
+
+1. The reference: the job once, uninterrupted (reused when ``reference/`` holds
+   a finished run of the same command).
+2. The drill: the same job under ``spotsafe run``'s supervisor, in a spot pool
+   whose capacity follows a :mod:`market <spotsafe.supervisor.market>` schedule
+   (a real trace, time-scaled, or a rate). Each interruption is a notice on the
+   emulated provider endpoint and/or SIGTERM, then SIGKILL when the window ends;
+   while capacity is gone, attempts find none (``no_capacity``) and the supervisor
+   backs off and tries again, as it would against a real zone.
+3. The report, from the job store and the event log: whether the final state is
+   bit-identical to the reference, interruptions, goodput (the reference's time
+   over the drill's), steps replayed, and the cost on spot against on-demand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spotsafe.engine.reader import load_newest_valid
+from spotsafe.errors import ConfigError
+from spotsafe.exit_codes import EXIT_SUCCESS
+from spotsafe.state.compare import differences
+from spotsafe.storage.registry import open_storage
+from spotsafe.storage.repository import CheckpointRepository
+from spotsafe.supervisor.classify import ExitClass
+from spotsafe.supervisor.health import FailoverPolicy
+from spotsafe.supervisor.market import (
+    CITATION,
+    Market,
+    Outage,
+    load_trace,
+    outages_at_rate,
+    outages_from_trace,
+)
+from spotsafe.supervisor.pools import Handle, LaunchSpec, Pool, ProcessHandle
+from spotsafe.supervisor.process import describe_exit, launch
+from spotsafe.supervisor.retry import RetryPolicy
+from spotsafe.supervisor.run import RunConfig, Supervisor
+from spotsafe.supervisor.store import JobStore
+from spotsafe.telemetry import events as ev
+from spotsafe.telemetry.log import EVENTS_FILE, EventLog, RunIdentity
+from spotsafe.telemetry.store import read_run_events
+
+REFERENCE_MARKER = "drill-reference.json"
+JOB_NAME = "drill"
+# Example prices, dollars per hour: an AWS p3.2xlarge (1x V100), on-demand list price and a typical spot price.
+SPOT_PRICE, ON_DEMAND_PRICE = 0.918, 3.06
+# The default market: us-west-2c from hour 16.8, where five preemptions come within 80 trace minutes
+# (then the instance runs four hours), at 2 trace minutes per second: the example job meets all five.
+DEFAULT_TRACE, DEFAULT_TRACE_START_H, DEFAULT_TIME_SCALE = "aws-us-west-2c", 16.8, 120.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DrillConfig:
+    """One drill. ``trace`` (a shipped name or a path) or ``rate_per_hour`` sets the schedule;
+    ``time_scale`` is trace seconds per drill second; ``trace_start_s`` where in the trace to begin."""
+
+    command: tuple[str, ...]
+    workdir: Path
+    reference: Path | None = None
+    trace: str | None = DEFAULT_TRACE
+    trace_start_s: float = DEFAULT_TRACE_START_H * 3600.0
+    trace_reading: str = "available"
+    rate_per_hour: float | None = None
+    time_scale: float = DEFAULT_TIME_SCALE
+    mode: str = "aws"
+    window_s: float = 10.0
+    max_interruptions: int = 20
+    spot_price: float = SPOT_PRICE
+    on_demand_price: float = ON_DEMAND_PRICE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.command:
+            raise ConfigError("spotsafe drill needs the job's command after --")
+        if (self.trace is None) == (self.rate_per_hour is None):
+            raise ConfigError("give either a trace (--trace) or an interruption rate (--rate), not both or neither")
+        for name in ("spot_price", "on_demand_price"):
+            value = getattr(self, name)
+            if not 0 <= value < float("inf"):
+                raise ConfigError(f"{name} must be a number >= 0 (dollars per hour), got {value!r}")
+        if self.max_interruptions < 0:
+            raise ConfigError(f"max_interruptions must be >= 0, got {self.max_interruptions!r}")
+
+    @property
+    def reference_dir(self) -> Path:
+        return self.reference if self.reference is not None else self.workdir / "reference"
+
+    def schedule(self) -> tuple[list[Outage], str]:
+        """The outages, and a description of where they come from."""
+        if self.trace is not None:
+            trace = load_trace(self.trace, self.trace_reading)
+            outages = outages_from_trace(trace, start_s=self.trace_start_s, time_scale=self.time_scale)
+            what = (
+                f"trace {trace.name} ({trace.preemptions} preemptions in {trace.duration_s / 86400:.1f} days; "
+                f"read as '{trace.reading}') from {self.trace_start_s / 3600:g} h, {self.time_scale:g}x faster; "
+                f"source: {CITATION}"
+            )
+            return outages, what
+        assert self.rate_per_hour is not None
+        outages = outages_at_rate(
+            self.rate_per_hour, time_scale=self.time_scale, seed=self.seed, count=self.max_interruptions
+        )
+        return outages, f"{self.rate_per_hour:g} interruptions per hour, {self.time_scale:g}x faster (seed {self.seed})"
+
+
+@dataclass
+class DrillReport:
+    schedule: str
+    mode: str
+    window_s: float
+    exit_code: int
+    job_state: str
+    reference_seconds: float
+    reference_reused: bool
+    drill_seconds: float
+    attempts: int
+    no_capacity_attempts: int
+    interruptions: int
+    interruptions_idle: int
+    killed_at_window_end: int
+    exit_classes: dict[str, int]
+    emergency_saves: int
+    checkpoints_committed: int
+    steps_replayed: int
+    machine_seconds: float
+    spot_cost: float
+    on_demand_cost: float
+    spot_price: float
+    on_demand_price: float
+    final_step_reference: int | None
+    final_step_drill: int | None
+    component_diffs: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def identical(self) -> bool:
+        return (
+            self.final_step_reference is not None
+            and self.final_step_reference == self.final_step_drill
+            and bool(self.component_diffs)
+            and not any(self.component_diffs.values())
+        )
+
+    @property
+    def ok(self) -> bool:
+        return self.identical and self.exit_code == EXIT_SUCCESS
+
+    @property
+    def goodput(self) -> float:
+        """Useful time (the uninterrupted run's) over the drill's wall time."""
+        return self.reference_seconds / self.drill_seconds if self.drill_seconds > 0 else 0.0
+
+    @property
+    def saving(self) -> float:
+        return 1.0 - self.spot_cost / self.on_demand_cost if self.on_demand_cost > 0 else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        doc = {k: v for k, v in self.__dict__.items()}
+        doc.update(identical=self.identical, ok=self.ok, goodput=self.goodput, saving=self.saving)
+        return doc
+
+
+class _NoCapacity:
+    """An attempt that found no machine: the market is between capacity."""
+
+    pid: int | None = None
+    machine: str | None = None
+
+    def poll(self) -> int | None:
+        return 1
+
+    def signal(self, sig: int, *, group: bool = False) -> None:
+        pass
+
+    def reap_group(self) -> None:
+        pass
+
+    def no_capacity(self, code: int) -> bool:
+        return True
+
+
+class DrillLauncher:
+    """Launches attempts on this machine while the market has capacity, and hands them to it."""
+
+    def __init__(self, market: Market, output: int | None) -> None:
+        self.market = market
+        self.output = output
+
+    def start(self, spec: LaunchSpec) -> Handle:
+        if not self.market.capacity():
+            return _NoCapacity()
+        env = {**spec.env, **self.market.env()}
+        job = launch(spec.command, env=env, stdout=self.output, stderr=self.output, parent_death_signal=signal.SIGTERM)
+        handle = ProcessHandle(job, spec.pool, socket.gethostname(), None)
+        self.market.attach(handle, spec.attempt)
+        return handle
+
+
+def compare_final(reference: str | Path, other: str | Path) -> tuple[int | None, int | None, dict[str, list[str]]]:
+    """Final step of each run (folders or URLs) and, per component, the differences (empty list: identical)."""
+    a = load_newest_valid(CheckpointRepository(open_storage(reference)))
+    b = load_newest_valid(CheckpointRepository(open_storage(other)))
+    if a is None or b is None:
+        return (a.step if a else None), (b.step if b else None), {}
+    names = list(dict.fromkeys([*a.components, *b.components]))
+    diffs: dict[str, list[str]] = {}
+    for name in names:
+        if name not in a.components or name not in b.components:
+            diffs[name] = [f"{name}: present in only one run"]
+        else:
+            diffs[name] = differences(a.components[name], b.components[name], name)
+    return a.step, b.step, diffs
+
+
+def ensure_reference(command: Sequence[str], folder: Path, log: Callable[[str], None]) -> tuple[float, bool]:
+    """The reference run's wall time, running it unless ``folder`` holds a finished run of ``command``."""
+    marker = folder / REFERENCE_MARKER
+    try:
+        doc = json.loads(marker.read_text(encoding="utf-8"))
+        if doc.get("command") == list(command) and load_newest_valid(CheckpointRepository(open_storage(folder))):
+            log(f"reusing the reference run in {folder} ({doc['seconds']:.1f} s)")
+            return float(doc["seconds"]), True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if folder.exists():
+        shutil.rmtree(folder)
+    log(f"reference run (uninterrupted): {' '.join(command)}")
+    started = time.monotonic()
+    job = launch(
+        command,
+        env={
+            "SPOTSAFE_CHECKPOINT_URL": str(folder),
+            "SPOTSAFE_RUN_ID": "reference",
+            "SPOTSAFE_ATTEMPT": "1",
+            "SPOTSAFE_NOTICES": "signals",
+        },
+        stdout=subprocess.DEVNULL,
+    )
+    code = job.wait()
+    job.reap_group()
+    seconds = time.monotonic() - started
+    if code != 0:
+        raise ConfigError(f"the reference run failed ({describe_exit(code)}); run the command by hand to see why")
+    marker.write_text(json.dumps({"command": list(command), "seconds": seconds}), encoding="utf-8")
+    log(f"reference run finished in {seconds:.1f} s")
+    return seconds, False
+
+
+def _quiet_capacity(say: Callable[[str], None]) -> Callable[[str], None]:
+    """``say`` with the supervisor's lines about polling for capacity collapsed: one line per wait."""
+    waiting = False
+
+    def quiet(line: str) -> None:
+        nonlocal waiting
+        polling = "no_capacity" in line or "no capacity" in line
+        if polling and waiting:
+            return
+        waiting = polling
+        say("waiting for spot capacity to come back (the market's outage)" if polling else line)
+
+    return quiet
+
+
+def run_drill(config: DrillConfig, *, log: Callable[[str], None] = print) -> DrillReport:
+    """Run the whole drill in ``config.workdir`` (its drill folders are emptied first; the reference is kept)."""
+    outages, what = config.schedule()
+    workdir = config.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    ref_s, reused = ensure_reference(config.command, config.reference_dir, log)
+    run = workdir / "run"
+    store_path = workdir / "jobs.sqlite"
+    if run.exists():
+        shutil.rmtree(run)
+    for stale in workdir.glob("jobs.sqlite*"):
+        stale.unlink()
+    log(f"drill: {what}; interruptions by {config.mode}, window {config.window_s:g} s")
+    pool = Pool(name="drill-spot", market="spot", price_per_hour=config.spot_price, zone=config.trace or "")
+    run_config = RunConfig(
+        name=JOB_NAME,
+        command=config.command,
+        url=str(run),
+        store=store_path,
+        # Every interruption is a preemption; the market decides when capacity comes back, so the supervisor
+        # polls for it every second or two and never leaves its only pool.
+        retry=RetryPolicy(max_preemptions=max(100, 2 * config.max_interruptions), initial_s=0.25, max_delay_s=2.0),
+        failover=FailoverPolicy(cooldown_s=0.0),
+        grace_s=config.window_s,
+        pools=(pool,),
+    )
+    identity = RunIdentity(run_id=JOB_NAME, attempt=0, pid=os.getpid())
+    started = time.monotonic()
+    with (
+        open(workdir / "attempts.log", "ab") as output,
+        EventLog(run / EVENTS_FILE, identity) as events,
+        Market(
+            outages,
+            mode=config.mode,
+            window_s=config.window_s,
+            max_interruptions=config.max_interruptions,
+            log=log,
+            events=events,
+        ) as market,
+    ):
+        supervisor = Supervisor(
+            run_config,
+            launcher=DrillLauncher(market, output.fileno()),
+            events=events,
+            output=output.fileno(),
+            say=_quiet_capacity(lambda line: log(f"supervisor: {line}")),
+        )
+        code = supervisor.run()
+    drill_s = time.monotonic() - started
+    return _report(config, what, code, ref_s, reused, drill_s, run, store_path, market)
+
+
+def _report(
+    config: DrillConfig,
+    what: str,
+    code: int,
+    ref_s: float,
+    reused: bool,
+    drill_s: float,
+    run: Path,
+    store_path: Path,
+    market: Market,
+) -> DrillReport:
+    with JobStore(store_path) as store:
+        attempts = store.attempts(JOB_NAME)
+        state = store.job(JOB_NAME).state
+    classes: dict[str, int] = {}
+    for a in attempts:
+        if a.exit_class:
+            classes[a.exit_class] = classes.get(a.exit_class, 0) + 1
+    emergency = replayed = committed = 0
+    for logged in read_run_events(open_storage(str(run))):
+        event = logged.event
+        if isinstance(event, ev.SaveCommitted):
+            committed += 1
+            emergency += event.reason == "notice"
+        elif isinstance(event, ev.RestoreCompleted) and event.replayed_steps:
+            replayed += event.replayed_steps
+    held = sum(
+        (a.ended - a.started) for a in attempts if a.ended is not None and a.exit_class != ExitClass.NO_CAPACITY.value
+    )
+    ref_step, drill_step, diffs = compare_final(config.reference_dir, run)
+    return DrillReport(
+        schedule=what,
+        mode=config.mode,
+        window_s=config.window_s,
+        exit_code=code,
+        job_state=state,
+        reference_seconds=ref_s,
+        reference_reused=reused,
+        drill_seconds=drill_s,
+        attempts=len(attempts),
+        no_capacity_attempts=classes.get(ExitClass.NO_CAPACITY.value, 0),
+        interruptions=market.delivered,
+        interruptions_idle=len(market.interruptions) - market.delivered,
+        killed_at_window_end=sum(1 for i in market.interruptions if i.killed),
+        exit_classes=classes,
+        emergency_saves=emergency,
+        checkpoints_committed=committed,
+        steps_replayed=replayed,
+        machine_seconds=held,
+        spot_cost=sum(a.cost or 0.0 for a in attempts),
+        on_demand_cost=config.on_demand_price * ref_s / 3600.0,
+        spot_price=config.spot_price,
+        on_demand_price=config.on_demand_price,
+        final_step_reference=ref_step,
+        final_step_drill=drill_step,
+        component_diffs=diffs,
+    )

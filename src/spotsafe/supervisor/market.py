@@ -1,0 +1,288 @@
+"""An emulated spot market on this machine: when capacity goes away, and how the job hears of it.
+
+A schedule of :class:`Outage` s (drill seconds from the start) comes from a
+real preemption trace, time-scaled, or from a constant interruption rate.
+:class:`Market` runs the schedule on a thread: at each outage it interrupts the
+attempt that is running, the way the provider would (a notice on the emulated
+metadata endpoint, and/or SIGTERM; SIGKILL to the whole process group when the
+notice window ends), and reports no capacity until the outage ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from spotsafe.errors import ConfigError
+from spotsafe.notices.emulator import ProviderEmulator
+from spotsafe.supervisor.pools import Handle
+from spotsafe.telemetry import events as ev
+from spotsafe.telemetry.log import EventSink
+
+READINGS = ("available", "preempted")
+"""How to read a trace value: ``available`` (the upstream README: the number of instances available,
+so 0 means preempted) or ``preempted`` (1 means preempted)."""
+MODES = ("aws", "azure", "gcp", "sigterm", "kill")
+"""How an interruption is delivered: a notice on the emulated AWS / Azure / GCP endpoint, SIGTERM
+(Kubernetes, Slurm), or no warning at all (``kill``); SIGKILL follows when the window ends."""
+CITATION = (
+    'skypilot-org/spot-traces, from "Can\'t Be Late: Optimizing Spot Instance Savings under Deadlines" '
+    "(Wu et al., NSDI 2024)"
+)
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One spot instance's availability over time: ``up[i]`` for the tick starting at ``i * gap_s``."""
+
+    name: str
+    gap_s: float
+    up: tuple[bool, ...]
+    reading: str
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.up) * self.gap_s
+
+    @property
+    def preemptions(self) -> int:
+        return sum(1 for a, b in zip(self.up, self.up[1:], strict=False) if a and not b)
+
+
+def trace_names() -> list[str]:
+    """The traces shipped with spotsafe (see ``spotsafe/data/traces/README.md`` for their source)."""
+    folder = resources.files("spotsafe") / "data" / "traces"
+    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_trace(name_or_path: str, reading: str = "available") -> Trace:
+    """A shipped trace by name (``aws-us-west-2c``), or a trace file in the same format by path."""
+    if reading not in READINGS:
+        raise ConfigError(f"the trace reading must be one of {', '.join(READINGS)}, got {reading!r}")
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"cannot read the trace {path}: {err.strerror or err}") from None
+        name = path.stem
+    else:
+        if name_or_path not in trace_names():
+            raise ConfigError(
+                f"no trace named {name_or_path!r}; shipped traces: {', '.join(trace_names())} (or give a path)"
+            )
+        text = (resources.files("spotsafe") / "data" / "traces" / f"{name_or_path}.json").read_text(encoding="utf-8")
+        name = name_or_path
+    try:
+        doc = json.loads(text)
+        gap = float(doc["metadata"]["gap_seconds"])
+        values = doc["data"]
+        if not gap > 0 or not isinstance(values, list) or not values:
+            raise ValueError("empty")
+        up = tuple((int(v) >= 1) == (reading == "available") for v in values)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"trace {name_or_path} is not in the spot-traces format "
+            f'{{"metadata": {{"gap_seconds": N}}, "data": [0, 1, ...]}} ({err})'
+        ) from None
+    return Trace(name, gap, up, reading)
+
+
+@dataclass(frozen=True)
+class Outage:
+    """Capacity is taken at ``at_s`` and can be had again from ``back_s`` (drill seconds)."""
+
+    at_s: float
+    back_s: float
+
+
+def outages_from_trace(trace: Trace, *, start_s: float, time_scale: float) -> list[Outage]:
+    """The trace's preemptions from ``start_s`` (trace seconds) on, ``time_scale`` trace seconds per drill second.
+
+    The drill starts at the first tick from ``start_s`` where the instance is up.
+    """
+    if not time_scale > 0 or math.isinf(time_scale):
+        raise ConfigError(f"the time scale must be > 0 (trace seconds per drill second), got {time_scale!r}")
+    first = int(start_s // trace.gap_s)
+    if not 0 <= first < len(trace.up):
+        raise ConfigError(
+            f"the trace start {start_s / 3600:g} h is outside trace {trace.name} (0 to {trace.duration_s / 3600:.1f} h)"
+        )
+    while first < len(trace.up) and not trace.up[first]:
+        first += 1
+    out = []
+    i = first + 1
+    while i < len(trace.up):
+        if trace.up[i - 1] and not trace.up[i]:
+            j = i
+            while j < len(trace.up) and not trace.up[j]:
+                j += 1
+            out.append(Outage((i - first) * trace.gap_s / time_scale, (j - first) * trace.gap_s / time_scale))
+            i = j
+        i += 1
+    return out
+
+
+def outages_at_rate(
+    rate_per_hour: float, *, time_scale: float, seed: int, count: int, downtime_s: float = 0.0
+) -> list[Outage]:
+    """``count`` preemptions at exponential intervals of mean ``1 / rate`` trace hours, time-scaled;
+    capacity comes back ``downtime_s`` trace seconds after each."""
+    if not rate_per_hour > 0 or math.isinf(rate_per_hour):
+        raise ConfigError(f"the interruption rate must be > 0 per hour, got {rate_per_hour!r}")
+    if not time_scale > 0 or math.isinf(time_scale):
+        raise ConfigError(f"the time scale must be > 0, got {time_scale!r}")
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(count):
+        t += rng.expovariate(rate_per_hour / 3600.0) / time_scale
+        out.append(Outage(t, t + downtime_s / time_scale))
+        t += downtime_s / time_scale
+    return out
+
+
+@dataclass
+class Interruption:
+    number: int
+    at_s: float
+    attempt: int | None
+    """The attempt interrupted (``None``: none was running; only capacity went away)."""
+    killed: bool = False
+    """The job was still running when the window ended and got SIGKILL."""
+
+
+@dataclass
+class Market:
+    """Runs ``outages`` against the attempts :meth:`attach` ed to it. Use as a context manager."""
+
+    outages: list[Outage]
+    mode: str = "aws"
+    window_s: float = 10.0
+    max_interruptions: int = 20
+    log: Callable[[str], None] = lambda line: None
+    events: EventSink | None = None
+    clock: Callable[[], float] = time.monotonic
+    interruptions: list[Interruption] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"the interruption mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0 < self.window_s < math.inf:
+            raise ConfigError(f"the notice window must be > 0 seconds, got {self.window_s!r}")
+        self._lock = threading.Condition()
+        self._handle: Handle | None = None
+        self._attempt: int | None = None
+        self._down_until = -math.inf
+        self._busy = False
+        self._closed = False
+        self._t0 = self.clock()
+        self._emulator = ProviderEmulator() if self.mode in ("aws", "azure", "gcp") else None
+        self._thread = threading.Thread(target=self._run, name="spotsafe-market", daemon=True)
+
+    # -- what the launcher asks ------------------------------------------------------------------------
+    def now(self) -> float:
+        """Drill seconds since the market opened."""
+        return self.clock() - self._t0
+
+    def env(self) -> dict[str, str]:
+        """Environment for an attempt: where its notices come from."""
+        if self._emulator is None:
+            return {"SPOTSAFE_NOTICES": "signals"}
+        return {**self._emulator.env(), "SPOTSAFE_NOTICES": self.mode, "SPOTSAFE_NOTICE_POLL_SECONDS": "0.5"}
+
+    def capacity(self) -> bool:
+        with self._lock:
+            return not self._busy and self.now() >= self._down_until
+
+    def attach(self, handle: Handle, attempt: int) -> None:
+        with self._lock:
+            self._handle, self._attempt = handle, attempt
+
+    @property
+    def delivered(self) -> int:
+        return sum(1 for i in self.interruptions if i.attempt is not None)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def __enter__(self) -> Market:
+        if self._emulator is not None:
+            self._emulator.__enter__()
+        self._t0 = self.clock()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._thread.join(timeout=self.window_s + 5)
+        if self._emulator is not None:
+            self._emulator.__exit__(None, None, None)
+
+    def _wait_until(self, t: float) -> bool:
+        with self._lock:
+            while not self._closed and self.now() < t:
+                self._lock.wait(timeout=min(0.05, max(0.0, t - self.now())))
+            return not self._closed
+
+    def _run(self) -> None:
+        for number, outage in enumerate(self.outages, start=1):
+            if self.delivered >= self.max_interruptions or not self._wait_until(outage.at_s):
+                return
+            with self._lock:
+                handle, attempt = self._handle, self._attempt
+                running = handle is not None and handle.poll() is None
+                self._down_until = max(outage.back_s, outage.at_s)
+                self._busy = running
+            record = Interruption(number, self.now(), attempt if running else None)
+            self.interruptions.append(record)
+            try:
+                if running and handle is not None:
+                    self._deliver(handle, record)
+            finally:
+                with self._lock:
+                    self._busy = False
+            if self.events is not None:
+                self.events.emit(
+                    ev.MarketInterruption(
+                        time=time.time(),
+                        number=number,
+                        mode=self.mode,
+                        interrupted=record.attempt,
+                        window_s=self.window_s,
+                        capacity_back_in_s=max(0.0, outage.back_s - self.now()),
+                        killed=record.killed,
+                    )
+                )
+
+    def _deliver(self, handle: Handle, record: Interruption) -> None:
+        em = self._emulator
+        self.log(
+            f"market: interruption {record.number} ({self.mode}) of attempt {record.attempt}, "
+            f"window {self.window_s:g} s"
+        )
+        if self.mode == "aws" and em is not None:
+            em.aws_interrupt(in_s=self.window_s)
+        elif self.mode == "azure" and em is not None:
+            em.azure_event("Preempt", in_s=self.window_s)
+        elif self.mode == "gcp" and em is not None:
+            em.gcp_preempt()
+        elif self.mode == "sigterm":
+            handle.signal(signal.SIGTERM)
+        end = self.now() + self.window_s
+        while handle.poll() is None and self.now() < end and not self._closed:
+            time.sleep(0.02)
+        if handle.poll() is None:
+            record.killed = True
+            handle.signal(signal.SIGKILL, group=True)  # the provider takes the machine
+        if em is not None:  # the next attempt runs on a new machine
+            em.aws_clear()
+            em.azure_clear()
+            em.gcp_set("preempted", "FALSE")
