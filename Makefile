@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch: an unpinned torch would pull gigabytes of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test lint install bench bench-notices clean
+.PHONY: demo chaos test lint install bench bench-notices clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
+	$(BIN)/spotsafe drill
+
+chaos: $(BIN)/.installed
 	$(BIN)/spotsafe demo
 
 lint: $(BIN)/.installed
@@ -39,4 +42,4 @@ bench-notices: $(BIN)/.installed
 	$(BIN)/python bench/notices.py
 
 clean:
-	rm -rf $(VENV) spotsafe-demo .bench .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) spotsafe-demo spotsafe-drill .spotsafe .bench .pytest_cache .mypy_cache .ruff_cache

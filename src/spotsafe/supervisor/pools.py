@@ -14,6 +14,9 @@ formatted with these fields::
     {pool} {zone} {provider} {market} {nodes}
     {exclude}       machines of this pool to avoid, comma-separated ("" if none)
 
+An argument that starts with ``?`` is optional: it is dropped when any field in
+it is empty (``"?--exclude={exclude}"`` disappears while no machine is excluded).
+
 The launcher's process stands for the attempt: its exit code is the job's (use
 the launcher's "wait" mode: ``sbatch --wait``, ``kubectl run --attach``,
 ``sky launch`` without ``--detach-run``). SIGTERM to it must reach the job; a
@@ -50,6 +53,7 @@ def check_template(template: Sequence[str], where: str) -> None:
     for arg in template:
         if not isinstance(arg, str):
             raise ConfigError(f"{where}: every argument must be a string, got {arg!r}")
+        arg = arg.removeprefix("?")
         if arg == "{command}":
             continue
         try:
@@ -169,6 +173,10 @@ class LaunchSpec:
         for arg in template:
             if arg == "{command}":
                 out.extend(self.command)
+            elif arg.startswith("?"):
+                names = [name for _, name, _, _ in string.Formatter().parse(arg[1:]) if name]
+                if all(values.get(name) for name in names):
+                    out.append(arg[1:].format_map(values))
             else:
                 out.append(arg.format_map(values))
         return out
