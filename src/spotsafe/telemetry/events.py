@@ -419,6 +419,22 @@ class MarketInterruption(Event):
     killed: bool
 
 
+SUPERVISOR_TYPES = frozenset(
+    cls.type
+    for cls in (
+        PoolChosen,
+        NoPoolAvailable,
+        Excluded,
+        Escalated,
+        AttemptStarted,
+        AttemptEnded,
+        RetryDecided,
+        JobFinished,
+        MarketInterruption,
+    )
+)
+"""Events the supervisor (or the drill's market) writes, not the job: they belong to no attempt's timeline."""
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type: cls
     for cls in (

@@ -155,6 +155,8 @@ def read_history(storage: Storage, *, max_saves: int = 50) -> RunHistory:
     attempts: list[_Attempt] = []
     for logged in read_run_events(storage):
         event = logged.event
+        if event.type in ev.SUPERVISOR_TYPES:
+            continue  # written between attempts by the supervisor: no attempt's time
         if isinstance(event, ev.RunStarted):
             attempts.append(_Attempt(event.time, event.time))
             history.last_step = None
