@@ -36,6 +36,7 @@ from spotsafe.supervisor.classify import ExitClass
 from spotsafe.supervisor.health import FailoverPolicy
 from spotsafe.supervisor.market import (
     CITATION,
+    MODES,
     Market,
     Outage,
     load_trace,
@@ -55,8 +56,8 @@ REFERENCE_MARKER = "drill-reference.json"
 JOB_NAME = "drill"
 # Example prices, dollars per hour: an AWS p3.2xlarge (1x V100), on-demand list price and a typical spot price.
 SPOT_PRICE, ON_DEMAND_PRICE = 0.918, 3.06
-# The default market: us-west-2c from hour 16.8, where five preemptions come within 80 trace minutes
-# (then the instance runs four hours), at 2 trace minutes per second: the example job meets all five.
+# The default market: us-west-2c from hour 16.8, where five preemptions come within 93 trace minutes
+# (then the instance runs four hours), at 2 trace minutes per second (2.7 to 46 s into the drill).
 DEFAULT_TRACE, DEFAULT_TRACE_START_H, DEFAULT_TIME_SCALE = "aws-us-west-2c", 16.8, 120.0
 
 
@@ -91,6 +92,10 @@ class DrillConfig:
                 raise ConfigError(f"{name} must be a number >= 0 (dollars per hour), got {value!r}")
         if self.max_interruptions < 0:
             raise ConfigError(f"max_interruptions must be >= 0, got {self.max_interruptions!r}")
+        if self.mode not in MODES:
+            raise ConfigError(f"the interruption mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not 0 < self.window_s < float("inf"):
+            raise ConfigError(f"the notice window must be > 0 seconds, got {self.window_s!r}")
 
     @property
     def reference_dir(self) -> Path:
@@ -197,13 +202,16 @@ class DrillLauncher:
         self.output = output
 
     def start(self, spec: LaunchSpec) -> Handle:
-        if not self.market.capacity():
-            return _NoCapacity()
         env = {**spec.env, **self.market.env()}
-        job = launch(spec.command, env=env, stdout=self.output, stderr=self.output, parent_death_signal=signal.SIGTERM)
-        handle = ProcessHandle(job, spec.pool, socket.gethostname(), None)
-        self.market.attach(handle, spec.attempt)
-        return handle
+
+        def start() -> Handle:
+            job = launch(
+                spec.command, env=env, stdout=self.output, stderr=self.output, parent_death_signal=signal.SIGTERM
+            )
+            return ProcessHandle(job, spec.pool, socket.gethostname(), None)
+
+        handle = self.market.start_if_capacity(start, spec.attempt)
+        return handle if handle is not None else _NoCapacity()
 
 
 def compare_final(reference: str | Path, other: str | Path) -> tuple[int | None, int | None, dict[str, list[str]]]:
@@ -233,6 +241,11 @@ def ensure_reference(command: Sequence[str], folder: Path, log: Callable[[str], 
     except (OSError, ValueError, KeyError, TypeError):
         pass
     if folder.exists():
+        if any(folder.iterdir()) and not marker.exists():
+            raise ConfigError(
+                f"{folder} is not empty and holds no drill reference ({REFERENCE_MARKER}); spotsafe drill will not "
+                "delete it: pass another --reference, or empty it"
+            )
         shutil.rmtree(folder)
     log(f"reference run (uninterrupted): {' '.join(command)}")
     started = time.monotonic()
@@ -251,6 +264,11 @@ def ensure_reference(command: Sequence[str], folder: Path, log: Callable[[str], 
     seconds = time.monotonic() - started
     if code != 0:
         raise ConfigError(f"the reference run failed ({describe_exit(code)}); run the command by hand to see why")
+    if load_newest_valid(CheckpointRepository(open_storage(folder))) is None:
+        raise ConfigError(
+            f"the reference run finished without a checkpoint in {folder}: the command must use spotsafe's "
+            "Checkpointer with the location from $SPOTSAFE_CHECKPOINT_URL (and call finish())"
+        )
     marker.write_text(json.dumps({"command": list(command), "seconds": seconds}), encoding="utf-8")
     log(f"reference run finished in {seconds:.1f} s")
     return seconds, False

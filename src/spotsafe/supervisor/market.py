@@ -206,6 +206,16 @@ class Market:
         with self._lock:
             self._handle, self._attempt = handle, attempt
 
+    def start_if_capacity(self, start: Callable[[], Handle], attempt: int) -> Handle | None:
+        """``start()`` the attempt and attach it, if there is capacity now (``None`` if not), as one step:
+        an outage cannot begin between the check and the attach, so no attempt runs through one."""
+        with self._lock:
+            if self._busy or self.now() < self._down_until:
+                return None
+            handle = start()
+            self._handle, self._attempt = handle, attempt
+            return handle
+
     @property
     def delivered(self) -> int:
         return sum(1 for i in self.interruptions if i.attempt is not None)
