@@ -273,6 +273,13 @@ def gc(
     default=None,
     help="Stop an attempt that logs no event for this long (s), as no_progress.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve the supervisor's Prometheus metrics on this port (0: a free one).",
+)
+@click.option("--metrics-addr", default="0.0.0.0", show_default=True, help="Address for --metrics-port.")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run_cmd(
     job_file: Path | None,
@@ -288,6 +295,8 @@ def run_cmd(
     max_backoff: float | None,
     grace: float | None,
     stall_timeout: float | None,
+    metrics_port: int | None,
+    metrics_addr: str,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND (or the job file's) and relaunch it until it succeeds or a retry budget ends it.
@@ -325,7 +334,8 @@ def run_cmd(
     spec = parse_job(merged, job_file or Path("spotsafe run"))
     if not command and not spec.command:
         raise click.UsageError("give the job's command after --, or a job file with [job] command")
-    sys.exit(run_config(spec.config(command=command, name=name, url=url, store=store)))
+    config = spec.config(command=command, name=name, url=url, store=store)
+    sys.exit(run_config(config, metrics_port=metrics_port, metrics_addr=metrics_addr))
 
 
 @cli.command("drill", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -449,6 +459,43 @@ def drill(
     else:
         print_drill(report, console)
     sys.exit(0 if report.ok else 1)
+
+
+@cli.command("report")
+@click.argument("url", required=False)
+@click.option(
+    "--store",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The job store to read attempts and costs from [default: $SPOTSAFE_JOB_STORE or .spotsafe/jobs.sqlite].",
+)
+@click.option("--on-demand-price", type=click.FloatRange(min=0), default=None, help="Dollars per hour, to compare.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@run_options
+def report_cmd(
+    url: str | None,
+    store: Path | None,
+    on_demand_price: float | None,
+    as_json: bool,
+    storage_options: tuple[str, ...],
+    retry_budget: float,
+    progress: bool | None,
+) -> None:
+    """What interruptions cost the run at URL (default: $SPOTSAFE_CHECKPOINT_URL), from its event log and job store.
+
+    Attempts, interruptions by source, resume success rate, replayed work, checkpoint stall, write time and size,
+    time to recover, goodput, cost against on-demand, and the interval policy's choices. Works on a running run.
+    """
+    import os
+
+    from spotsafe.cli import report as report_cli
+
+    url = url or os.environ.get("SPOTSAFE_CHECKPOINT_URL")
+    if not url:
+        raise click.UsageError("give the run's URL (or set $SPOTSAFE_CHECKPOINT_URL)")
+    store = store or Path(os.environ.get("SPOTSAFE_JOB_STORE") or ".spotsafe/jobs.sqlite")
+    run = _open(url, storage_options, retry_budget, progress)
+    sys.exit(report_cli.report(run, store=store, as_json=as_json, on_demand_price=on_demand_price, console=console))
 
 
 @cli.command("notices")

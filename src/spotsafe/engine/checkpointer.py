@@ -78,6 +78,7 @@ from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
 from spotsafe.storage.retry import DEFAULT_RETRY, RetryPolicy
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, EventLog, EventSink, RunIdentity
+from spotsafe.telemetry.metrics import ENV_METRICS_ADDR, ENV_METRICS_PORT, Metrics, serve_metrics
 from spotsafe.telemetry.store import EventUploader, read_history
 
 log = logging.getLogger("spotsafe")
@@ -171,6 +172,7 @@ class Checkpointer:
         self._closed = False
         self._hub: NoticeHub | None = None
         self._owned_log: EventLog | None = None
+        self._metrics: Metrics | None = None
         self._saver: Saver | None = None
         self._hooks: list[Any] = []
         if url is None and storage is None:
@@ -272,6 +274,9 @@ class Checkpointer:
             )
             uploader = EventUploader(self.storage, self.attempt, os.getpid())
             self._owned_log = EventLog(spool, identity, uploader=uploader)
+        port = os.environ.get(ENV_METRICS_PORT)
+        if port:
+            self._metrics = serve_metrics(self._owned_log, port, os.environ.get(ENV_METRICS_ADDR) or "0.0.0.0")
         return self._owned_log
 
     def _open_stage(self, stage: LocalStorage) -> tuple[CheckpointRepository, LocalStorage]:
@@ -711,6 +716,8 @@ class Checkpointer:
             self._hub.close()
         if self._owned_log is not None:
             self._owned_log.close()
+        if self._metrics is not None:
+            self._metrics.close()
 
     def __enter__(self) -> Checkpointer:
         return self

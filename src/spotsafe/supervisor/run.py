@@ -49,6 +49,7 @@ from spotsafe.supervisor.retry import Budget, RetryPolicy
 from spotsafe.supervisor.store import FAILED, STOPPED, SUCCEEDED, AttemptRecord, JobStore
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, EventLog, EventSink, EventTail, RunIdentity
+from spotsafe.telemetry.metrics import Metrics
 
 log = logging.getLogger("spotsafe")
 POLL_S = 0.2
@@ -119,6 +120,7 @@ class Supervisor:
         launcher: Launcher | None = None,
         clock: Callable[[], float] = time.time,
         events: EventSink | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.say = say
@@ -126,6 +128,7 @@ class Supervisor:
         self._clock = clock
         self._launcher = launcher or PoolLauncher()
         self._events = events
+        self._metrics = metrics
         self._announced: set[tuple[str, str | None, float]] = set()
         self._rng = rng or random.Random()
         self._oom = oom_kills or oom_kill_counter()
@@ -152,8 +155,11 @@ class Supervisor:
 
     # -- the loop -------------------------------------------------------------------------------------
     def _emit(self, cls: type[ev.Event], **fields: object) -> None:
+        event = cls(time=self._clock(), job=self.config.name, **fields)  # type: ignore[call-arg]
         if self._events is not None:
-            self._events.emit(cls(time=self._clock(), job=self.config.name, **fields))  # type: ignore[call-arg]
+            self._events.emit(event)
+        if self._metrics is not None:
+            self._metrics.on_event(event)
 
     def run(self) -> int:
         config = self.config
@@ -443,9 +449,21 @@ def _recorded_exit(events_file: Path, attempt: AttemptRecord) -> ExitClass:
     return ExitClass.KILLED
 
 
-def run_config(config: RunConfig) -> int:
-    """What ``spotsafe run`` does once its configuration is known: supervise, return the exit code."""
+def run_config(config: RunConfig, *, metrics_port: int | None = None, metrics_addr: str = "0.0.0.0") -> int:
+    """What ``spotsafe run`` does once its configuration is known: supervise, return the exit code.
+    ``metrics_port``: serve the supervisor's Prometheus metrics there while it runs."""
+    metrics = None
+    if metrics_port is not None:
+        metrics = Metrics()
+        try:
+            port = metrics.serve(metrics_port, metrics_addr)
+        except OSError as err:
+            raise ConfigError(f"cannot serve metrics on {metrics_addr}:{metrics_port}: {err.strerror or err}") from None
+        log.warning("spotsafe run: metrics on http://%s:%d/metrics", metrics_addr, port)
     try:
-        return Supervisor(config).run()
+        return Supervisor(config, metrics=metrics).run()
     except (OSError, subprocess.SubprocessError) as err:
         raise SpotsafeError(f"could not run {' '.join(config.command)!r}: {err}") from err
+    finally:
+        if metrics is not None:
+            metrics.close()
