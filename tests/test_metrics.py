@@ -152,7 +152,9 @@ def test_a_port_in_use_is_a_config_error(tmp_path: Path) -> None:
 def test_a_supervised_job_and_its_supervisor_both_serve_metrics(tmp_path: Path) -> None:
     script = tmp_path / "job.py"
     script.write_text(JOB)
-    job_port, sup_port = free_port(), free_port()
+    job_port = free_port()
+    while (sup_port := free_port()) == job_port:
+        pass
     env = {**os.environ, "SPOTSAFE_METRICS_PORT": str(job_port), "SPOTSAFE_METRICS_ADDR": "127.0.0.1"}
     cmd = [str(SPOTSAFE), "run", "--url", str(tmp_path / "run"), "--store", str(tmp_path / "jobs.sqlite"),
            "--metrics-port", str(sup_port), "--metrics-addr", "127.0.0.1", "--backoff", "0",
@@ -165,8 +167,12 @@ def test_a_supervised_job_and_its_supervisor_both_serve_metrics(tmp_path: Path) 
                 families = scrape(job_port)
             except (urllib3.exceptions.HTTPError, OSError):
                 return False
-            return (value(families, "spotsafe_step") or 0) > 12 and bool(
-                value(families, "spotsafe_checkpoints_total", reason="interval")
+            # Only the second attempt restores; the first one also passes step 12 (it stops at 13) and
+            # may still be serving on the port while the supervisor has not yet recorded its end.
+            return (
+                value(families, "spotsafe_restore_seconds_count") == 1
+                and (value(families, "spotsafe_step") or 0) > 13
+                and bool(value(families, "spotsafe_checkpoints_total", reason="interval"))
             )
 
         wait_for(job_reports, "the second attempt's metrics")  # the first attempt stopped itself at step 12
