@@ -471,12 +471,20 @@ def drill(
 )
 @click.option("--on-demand-price", type=click.FloatRange(min=0), default=None, help="Dollars per hour, to compare.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Also draw the run's timeline (attempts, interruptions, checkpoints, progress, cost) into FILE "
+    "(.png, .svg or .pdf).",
+)
 @run_options
 def report_cmd(
     url: str | None,
     store: Path | None,
     on_demand_price: float | None,
     as_json: bool,
+    plot: Path | None,
     storage_options: tuple[str, ...],
     retry_budget: float,
     progress: bool | None,
@@ -495,7 +503,89 @@ def report_cmd(
         raise click.UsageError("give the run's URL (or set $SPOTSAFE_CHECKPOINT_URL)")
     store = store or Path(os.environ.get("SPOTSAFE_JOB_STORE") or ".spotsafe/jobs.sqlite")
     run = _open(url, storage_options, retry_budget, progress)
-    sys.exit(report_cli.report(run, store=store, as_json=as_json, on_demand_price=on_demand_price, console=console))
+    sys.exit(
+        report_cli.report(
+            run, store=store, as_json=as_json, on_demand_price=on_demand_price, console=console, plot=plot
+        )
+    )
+
+
+@cli.command("dashboard")
+@click.argument("locations", nargs=-1)
+@click.option(
+    "--store",
+    "stores",
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A job store to list jobs from (repeatable) [default: $SPOTSAFE_JOB_STORE or .spotsafe/jobs.sqlite].",
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="0: a free port.")
+@click.option(
+    "--addr",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on. The pages show run locations and costs: keep it local, or put it behind a proxy.",
+)
+@click.option("--on-demand-price", type=click.FloatRange(min=0), default=None, help="Dollars per hour, to compare.")
+@click.option(
+    "--storage-option",
+    "storage_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Option for the storage backend of remote runs (repeatable; VALUE is JSON when it parses).",
+)
+def dashboard_cmd(
+    locations: tuple[str, ...],
+    stores: tuple[Path, ...],
+    port: int,
+    addr: str,
+    on_demand_price: float | None,
+    storage_options: tuple[str, ...],
+) -> None:
+    """Serve a web page of runs: per run, a timeline of attempts, interruptions and checkpoints, training
+    progress and cost over time, and the report's figures. Read-only: it reads event logs and job stores.
+
+    LOCATIONS are runs (folders or URLs) or local folders to search for runs (default: the current folder
+    and $SPOTSAFE_CHECKPOINT_URL). Jobs in the job stores are listed too. Stop it with Ctrl-C.
+    """
+    import os
+    import threading
+
+    from spotsafe.dashboard.catalog import Catalog
+    from spotsafe.dashboard.server import serve
+
+    places = list(locations)
+    if not places:
+        places = ["."]
+        if os.environ.get("SPOTSAFE_CHECKPOINT_URL"):
+            places.append(os.environ["SPOTSAFE_CHECKPOINT_URL"])
+    store_list = list(stores) or [Path(os.environ.get("SPOTSAFE_JOB_STORE") or ".spotsafe/jobs.sqlite")]
+    catalog = Catalog(
+        places,
+        [s for s in store_list if s.exists() or stores],
+        storage_options=manage.parse_storage_options(storage_options),
+        on_demand_price=on_demand_price,
+    )
+    try:
+        server = serve(catalog, port, addr)
+    except OSError as err:
+        raise click.ClickException(
+            f"cannot listen on {addr}:{port}: {err.strerror or err} (pick another --port, or 0 for a free one)"
+        ) from None
+    host = f"[{addr}]" if ":" in addr else addr
+    found = len(catalog.runs())
+    console.print(f"spotsafe dashboard: http://{host}:{server.server_port}/ ({found} run{'s' if found != 1 else ''}; Ctrl-C to stop)")
+    stop = threading.Event()
+    try:
+        import signal
+
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @cli.command("notices")

@@ -268,6 +268,7 @@ class Supervisor:
                 price_per_hour=pool.price_per_hour,
                 step_before=before,
                 exclude=list(exclude),
+                nodes=pool.nodes,
             )
             started = self._clock()
             code, exit_class, machine = self._attempt(store, number, pool, exclude)

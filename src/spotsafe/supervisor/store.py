@@ -267,3 +267,38 @@ def _job(row: tuple[Any, ...]) -> JobRecord:
     return JobRecord(
         str(name), list(json.loads(command)), str(url), str(state), str(reason), created, updated, bool(escalated)
     )
+
+
+def read_store(path: str | os.PathLike[str]) -> list[tuple[JobRecord, list[AttemptRecord]]]:
+    """Every job in the store at ``path`` with its attempts, read without writing anything (no schema, no
+    migration, no lock): for reports and the dashboard, which may read a store a supervisor is writing.
+
+    A missing file, or a file that is not a job store, reads as no jobs. A store from before a column
+    existed reads that column as its default."""
+    target = Path(path)
+    if not target.is_file():
+        return []
+    try:
+        db = sqlite3.connect(f"{target.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+    except sqlite3.Error:
+        return []
+    try:
+
+        def columns(table: str, wanted: str, defaults: dict[str, str]) -> str:
+            have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            return ", ".join(
+                name if name in have else f"{defaults[name]} AS {name}" for name in wanted.replace(" ", "").split(",")
+            )
+
+        job_cols = columns("jobs", JOB_COLUMNS, {"escalated": "0"})
+        attempt_cols = columns("attempts", ATTEMPT_COLUMNS, {"machine": "NULL"})
+        out: list[tuple[JobRecord, list[AttemptRecord]]] = []
+        for row in db.execute(f"SELECT {job_cols} FROM jobs ORDER BY created").fetchall():
+            job = _job(row)
+            query = f"SELECT {attempt_cols} FROM attempts WHERE job = ? ORDER BY number"
+            out.append((job, [AttemptRecord(*r) for r in db.execute(query, (job.name,))]))
+        return out
+    except (sqlite3.Error, KeyError, ValueError, TypeError):
+        return []  # not a job store (or one this version cannot read)
+    finally:
+        db.close()

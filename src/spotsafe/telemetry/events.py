@@ -367,6 +367,7 @@ class AttemptStarted(Event):
     price_per_hour: float
     step_before: int | None
     exclude: list[str] = dataclasses.field(default_factory=list)
+    nodes: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)

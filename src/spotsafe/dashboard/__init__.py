@@ -1,0 +1,1 @@
+"""The web dashboard (``spotsafe dashboard``): runs, their timelines and reports, read-only."""
