@@ -502,6 +502,10 @@ def report_cmd(
     if not url:
         raise click.UsageError("give the run's URL (or set $SPOTSAFE_CHECKPOINT_URL)")
     store = store or Path(os.environ.get("SPOTSAFE_JOB_STORE") or ".spotsafe/jobs.sqlite")
+    if plot is not None:
+        from spotsafe.telemetry.plot import plot_format
+
+        plot_format(plot)  # a bad file name is the first thing said, before the run is opened
     run = _open(url, storage_options, retry_budget, progress)
     sys.exit(
         report_cli.report(
@@ -574,7 +578,8 @@ def dashboard_cmd(
         ) from None
     host = f"[{addr}]" if ":" in addr else addr
     found = len(catalog.runs())
-    console.print(f"spotsafe dashboard: http://{host}:{server.server_port}/ ({found} run{'s' if found != 1 else ''}; Ctrl-C to stop)")
+    runs = f"{found} run{'s' if found != 1 else ''}"
+    console.print(f"spotsafe dashboard: http://{host}:{server.server_port}/ ({runs}; Ctrl-C to stop)")
     stop = threading.Event()
     try:
         import signal

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from spotsafe.cli.manage import Run, _print_json, human_bytes
+from spotsafe.errors import ConfigError
 from spotsafe.supervisor.store import AttemptRecord, read_store
 from spotsafe.telemetry.plot import draw, plot_format
 from spotsafe.telemetry.report import Report, Spread, build_report
@@ -61,7 +62,10 @@ def report(
         console.print(f"no events in {run.shown}: is it a spotsafe run (a folder with events.jsonl)?")
         return 1
     if plot is not None and built.attempts:
-        draw(build_timeline(run.shown, events, built, now=now), built, plot, fmt)
+        try:
+            draw(build_timeline(run.shown, events, built, now=now), built, plot, fmt)
+        except OSError as err:
+            raise ConfigError(f"cannot write the plot to {plot}: {err.strerror or err}") from None
         print(f"timeline written to {plot}", file=sys.stderr)
     if as_json:
         doc: dict[str, Any] = built.to_json()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from spotsafe.storage.base import Storage
-from spotsafe.storage.errors import redact_url
+from spotsafe.storage.errors import redact, redact_url
 from spotsafe.storage.local import local_root
 from spotsafe.storage.registry import open_storage, protocol_of
 from spotsafe.storage.retry import RetryPolicy
@@ -143,21 +143,24 @@ class Catalog:
 
     # -- one run -----------------------------------------------------------------------
     def view(self, entry: RunEntry) -> RunView:
-        """The run's report and timeline, recomputed only when its log changed."""
-        version = self._version(entry)
+        """The run's report and timeline, recomputed only when its log changed (and, while it runs, every
+        few seconds: a running attempt's time moves on)."""
+        key = self._log_key(entry)
+        bucket = str(int(self._clock() // REMOTE_TTL_S))
         with self._lock:
             cached = self._views.get(entry.id)
-        if cached is not None and cached.version == version:
+        if cached is not None and cached.version in (key, f"{key}|{bucket}"):
             cached.entry = entry  # the store's attempts may have moved on
             return cached
         error = None
         try:
             events = list(read_run_events(self._storage(entry))) if self._exists(entry) else []
         except Exception as err:  # noqa: BLE001 - one unreadable run must not take the dashboard down
-            events, error = [], redact_url(f"{type(err).__name__}: {err}")
+            events, error = [], redact(f"{type(err).__name__}: {err}")
         now = self._clock()
         report = build_report(entry.shown, events, on_demand_price=self.on_demand_price, now=now)
         timeline = build_timeline(entry.shown, events, report, now=now)
+        version = f"{key}|{bucket}" if report.state == "running" else key
         view = RunView(entry, events, report, timeline, version, error)
         with self._lock:
             self._views[entry.id] = view
@@ -166,7 +169,9 @@ class Catalog:
     def _exists(self, entry: RunEntry) -> bool:
         return not entry.local or local_root(entry.url).is_dir()
 
-    def _version(self, entry: RunEntry) -> str:
+    def _log_key(self, entry: RunEntry) -> str:
+        """Changes when the run's log may have: a local log's size and time; for object storage, every few
+        seconds (listing its parts is a request of its own)."""
         if entry.local:
             root = local_root(entry.url)
             parts: list[str] = []
@@ -178,11 +183,8 @@ class Catalog:
                     parts.append("-")
             if (root / EVENTS_PREFIX).is_dir():
                 parts.append(str(sum(len(files) for _, _, files in os.walk(root / EVENTS_PREFIX))))
-            running = self._views.get(entry.id)
-            if running is not None and running.report.state == "running":
-                parts.append(str(int(self._clock() // REMOTE_TTL_S)))  # a running attempt's time moves on
             return "|".join(parts)
-        return str(int(self._clock() // REMOTE_TTL_S))
+        return "remote:" + str(int(self._clock() // REMOTE_TTL_S))
 
     def _storage(self, entry: RunEntry) -> Storage:
         with self._lock:

@@ -278,8 +278,12 @@ def read_store(path: str | os.PathLike[str]) -> list[tuple[JobRecord, list[Attem
     target = Path(path)
     if not target.is_file():
         return []
+    # With no write-ahead log beside it no supervisor has the store open: read it as immutable, or SQLite
+    # would create (and leave) -wal and -shm files next to a store in WAL mode, and fail in a read-only folder.
+    idle = not target.with_name(target.name + "-wal").exists()
     try:
-        db = sqlite3.connect(f"{target.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+        uri = f"{target.resolve().as_uri()}?mode=ro" + ("&immutable=1" if idle else "")
+        db = sqlite3.connect(uri, uri=True, timeout=10.0)
     except sqlite3.Error:
         return []
     try:

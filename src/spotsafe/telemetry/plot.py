@@ -33,10 +33,12 @@ COLOURS = {
 
 
 def plot_format(path: str | Path) -> str:
-    """The image format a file name asks for, or a clear error."""
+    """The image format a file name asks for (and a folder to write it in exists), or a clear error."""
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in FORMATS:
         raise ConfigError(f"{path}: the plot's file name must end in .png, .svg or .pdf (got {suffix or 'none'!r})")
+    if not Path(path).absolute().parent.is_dir():
+        raise ConfigError(f"{path}: no folder {Path(path).parent} to write the plot in (create it first)")
     return suffix
 
 

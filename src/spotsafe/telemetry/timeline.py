@@ -154,6 +154,7 @@ def build_timeline(
             wait_label = None
             t.attempts.append(span)
             t.progress.append([])
+            last_end = e.time
             continue
         if not t.attempts:
             continue
@@ -174,7 +175,7 @@ def build_timeline(
             what = "emergency checkpoint" if e.reason == "notice" else f"checkpoint ({e.reason})"
             t.checkpoints.append(Mark(e.time, e.reason, f"{what} at step {e.step}", e.step, a.number))
         elif isinstance(e, ev.SaveFailed):
-            t.failures.append(Mark(e.time, "save_failed", f"save at step {e.step} failed: {e.error}", e.step))
+            t.failures.append(Mark(e.time, "save_failed", f"save at step {e.step} failed: {e.error}", e.step, a.number))
         elif isinstance(e, ev.CheckpointSkipped):
             t.failures.append(Mark(e.time, "skipped", f"skipped damaged {e.checkpoint}", e.step, a.number))
         elif isinstance(e, ev.NoticeReceived) and e.kind == "stop":
