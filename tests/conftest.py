@@ -22,6 +22,7 @@ import spotsafe
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_lm.py"
+TINY_JOB = ROOT / "tests" / "jobs" / "tiny_job.py"
 
 
 class Noisy(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):

@@ -22,27 +22,10 @@ import pytest
 from spotsafe.dashboard.catalog import Catalog, run_id
 from spotsafe.dashboard.server import serve
 
+from .conftest import TINY_JOB
+
 SPOTSAFE = Path(sys.executable).with_name("spotsafe")
 PACKAGES = ("chromium", "chromium-driver")
-JOB = """
-import os, signal, sys, time
-import torch, spotsafe
-
-attempt = int(os.environ["SPOTSAFE_ATTEMPT"])
-model = torch.nn.Linear(4, 4)
-opt = torch.optim.SGD(model.parameters(), lr=0.01)
-ckpt = spotsafe.Checkpointer(model=model, optimizer=opt, policy=spotsafe.every(steps=5), progress_interval=0)
-ckpt.restore()
-while ckpt.step < 40:
-    opt.zero_grad()
-    model(torch.ones(4)).sum().backward()
-    opt.step()
-    ckpt.step_done()
-    time.sleep(0.02)
-    if attempt == 1 and ckpt.step == 17:
-        os.kill(os.getpid(), signal.SIGTERM)
-ckpt.finish()
-"""
 
 
 def _apt_install() -> str | None:
@@ -103,11 +86,9 @@ def driver(browser_paths: tuple[str, str]) -> Iterator[object]:
 def supervised_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A real run under ``spotsafe run``: interrupted by SIGTERM at step 17, resumed, finished at 40."""
     root = tmp_path_factory.mktemp("dash")
-    script = root / "job.py"
-    script.write_text(JOB)
     run, store = root / "runs" / "tiny", root / "jobs.sqlite"
     cmd = [str(SPOTSAFE), "run", "--url", str(run), "--store", str(store), "--backoff", "0", "--",
-           sys.executable, str(script)]  # fmt: skip
+           sys.executable, str(TINY_JOB), "40", "--stop", "1:17", "--sleep", "0.02"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     return root, store

@@ -20,27 +20,9 @@ from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EventLog, RunIdentity
 from spotsafe.telemetry.metrics import Metrics, serve_metrics
 
-SPOTSAFE = Path(sys.executable).with_name("spotsafe")
-JOB = """
-import os, signal, sys, time
-import torch, spotsafe
+from .conftest import TINY_JOB
 
-steps = int(sys.argv[1])
-attempt = int(os.environ["SPOTSAFE_ATTEMPT"])
-model = torch.nn.Linear(4, 4)
-opt = torch.optim.SGD(model.parameters(), lr=0.01)
-ckpt = spotsafe.Checkpointer(model=model, optimizer=opt, policy=spotsafe.every(steps=5), progress_interval=0)
-ckpt.restore()
-while ckpt.step < steps:
-    opt.zero_grad()
-    model(torch.ones(4)).sum().backward()
-    opt.step()
-    ckpt.step_done()
-    time.sleep(0.05)
-    if attempt == 1 and ckpt.step == 12:
-        os.kill(os.getpid(), signal.SIGTERM)
-ckpt.finish()
-"""
+SPOTSAFE = Path(sys.executable).with_name("spotsafe")
 
 
 def free_port() -> int:
@@ -150,15 +132,13 @@ def test_a_port_in_use_is_a_config_error(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_a_supervised_job_and_its_supervisor_both_serve_metrics(tmp_path: Path) -> None:
-    script = tmp_path / "job.py"
-    script.write_text(JOB)
     job_port = free_port()
     while (sup_port := free_port()) == job_port:
         pass
     env = {**os.environ, "SPOTSAFE_METRICS_PORT": str(job_port), "SPOTSAFE_METRICS_ADDR": "127.0.0.1"}
     cmd = [str(SPOTSAFE), "run", "--url", str(tmp_path / "run"), "--store", str(tmp_path / "jobs.sqlite"),
            "--metrics-port", str(sup_port), "--metrics-addr", "127.0.0.1", "--backoff", "0",
-           "--", sys.executable, str(script), "400"]  # fmt: skip
+           "--", sys.executable, str(TINY_JOB), "400", "--stop", "1:12", "--sleep", "0.05"]  # fmt: skip
     sup = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
 

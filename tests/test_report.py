@@ -27,6 +27,8 @@ from spotsafe.telemetry.log import EVENTS_FILE, EventLog, RunIdentity
 from spotsafe.telemetry.report import Report, Spread, build_report
 from spotsafe.telemetry.store import read_run_events
 
+from .conftest import TINY_JOB
+
 SPOTSAFE = str(Path(sys.executable).with_name("spotsafe"))
 RUN_ID = "r"
 SUPERVISOR = RunIdentity(RUN_ID, 0, 100)
@@ -633,37 +635,13 @@ def test_cli_without_a_url_is_a_usage_error(tmp_path: Path) -> None:
 
 # -- end to end: a real job under the supervisor, preempted twice ---------------------------------------------------
 
-JOB = """
-import os, signal, sys, time
-import torch, spotsafe
-
-steps, preemptions = int(sys.argv[1]), int(sys.argv[2])
-attempt = int(os.environ["SPOTSAFE_ATTEMPT"])
-torch.manual_seed(0)
-model = torch.nn.Linear(4, 4)
-opt = torch.optim.SGD(model.parameters(), lr=0.01)
-ckpt = spotsafe.Checkpointer(model=model, optimizer=opt, policy=spotsafe.every(steps=5), progress_interval=0)
-ckpt.restore()
-while ckpt.step < steps:
-    opt.zero_grad()
-    model(torch.ones(4)).sum().backward()
-    opt.step()
-    ckpt.step_done()
-    time.sleep(0.005)
-    if attempt <= preemptions and ckpt.step == 5 * attempt + 2:
-        os.kill(os.getpid(), signal.SIGTERM)  # saves at the next step boundary and exits 75
-ckpt.finish()
-"""
-
 
 @pytest.mark.e2e
 def test_a_supervised_run_preempted_twice(tmp_path: Path) -> None:
-    script = tmp_path / "job.py"
-    script.write_text(JOB)
     run_dir, db, steps = tmp_path / "run", tmp_path / "jobs.sqlite", 30
     config = RunConfig(
         name="job",
-        command=(sys.executable, str(script), str(steps), "2"),
+        command=(sys.executable, str(TINY_JOB), str(steps), "--stop", "1:7", "--stop", "2:12", "--sleep", "0.005"),
         url=str(run_dir),
         store=db,
         retry=RetryPolicy(initial_s=0.05, max_delay_s=0.2),

@@ -27,6 +27,8 @@ from spotsafe.telemetry.report import Report, build_report
 from spotsafe.telemetry.store import read_run_events
 from spotsafe.telemetry.timeline import Gap, Mark, Timeline, build_timeline
 
+from .conftest import TINY_JOB
+
 SPOTSAFE = Path(sys.executable).with_name("spotsafe")
 RUN_ID = "r"
 SUPERVISOR = RunIdentity(RUN_ID, 0, 100)
@@ -602,26 +604,6 @@ def test_to_json_is_serialisable(request: pytest.FixtureRequest, name: str) -> N
 
 # -- a real run: a tiny job under ``spotsafe run``, SIGTERMed once ----------------------------------------------------
 
-JOB = """
-import os, signal, sys, time
-import torch, spotsafe
-
-steps = int(sys.argv[1])
-attempt = int(os.environ["SPOTSAFE_ATTEMPT"])
-model = torch.nn.Linear(4, 4)
-opt = torch.optim.SGD(model.parameters(), lr=0.01)
-ckpt = spotsafe.Checkpointer(model=model, optimizer=opt, policy=spotsafe.every(steps=5), progress_interval=0)
-ckpt.restore()
-while ckpt.step < steps:
-    opt.zero_grad()
-    model(torch.ones(4)).sum().backward()
-    opt.step()
-    ckpt.step_done()
-    time.sleep(0.01)
-    if attempt == 1 and ckpt.step == 12:
-        os.kill(os.getpid(), signal.SIGTERM)
-ckpt.finish()
-"""
 JOB_FILE = """
 [[pools]]
 name = "p"
@@ -632,13 +614,12 @@ price_per_hour = 36.0
 
 @pytest.mark.e2e
 def test_the_timeline_of_a_real_supervised_run(tmp_path: Path) -> None:
-    script, jobfile = tmp_path / "job.py", tmp_path / "job.toml"
-    script.write_text(JOB)
+    jobfile = tmp_path / "job.toml"
     jobfile.write_text(JOB_FILE)
     run_dir, db, total = tmp_path / "run", tmp_path / "jobs.sqlite", 30
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTSAFE_")}
     cmd = [str(SPOTSAFE), "run", "-f", str(jobfile), "--url", str(run_dir), "--store", str(db), "--backoff", "0",
-           "--", sys.executable, str(script), str(total)]  # fmt: skip
+           "--", sys.executable, str(TINY_JOB), str(total), "--stop", "1:12"]  # fmt: skip
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
 
