@@ -280,6 +280,11 @@ def gc(
     help="Serve the supervisor's Prometheus metrics on this port (0: a free one).",
 )
 @click.option("--metrics-addr", default="0.0.0.0", show_default=True, help="Address for --metrics-port.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Force the live status line (phase, step, interruptions) on or off [default: when stderr is a terminal].",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run_cmd(
     job_file: Path | None,
@@ -297,6 +302,7 @@ def run_cmd(
     stall_timeout: float | None,
     metrics_port: int | None,
     metrics_addr: str,
+    progress: bool | None,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND (or the job file's) and relaunch it until it succeeds or a retry budget ends it.
@@ -309,6 +315,7 @@ def run_cmd(
     run the same command again to continue a job after the supervisor itself was stopped.
     Exit: 0 succeeded, 1 failed, 2 usage, 75 stopped.
     """
+    from spotsafe.cli.live import LiveStatus, follow_run
     from spotsafe.supervisor.jobfile import overlay, parse_job, read_job_doc
     from spotsafe.supervisor.run import run_config
 
@@ -335,7 +342,14 @@ def run_cmd(
     if not command and not spec.command:
         raise click.UsageError("give the job's command after --, or a job file with [job] command")
     config = spec.config(command=command, name=name, url=url, store=store)
-    sys.exit(run_config(config, metrics_port=metrics_port, metrics_addr=metrics_addr))
+    live = LiveStatus.open(progress)
+    if live is None:
+        sys.exit(run_config(config, metrics_port=metrics_port, metrics_addr=metrics_addr))
+    with live:
+        line = follow_run(live, config)
+        code = run_config(config, metrics_port=metrics_port, metrics_addr=metrics_addr)
+        line.finish()
+    sys.exit(code)
 
 
 @cli.command("drill", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -402,6 +416,12 @@ def run_cmd(
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --rate.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Force the live status lines (reference run, then the drill: phase, step, interruptions) on or off "
+    "[default: when stderr is a terminal].",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def drill(
     workdir: Path,
@@ -418,6 +438,7 @@ def drill(
     on_demand_price: float,
     seed: int,
     as_json: bool,
+    progress: bool | None,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND under an emulated spot market and prove the resumed result is bit-identical.
@@ -429,6 +450,7 @@ def drill(
     uninterrupted run's.
     """
     from spotsafe.cli.drill_report import print_drill
+    from spotsafe.cli.live import DrillLive, LiveStatus
     from spotsafe.supervisor.drill import DrillConfig, run_drill
 
     cmd = tuple(command) if command else tuple(default_drill_command())
@@ -453,7 +475,14 @@ def drill(
     log: Callable[[str], None] = (
         (lambda m: print(m, file=sys.stderr)) if as_json else (lambda m: console.print(f"[dim]{escape(m)}[/dim]"))
     )
-    report = run_drill(config, log=log)
+    live = LiveStatus.open(progress)
+    if live is None:
+        report = run_drill(config, log=log)
+    else:
+        with live:  # the status and the log lines go to stderr; stdout gets only the report
+            report = run_drill(
+                config, log=lambda m: live.log(m, style=None if as_json else "dim"), watch=DrillLive(live)
+            )
     if as_json:
         manage._print_json(report.to_json())
     else:

@@ -17,7 +17,6 @@ import math
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,10 +38,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from spotsafe.engine.reader import load_state
+from spotsafe.cli.live import bar_console
+from spotsafe.engine.reader import RestoredState
 from spotsafe.errors import ConfigError, CorruptCheckpointError, SpotsafeError
 from spotsafe.exit_codes import EXIT_CRASH, EXIT_SUCCESS, EXIT_USAGE
 from spotsafe.policy.retention import Candidate, KeepLast
+from spotsafe.state.snapshot import decode_state
 from spotsafe.storage import errors as storage_errors
 from spotsafe.storage.base import BlobNotFoundError, Storage
 from spotsafe.storage.errors import redact_url
@@ -156,11 +157,7 @@ class Run:
 
     def _bar_console(self) -> Console | None:
         """Where bars go: stderr when it is a terminal, stderr anyway when forced, else nowhere."""
-        if self.progress is None:
-            return err if err.is_terminal else None
-        if not self.progress:
-            return None
-        return err if err.is_terminal else Console(stderr=True, force_terminal=True, highlight=False)
+        return bar_console(self.progress, err)
 
     def bar(self, *, count: bool = False) -> Progress:
         """A progress bar on stderr: shown when stderr is a terminal, or when forced with ``--progress``."""
@@ -172,10 +169,6 @@ class Run:
             columns += [DownloadColumn(binary_units=True), TransferSpeedColumn()]
         columns.append(TimeRemainingColumn())
         return Progress(*columns, console=console or err, disable=console is None, transient=True)
-
-    def status(self, message: str) -> AbstractContextManager[object]:
-        console = self._bar_console()
-        return console.status(message) if console is not None else nullcontext()
 
 
 def open_run(url: str, storage_options: Mapping[str, Any], retry_budget: float, progress: bool | None) -> Run:
@@ -510,8 +503,11 @@ def inspect(run: Run, *, step: int | None, name: str | None, as_json: bool) -> i
         err.print(escape(f"no {what} in {run.shown}"))
         return EXIT_NOTHING
     try:
-        with run.status(f"verifying and loading {ref.name}"):
-            restored = load_state(run.repo, ref)
+        total = run.repo.read_manifest(ref).total_bytes
+        with run.bar() as bar:
+            task = bar.add_task(f"verifying and loading {ref.name}", total=total)
+            loaded = run.repo.load(ref, lambda n: bar.advance(task, n))
+        restored = RestoredState(checkpoint=loaded, decoded=decode_state(loaded.blobs, ref.name))
     except CorruptCheckpointError as error:
         err.print(f"[red]DAMAGED[/] {escape(ref.name)}: {escape(_reason(error))}")
         return EXIT_DAMAGED

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from spotsafe.engine.reader import load_newest_valid
 from spotsafe.errors import ConfigError
@@ -175,6 +176,21 @@ class DrillReport:
         return doc
 
 
+class DrillWatch(Protocol):
+    """Told of the drill's phases as they begin and end (``spotsafe drill`` shows them live)."""
+
+    def reference_started(self, folder: Path) -> None:
+        """The reference run is about to start in ``folder`` (not called when a reference is reused)."""
+
+    def reference_finished(self, folder: Path, seconds: float, reused: bool) -> None: ...
+
+    def drill_started(self, run: Path, market: Market) -> None:
+        """The job is about to run under the supervisor in ``run``, against ``market``."""
+
+    def drill_finished(self, code: int) -> None:
+        """The supervisor returned ``code``."""
+
+
 class _NoCapacity:
     """An attempt that found no machine: the market is between capacity."""
 
@@ -230,8 +246,14 @@ def compare_final(reference: str | Path, other: str | Path) -> tuple[int | None,
     return a.step, b.step, diffs
 
 
-def ensure_reference(command: Sequence[str], folder: Path, log: Callable[[str], None]) -> tuple[float, bool]:
-    """The reference run's wall time, running it unless ``folder`` holds a finished run of ``command``."""
+def ensure_reference(
+    command: Sequence[str],
+    folder: Path,
+    log: Callable[[str], None],
+    started: Callable[[], None] | None = None,
+) -> tuple[float, bool]:
+    """The reference run's wall time, running it unless ``folder`` holds a finished run of ``command``.
+    ``started`` is called just before the reference run starts."""
     marker = folder / REFERENCE_MARKER
     try:
         doc = json.loads(marker.read_text(encoding="utf-8"))
@@ -248,7 +270,9 @@ def ensure_reference(command: Sequence[str], folder: Path, log: Callable[[str], 
             )
         shutil.rmtree(folder)
     log(f"reference run (uninterrupted): {' '.join(command)}")
-    started = time.monotonic()
+    if started is not None:
+        started()
+    began = time.monotonic()
     job = launch(
         command,
         env={
@@ -261,7 +285,7 @@ def ensure_reference(command: Sequence[str], folder: Path, log: Callable[[str], 
     )
     code = job.wait()
     job.reap_group()
-    seconds = time.monotonic() - started
+    seconds = time.monotonic() - began
     if code != 0:
         raise ConfigError(f"the reference run failed ({describe_exit(code)}); run the command by hand to see why")
     if load_newest_valid(CheckpointRepository(open_storage(folder))) is None:
@@ -289,12 +313,20 @@ def _quiet_capacity(say: Callable[[str], None]) -> Callable[[str], None]:
     return quiet
 
 
-def run_drill(config: DrillConfig, *, log: Callable[[str], None] = print) -> DrillReport:
-    """Run the whole drill in ``config.workdir`` (its drill folders are emptied first; the reference is kept)."""
+def run_drill(
+    config: DrillConfig, *, log: Callable[[str], None] = print, watch: DrillWatch | None = None
+) -> DrillReport:
+    """Run the whole drill in ``config.workdir`` (its drill folders are emptied first; the reference is kept).
+    ``watch`` is told of each phase (for a live display)."""
     outages, what = config.schedule()
     workdir = config.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    ref_s, reused = ensure_reference(config.command, config.reference_dir, log)
+    folder = config.reference_dir
+    ref_s, reused = ensure_reference(
+        config.command, folder, log, None if watch is None else lambda: watch.reference_started(folder)
+    )
+    if watch is not None:
+        watch.reference_finished(folder, ref_s, reused)
     run = workdir / "run"
     store_path = workdir / "jobs.sqlite"
     if run.exists():
@@ -336,7 +368,11 @@ def run_drill(config: DrillConfig, *, log: Callable[[str], None] = print) -> Dri
             output=output.fileno(),
             say=_quiet_capacity(lambda line: log(f"supervisor: {line}")),
         )
+        if watch is not None:
+            watch.drill_started(run, market)
         code = supervisor.run()
+        if watch is not None:
+            watch.drill_finished(code)
     drill_s = time.monotonic() - started
     return _report(config, what, code, ref_s, reused, drill_s, run, store_path, market)
 

@@ -97,6 +97,14 @@ class RunConfig:
             raise ConfigError(f"the stall timeout must be > 0 seconds, got {self.stall_timeout_s!r}")
 
 
+def events_file(config: RunConfig) -> Path:
+    """The local event log the supervisor writes: the run's own ``events.jsonl`` for a local run, else a
+    spool file beside the job store (jobs launched on this machine append to it too)."""
+    if protocol_of(config.url) == "file":
+        return Path(config.url) / EVENTS_FILE
+    return config.store.with_name(f"{config.store.name}.{config.name}.events.jsonl")
+
+
 def newest_step(url: str) -> int | None:
     """The newest committed checkpoint's step at ``url`` (``None``: none yet)."""
     refs = CheckpointRepository(open_storage(url)).committed()
@@ -137,11 +145,7 @@ class Supervisor:
         self._stop_signal: int | None = None
         self._job: Handle | None = None
         self._told = False
-        self._events_file = (
-            Path(config.url) / EVENTS_FILE
-            if protocol_of(config.url) == "file"
-            else config.store.with_name(f"{config.store.name}.{config.name}.events.jsonl")
-        )
+        self._events_file = events_file(config)
 
     # -- signals --------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
