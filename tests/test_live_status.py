@@ -585,6 +585,18 @@ def test_a_drill_shows_the_reference_then_the_drill_with_the_markets_schedule(tm
     assert text.rstrip().splitlines()[-1].lstrip().startswith("✓ drill")  # the last frame stays
 
 
+def test_capacity_comes_back_when_the_longest_of_overlapping_outages_ends() -> None:
+    clock = [0.0]
+    market = Market([Outage(5.0, 30.0), Outage(6.0, 7.0), Outage(40.0, 41.0)], mode="sigterm", clock=lambda: clock[0])
+    waiting = LiveState(phase=Phase.CAPACITY)
+    market.interruptions += [Interruption(1, 5.0, 1), Interruption(2, 6.0, None)]
+    clock[0] = 10.0
+    assert market_outlook(market, waiting) == "capacity back in 20 s"  # not the second outage's end, 7 s
+    assert market_outlook(market, LiveState(phase=Phase.TRAINING)) == "next interruption in 30 s"
+    clock[0] = 30.5
+    assert market_outlook(market, waiting) == "next interruption in 10 s"
+
+
 def test_a_reused_reference_is_one_finished_line_and_sets_the_drills_total(tmp_path: Path) -> None:
     from .conftest import make_job
 

@@ -78,19 +78,23 @@ def _segment_order(name: str) -> tuple[int, int, str]:
     return (int(match.group(1)), int(match.group(2)), name) if match else (-1, -1, name)
 
 
-def read_run_events(storage: Storage) -> Iterator[LoggedEvent]:
-    """Every event of the run, in order: the local ``events.jsonl`` and/or uploaded parts."""
-    path_of = getattr(storage, "path_of", None)
-    if path_of is not None:
-        yield from read_events(path_of(EVENTS_FILE))
+def event_parts(storage: Storage) -> list[str]:
+    """The keys of the run's uploaded event parts, in order: by attempt, process, then part number."""
     parts: dict[str, list[tuple[int, str]]] = {}
     for key in storage.find(EVENTS_PREFIX):
         pieces = key.split("/")
         if len(pieces) == 3 and _SEGMENT.match(pieces[1]) and (match := _PART.match(pieces[2])):
             parts.setdefault(pieces[1], []).append((int(match.group(1)), key))
-    for segment in sorted(parts, key=_segment_order):
-        for _, key in sorted(parts[segment]):
-            yield from parse_lines(storage.read(key).splitlines())
+    return [key for segment in sorted(parts, key=_segment_order) for _, key in sorted(parts[segment])]
+
+
+def read_run_events(storage: Storage) -> Iterator[LoggedEvent]:
+    """Every event of the run, in order: the local ``events.jsonl`` and/or uploaded parts."""
+    path_of = getattr(storage, "path_of", None)
+    if path_of is not None:
+        yield from read_events(path_of(EVENTS_FILE))
+    for key in event_parts(storage):
+        yield from parse_lines(storage.read(key).splitlines())
 
 
 @dataclass(frozen=True)
