@@ -322,6 +322,23 @@ def test_the_on_demand_price_comes_from_on_demand_pools_the_supervisor_used_or_o
     assert given.on_demand_cost == pytest.approx(2.0 * 5.0 / 3600.0)
 
 
+def test_the_cheapest_on_demand_pool_of_the_job_is_the_comparison_even_unused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    chosen = ev.PoolChosen(
+        time=0.0, job=RUN_ID, pool="spot", market="spot", price_per_hour=1.0, reason="cheapest", on_demand_per_hour=6.0
+    )
+    write(run_dir, SUPERVISOR, chosen, attempt_started(0.0, 1, "spot", 1.0))
+    write(run_dir, job(1), started(1.0, run_dir), fresh(1.0), progress(2.0, 1), exited(4.0, "finished", 1))
+    write(run_dir, SUPERVISOR, attempt_ended(5.0, 1, 0.125, "succeeded"))
+    assert report_of(run_dir).on_demand_price == 6.0
+    # An on-demand attempt on 3 nodes at 1.5 $/h a node costs 4.5 $/h: the cheaper of the two is compared.
+    od = ev.AttemptStarted(
+        time=6.0, job=RUN_ID, number=2, pool="od", market="on-demand", price_per_hour=1.5, step_before=1, nodes=3
+    )
+    write(run_dir, SUPERVISOR, od)
+    assert report_of(run_dir).on_demand_price == 4.5
+
+
 def test_without_supervisor_events_there_is_no_cost(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     write(run_dir, job(1), started(0.0, run_dir), fresh(0.0), progress(1.0, 1), exited(2.0, "finished", 1))
@@ -646,13 +663,14 @@ def test_a_supervised_run_preempted_twice(tmp_path: Path) -> None:
         store=db,
         retry=RetryPolicy(initial_s=0.05, max_delay_s=0.2),
         grace_s=5.0,
-        pools=(Pool(name="p", price_per_hour=3.6),),
+        pools=(Pool(name="p", price_per_hour=3.6), Pool(name="od", market="on-demand", price_per_hour=4.0, nodes=2)),
     )
     lines: list[str] = []
     assert Supervisor(config, say=lines.append, output=subprocess.DEVNULL).run() == 0, lines
     with JobStore(db) as store:
         attempts = store.attempts("job")
     assert [a.exit_class for a in attempts] == ["preempted", "preempted", "succeeded"]
+    assert {a.pool for a in attempts} == {"p"}  # the on-demand pool is never used
 
     r = report_of(run_dir)
     assert r.state == "finished"
@@ -667,7 +685,9 @@ def test_a_supervised_run_preempted_twice(tmp_path: Path) -> None:
     costs = [a.cost for a in attempts]
     assert all(c is not None and c > 0 for c in costs)
     assert r.cost == pytest.approx(sum(c for c in costs if c is not None))
-    assert r.on_demand_price is None  # a spot pool's price is no on-demand price
+    # The job's on-demand pool (4 $/h x 2 nodes), unused, is the comparison; the spot pool's price is not.
+    assert r.on_demand_price == 8.0
+    assert r.saved == pytest.approx(8.0 * r.useful_seconds / 3600.0 - r.cost)
     assert r.goodput is not None and 0 < r.goodput <= 1
 
     done = spotsafe([str(run_dir), "--store", str(db), "--json"], cwd=tmp_path)

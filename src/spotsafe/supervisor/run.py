@@ -261,6 +261,7 @@ class Supervisor:
                 deadline=config.deadline,
                 spot_finish=_finite(projection.spot_finish) if projection else None,
                 on_demand_finish=_finite(projection.on_demand_finish) if projection else None,
+                on_demand_per_hour=min((p.cost(3600.0) for p in config.pools if not p.spot), default=None),
             )
             exclude = health.excluded_machines(pool.name, now)
             number = store.start_attempt(config.name, step_before=before, pool=pool.name)

@@ -307,7 +307,9 @@ class RunWarning(Event):
 @dataclass(frozen=True, kw_only=True)
 class PoolChosen(Event):
     """Where the next attempt runs, and why. ``spot_finish``/``on_demand_finish``: projected finish
-    times (Unix) from the measured progress, when a deadline is set and enough is measured."""
+    times (Unix) from the measured progress, when a deadline is set and enough is measured.
+    ``on_demand_per_hour``: what the job would pay an hour in its cheapest on-demand pool (price x nodes),
+    when it has one (the report's comparison)."""
 
     type: ClassVar[str] = "pool_chosen"
     job: str
@@ -320,6 +322,7 @@ class PoolChosen(Event):
     deadline: float | None = None
     spot_finish: float | None = None
     on_demand_finish: float | None = None
+    on_demand_per_hour: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,8 +21,9 @@ that is still going is the same computation on a shorter log):
   useful time is each attempt's time from its restore to its end, less the work
   the next attempt replayed.
 * **Cost** is the sum of the supervisor's ``attempt_ended`` costs; the same work
-  on demand is the useful time at the on-demand price (from an on-demand pool
-  the supervisor used or offered, or given).
+  on demand is the useful time at the on-demand price: given, or else the
+  cheapest hourly price (price x nodes) of the on-demand pools in the job's
+  pools or that its attempts ran in.
 """
 
 from __future__ import annotations
@@ -176,9 +177,13 @@ def build_report(
                 # The attempt ended without its own run_exited (a kill, a crash): the supervisor saw it end.
                 attempts[-1].exit_reason = "finished" if e.exit_class == "succeeded" else e.exit_class
             continue
-        if isinstance(e, (ev.PoolChosen, ev.AttemptStarted)):
+        if isinstance(e, ev.PoolChosen):
+            if e.on_demand_per_hour is not None:  # the job's own on-demand pool, used or not
+                od_prices.append(e.on_demand_per_hour)
+            continue
+        if isinstance(e, ev.AttemptStarted):
             if e.market == "on-demand":
-                od_prices.append(e.price_per_hour)
+                od_prices.append(e.price_per_hour * e.nodes)
             continue
         if isinstance(e, ev.MarketInterruption):
             drill += e.interrupted is not None
@@ -280,6 +285,6 @@ def build_report(
         useful_seconds=useful,
         final_step=final_step,
         cost=sum(costs) if costs else None,
-        on_demand_price=on_demand_price if on_demand_price is not None else (max(od_prices) if od_prices else None),
+        on_demand_price=on_demand_price if on_demand_price is not None else (min(od_prices) if od_prices else None),
         intervals=intervals,
     )
