@@ -36,6 +36,8 @@ from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, EventLog, LoggedEvent, RunIdentity
 from spotsafe.telemetry.store import EventUploader
 
+from .conftest import TINY_JOB
+
 SPOTSAFE = Path(sys.executable).with_name("spotsafe")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -621,40 +623,16 @@ def test_a_reused_reference_is_one_finished_line_and_sets_the_drills_total(tmp_p
 # -- the real commands ----------------------------------------------------------------------------------------------
 
 STEPS = 24
-JOB = """
-import os, signal, sys, time
-import torch, spotsafe
-
-steps = int(sys.argv[1])
-attempt = int(os.environ["SPOTSAFE_ATTEMPT"])
-torch.manual_seed(0)
-model = torch.nn.Linear(4, 4)
-opt = torch.optim.SGD(model.parameters(), lr=0.01)
-ckpt = spotsafe.Checkpointer(model=model, optimizer=opt, policy=spotsafe.every(steps=5), progress_interval=0)
-ckpt.restore()
-print(f"job output on stdout, attempt {attempt}", flush=True)
-print(f"job output on stderr, attempt {attempt}", file=sys.stderr, flush=True)
-while ckpt.step < steps:
-    opt.zero_grad()
-    model(torch.ones(4)).sum().backward()
-    opt.step()
-    ckpt.step_done()
-    time.sleep(0.02)
-    if attempt == 1 and ckpt.step == 12:
-        os.kill(os.getpid(), signal.SIGTERM)
-ckpt.finish()
-"""
 
 
 def spotsafe_run(
     tmp_path: Path, name: str, *flags: str, steps: int = STEPS
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
-    script = tmp_path / "job.py"
-    script.write_text(JOB, encoding="utf-8")
     run = tmp_path / name
     where = ["--url", str(run), "--store", str(tmp_path / f"{name}.sqlite")]
+    job = [sys.executable, str(TINY_JOB), str(steps), "--stop", "1:12", "--sleep", "0.02", "--say"]
     done = subprocess.run(
-        [str(SPOTSAFE), "run", *flags, *where, "--", sys.executable, str(script), str(steps)],
+        [str(SPOTSAFE), "run", *flags, *where, "--", *job],
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,9 +1,10 @@
 """A tiny real training job for supervisor, report, metrics and dashboard tests.
 
-    python tiny_job.py STEPS [--stop ATTEMPT:STEP ...] [--sleep SECONDS]
+    python tiny_job.py STEPS [--stop ATTEMPT:STEP ...] [--sleep SECONDS] [--say]
 
 It checkpoints every 5 steps with spotsafe and, in attempt ATTEMPT ($SPOTSAFE_ATTEMPT), sends itself
 SIGTERM after step STEP: the Checkpointer saves at the next step boundary and exits 75 (preempted).
+With --say, each attempt prints one line on stdout and one on stderr after its restore.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -21,6 +23,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("steps", type=int)
 parser.add_argument("--stop", action="append", default=[], metavar="ATTEMPT:STEP")
 parser.add_argument("--sleep", type=float, default=0.01)
+parser.add_argument("--say", action="store_true")
 args = parser.parse_args()
 stops = {int(a): int(s) for a, s in (item.split(":") for item in args.stop)}
 attempt = int(os.environ["SPOTSAFE_ATTEMPT"])
@@ -30,6 +33,9 @@ model = torch.nn.Linear(4, 4)
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 ckpt = spotsafe.Checkpointer(model=model, optimizer=opt, policy=spotsafe.every(steps=5), progress_interval=0)
 ckpt.restore()
+if args.say:
+    print(f"job output on stdout, attempt {attempt}", flush=True)
+    print(f"job output on stderr, attempt {attempt}", file=sys.stderr, flush=True)
 while ckpt.step < args.steps:
     opt.zero_grad()
     model(torch.ones(4)).sum().backward()
