@@ -55,6 +55,7 @@ from spotsafe.supervisor.pools import LaunchSpec, Pool
 from spotsafe.supervisor.store import SUCCEEDED, AttemptRecord, JobStore
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, read_events
+from spotsafe.telemetry.report import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_lm.py"
@@ -911,6 +912,8 @@ def test_drill_of_the_example_job_through_aws_notices(tmp_path: Path, tiny_refer
     assert (workdir / "attempts.log").stat().st_size > 0
     assert any(line.startswith("reusing the reference run") for line in lines)
     assert any("market: interruption 1 (aws)" in line for line in lines)
+    # The run's own report (spotsafe report, the dashboard) compares with the drill's on-demand price.
+    assert build_report("drill", logged).on_demand_price == 4.0
 
     shown = Console(record=True, width=200)
     print_drill(report, shown)

@@ -7,6 +7,7 @@ of the report is known exactly; one runs a real job under the supervisor, preemp
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,10 +18,11 @@ from typing import Any
 
 import pytest
 
+from spotsafe.errors import ConfigError
 from spotsafe.storage.local import LocalStorage
 from spotsafe.supervisor.pools import Pool
 from spotsafe.supervisor.retry import RetryPolicy
-from spotsafe.supervisor.run import RunConfig, Supervisor
+from spotsafe.supervisor.run import RunConfig, Supervisor, on_demand_per_hour
 from spotsafe.supervisor.store import JobStore
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, EventLog, RunIdentity
@@ -337,6 +339,25 @@ def test_the_cheapest_on_demand_pool_of_the_job_is_the_comparison_even_unused(tm
     )
     write(run_dir, SUPERVISOR, od)
     assert report_of(run_dir).on_demand_price == 4.5
+
+
+def test_the_on_demand_comparison_price_of_a_job(tmp_path: Path) -> None:
+    def config(*pools: Pool, price: float | None = None) -> RunConfig:
+        return RunConfig(
+            name="j", command=("true",), url=str(tmp_path), store=tmp_path / "s", pools=pools, on_demand_per_hour=price
+        )
+
+    spot = Pool(name="s", price_per_hour=1.0)
+    assert on_demand_per_hour(config(spot)) is None
+    od = (
+        Pool(name="a", market="on-demand", price_per_hour=3.0, nodes=2),
+        Pool(name="b", market="on-demand", price_per_hour=5.0),
+    )
+    assert on_demand_per_hour(config(spot, *od)) == 5.0  # the cheapest per hour for the whole job: 5 < 3 x 2
+    assert on_demand_per_hour(config(spot, *od, price=2.5)) == 2.5  # as configured (a drill's --on-demand-price)
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ConfigError, match="on-demand price"):
+            config(spot, price=bad)
 
 
 def test_without_supervisor_events_there_is_no_cost(tmp_path: Path) -> None:

@@ -346,6 +346,7 @@ def run_drill(
         failover=FailoverPolicy(cooldown_s=0.0),
         grace_s=config.window_s,
         pools=(pool,),
+        on_demand_per_hour=config.on_demand_price,  # the report and the dashboard compare with it
     )
     identity = RunIdentity(run_id=JOB_NAME, attempt=0, pid=os.getpid())
     started = time.monotonic()

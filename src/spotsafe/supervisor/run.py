@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -72,8 +73,13 @@ class RunConfig:
     deadline: float | None = None
     """Unix time the job should be done by; needs ``total_steps`` to project the finish."""
     total_steps: int | None = None
+    on_demand_per_hour: float | None = None
+    """What the job would pay an hour on demand, for the report's comparison (``None``: its cheapest on-demand
+    pool's price x nodes, if it has one)."""
 
     def __post_init__(self) -> None:
+        if self.on_demand_per_hour is not None and not 0 <= self.on_demand_per_hour < math.inf:
+            raise ConfigError(f"the on-demand price must be >= 0 dollars an hour, got {self.on_demand_per_hour!r}")
         if not self.pools:
             raise ConfigError("a job needs at least one pool")
         names = [p.name for p in self.pools]
@@ -95,6 +101,13 @@ class RunConfig:
             raise ConfigError(f"grace must be >= 0 seconds, got {self.grace_s!r}")
         if self.stall_timeout_s is not None and not self.stall_timeout_s > 0:
             raise ConfigError(f"the stall timeout must be > 0 seconds, got {self.stall_timeout_s!r}")
+
+
+def on_demand_per_hour(config: RunConfig) -> float | None:
+    """The hourly price the job's cost is compared with: as configured, else its cheapest on-demand pool's."""
+    if config.on_demand_per_hour is not None:
+        return config.on_demand_per_hour
+    return min((pool.cost(3600.0) for pool in config.pools if not pool.spot), default=None)
 
 
 def events_file(config: RunConfig) -> Path:
@@ -261,7 +274,7 @@ class Supervisor:
                 deadline=config.deadline,
                 spot_finish=_finite(projection.spot_finish) if projection else None,
                 on_demand_finish=_finite(projection.on_demand_finish) if projection else None,
-                on_demand_per_hour=min((p.cost(3600.0) for p in config.pools if not p.spot), default=None),
+                on_demand_per_hour=on_demand_per_hour(config),
             )
             exclude = health.excluded_machines(pool.name, now)
             number = store.start_attempt(config.name, step_before=before, pool=pool.name)
