@@ -9,8 +9,9 @@
    while capacity is gone, attempts find none (``no_capacity``) and the supervisor
    backs off and tries again, as it would against a real zone.
 3. The report, from the job store and the event log: whether the final state is
-   bit-identical to the reference, interruptions, goodput (the reference's time
-   over the drill's), steps replayed, and the cost on spot against on-demand.
+   bit-identical to the reference, interruptions, goodput (useful time over the
+   drill's wall time, from its event log as ``spotsafe report`` computes it), steps
+   replayed, and the cost on spot against on-demand.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from spotsafe.supervisor.run import RunConfig, Supervisor
 from spotsafe.supervisor.store import JobStore
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, EventLog, RunIdentity
+from spotsafe.telemetry.report import build_report
 from spotsafe.telemetry.store import read_run_events
 
 REFERENCE_MARKER = "drill-reference.json"
@@ -147,6 +149,9 @@ class DrillReport:
     final_step_reference: int | None
     final_step_drill: int | None
     component_diffs: dict[str, list[str]] = field(default_factory=dict)
+    goodput: float = 0.0
+    """Useful time over wall time, from the drill run's event log (as ``spotsafe report`` and the dashboard
+    compute it: each attempt's time from its restore to its end, less the work the next one replayed)."""
 
     @property
     def identical(self) -> bool:
@@ -162,17 +167,12 @@ class DrillReport:
         return self.identical and self.exit_code == EXIT_SUCCESS
 
     @property
-    def goodput(self) -> float:
-        """Useful time (the uninterrupted run's) over the drill's wall time."""
-        return self.reference_seconds / self.drill_seconds if self.drill_seconds > 0 else 0.0
-
-    @property
     def saving(self) -> float:
         return 1.0 - self.spot_cost / self.on_demand_cost if self.on_demand_cost > 0 else 0.0
 
     def to_json(self) -> dict[str, object]:
         doc = {k: v for k, v in self.__dict__.items()}
-        doc.update(identical=self.identical, ok=self.ok, goodput=self.goodput, saving=self.saving)
+        doc.update(identical=self.identical, ok=self.ok, saving=self.saving)
         return doc
 
 
@@ -397,7 +397,8 @@ def _report(
         if a.exit_class:
             classes[a.exit_class] = classes.get(a.exit_class, 0) + 1
     emergency = replayed = committed = 0
-    for logged in read_run_events(open_storage(str(run))):
+    logged_events = list(read_run_events(open_storage(str(run))))
+    for logged in logged_events:
         event = logged.event
         if isinstance(event, ev.SaveCommitted):
             committed += 1
@@ -434,4 +435,5 @@ def _report(
         final_step_reference=ref_step,
         final_step_drill=drill_step,
         component_diffs=diffs,
+        goodput=build_report(str(run), logged_events).goodput or 0.0,
     )
