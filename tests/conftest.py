@@ -24,6 +24,45 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_lm.py"
 TINY_JOB = ROOT / "tests" / "jobs" / "tiny_job.py"
 
+HANG_S = 120.0
+"""How long a test waits for a condition before calling it a hang. It only bounds a hang: on a healthy machine,
+however loaded, the condition comes true long before, so it never decides a test's outcome."""
+
+
+def wait_until(condition: Callable[[], object], what: str, *, timeout: float = HANG_S, poll_s: float = 0.01) -> None:
+    """Wait until ``condition()`` is true (tests wait on conditions, never on the machine being fast enough);
+    fail naming ``what`` only when it never comes true (a hang). ``condition`` may assert to fail early."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class StallClock:
+    """A supervisor's clock for tests of stalled jobs: real time, except that while ``stalled()`` holds, each reading
+    is ``jump_s`` later than the one before. The test's stall timeout stays long (:data:`HANG_S`) and fires only once
+    the job is known to be stuck where the test wants it, however long it took to get there on a busy machine."""
+
+    def __init__(self, stalled: Callable[[], bool], jump_s: float = 30 * HANG_S) -> None:
+        self.stalled = stalled
+        self.jump_s = jump_s
+        self.skipped = 0.0
+
+    def __call__(self) -> float:
+        if self.stalled():
+            self.skipped += self.jump_s
+        return time.time() + self.skipped
+
 
 class Noisy(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Fixed features plus random noise drawn at fetch time (an augmentation)."""
@@ -181,10 +220,243 @@ def s3_server() -> Iterator[S3Server]:
         proc.wait(10)
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gcs", "azure"])
 def run_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh run location on local disk, then on the S3 server: storage tests run on both."""
-    if request.param == "local":
+    """A fresh run location on local disk, then on the S3, GCS and Azure emulators: storage tests run on all four."""
+    return new_run_url(request, tmp_path, request.param)
+
+
+def new_run_url(request: pytest.FixtureRequest, tmp_path: Path, where: str) -> str:
+    """A fresh run folder ``run`` in a new bucket (container) of ``where``'s server, or on local disk."""
+    if where == "local":
         return str(tmp_path / "run")
-    server: S3Server = request.getfixturevalue("s3_server")
-    return f"s3://{server.new_bucket()}/run"
+    if where == "s3":
+        server: S3Server = request.getfixturevalue("s3_server")
+        return f"s3://{server.new_bucket()}/run"
+    if where == "gcs":
+        gcs: GcsServer = request.getfixturevalue("gcs_server")
+        return f"gs://{gcs.new_bucket()}/run"
+    azure: AzureServer = request.getfixturevalue("azure_server")
+    return f"az://{azure.new_container()}/run"
+
+
+# -- Google Cloud Storage and Azure Blob Storage emulators ------------------------------------------------------------
+# Like moto's S3 server: real HTTP servers on 127.0.0.1, each in its own process, started once per session by the
+# first test that needs one, and reached by the real clients (gcsfs, adlfs) through the settings users would give.
+
+AZURITE_BIN = ROOT / ".tools" / "node_modules" / ".bin" / "azurite-blob"
+"""Where ``make azurite`` (part of ``make test``) installs Azurite from npm."""
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+"""Azurite's well-known development account and key (public, documented; not a secret)."""
+AZURITE_FLAGS = ("--inMemoryPersistence", "--skipApiVersionCheck", "--disableTelemetry", "--silent")
+"""In memory; accept the newest API versions that the Azure SDK may send; send nothing home; no access log."""
+
+
+def wait_for_port(proc: subprocess.Popen[bytes], port: int, what: str, timeout: float = 120.0) -> None:
+    """Wait until ``proc`` accepts connections on ``port`` (fail at once if it exits; ``timeout`` bounds a hang)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"{what} did not start (exit status {proc.poll()})") from None
+            time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+class _Environment:
+    """Sets environment variables (and fsspec's defaults for some protocols) until :meth:`restore`."""
+
+    def __init__(self, env: dict[str, str], fsspec_defaults: dict[str, dict[str, Any]] | None = None) -> None:
+        import fsspec.config
+
+        self._saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        self._conf = fsspec.config.conf
+        defaults = fsspec_defaults or {}
+        self._saved_conf = {p: self._conf.get(p) for p in defaults}
+        for protocol, options in defaults.items():
+            self._conf[protocol] = {**self._conf.get(protocol, {}), **options}
+
+    def restore(self) -> None:
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for protocol, options in self._saved_conf.items():
+            if options is None:
+                self._conf.pop(protocol, None)
+            else:
+                self._conf[protocol] = options
+
+
+@dataclass(frozen=True)
+class GcsServer:
+    """gcp-storage-emulator (Google's JSON API, in memory) on 127.0.0.1, reached through gcsfs.
+
+    gcsfs finds it through ``STORAGE_EMULATOR_HOST`` and sends no credentials (``token="anon"``, set as fsspec's
+    default for ``gs://``, as ``FSSPEC_GS_TOKEN=anon`` would).
+    """
+
+    endpoint: str
+
+    def filesystem(self) -> Any:
+        import gcsfs
+
+        return gcsfs.GCSFileSystem(
+            endpoint_url=self.endpoint, token="anon", project="spotsafe-test", skip_instance_cache=True
+        )
+
+    def new_bucket(self, prefix: str = "spotsafe") -> str:
+        name = f"{prefix}-{secrets.token_hex(4)}"
+        self.filesystem().mkdir(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsServer]:
+    pytest.importorskip("gcsfs", reason="gcsfs is not installed: pip install -e '.[dev]'")
+    pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator is not installed: pip install -e '.[dev]'")
+    port = _free_port()
+    proc = subprocess.Popen(
+        # -M: in memory; -q: critical log lines only.
+        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port), "-M", "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path_factory.mktemp("gcs-emulator"),
+    )
+    wait_for_port(proc, port, "gcp-storage-emulator")
+    endpoint = f"http://127.0.0.1:{port}"
+    env = _Environment(
+        {"STORAGE_EMULATOR_HOST": endpoint, "FSSPEC_GS_TOKEN": "anon", "FSSPEC_GCS_TOKEN": "anon"},
+        {"gs": {"token": "anon"}, "gcs": {"token": "anon"}},
+    )
+    try:
+        yield GcsServer(endpoint)
+    finally:
+        env.restore()
+        stop(proc)
+
+
+@dataclass(frozen=True)
+class AzureServer:
+    """Azurite's blob service (in memory) on 127.0.0.1, reached through adlfs with Azurite's development account.
+
+    adlfs finds it through ``AZURE_STORAGE_CONNECTION_STRING``, as a user's connection string would be given.
+    """
+
+    endpoint: str
+
+    def connection_string(self, key: str = AZURITE_KEY) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={key};"
+            f"BlobEndpoint={self.endpoint}/{AZURITE_ACCOUNT};"
+        )
+
+    def filesystem(self) -> Any:
+        import adlfs
+
+        return adlfs.AzureBlobFileSystem(connection_string=self.connection_string(), skip_instance_cache=True)
+
+    def new_container(self, prefix: str = "spotsafe") -> str:
+        name = f"{prefix}-{secrets.token_hex(4)}"
+        self.filesystem().mkdir(name)
+        return name
+
+
+def azurite_command() -> list[str]:
+    """How to start Azurite's blob service, or a skip saying what is missing."""
+    import shutil
+
+    if shutil.which("node") is None:
+        pytest.skip("Azure storage tests need Azurite, which runs on Node.js: node was not found")
+    if AZURITE_BIN.exists():
+        return [str(AZURITE_BIN)]
+    if shutil.which("azurite-blob"):
+        return ["azurite-blob"]
+    if shutil.which("npm") is None:
+        pytest.skip("Azure storage tests need Azurite, installed with npm: npm was not found")
+    pytest.skip("Azure storage tests need Azurite: `make azurite` installs it (npm) into .tools/")
+
+
+@pytest.fixture(scope="session")
+def azure_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzureServer]:
+    pytest.importorskip("adlfs", reason="adlfs is not installed: pip install -e '.[dev]'")
+    command = azurite_command()
+    port = _free_port()
+    proc = subprocess.Popen(
+        [*command, "--blobHost", "127.0.0.1", "--blobPort", str(port), *AZURITE_FLAGS],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path_factory.mktemp("azurite"),
+    )
+    wait_for_port(proc, port, "Azurite")
+    server = AzureServer(f"http://127.0.0.1:{port}")
+    env = _Environment({"AZURE_STORAGE_CONNECTION_STRING": server.connection_string()})
+    try:
+        yield server
+    finally:
+        env.restore()
+        stop(proc)
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    """One of the three object stores' servers (moto's S3, gcp-storage-emulator, Azurite), and how to reach it."""
+
+    kind: str
+    """``s3``, ``gcs`` or ``azure``."""
+    scheme: str
+    endpoint: str
+
+    def create_bucket(self, name: str) -> None:
+        """Create the bucket (container) ``name``."""
+        if self.kind == "s3":
+            import s3fs
+
+            s3fs.S3FileSystem(endpoint_url=self.endpoint, key="testing", secret="testing").mkdir(name)
+        elif self.kind == "gcs":
+            GcsServer(self.endpoint).filesystem().mkdir(name)
+        else:
+            AzureServer(self.endpoint).filesystem().mkdir(name)
+
+    def new_bucket(self, prefix: str = "spotsafe") -> str:
+        name = f"{prefix}-{secrets.token_hex(4)}"
+        self.create_bucket(name)
+        return name
+
+    def url(self, bucket: str, folder: str = "run") -> str:
+        return f"{self.scheme}://{bucket}/{folder}"
+
+    def options(self, endpoint: str | None = None, *, key: str = AZURITE_KEY) -> dict[str, Any]:
+        """Storage options that reach this store at ``endpoint`` (a proxy in front of it, say) instead."""
+        where = endpoint or self.endpoint
+        if self.kind == "azure":
+            return {"connection_string": AzureServer(where).connection_string(key)}
+        return {"endpoint_url": where}
+
+
+@pytest.fixture(params=["s3", "gcs", "azure"])
+def object_store(request: pytest.FixtureRequest) -> ObjectStore:
+    """Each object store's server in turn (the tests that are about object stores only)."""
+    if request.param == "s3":
+        s3: S3Server = request.getfixturevalue("s3_server")
+        return ObjectStore("s3", "s3", s3.endpoint)
+    if request.param == "gcs":
+        gcs: GcsServer = request.getfixturevalue("gcs_server")
+        return ObjectStore("gcs", "gs", gcs.endpoint)
+    azure: AzureServer = request.getfixturevalue("azure_server")
+    return ObjectStore("azure", "az", azure.endpoint)

@@ -25,6 +25,7 @@ from spotsafe.engine.staging import CHUNK, parse_budget
 from spotsafe.errors import (
     ConfigError,
     CorruptCheckpointError,
+    NoUsableCheckpointError,
     PermanentStorageError,
     TransientStorageError,
     UnsafeCheckpointError,
@@ -223,7 +224,7 @@ def test_saves_go_on_after_a_failure_and_restore_bit_exact(tmp_path: Path) -> No
     until_idle(job.ckpt)
     storage.error = None
     with pytest.raises(TransientStorageError):
-        job.step()  # raised by step_done, before it counts the step
+        job.step()  # raised by step_done, after it counted the step
     job.step()
     expected = job.state()
     ref = job.saved()
@@ -552,7 +553,8 @@ def test_a_damaged_blob_of_a_deleted_checkpoint_fails_the_one_that_shares_it(tmp
     with pytest.raises(CorruptCheckpointError, match=f"{first.name}/model.bin fails its checksum"):
         repo_of(tmp_path).verify(kept)
     fresh = build(tmp_path, keep=1)
-    assert fresh.ckpt.restore() == 0
+    with pytest.raises(NoUsableCheckpointError, match=f"{first.name}/model.bin fails its checksum"):
+        fresh.ckpt.restore()  # committed progress that cannot be used is an error, not a fresh start
     fresh.ckpt.close()
     assert [s.checkpoint for s in local_events(tmp_path, "checkpoint_skipped")] == [kept.name]
 
@@ -865,9 +867,8 @@ def test_an_in_place_change_during_an_overlapped_copy_abandons_the_save(tmp_path
     job.train_step(forward_hook=touch)  # the optimizer step pre-hook judges the copy
     until_idle(job.ckpt)
     with pytest.raises(SnapshotTornError, match="modified while it was being copied"):
-        job.ckpt.step_done()
-    job.ckpt.step_done()  # reported once
-    job.step()
+        job.ckpt.step_done()  # counts the step, then reports the failure
+    job.step()  # reported once
     expected = job.state()
     after = job.saved()
     job.ckpt.close()

@@ -199,15 +199,18 @@ def test_restore_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     fresh.ckpt.close()
 
 
-def test_all_damaged_means_fresh_start(tmp_path: Path) -> None:
+def test_all_damaged_is_an_error_and_starting_fresh_an_explicit_choice(tmp_path: Path) -> None:
     job = make_job(tmp_path)
     job.train(7)
     job.ckpt.close()
     damage_flip(tmp_path / committed(tmp_path)[0].key)
-    fresh = make_job(tmp_path)
-    assert fresh.ckpt.restore() == 0
+    again = make_job(tmp_path)
+    with pytest.raises(spotsafe.NoUsableCheckpointError, match="none can be restored"):
+        again.ckpt.restore()
+    assert events(tmp_path, "restore_fresh") == []
+    assert again.ckpt.restore(on_damaged="start_fresh") == 0
     assert [e.skipped for e in events(tmp_path, "restore_fresh")] == [1]
-    fresh.ckpt.close()
+    again.ckpt.close()
 
 
 def test_retention_keeps_newest_n(tmp_path: Path) -> None:

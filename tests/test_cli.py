@@ -162,6 +162,53 @@ def test_ls_empty_run(tmp_path: Path) -> None:
     assert "no checkpoints" in proc.stdout
 
 
+def test_tables_piped_to_a_file_show_every_column_in_full(pristine: Path, tmp_path: Path) -> None:
+    """With stdout a pipe there is no terminal width to fit: ``ls --verify | cat`` once squeezed the step and
+    status columns to nothing (at rich's 80 columns, or a small ``$COLUMNS``), hiding which checkpoint is damaged."""
+    run_dir = tmp_path / "a-run-folder-whose-name-alone-is-wider-than-many-terminals-are" / "run"
+    shutil.copytree(pristine, run_dir)
+    flip_byte(folder(run_dir, 14) / "model.bin")
+    unset = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    commands = [
+        (["ls", "--verify", str(run_dir)], unset),
+        (["ls", "--verify", str(run_dir)], {**unset, "COLUMNS": "60"}),
+        (["gc", str(run_dir), "--keep", "1"], {**unset, "COLUMNS": "60"}),
+        (["inspect", str(run_dir), "--step", "21"], {**unset, "COLUMNS": "60"}),
+    ]
+    procs = [
+        subprocess.Popen(
+            [SPOTSAFE, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        for args, env in commands
+    ]
+    outputs = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stderr.decode()
+        outputs.append(stdout.decode())
+    listed, narrow, gc, inspected = outputs
+
+    for out in (listed, narrow):
+        assert "…" not in out
+        rows = table_rows(out)
+        assert list(rows) == [folder(run_dir, s).name for s in reversed(STEPS)]
+        for step in STEPS:
+            latest, shown_step, gen, name, created, size, status = rows[folder(run_dir, step).name]
+            assert latest in ("", "*") and (shown_step, gen, name) == (str(step), "1", folder(run_dir, step).name)
+            assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", created) and size.endswith("KiB")
+            if step == 14:
+                assert status.startswith("damaged:") and "model.bin" in status and "checksum" in status
+            else:
+                assert status == "verified"
+        assert f"checkpoints in {run_dir}" in out
+    assert "…" not in gc
+    actions = {name: (cells[0], cells[1]) for name, cells in table_rows(gc).items()}
+    assert actions == {folder(run_dir, 28).name: ("keep", "28")} | {
+        folder(run_dir, s).name: ("would delete", str(s)) for s in (7, 14, 21)
+    }
+    assert "…" not in inspected and folder(run_dir, 21).name in inspected and "step=21" in inspected
+
+
 # -- verify --------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ resumed run must end bit-identical, rank by rank, to an uninterrupted one.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +149,24 @@ def test_ranks_stop_at_the_same_step_and_resume_bit_exact(reference: Path, tmp_p
         assert ref_step == run_step == STEPS
         assert {"model", "optimizer", "scheduler", "loader", "rng"} <= set(diffs)
         assert all(not d for d in diffs.values()), (rank, diffs)
+
+
+def test_when_one_rank_has_nothing_usable_every_rank_refuses_to_start_over(reference: Path, tmp_path: Path) -> None:
+    """Rank 1's checkpoints are all damaged: neither rank starts from step 0 (rank 0's alone would desync them)."""
+    run = tmp_path / "ddp"
+    shutil.copytree(reference, run)
+    for ref in CheckpointRepository(LocalStorage(run / "rank-00001")).committed():
+        blob = run / "rank-00001" / ref.key / "state.json"
+        blob.write_bytes(b"garbage" + blob.read_bytes()[7:])
+    before = sorted(p.name for rank in RANKS for p in (run / rank / "checkpoints").iterdir())
+    assert finish(torchrun(run)) == 1  # torchrun's own code for failed workers; each worker exited 65
+    for rank in RANKS:
+        (failed,) = events(run, rank, "restore_failed")
+        exits = events(run, rank, "run_exited")
+        assert exits[-1].reason == "no_usable_checkpoint" and exits[-1].exit_code == 65  # type: ignore[attr-defined]
+        assert all(e.time < failed.time for e in events(run, rank, "restore_fresh"))  # only the reference run's
+    assert events(run, "rank-00001", "checkpoint_skipped")
+    assert sorted(p.name for rank in RANKS for p in (run / rank / "checkpoints").iterdir()) == before
 
 
 def test_distributed_true_without_torch_distributed_is_a_config_error(tmp_path: Path) -> None:

@@ -419,26 +419,99 @@ def test_sigterm_mode_kills_the_group_when_the_job_outlives_the_window() -> None
     assert sink.interruptions[0].killed
 
 
-def test_kill_mode_gives_no_warning_and_kills_at_the_windows_end() -> None:
-    market, clock, sink = open_market([Outage(1.0, 1.5)], "kill", 2.0)
+def test_kill_mode_kills_at_once_without_waiting_for_the_window() -> None:
+    """``kill`` is the machine taken with no warning: SIGKILL at the outage's instant. The market's clock never
+    moves past the outage here, so a market that waited for the window would never send it."""
+    lines: list[str] = []
+    market, clock, sink = open_market([Outage(1.0, 1.5)], "kill", 30.0, log=lines.append)
     assert market.env() == {"SPOTSAFE_NOTICES": "signals"}
     handle = FakeHandle()
     with market:
         market.attach(handle, 2)
         clock.set(1.0)
-        wait_for(lambda: len(market.interruptions) == 1, "the interruption")
-        time.sleep(0.2)
-        assert handle.signals == []  # no SIGTERM, nothing before the window ends
-        assert handle.poll() is None and not market.capacity()
-        clock.set(2.99)
-        time.sleep(0.1)
-        assert handle.signals == []
-        clock.set(3.0)
         wait_for(lambda: len(sink.events) == 1, "the interruption's event")
-        assert handle.signals == [(KILL, True)]
+        assert handle.signals == [(KILL, True)]  # no SIGTERM, no notice: SIGKILL to the whole group
         assert market.interruptions == [Interruption(1, 1.0, 2, killed=True)]
+        assert market.delivered == 1
+        assert not market.capacity()  # the outage lasts to 1.5
+        clock.set(1.5)
         assert market.capacity()
-    assert sink.interruptions[0].mode == "kill"
+    (event,) = sink.interruptions
+    assert (event.mode, event.interrupted, event.killed, event.window_s) == ("kill", 2, True, 0.0)
+    assert event.capacity_back_in_s == pytest.approx(0.5)
+    assert any("interruption 1 (kill) of attempt 2: SIGKILL, no warning" in line for line in lines), lines
+
+
+def test_outages_inside_an_interruptions_window_only_take_capacity() -> None:
+    """Outages that come while an attempt is already being stopped interrupt nothing: one attempt, one count."""
+    outages = [Outage(1.0, 1.0), Outage(1.5, 1.5), Outage(2.0, 4.0), Outage(5.0, 5.0)]
+    market, clock, sink = open_market(outages, "sigterm", 2.0)
+    first, second = FakeHandle(exits_on=(KILL,)), FakeHandle()  # the first ignores SIGTERM
+    with market:
+        market.attach(first, 1)
+        clock.set(1.0)
+        wait_for(lambda: first.signals == [(TERM, False)], "SIGTERM")
+        clock.set(1.5)
+        clock.set(2.0)  # two more outages inside the window (1 to 3)
+        time.sleep(0.2)
+        assert len(market.interruptions) == 1 and sink.events == []
+        assert not market.capacity()
+        clock.set(3.0)  # the window ends
+        wait_for(lambda: len(sink.events) == 3, "the interruption and the two outages inside its window")
+        assert first.signals == [(TERM, False), (KILL, True)]
+        assert market.interruptions == [
+            Interruption(1, 1.0, 1, killed=True),
+            Interruption(2, 1.5, None),
+            Interruption(3, 2.0, None),
+        ]
+        assert not market.capacity()  # the third outage lasts to 4
+        clock.set(4.0)
+        assert market.capacity()
+        market.attach(second, 2)
+        clock.set(5.0)
+        wait_for(lambda: len(sink.events) == 4, "the next outage")
+        assert second.signals == [(TERM, False)]
+    assert [i.attempt for i in market.interruptions] == [1, None, None, 2]
+    assert market.delivered == 2  # = the attempts stopped
+    assert [(e.number, e.interrupted, e.killed) for e in sink.interruptions] == [
+        (1, 1, True),
+        (2, None, False),
+        (3, None, False),
+        (4, 2, False),
+    ]
+
+
+def test_an_attempt_is_never_interrupted_twice() -> None:
+    """A process that outlives its SIGKILL (still reaped, say) is the same attempt: a later outage only takes
+    capacity, and is not counted again."""
+    market, clock, sink = open_market([Outage(1.0, 1.0), Outage(2.0, 2.0)], "kill", 5.0, kill_wait_s=0.05)
+    stuck = FakeHandle(exits_on=())
+    with market:
+        market.attach(stuck, 1)
+        clock.set(1.0)
+        wait_for(lambda: len(sink.events) == 1, "the first outage")
+        clock.set(2.0)
+        wait_for(lambda: len(sink.events) == 2, "the second outage")
+    assert stuck.signals == [(KILL, True)]
+    assert [i.attempt for i in market.interruptions] == [1, None]
+    assert market.delivered == 1
+    assert [e.interrupted for e in sink.interruptions] == [1, None]
+
+
+def test_an_attempt_that_finishes_its_work_on_the_notice_was_not_interrupted() -> None:
+    lines: list[str] = []
+    market, clock, sink = open_market([Outage(1.0, 1.0)], "sigterm", 5.0, log=lines.append)
+    handle = FakeHandle(exits_on=())
+    with market:
+        market.attach(handle, 3)
+        clock.set(1.0)
+        wait_for(lambda: handle.signals == [(TERM, False)], "SIGTERM")
+        handle.code = 0  # it was writing its final checkpoint: it commits it and exits 0
+        wait_for(lambda: len(sink.events) == 1, "the interruption's end")
+    assert market.interruptions == [Interruption(1, 1.0, None)]
+    assert market.delivered == 0
+    assert sink.interruptions[0].interrupted is None
+    assert any("attempt 3 finished its work before interruption 1 took it" in line for line in lines), lines
 
 
 # Clients of the emulated endpoints, written from the providers' documentation.

@@ -36,7 +36,7 @@ from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, read_events
 from spotsafe.telemetry.store import SaveSample, read_history
 
-from .conftest import Exited, Job, fake_exit, make_job
+from .conftest import Exited, Job, fake_exit, make_job, wait_until
 
 # -- helpers -----------------------------------------------------------------------------------------------------------
 
@@ -51,14 +51,6 @@ def events(run: Path, kind: str, attempt: int | None = None) -> list[Any]:
 
 def committed_steps(run: Path) -> list[int]:
     return [r.step for r in CheckpointRepository(LocalStorage(run)).committed()]
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def notice_job(run: Path, source: Any, policy: SavePolicy | None = None, **kwargs: Any) -> Job:

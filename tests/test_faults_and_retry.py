@@ -7,6 +7,7 @@ S3 server in a subprocess), including a second S3 server that enforces IAM crede
 
 from __future__ import annotations
 
+import base64
 import copy
 import errno
 import json
@@ -44,7 +45,8 @@ from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.storage.retry import RetryingStorage, RetryPolicy
 
-from .conftest import start_moto
+from .conftest import AZURITE_KEY, ObjectStore, start_moto
+from .http_faults import FaultProxy
 
 WHERE = "s3://bucket/run"
 
@@ -104,7 +106,9 @@ def test_translate_s3fs_translated_errors(code: str, status: int, cls: type[Stor
         ("InternalError", TransientStorageError),  # OSError(EREMOTEIO)
         ("RequestTimeout", TransientStorageError),  # TimeoutError
         ("AccessDenied", PermanentStorageError),  # PermissionError
-        ("NoSuchBucket", PermanentStorageError),
+        # Without its code, "The specified bucket does not exist" is a bare FileNotFoundError: the message is not
+        # read (it holds user data); the storage asks whether the bucket exists when a write says "not found".
+        ("NoSuchBucket", BlobNotFoundError),
         ("NoSuchKey", BlobNotFoundError),
     ],
 )
@@ -114,6 +118,17 @@ def test_translate_s3fs_errors_without_their_cause(code: str, cls: type[StorageE
     raised = s3fs.errors.translate_boto_error(client_error(code, 500), message=message, set_cause=False)
     assert raised.__cause__ is None
     assert _is_exactly(translate(raised, "k", WHERE), cls)
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["my-bucket/probe/writers", "The specified bucket does not exist", "AccessDenied SlowDown NoSuchBucket 503"],
+)
+def test_the_words_of_a_message_never_decide_what_an_error_means(message: str) -> None:
+    """Messages hold the user's paths and bucket names; only codes, types and errnos classify."""
+    assert _is_exactly(translate(FileNotFoundError(message), "writers", "s3://my-bucket/probe"), BlobNotFoundError)
+    assert _is_exactly(translate(OSError(errno.EBUSY, message), "k", WHERE), TransientStorageError)
+    assert _is_exactly(translate(ValueError(message), "k", WHERE), PermanentStorageError)
 
 
 @pytest.mark.parametrize(
@@ -185,8 +200,8 @@ def test_local_permission_denied_says_to_check_the_folder() -> None:
 def test_a_real_full_disk_is_permanent_and_says_so(tmp_path: Any) -> None:
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full here")
-    storage = open_storage(str(tmp_path / "run"), retry=None)
-    assert isinstance(storage, FsspecStorage)
+    # /dev/full is reached through a link, which the generic fsspec backend follows (the local one refuses links).
+    storage = FsspecStorage(fsspec.filesystem("file"), str(tmp_path / "run"), str(tmp_path / "run"))
     (tmp_path / "run").mkdir()
     os.symlink("/dev/full", tmp_path / "run" / "blob")
     with pytest.raises(PermanentStorageError, match="no space left"):
@@ -206,6 +221,72 @@ def test_translate_finds_the_service_code_behind_wrappers() -> None:
             raise RuntimeError("the library wrapped it") from inner
     except RuntimeError as outer:
         assert isinstance(translate(outer, "k", WHERE), TransientStorageError)
+
+
+# What gcsfs and adlfs (azure-core) raise: real exception objects from those libraries.
+GS = "gs://bucket/run"
+AZ = "az://container/run"
+
+
+def _azure_error(cls_name: str, status: int | None, code: Any = None) -> BaseException:
+    exceptions = pytest.importorskip("azure.core.exceptions")
+    err: Any = getattr(exceptions, cls_name)(message="the service says no (container/run/k)")
+    err.status_code, err.error_code = status, code
+    return err
+
+
+def _wrapped(inner: BaseException, outer: Exception) -> Exception:
+    """``outer`` raised from ``inner`` (as adlfs wraps a failed block upload in a RuntimeError)."""
+    outer.__cause__ = inner
+    return outer
+
+
+def test_translate_gcsfs_errors() -> None:
+    retry = pytest.importorskip("gcsfs.retry")
+    requests = pytest.importorskip("requests")
+    unauthorized = translate(retry.HttpError({"code": 401, "message": "Invalid Credentials"}), "k", GS)
+    assert _is_exactly(unauthorized, PermanentStorageError)
+    assert "credentials were rejected" in str(unauthorized) and "GOOGLE_APPLICATION_CREDENTIALS" in str(unauthorized)
+    for status in (429, 500, 503, 504, 408):
+        assert _is_exactly(translate(retry.HttpError({"code": status, "message": "x"}), "k", GS), TransientStorageError)
+    assert _is_exactly(translate(retry.HttpError({"code": 409, "message": "x"}), "k", GS), PermanentStorageError)
+    # gcsfs raises a 502 as requests' ProxyError, a 404 as a bare FileNotFoundError (the storage then asks whether
+    # the bucket exists), a 403 as a bare OSError.
+    assert _is_exactly(translate(requests.exceptions.ProxyError(), "k", GS), TransientStorageError)
+    assert _is_exactly(translate(FileNotFoundError("b/bucket/o/run%2Fk"), "k", GS), BlobNotFoundError)
+    assert _is_exactly(translate(OSError("Forbidden: b/bucket/o\nno"), "k", GS), PermanentStorageError)
+    no_credentials = pytest.importorskip("google.auth.exceptions").DefaultCredentialsError("none found")
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in str(translate(no_credentials, "k", GS))
+
+
+def test_translate_azure_errors() -> None:
+    blob = pytest.importorskip("azure.storage.blob")
+    container_missing = _azure_error("ResourceNotFoundError", 404, blob.StorageErrorCode.CONTAINER_NOT_FOUND)
+    assert "the bucket does not exist" in str(translate(container_missing, "k", AZ))
+    # adlfs turns it into a FileNotFoundError raised while handling it: the code is still found.
+    assert "the bucket does not exist" in str(translate(_wrapped(container_missing, FileNotFoundError()), "k", AZ))
+    blob_missing = _azure_error("ResourceNotFoundError", 404, blob.StorageErrorCode.BLOB_NOT_FOUND)
+    assert _is_exactly(translate(blob_missing, "k", AZ), BlobNotFoundError)
+    for code in ("AuthenticationFailed", "InvalidAuthenticationInfo"):
+        err = translate(_azure_error("HttpResponseError", 403, code), "k", AZ)
+        assert _is_exactly(err, PermanentStorageError)
+        assert "credentials were rejected" in str(err) and "AZURE_STORAGE_CONNECTION_STRING" in str(err)
+    denied = translate(_azure_error("HttpResponseError", 403, "AuthorizationPermissionMismatch"), "k", AZ)
+    assert _is_exactly(denied, PermanentStorageError) and "access denied" in str(denied)
+    no_identity = translate(_azure_error("ClientAuthenticationError", None), "k", AZ)
+    assert "credentials" in str(no_identity) and "AZURE_STORAGE_CONNECTION_STRING" in str(no_identity)
+    for status, code in [(503, "ServerBusy"), (500, "InternalError"), (500, "OperationTimedOut"), (429, None)]:
+        transient = _azure_error("HttpResponseError", status, code)
+        assert _is_exactly(translate(transient, "k", AZ), TransientStorageError), (status, code)
+        failed_block = _wrapped(transient, RuntimeError("Failed to upload block: ...!"))
+        assert _is_exactly(translate(failed_block, "k", AZ), TransientStorageError), (status, code)
+    for name in ("ServiceRequestError", "ServiceResponseError", "IncompleteReadError"):
+        assert _is_exactly(translate(_azure_error(name, None), "k", AZ), TransientStorageError), name
+        dropped = _wrapped(_azure_error(name, None), RuntimeError("Failed to upload block: Server disconnected!"))
+        assert _is_exactly(translate(dropped, "k", AZ), TransientStorageError), name
+    assert _is_exactly(
+        translate(_azure_error("HttpResponseError", 409, "LeaseIdMissing"), "k", AZ), PermanentStorageError
+    )
 
 
 # -- secrets ----------------------------------------------------------------------------------------------------------
@@ -566,12 +647,13 @@ def no_sleep(seconds: float) -> None:
     raise AssertionError(f"a permanent error must not be retried (asked to sleep {seconds} s)")
 
 
-@pytest.mark.parametrize("method", ["write_atomic", "write_stream", "read", "size"])
-def test_a_missing_bucket_fails_fast(s3_server: Any, method: str) -> None:
-    counting = Counting(open_storage(f"s3://missing-{secrets.token_hex(4)}/run", retry=None))
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "sync_prefix"])
+def test_a_missing_bucket_fails_fast(object_store: ObjectStore, method: str) -> None:
+    counting = Counting(open_storage(object_store.url(f"missing-{secrets.token_hex(4)}"), retry=None))
     storage = RetryingStorage(counting, RetryPolicy(budget_s=120), sleep=no_sleep)  # type: ignore[arg-type]
-    with pytest.raises(PermanentStorageError, match="the bucket does not exist; create it or fix the URL"):
+    with pytest.raises(PermanentStorageError, match="the bucket does not exist; create it or fix the URL") as info:
         METHODS[method](storage)
+    assert not isinstance(info.value, BlobNotFoundError)
     assert counting.calls == 1
 
 
@@ -738,6 +820,121 @@ def test_exists_on_an_unreachable_endpoint_is_transient(s3_server: Any, monkeypa
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
     with pytest.raises(TransientStorageError):
         open_storage("s3://bucket/run", retry=None).exists("checkpoints/x/manifest.json")
+
+
+# -- real network faults between the clients and the object stores (S3, GCS, Azure) ----------------------------------
+
+
+@pytest.fixture
+def proxied(object_store: ObjectStore) -> Iterator[tuple[FaultProxy, str, dict[str, Any]]]:
+    """A fresh run in a new bucket, reached through a :class:`FaultProxy`: (proxy, url, storage options)."""
+    proxy = FaultProxy(object_store.endpoint)
+    try:
+        yield proxy, object_store.url(object_store.new_bucket()), object_store.options(proxy.url)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("fault", ["503", "drop"])
+@pytest.mark.parametrize("method", ["write_atomic", "write_stream", "read", "size", "list_files", "delete"])
+def test_a_network_fault_is_retried_by_spotsafe_alone(
+    proxied: tuple[FaultProxy, str, dict[str, Any]], method: str, fault: str
+) -> None:
+    """Two requests fail; each failed answer is one attempt of the one retry mechanism (the clients do not retry).
+
+    A dropped connection may cost one attempt less: aiohttp (under gcsfs and adlfs, and s3fs's aiobotocore) resends
+    an idempotent request (GET, HEAD, PUT, DELETE) once, at once, when its connection closed without an answer.
+    """
+    proxy, url, options = proxied
+    open_storage(url, options).write_atomic("k", b"x")
+    fake = FakeTime()
+    counting = Counting(open_storage(url, options, retry=None))
+    storage = retrying(counting, RetryPolicy(budget_s=60), fake)
+    proxy.fail(2, fault=fault)
+    METHODS[method](storage)
+    assert proxy.faults() == 2
+    if fault == "drop":
+        assert 2 <= counting.calls <= 3
+    else:
+        assert counting.calls == 3
+    assert len(fake.slept) == counting.calls - 1
+
+
+@pytest.mark.parametrize("status", ["429", "500", "502", "503", "504"])
+def test_server_errors_are_retried(proxied: tuple[FaultProxy, str, dict[str, Any]], status: str) -> None:
+    proxy, url, options = proxied
+    fake = FakeTime()
+    counting = Counting(open_storage(url, options, retry=None))
+    storage = retrying(counting, RetryPolicy(budget_s=60), fake)
+    proxy.fail(1, fault=status)
+    storage.write_atomic("latest.json", b"{}")
+    assert proxy.faults() == 1 and counting.calls == 2
+    assert open_storage(url, options).read("latest.json") == b"{}"
+
+
+def test_a_failing_service_gives_up_within_the_budget_one_request_per_attempt(
+    proxied: tuple[FaultProxy, str, dict[str, Any]],
+) -> None:
+    proxy, url, options = proxied
+    fake = FakeTime()
+    counting = Counting(open_storage(url, options, retry=None))
+    storage = retrying(counting, RetryPolicy(budget_s=1.0, initial=0.1, max_delay=0.2), fake, rng=MaxRng())
+    proxy.clear()
+    proxy.fail(1000)
+    with pytest.raises(TransientStorageError, match=r"still failing after \d+ attempts"):
+        storage.write_atomic("latest.json", b"{}")
+    assert counting.calls >= 3
+    assert len(proxy.seen) == counting.calls  # no retry loop of the client's own underneath
+    assert sum(fake.slept) <= 1.0
+
+
+def test_a_part_that_fails_mid_upload_restarts_the_blob_from_its_source(
+    proxied: tuple[FaultProxy, str, dict[str, Any]],
+) -> None:
+    proxy, url, options = proxied
+    inner = open_storage(url, options, retry=None)
+    assert isinstance(inner, FsspecStorage)
+    backend = FsspecStorage(inner.fs, inner.root, url, block_size=5 * 2**20, bucket=inner.bucket)
+    fake = FakeTime()
+    storage = retrying(backend, RetryPolicy(budget_s=60), fake)
+    data = os.urandom(11 * 2**20)
+    calls = []
+
+    def source() -> Iterator[memoryview]:
+        calls.append(1)
+        view = memoryview(data)
+        yield from (view[i : i + 2**20] for i in range(0, len(data), 2**20))
+
+    proxy.clear()
+    proxy.fail(1, after=2)  # S3: after starting the upload and one part; GCS, Azure: after two chunks
+    assert storage.write_stream("blobs/model.bin", source) == len(data)
+    assert proxy.faults() == 1 and len(calls) == 2
+    assert open_storage(url, options).read("blobs/model.bin") == data
+
+
+def test_an_unreachable_endpoint_is_transient_on_every_store(object_store: ObjectStore) -> None:
+    options = object_store.options(f"http://127.0.0.1:{_closed_port()}")
+    storage = open_storage(object_store.url("bucket"), options, retry=None)
+    for method in ("write_atomic", "read", "exists", "list_files"):
+        with pytest.raises(TransientStorageError):
+            METHODS[method](storage)
+
+
+@pytest.mark.parametrize("method", ["write_atomic", "write_stream", "read", "size", "exists", "list_files", "find"])
+def test_azure_with_a_wrong_key_fails_fast_naming_credentials(azure_server: Any, method: str) -> None:
+    store = ObjectStore("azure", "az", azure_server.endpoint)
+    url = store.url(store.new_bucket())
+    open_storage(url).write_atomic("k", b"x")
+    open_storage(url).write_atomic("p/k", b"x")
+    wrong = base64.b64encode(secrets.token_bytes(64)).decode()
+    counting = Counting(open_storage(url, store.options(key=wrong), retry=None))
+    storage = RetryingStorage(counting, RetryPolicy(budget_s=120), sleep=no_sleep)  # type: ignore[arg-type]
+    with pytest.raises(PermanentStorageError) as info:
+        METHODS[method](storage)
+    message = str(info.value)
+    assert "credentials" in message and "AZURE_STORAGE_CONNECTION_STRING" in message
+    assert wrong not in message and AZURITE_KEY not in message
+    assert counting.calls == 1
 
 
 # -- saving through injected faults -----------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ from spotsafe.supervisor.process import launch
 from spotsafe.supervisor.retry import RetryPolicy
 from spotsafe.supervisor.run import RunConfig, Supervisor
 from spotsafe.supervisor.store import STOPPED, SUCCEEDED, AttemptRecord, JobStore
+
+from .conftest import HANG_S, StallClock, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 SPOTSAFE = ROOT / ".venv" / "bin" / "spotsafe"
@@ -782,6 +785,7 @@ def supervise(
     failover: FailoverPolicy | None = None,
     stall_timeout_s: float | None = None,
     grace_s: float = 5.0,
+    clock: Callable[[], float] = time.time,
 ) -> tuple[int, list[AttemptRecord], list[str]]:
     config = RunConfig(
         name="job",
@@ -795,7 +799,7 @@ def supervise(
         failover=failover or FailoverPolicy(),
     )
     lines: list[str] = []
-    code = Supervisor(config, say=lines.append, output=output).run()
+    code = Supervisor(config, say=lines.append, output=output, clock=clock).run()
     with JobStore(tmp_path / "jobs.sqlite") as store:
         return code, store.attempts("job"), lines
 
@@ -904,13 +908,16 @@ STUBBORN = (
 
 
 def test_the_stop_template_runs_once_when_a_stalled_attempt_is_stopped(tmp_path: Path) -> None:
-    stops = tmp_path / "stops.txt"
+    stops, started = tmp_path / "stops.txt", tmp_path / "started"
     pool = Pool(
         name="slurm",
-        launch=(PY, "-c", STUBBORN, str(tmp_path / "started")),
+        launch=(PY, "-c", STUBBORN, str(started)),
         stop=(PY, "-c", STOP, str(stops), "{job}", "{attempt}", "{pool}"),
     )
-    code, attempts, _ = supervise(tmp_path, (pool,), stall_timeout_s=1.0, grace_s=0.3)
+    # The stall is declared once the job ignores SIGTERM (it wrote `started`), not after a timeout shorter than a
+    # busy machine may take to start Python (its SIGTERM would then end it before it could ignore it).
+    clock = StallClock(started.exists)
+    code, attempts, _ = supervise(tmp_path, (pool,), stall_timeout_s=HANG_S, grace_s=0.3, clock=clock)
     assert code == 1
     [attempt] = attempts
     assert attempt.exit_class == "no_progress"
@@ -945,10 +952,7 @@ def test_the_stop_template_runs_once_when_the_supervisor_gets_sigterm(tmp_path: 
         text=True,
     )
     try:
-        for _ in range(600):
-            if started.exists() or proc.poll() is not None:
-                break
-            time.sleep(0.05)
+        wait_until(lambda: started.exists() or proc.poll() is not None, "the job to start", poll_s=0.05)
         assert started.exists(), proc.communicate(timeout=10)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)

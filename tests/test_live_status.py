@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -36,7 +36,7 @@ from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, EventLog, LoggedEvent, RunIdentity
 from spotsafe.telemetry.store import EventUploader
 
-from .conftest import TINY_JOB
+from .conftest import TINY_JOB, wait_until
 
 SPOTSAFE = Path(sys.executable).with_name("spotsafe")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -478,13 +478,6 @@ def test_the_follower_thread_takes_a_last_look_when_stopped(tmp_path: Path) -> N
     assert got == [42]
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 # -- the job's output ---------------------------------------------------------------------------------------------
 
 
@@ -510,6 +503,12 @@ def rendered(console: Console) -> str:
     return ANSI.sub("", console.file.getvalue())
 
 
+def wait_drawn(console: Console, text: str) -> None:
+    """Wait until a frame with ``text`` was drawn: the state changes on the follower's thread just before it draws,
+    so a test that changes what the next frame would show (the market's clock) waits for the frame itself."""
+    wait_until(lambda: text in rendered(console), f"a frame showing {text!r}")
+
+
 def test_a_drill_shows_the_reference_then_the_drill_with_the_markets_schedule(tmp_path: Path) -> None:
     console = Console(file=io.StringIO(), force_terminal=True, width=200, color_system=None)
     reference, run = tmp_path / "reference", tmp_path / "run"
@@ -523,7 +522,8 @@ def test_a_drill_shows_the_reference_then_the_drill_with_the_markets_schedule(tm
             events.emit(ev.RestoreFresh(time=time.time(), skipped=0))
             events.emit(ev.Progress(time=time.time(), step=17, epoch=0))
         assert shown.reference is not None
-        wait_for(lambda: shown.reference is not None and shown.reference.state.step == 17)
+        wait_drawn(console, "step 17")
+        assert shown.reference.state.step == 17
         live.log("a note from the drill")
         shown.reference_finished(reference, 12.5, reused=False)
         shown.drill_started(run, market)
@@ -540,7 +540,8 @@ def test_a_drill_shows_the_reference_then_the_drill_with_the_markets_schedule(tm
                     step_before=None,
                 )
             )
-        wait_for(lambda: shown.drill is not None and shown.drill.state.attempt == 1)
+        wait_drawn(console, "starting attempt 1 on drill-spot · next interruption in 5 s")  # before the clock moves
+        assert shown.drill.state.attempt == 1
         assert market_outlook(market, shown.drill.state) == "next interruption in 5 s"
         clock[0] = 6.0
         market.interruptions.append(Interruption(1, 5.0, 1))
@@ -557,8 +558,8 @@ def test_a_drill_shows_the_reference_then_the_drill_with_the_markets_schedule(tm
                 )
             )
             events.emit(ev.NoPoolAvailable(time=time.time(), job="drill", wait_s=1.0, reason="no capacity"))
-        wait_for(lambda: shown.drill is not None and shown.drill.state.phase is Phase.CAPACITY)
-        assert shown.drill.state.interruptions == 1
+        wait_drawn(console, "waiting for capacity: no capacity; next try in 1 s · capacity back in 2 s")
+        assert shown.drill.state.phase is Phase.CAPACITY and shown.drill.state.interruptions == 1
         assert market_outlook(market, shown.drill.state) == "capacity back in 2 s"
         clock[0] = 9.0
         assert market_outlook(market, shown.drill.state) == "next interruption in 11 s"

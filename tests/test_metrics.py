@@ -7,8 +7,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EventLog, RunIdentity
 from spotsafe.telemetry.metrics import Metrics, serve_metrics
 
-from .conftest import TINY_JOB
+from .conftest import TINY_JOB, wait_until
 
 SPOTSAFE = Path(sys.executable).with_name("spotsafe")
 
@@ -45,14 +43,6 @@ def value(families: dict[str, object], sample: str, **labels: str) -> float | No
             if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
                 return float(s.value)
     return None
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_events_become_metrics_with_conventional_names_and_types() -> None:
@@ -138,7 +128,7 @@ def test_a_supervised_job_and_its_supervisor_both_serve_metrics(tmp_path: Path) 
     env = {**os.environ, "SPOTSAFE_METRICS_PORT": str(job_port), "SPOTSAFE_METRICS_ADDR": "127.0.0.1"}
     cmd = [str(SPOTSAFE), "run", "--url", str(tmp_path / "run"), "--store", str(tmp_path / "jobs.sqlite"),
            "--metrics-port", str(sup_port), "--metrics-addr", "127.0.0.1", "--backoff", "0",
-           "--", sys.executable, str(TINY_JOB), "400", "--stop", "1:12", "--sleep", "0.05"]  # fmt: skip
+           "--", sys.executable, str(TINY_JOB), "40", "--stop", "1:12", "--hold", "2:20"]  # fmt: skip
     sup = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
 
@@ -155,7 +145,8 @@ def test_a_supervised_job_and_its_supervisor_both_serve_metrics(tmp_path: Path) 
                 and bool(value(families, "spotsafe_checkpoints_total", reason="interval"))
             )
 
-        wait_for(job_reports, "the second attempt's metrics")  # the first attempt stopped itself at step 12
+        # The first attempt stops itself at step 12; the second holds at step 20 until the supervisor's SIGTERM.
+        wait_until(job_reports, "the second attempt's metrics", poll_s=0.1)
         families = scrape(sup_port)
         assert value(families, "spotsafe_attempts_total", pool="local", exit_class="preempted") == 1
         assert value(families, "spotsafe_attempt_duration_seconds_count", pool="local") == 1

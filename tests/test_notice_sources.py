@@ -50,6 +50,9 @@ from spotsafe.notices import (
 from spotsafe.notices.emulator import AWS_NOT_FOUND, ProviderEmulator, Request
 from spotsafe.notices.watcher import MetadataClient, Reply, Watcher
 
+from .conftest import HANG_S
+from .conftest import wait_until as shared_wait_until
+
 # The paths as the providers document them (../shared/PREEMPTION-SIGNALS.md), not the implementation's constants.
 AWS_TOKEN = "/latest/api/token"
 AWS_ACTION = "/latest/meta-data/spot/instance-action"
@@ -73,16 +76,12 @@ LOCAL = "http://127.0.0.1:"
 # -- helpers -------------------------------------------------------------------------------------------------------
 
 
-def wait_until(condition: Callable[[], object], *, timeout: float = 10.0, what: str = "the condition") -> None:
-    """Poll ``condition`` until it is true; fail after ``timeout`` seconds (generous: this is no timing test)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"gave up after {timeout:g} s waiting for {what}")
-        time.sleep(0.01)
+def wait_until(condition: Callable[[], object], *, timeout: float = HANG_S, what: str = "the condition") -> None:
+    """Poll ``condition`` until it is true; ``timeout`` only bounds a hang (a shorter one is a test's point)."""
+    shared_wait_until(condition, what, timeout=timeout)
 
 
-def wait_polls(watcher: Watcher, more: int = 3, *, timeout: float = 10.0) -> None:
+def wait_polls(watcher: Watcher, more: int = 3, *, timeout: float = HANG_S) -> None:
     """Wait until ``watcher`` has answered ``more`` further successful polls."""
     target = watcher.polls + more
     wait_until(lambda: watcher.polls >= target, timeout=timeout, what=f"{watcher.name} poll #{target}")
@@ -112,11 +111,11 @@ class Seen:
         self.pump()
         return [r.status for r in self.reports if source is None or r.source == source]
 
-    def wait_notices(self, count: int = 1, *, timeout: float = 10.0) -> list[Notice]:
+    def wait_notices(self, count: int = 1, *, timeout: float = HANG_S) -> list[Notice]:
         wait_until(lambda: len(self.pump().notices) >= count, timeout=timeout, what=f"{count} notice(s)")
         return list(self.notices)
 
-    def wait_status(self, status: str, count: int = 1, *, timeout: float = 10.0) -> None:
+    def wait_status(self, status: str, count: int = 1, *, timeout: float = HANG_S) -> None:
         wait_until(
             lambda: self.statuses().count(status) >= count, timeout=timeout, what=f"{count} {status!r} report(s)"
         )

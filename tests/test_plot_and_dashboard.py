@@ -37,6 +37,7 @@ from spotsafe.dashboard.server import serve
 from spotsafe.storage.local import LocalStorage
 from spotsafe.supervisor.store import JobStore, read_store
 from spotsafe.telemetry.log import EVENTS_FILE
+from spotsafe.telemetry.plot import figure, headline
 from spotsafe.telemetry.report import build_report
 from spotsafe.telemetry.store import read_run_events
 from spotsafe.telemetry.timeline import build_timeline
@@ -240,6 +241,31 @@ def test_report_plot_png_is_a_real_image(plotted_run: Path, tmp_path: Path) -> N
         image.load()
         width, height = image.size
     assert width >= 800 and height >= 500 and width > height
+
+
+def test_every_text_on_the_timeline_is_drawn_as_written(tmp_path: Path) -> None:
+    """matplotlib reads text between two ``$`` as math: the title's "$0.0157 spent vs $0.0160 on demand" came
+    out as "0.0157spentvs0.0160 on demand" in italics. Every text on the figure (title, labels, legends, ticks,
+    notes) is drawn as written, dollar signs included, in the run's name too."""
+    from matplotlib.text import Text
+
+    run = tmp_path / "budget-$5-or-$6"
+    write_preempted(Log(run), retry(17.0, delay=5.0))  # costs recorded; compared with $3.6/h on demand
+    events = events_of(run)
+    report = build_report(str(run), events, on_demand_price=3.6)
+    assert report.cost is not None and report.on_demand_cost is not None
+    fig = figure(build_timeline(str(run), events, report), report)
+    fig.savefig(BytesIO(), format="png")  # lays everything out, tick labels included
+    shown = []
+    for text in fig.findobj(Text):
+        if text.get_text():
+            drawn, math = text._preprocess_math(text.get_text())  # type: ignore[attr-defined]  # as it is drawn
+            assert math is False, text.get_text()
+            shown.append(drawn)
+    money = f"${report.cost:.4f} spent vs ${report.on_demand_cost:.4f} on demand"
+    assert [s for s in shown if money in s] == [f"spotsafe: {run}\n{headline(report)}"]
+    assert "$" in headline(report) and money in headline(report)  # the dashboard's HTML shows it as it is
+    assert {"#1 spot-a", "#2 spot-b", "dollars", "spent", "same progress on demand"} <= set(shown)
 
 
 def test_report_plot_pdf(plotted_run: Path, tmp_path: Path) -> None:
@@ -578,9 +604,9 @@ def test_an_unreadable_run_shows_its_error_and_the_others_still_show(tree: Tree)
         assert "unreadable" in rows["runs/broken"][0]
         assert {"runs/a", "runs/team/x/b", "runs/later"} <= set(rows)
         page = ok(f"{base}/run/{rid}").data.decode()
-        assert 'id="error"' in page and "IsADirectoryError" in page
+        assert 'id="error"' in page and "is not a plain file" in page
         doc = api(f"{base}/api/run/{rid}")
-        assert "IsADirectoryError" in doc["error"] and doc["report"]["attempts"] == 0
+        assert "is not a plain file" in doc["error"] and doc["report"]["attempts"] == 0
         assert {r["id"]: r["error"] for r in api(base + "/api/runs")}[rid] == doc["error"]
         assert get(f"{base}/run/{rid}/timeline.svg").status == 200
 

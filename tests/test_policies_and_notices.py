@@ -141,12 +141,32 @@ def test_keep_last_keeps_the_newest_n() -> None:
 
 
 def test_keep_last_never_deletes_the_newest_intact_checkpoint() -> None:
-    # The newest two are broken: the newest intact one (c3) survives although it is beyond n.
+    # The newest three are broken: the newest intact one (c3) survives although it is beyond n, and so do the
+    # damaged ones newer than it (no intact checkpoint is newer than them: they are the run's evidence).
     deleted = names(KeepLast(2).to_delete(cands(False, False, False, True, True, None)))
-    assert "c3" not in deleted
-    assert deleted == ["c2", "c4", "c5"]
+    assert deleted == ["c4", "c5"]
     # Unchecked newest ones count as "not known intact" too.
     assert names(KeepLast(1).to_delete(cands(None, True, True))) == ["c2"]
+
+
+def test_keep_last_never_deletes_a_damaged_checkpoint_that_nothing_intact_follows() -> None:
+    """Issue 13: the damaged checkpoints of a run whose newest intact checkpoint is old stay."""
+    assert names(KeepLast(1).to_delete(cands(False, False, True, False))) == ["c3"]
+    assert KeepLast(1).to_delete(cands(False, False, False)) == []
+
+
+def test_keep_last_asks_whether_intact_only_until_it_finds_one() -> None:
+    asked: list[str] = []
+
+    def check(candidate: Candidate) -> bool:
+        asked.append(candidate.name)
+        return candidate.name == "c1"
+
+    assert names(KeepLast(1).to_delete(cands(None, None, None, None), check)) == ["c2", "c3"]
+    assert asked == ["c0", "c1"]
+    asked.clear()
+    assert names(KeepLast(2).to_delete(cands(True, None, None), check)) == ["c2"]
+    assert asked == []  # the newest is known intact: nothing to ask
 
 
 def test_keep_last_deletes_nothing_when_nothing_is_intact() -> None:
@@ -162,12 +182,15 @@ def test_keep_last_invariants_exhaustively(n: int) -> None:
             deleted = KeepLast(n).to_delete(candidates)
             assert all(c in candidates[n:] for c in deleted), (n, intact)
             assert len(set(deleted)) == len(deleted)
-            newest_intact = next((c for c in candidates if c.intact), None)
+            newest_intact = next((i for i, c in enumerate(candidates) if c.intact), None)
             if newest_intact is None:
                 expected: list[Candidate] = []  # nothing known intact: delete nothing rather than guess
             else:
-                expected = [c for c in candidates[n:] if c != newest_intact]
+                # Only what is beyond the newest n and older than the newest intact one.
+                expected = candidates[max(n, newest_intact + 1) :]
             assert deleted == expected, (n, intact)
+            for c in deleted:  # every deleted checkpoint has an intact one newer than it
+                assert any(o.intact for o in candidates[: candidates.index(c)])
 
 
 @pytest.mark.parametrize("n", [0, -1, True, 1.0, "3", None])

@@ -425,6 +425,60 @@ def test_supervisor_events_between_attempts_do_not_extend_the_attempts(tmp_path:
     assert r.interruptions_by_source == {"unannounced": 1}  # the market's interruption is no notice
 
 
+def write_silent(run_dir: Path) -> None:
+    """Attempt 1 (1-11) commits step 5 and is stopped on an AWS notice at step 10; attempt 2 is killed as it
+    starts (launched at 13, killed at 14: its process wrote nothing); a launch at 15 finds no capacity; attempt 3
+    (launched at 16) restores step 5 (5 replayed) at 18, steps 6-10 at 19-23, and finishes at 24. A drill's
+    market interrupted attempts 1 and 2."""
+    write(run_dir, SUPERVISOR, attempt_started(0.0, 1))
+    write(
+        run_dir,
+        job(1),
+        started(1.0, run_dir),
+        fresh(1.0),
+        *[progress(1.0 + s, s) for s in range(1, 11)],
+        commit(6.5, 5),
+        notice(10.5, "aws", 10),
+        exited(11.0, "preempted", 10),
+    )
+    write(run_dir, SUPERVISOR, market(10.5, 1), attempt_ended(12.0, 1, 0.5), retry(12.0), attempt_started(13.0, 2))
+    write(run_dir, SUPERVISOR, market(13.5, 2), attempt_ended(14.0, 2, 0.25, "killed"), retry(14.0))
+    write(run_dir, SUPERVISOR, attempt_started(15.0, 3), attempt_ended(15.0, 3, 0.0, "no_capacity"), retry(15.0))
+    write(run_dir, SUPERVISOR, attempt_started(16.0, 4))
+    write(
+        run_dir,
+        job(4),
+        started(17.0, run_dir),
+        restored(18.0, 5, 5),
+        *[progress(13.0 + s, s) for s in range(6, 11)],
+        exited(24.0, "finished", 10),
+    )
+    write(run_dir, SUPERVISOR, attempt_ended(25.0, 4, 0.75, "succeeded"))
+
+
+def test_an_attempt_killed_before_it_wrote_anything_is_an_interrupted_attempt(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    write_silent(run_dir)
+    r = report_of(run_dir)
+    assert (r.state, r.attempts, r.supervisor_attempts) == ("finished", 3, 4)  # the no-capacity launch is none
+    assert (r.interruptions, r.interruptions_by_source) == (2, {"aws": 1, "unannounced": 1})
+    assert r.interruptions == r.drill_interruptions  # the attempts the market stopped
+    # The killed launch is no restart (it never got to restore); the attempt after it resumed.
+    assert (r.restarts, r.resumed, r.failed_to_resume) == (1, 1, 0)
+    # The work replayed was attempt 1's: 5 steps at its 1 s per step.
+    assert r.replayed_steps == Spread.of([5.0]) and r.replayed_seconds == Spread.of([5.0])
+    assert r.recover_seconds == Spread.of([5.0])  # from the killed launch's end (14) to step 6 (19)
+    assert r.useful_seconds == (11.0 - 1.0 - 5.0) + (24.0 - 18.0)  # nothing for the killed launch
+    assert r.cost == 1.5
+
+
+def test_a_launch_that_wrote_nothing_and_succeeded_is_no_attempt(tmp_path: Path) -> None:
+    """A command that writes no spotsafe events and succeeds is not an attempt of the run's log."""
+    run_dir = tmp_path / "run"
+    write(run_dir, SUPERVISOR, attempt_started(0.0, 1), attempt_ended(5.0, 1, 0.1, "succeeded"))
+    assert report_of(run_dir).attempts == 0
+
+
 def test_interval_choices_are_deduplicated_while_unchanged(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # One policy part whose choice changes (an adaptive policy re-announces it when it moves).

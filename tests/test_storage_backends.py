@@ -7,12 +7,12 @@ S3 server (moto's, in a subprocess on 127.0.0.1).
 from __future__ import annotations
 
 import gc
-import importlib.util
 import itertools
 import json
 import os
 import secrets
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,24 +20,33 @@ import pytest
 import torch
 from torch import nn
 
+import spotsafe
 from spotsafe.engine.persist import persist
 from spotsafe.engine.reader import load_newest_valid
 from spotsafe.errors import ConfigError, PermanentStorageError, StorageError
 from spotsafe.state.compare import differences
 from spotsafe.state.snapshot import Snapshot
 from spotsafe.storage.base import BlobNotFoundError, Storage
-from spotsafe.storage.fsspec_store import FsspecStorage
+from spotsafe.storage.fsspec_store import FsspecStorage, _abandon
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.manifest import MANIFEST_NAME
 from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CHECKPOINTS, LATEST, CheckpointRef, CheckpointRepository
 from spotsafe.storage.retry import RetryingStorage
 
+from .conftest import AZURITE_ACCOUNT, ObjectStore
+from .http_faults import FaultProxy
+
 MiB = 2**20
 
 
 def is_s3(url: str) -> bool:
     return url.startswith("s3://")
+
+
+def is_object_store(url: str) -> bool:
+    """S3, GCS or Azure: a single PUT is atomic, an unfinished multipart upload is invisible."""
+    return "://" in url
 
 
 def backend(url: str, block_size: int | None = None) -> Storage:
@@ -76,7 +85,7 @@ def test_open_storage_gives_a_retrying_storage(run_url: str) -> None:
     storage = open_storage(run_url)
     assert isinstance(storage, RetryingStorage)
     assert isinstance(storage, Storage)
-    assert isinstance(storage.inner, LocalStorage if not is_s3(run_url) else FsspecStorage)
+    assert isinstance(storage.inner, FsspecStorage if is_object_store(run_url) else LocalStorage)
     assert storage.url == run_url
     assert open_storage(run_url, retry=None).url == run_url
 
@@ -130,6 +139,29 @@ def test_a_40_mb_object_in_small_parts_reads_back_byte_exact(run_url: str) -> No
         assert parts >= 7, etag
 
 
+def test_a_large_blob_goes_up_in_parts_no_larger_than_the_block_size(object_store: ObjectStore) -> None:
+    """Every request that carries data is at most one block: memory stays bounded (S3 parts, GCS resumable-upload
+    chunks, Azure staged blocks), and the object reads back byte-exact."""
+    proxy = FaultProxy(object_store.endpoint)
+    try:
+        url = object_store.url(object_store.new_bucket())
+        storage = open_storage(url, object_store.options(proxy.url), retry=None)
+        assert isinstance(storage, FsspecStorage)
+        storage = FsspecStorage(storage.fs, storage.root, url, block_size=5 * MiB, bucket=storage.bucket)
+        data = os.urandom(12 * MiB + 12345)
+        view = memoryview(data)
+        step = MiB + 17
+        proxy.clear()
+        assert storage.write_stream("big/blob.bin", lambda: (view[i : i + step] for i in range(0, len(data), step)))
+        uploads = [s.body_bytes for s in proxy.seen if s.body_bytes]
+        assert len([n for n in uploads if n >= MiB]) >= 3, uploads
+        assert max(uploads) <= 5 * MiB + 64 * 1024, uploads  # a part, plus a multipart envelope at most
+        assert sum(uploads) >= len(data)
+        assert storage.read("big/blob.bin") == data
+    finally:
+        proxy.close()
+
+
 def test_a_failing_source_leaves_no_object_on_s3(run_url: str) -> None:
     storage = backend(run_url, block_size=5 * MiB)
 
@@ -138,12 +170,48 @@ def test_a_failing_source_leaves_no_object_on_s3(run_url: str) -> None:
             yield b"y" * MiB
         raise RuntimeError("the producer failed")
 
-    with pytest.raises(Exception, match="the producer failed"):
+    try:
         storage.write_stream("w/bad", source)
-    if is_s3(run_url):
-        # The multipart upload was abandoned, not completed with half the object.
+        pytest.fail("the source's error did not come through")
+    except RuntimeError as err:  # leaving this block frees the error, its frames and the abandoned file object
+        assert "the producer failed" in str(err)
+    if is_object_store(run_url):
+        # The multipart upload (GCS: resumable upload; Azure: staged blocks) was abandoned, not completed with half
+        # the object, not even when the file object is collected (gcsfs closes collected files on a thread).
+        gc.collect()
+        _wait_for_gcsfs_deferred_closes()
         assert not storage.exists("w/bad")
         assert storage.find("") == []
+
+
+def test_an_upload_that_cannot_be_cancelled_is_closed_without_completing() -> None:
+    """gcp-storage-emulator answers 501 to cancelling a resumable upload (a network fault can do the same to any
+    store): the file object is marked closed anyway, or collecting it would upload the rest and complete it."""
+
+    class Upload:
+        closed = False
+        completed = False
+
+        def discard(self) -> None:
+            raise OSError("the service would not cancel the upload")
+
+        def close(self) -> None:
+            self.completed = True
+
+    upload = Upload()
+    _abandon(upload)
+    assert upload.closed and not upload.completed
+
+
+def _wait_for_gcsfs_deferred_closes() -> None:
+    """Wait until gcsfs's background thread has closed every file that was collected before now (FIFO queue)."""
+    core = sys.modules.get("gcsfs.core")
+    work = getattr(core, "_deferred_close_queue", None)
+    if work is None:
+        return
+    done = threading.Event()
+    work.put(done.set)
+    assert done.wait(120), "gcsfs's deferred-close thread is stuck"
 
 
 def test_a_source_error_propagates_unchanged(request: pytest.FixtureRequest, run_url: str) -> None:
@@ -367,7 +435,7 @@ def test_a_crash_during_a_save_leaves_nothing_visible(run_url: str, where: str) 
     restored = load_newest_valid(fresh)
     assert restored is not None and restored.checkpoint.ref == good
     partial = [ref for ref in fresh.folders() if ref != good]
-    if where == "before-manifest" or not is_s3(run_url):
+    if where == "before-manifest" or not is_object_store(run_url):
         assert [ref.step for ref in partial] == [20]  # its blobs are there; it is still not a checkpoint
     assert fresh.remove_leftovers() == [ref.key for ref in partial]
     assert fresh.folders() == [good]
@@ -499,10 +567,109 @@ def test_restore_uses_the_hint_when_the_listing_missed_the_newest(
 # -- a missing bucket -------------------------------------------------------------------------------------------------
 
 
-def test_listing_a_missing_bucket_fails(s3_server: Any) -> None:
-    repo = CheckpointRepository(open_storage(f"s3://no-such-bucket-{secrets.token_hex(4)}/run", retry=None))
+def test_listing_a_missing_bucket_fails(object_store: ObjectStore) -> None:
+    repo = CheckpointRepository(open_storage(object_store.url(f"no-such-bucket-{secrets.token_hex(4)}"), retry=None))
     with pytest.raises(PermanentStorageError, match="bucket does not exist"):
         repo.committed()
+
+
+# Words that error messages contain: a bucket or folder named after them must not change what an error means.
+KEYWORDS = [
+    "bucket",
+    "my-bucket",
+    "nosuchbucket",
+    "the-specified-bucket-does-not-exist",
+    "containernotfound",
+    "nosuchkey-not-found-404",
+    "accessdenied-permission-denied",
+    "expiredtoken-invalidaccesskeyid-credentials",
+    "slowdown-throttling-timeout-503",
+    "internalerror-serviceunavailable",
+    "no-space-left-on-device",
+]
+
+
+@pytest.mark.parametrize("bucket", KEYWORDS)
+def test_a_run_in_a_bucket_named_like_an_error_works(object_store: ObjectStore, bucket: str) -> None:
+    """A fresh run, a save and a resume, in a bucket whose name holds words of error messages (the real server)."""
+    _save_then_resume(object_store.url(object_store.new_bucket(bucket), "probe"))
+
+
+@pytest.mark.parametrize(
+    "folder",
+    [
+        "The specified bucket does not exist/NoSuchBucket",
+        "bucket/AccessDenied/ContainerNotFound",
+        "SlowDown 503/RequestTimeout/InternalError",
+        "NoSuchKey/404 not found/ExpiredToken",
+    ],
+)
+def test_a_run_in_a_folder_named_like_an_error_works(object_store: ObjectStore, folder: str) -> None:
+    _save_then_resume(object_store.url(object_store.new_bucket(), folder))
+
+
+def _save_then_resume(url: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    with spotsafe.Checkpointer(url, model=model, handle_signals=False) as ckpt:
+        assert ckpt.restore() == 0
+        ckpt.step_done()
+        ckpt.save()
+        ckpt.wait()
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        torch.manual_seed(1)
+    other = nn.Linear(2, 2)
+    with spotsafe.Checkpointer(url, model=other, handle_signals=False) as ckpt:
+        assert ckpt.restore() == 1
+        assert not differences(saved, dict(other.state_dict()))
+
+
+@pytest.mark.parametrize("bucket", ["plain", "my-bucket", "containernotfound-404", "accessdenied-credentials"])
+def test_a_missing_bucket_is_a_clear_error_at_construction(object_store: ObjectStore, bucket: str) -> None:
+    url = object_store.url(f"{bucket}-{secrets.token_hex(4)}")
+    with pytest.raises(PermanentStorageError, match="the bucket does not exist; create it or fix the URL"):
+        spotsafe.Checkpointer(url, model=nn.Linear(2, 2), handle_signals=False)
+
+
+class _NoCodes:
+    """A real s3fs file system whose errors carry no service code (as some backends raise them)."""
+
+    def __init__(self, fs: Any) -> None:
+        self._fs = fs
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._fs, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except FileNotFoundError as err:
+                bare = FileNotFoundError(str(err))
+            raise bare  # outside the handler: no __context__ either
+
+        return call
+
+
+@pytest.mark.parametrize("bucket", ["my-bucket", "plain"])
+def test_without_codes_a_missing_bucket_is_found_by_asking(s3_server: Any, bucket: str) -> None:
+    """Where the backend says only "not found", a write asks whether the bucket exists, whatever its name."""
+    name = f"{bucket}-{secrets.token_hex(3)}"
+    real = open_storage(f"s3://{name}/run", retry=None)
+    assert isinstance(real, FsspecStorage)
+    storage = FsspecStorage(_NoCodes(real.fs), real.root, f"s3://{name}/run", bucket=name)
+    with pytest.raises(PermanentStorageError, match="the bucket does not exist") as info:
+        storage.write_atomic("writers/claim.json", b"{}")
+    assert not isinstance(info.value, BlobNotFoundError)
+    # A listing or a read that finds nothing asks too (once: gcsfs says "not found" this way for every 404).
+    for call in (lambda: storage.list_files(""), lambda: storage.exists("latest.json"), lambda: storage.read("x")):
+        with pytest.raises(PermanentStorageError, match="the bucket does not exist") as info:
+            call()
+        assert not isinstance(info.value, BlobNotFoundError)
+    real.fs.mkdir(name)
+    storage.write_atomic("writers/claim.json", b"{}")  # the same name, once the bucket exists
+    assert storage.read("writers/claim.json") == b"{}"
 
 
 # -- retention through the Checkpointer -------------------------------------------------------------------------------
@@ -524,10 +691,18 @@ def test_retention_keeps_only_the_newest(run_url: str, job_factory: Callable[...
 # -- URLs -------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("url", "extra", "package"), [("gs://b/x", "gcs", "gcsfs"), ("az://c/x", "azure", "adlfs")])
-def test_a_backend_that_is_not_installed_says_what_to_install(url: str, extra: str, package: str) -> None:
-    if importlib.util.find_spec(package) is not None:
-        pytest.skip(f"{package} is installed")
+@pytest.mark.parametrize(
+    ("url", "extra", "package"),
+    [("s3://b/x", "s3", "s3fs"), ("gs://b/x", "gcs", "gcsfs"), ("az://c/x", "azure", "adlfs")],
+)
+def test_a_backend_that_is_not_installed_says_what_to_install(
+    url: str, extra: str, package: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = sys.modules["fsspec.registry"]._registry  # ``fsspec.registry`` is a read-only view of it
+    # As if it were not installed (the dev extra installs all three): importing it fails, fsspec has not loaded it.
+    monkeypatch.setitem(sys.modules, package, None)
+    for protocol in (url.split("://")[0], extra):
+        monkeypatch.delitem(loaded, protocol, raising=False)
     with pytest.raises(ConfigError) as info:
         open_storage(url)
     assert f"pip install 'spotsafe[{extra}]'" in str(info.value)
@@ -548,6 +723,20 @@ def test_a_bucket_without_a_folder_is_a_config_error(url: str) -> None:
     with pytest.raises(ConfigError, match="folder") as info:
         open_storage(url)
     assert "s3://bucket/run-name" in str(info.value)
+
+
+def test_azure_urls_name_the_container_as_az_or_as_abfs_with_the_account(azure_server: Any) -> None:
+    """``az://container/path`` and ``abfs://container@account/path`` are the same place."""
+    container = azure_server.new_container()
+    short = open_storage(f"az://{container}/run")
+    long = open_storage(f"abfs://{container}@{AZURITE_ACCOUNT}/run")
+    assert long.url == f"abfs://{container}@{AZURITE_ACCOUNT}/run"  # a container is not a credential
+    short.write_atomic("checkpoints/a", b"written via az://")
+    assert long.read("checkpoints/a") == b"written via az://"
+    assert long.find("") == ["checkpoints/a"] == short.find("")
+    missing = open_storage(f"abfs://nothere-{secrets.token_hex(3)}@{AZURITE_ACCOUNT}/run", retry=None)
+    with pytest.raises(PermanentStorageError, match="the bucket does not exist"):
+        missing.list_dirs("")
 
 
 def test_an_empty_location_is_a_config_error() -> None:

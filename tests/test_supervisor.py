@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from spotsafe.supervisor.run import RunConfig, Supervisor
 from spotsafe.supervisor.store import FAILED, STOPPED, SUCCEEDED, JobStore
 from spotsafe.telemetry.log import EVENTS_FILE, read_events
 
+from .conftest import HANG_S, StallClock, running, wait_until
+
 pytestmark = pytest.mark.e2e
 
 JOB = """
@@ -24,6 +27,7 @@ import torch, spotsafe
 
 mode, steps = sys.argv[1], int(sys.argv[2])
 attempt = int(os.environ["SPOTSAFE_ATTEMPT"])
+hold = int(os.environ.get("HOLD_AT", "-1"))  # attempt 1 holds after this step until it is told to stop
 torch.manual_seed(0)
 model = torch.nn.Linear(4, 4)
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -38,12 +42,17 @@ while ckpt.step < steps:
     model(torch.ones(4)).sum().backward()
     opt.step()
     ckpt.step_done()
-    time.sleep(float(os.environ.get("STEP_SLEEP", "0.005")))
+    time.sleep(0.005)
+    if attempt == 1 and ckpt.step == hold:
+        open(os.path.join(os.path.dirname(__file__), "held"), "w").close()
+        while not ckpt.stop_requested:  # the test, not the machine's speed, decides when this attempt ends
+            time.sleep(0.01)
     if mode == "preempt" and attempt <= 3 and ckpt.step == 5 * attempt + 2:
         os.kill(os.getpid(), signal.SIGTERM)  # saves at this step and exits 75
     if mode == "crash-after-progress" and attempt <= 4 and ckpt.step == 10 * attempt + 3:
         raise RuntimeError("a rare crash, after a checkpoint")
     if mode == "hang" and ckpt.step == 3:
+        open(os.path.join(os.path.dirname(__file__), f"hung-{os.getpid()}"), "w").close()
         time.sleep(3600)
 ckpt.finish()
 """
@@ -56,7 +65,15 @@ def job_script(tmp_path: Path) -> Path:
     return script
 
 
-def supervise(tmp_path: Path, script: Path, mode: str, steps: int = 30, **kwargs: object) -> tuple[int, JobStore]:
+def supervise(
+    tmp_path: Path,
+    script: Path,
+    mode: str,
+    steps: int = 30,
+    *,
+    clock: Callable[[], float] = time.time,
+    **kwargs: object,
+) -> tuple[int, JobStore]:
     retry = kwargs.pop("retry", RetryPolicy(initial_s=0.05, max_delay_s=0.2))
     config = RunConfig(
         name="job",
@@ -68,7 +85,7 @@ def supervise(tmp_path: Path, script: Path, mode: str, steps: int = 30, **kwargs
         **kwargs,  # type: ignore[arg-type]
     )
     lines: list[str] = []
-    code = Supervisor(config, say=lines.append, output=subprocess.DEVNULL).run()
+    code = Supervisor(config, say=lines.append, output=subprocess.DEVNULL, clock=clock).run()
     return code, JobStore(tmp_path / "jobs.sqlite")
 
 
@@ -124,14 +141,25 @@ def test_a_usage_error_is_not_retried(tmp_path: Path, job_script: Path) -> None:
 
 def test_a_job_without_progress_is_stopped_and_counts_as_an_error(tmp_path: Path, job_script: Path) -> None:
     retry = RetryPolicy(max_errors=2, initial_s=0.05, max_delay_s=0.2)
-    # The stall clock runs from the launch: leave the interpreter time to import torch on a busy machine.
-    code, store = supervise(tmp_path, job_script, "hang", retry=retry, stall_timeout_s=8.0, grace_s=0.5)
+
+    # The stall clock runs from the launch, and on a busy machine the job may import torch for longer than a short
+    # stall timeout (its SIGTERM would then end it before it could ignore it). So the timeout is long, and the
+    # supervisor's clock jumps past it once the job hangs (it left a hung-PID file and that process runs).
+    def hanging() -> bool:
+        return any(running(int(mark.name.removeprefix("hung-"))) for mark in tmp_path.glob("hung-*"))
+
+    clock = StallClock(hanging)
+    code, store = supervise(tmp_path, job_script, "hang", retry=retry, stall_timeout_s=HANG_S, grace_s=0.5, clock=clock)
     assert code == 1
     assert classes(store) == ["no_progress", "no_progress"]
     assert [a.exit_code for a in store.attempts("job")] == [-signal.SIGKILL] * 2
 
 
-def spotsafe_run(tmp_path: Path, script: Path, mode: str, steps: int) -> subprocess.Popen[str]:
+def spotsafe_run(
+    tmp_path: Path, script: Path, mode: str, steps: int, *, hold_at: int | None = None
+) -> subprocess.Popen[str]:
+    """``spotsafe run`` of the job; with ``hold_at``, its attempt 1 holds after that step until it gets SIGTERM
+    (see :func:`wait_held`)."""
     return subprocess.Popen(
         [
             str(Path(sys.executable).with_name("spotsafe")),
@@ -150,7 +178,7 @@ def spotsafe_run(tmp_path: Path, script: Path, mode: str, steps: int) -> subproc
             mode,
             str(steps),
         ],
-        env={**os.environ, "STEP_SLEEP": "0.02"},
+        env={**os.environ, **({"HOLD_AT": str(hold_at)} if hold_at is not None else {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -158,34 +186,33 @@ def spotsafe_run(tmp_path: Path, script: Path, mode: str, steps: int) -> subproc
     )
 
 
-def wait_for_progress(tmp_path: Path, step: int, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+def wait_held(tmp_path: Path, proc: subprocess.Popen[str]) -> None:
+    """Wait until the job holds after its ``hold_at`` step: a stop now takes effect at the step after it."""
+
+    def held() -> bool:
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        logged = read_events(tmp_path / "run" / EVENTS_FILE)
-        if any(e.event.type == "progress" and e.event.step >= step for e in logged):  # type: ignore[attr-defined]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no progress to step {step}")
+        return (tmp_path / "held").exists()
+
+    wait_until(held, "the job to hold at its step")
 
 
 def test_the_supervisor_killed_and_started_again_continues_the_same_job(tmp_path: Path, job_script: Path) -> None:
-    first = spotsafe_run(tmp_path, job_script, "succeed", 200)
-    wait_for_progress(tmp_path, 20, first)
-    second = spotsafe_run(tmp_path, job_script, "succeed", 200)  # the same job: refused while supervised
-    _, err = second.communicate(timeout=60)
+    first = spotsafe_run(tmp_path, job_script, "succeed", 40, hold_at=20)
+    wait_held(tmp_path, first)
+    second = spotsafe_run(tmp_path, job_script, "succeed", 40)  # the same job: refused while supervised
+    _, err = second.communicate(timeout=HANG_S)
     assert second.returncode == 2 and "already being supervised" in err
 
     os.kill(first.pid, signal.SIGKILL)  # the supervisor dies; the job gets SIGTERM (parent-death signal)
     first.wait()
-    again = spotsafe_run(tmp_path, job_script, "succeed", 200)
+    again = spotsafe_run(tmp_path, job_script, "succeed", 40)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
     store = JobStore(tmp_path / "jobs.sqlite")
     attempts = store.attempts("job")
     assert [a.exit_class for a in attempts] == ["preempted", "succeeded"]
-    assert attempts[1].step_before == attempts[0].step_after and attempts[0].step_after is not None
-    assert attempts[0].step_after >= 20
+    assert (attempts[0].step_before, attempts[0].step_after) == (None, 21)  # held at 20, saved at the next step
+    assert (attempts[1].step_before, attempts[1].step_after) == (21, 40)
     assert store.job("job").state == SUCCEEDED
     # Never two copies: the second attempt started after the first one had exited.
     logged = list(read_events(tmp_path / "run" / EVENTS_FILE))
@@ -197,15 +224,15 @@ def test_the_supervisor_killed_and_started_again_continues_the_same_job(tmp_path
 def test_sigterm_to_the_supervisor_stops_the_job_cleanly_and_a_rerun_finishes_it(
     tmp_path: Path, job_script: Path
 ) -> None:
-    first = spotsafe_run(tmp_path, job_script, "succeed", 120)
-    wait_for_progress(tmp_path, 10, first)
+    first = spotsafe_run(tmp_path, job_script, "succeed", 40, hold_at=10)
+    wait_held(tmp_path, first)
     os.kill(first.pid, signal.SIGTERM)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 75, err
     store = JobStore(tmp_path / "jobs.sqlite")
     assert store.job("job").state == STOPPED
-    assert [a.exit_class for a in store.attempts("job")] == ["preempted"]
-    rerun = spotsafe_run(tmp_path, job_script, "succeed", 120)
+    assert [(a.exit_class, a.step_after) for a in store.attempts("job")] == [("preempted", 11)]
+    rerun = spotsafe_run(tmp_path, job_script, "succeed", 40)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err
     assert [a.exit_class for a in store.attempts("job")] == ["preempted", "succeeded"]

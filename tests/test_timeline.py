@@ -422,6 +422,33 @@ def test_an_attempt_that_logged_only_its_start_is_not_covered_by_a_gap(tmp_path:
     assert t.gaps == [Gap(0.0, 1.0, "launching"), Gap(4.0, 7.0, "restart"), Gap(7.0, 10.0, "restart")]
 
 
+def test_an_attempt_killed_as_it_started_is_a_silent_attempt_of_the_timeline(tmp_path: Path) -> None:
+    """Attempt 2 was launched at 10 and killed at 12 before its process wrote anything; a launch at 13 found no
+    capacity; attempt 3 ran from 15. The drill's market interrupted attempts 1 and 2."""
+    log = Log(tmp_path / "run")
+    log.write(SUPERVISOR, attempt_started(0.0, 1))
+    log.write(job(1), started(1.0), fresh(1.5), progress(3.0, 1), commit(3.5, 1), exited(4.0, "preempted", 1))
+    log.write(SUPERVISOR, market(3.8, 1, 1), attempt_ended(5.0, 1, 0.001), retry(5.0), attempt_started(10.0, 2))
+    log.write(SUPERVISOR, market(11.5, 2, 2), attempt_ended(12.0, 2, 0.001, "killed", duration=2.0), retry(12.0))
+    log.write(SUPERVISOR, attempt_started(13.0, 3), attempt_ended(13.0, 3, 0.0, "no_capacity"), retry(13.0, 1.0))
+    log.write(SUPERVISOR, attempt_started(14.0, 4, "spot-b"))
+    log.write(job(4), started(15.0), restored(15.5, 1, 0), progress(16.0, 2), exited(17.0, "finished", 2))
+    log.write(SUPERVISOR, attempt_ended(18.0, 4, 0.001, "succeeded", duration=4.0, pool="spot-b"))
+    t = log.timeline()
+    check_shape(t)
+    check_against_report(t, log.report())
+    assert [(a.start, a.end, a.outcome, a.silent, a.pool) for a in t.attempts] == [
+        (1.0, 4.0, "preempted", False, "spot-a"),
+        (10.0, 12.0, "killed", True, "spot-a"),  # from the supervisor's launch to its end
+        (15.0, 17.0, "finished", False, "spot-b"),
+    ]
+    assert t.progress[1] == []
+    assert t.interruptions[1] == Mark(12.0, "unannounced", "attempt 2 interrupted (killed as it started, before its "
+                                      "first event)", None, 2)  # fmt: skip
+    assert t.gaps == [Gap(0.0, 1.0, "launching"), Gap(4.0, 10.0, "restart"), Gap(12.0, 15.0, "no capacity in spot-a")]
+    assert len(t.market) == 2 == len(t.interruptions)
+
+
 # -- a running run ---------------------------------------------------------------------------------------------------
 
 
@@ -534,11 +561,11 @@ def test_an_on_demand_pool_the_supervisor_used_gives_the_on_demand_line(tmp_path
 
 def test_a_drills_market_interruptions_are_marks_of_their_own(tmp_path: Path) -> None:
     log = write_preempted(
-        Log(tmp_path / "run"), market(16.5, 1, 1), market(19.0, 2, None), retry(17.0, delay=5.0)
-    )  # the market took attempt 1's machine; then nothing ran when it struck again
+        Log(tmp_path / "run"), market(16.5, 1, 1), market(16.8, 2, 1), market(19.0, 3, None), retry(17.0, delay=5.0)
+    )  # the market took attempt 1's machine (a log from before the fix counted it again); then nothing ran
     t = log.timeline()
-    assert t.market == [Mark(16.5, "market", "market interruption 1 (aws)")]
-    assert log.report().drill_interruptions == 1
+    assert t.market == [Mark(16.5, "market", "market interruption 1 (aws)", None, 1)]
+    assert log.report().drill_interruptions == 1  # the attempts it interrupted, each once
     check_against_report(t, log.report())
     assert len(t.interruptions) == 1  # the market's delivery is not a second interruption of the run
 

@@ -18,20 +18,23 @@ from spotsafe.errors import (
     CheckpointMismatchError,
     ConfigError,
     CorruptCheckpointError,
+    NoUsableCheckpointError,
     SpotsafeError,
     UnsafeCheckpointError,
 )
-from spotsafe.exit_codes import EXIT_PREEMPTED, EXIT_SUCCESS
+from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT, EXIT_PREEMPTED, EXIT_SUCCESS
 from spotsafe.policy.adaptive import max_loss, on_notice, young_daly
 from spotsafe.policy.interval import every
 
 __all__ = [
+    "EXIT_NO_USABLE_CHECKPOINT",
     "EXIT_PREEMPTED",
     "EXIT_SUCCESS",
     "CheckpointMismatchError",
     "Checkpointer",
     "ConfigError",
     "CorruptCheckpointError",
+    "NoUsableCheckpointError",
     "ResumableLoader",
     "SpotsafeError",
     "UnsafeCheckpointError",

@@ -11,6 +11,10 @@ Each message says what went wrong and what to do about it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT
+
 
 class SpotsafeError(Exception):
     """Root of every error spotsafe raises on purpose."""
@@ -73,3 +77,22 @@ class CheckpointMismatchError(CheckpointError):
     This is not corruption (an older checkpoint would not fit either): the model
     or optimizer changed since the checkpoint was written.
     """
+
+
+class NoUsableCheckpointError(CheckpointError, SystemExit):
+    """The run has committed checkpoints, and none of them can be restored.
+
+    Raised by ``restore()`` instead of starting over from step 0 (which would discard the
+    run's progress and, through retention, its evidence). ``damaged`` lists each checkpoint
+    tried with what is wrong with it.
+
+    It is an ordinary :class:`Exception` to ``except`` clauses, and also a
+    :class:`SystemExit` with code :data:`~spotsafe.exit_codes.EXIT_NO_USABLE_CHECKPOINT`
+    (65): left uncaught, the process exits with 65, which ``spotsafe run`` treats as final
+    (relaunching would meet the same checkpoints) rather than as a crash.
+    """
+
+    def __init__(self, message: str, *, damaged: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.damaged = list(damaged)
+        self.code = EXIT_NO_USABLE_CHECKPOINT

@@ -1,9 +1,11 @@
 """A tiny real training job for supervisor, report, metrics and dashboard tests.
 
-    python tiny_job.py STEPS [--stop ATTEMPT:STEP ...] [--sleep SECONDS] [--say]
+    python tiny_job.py STEPS [--stop ATTEMPT:STEP ...] [--hold ATTEMPT:STEP ...] [--sleep SECONDS] [--say]
 
 It checkpoints every 5 steps with spotsafe and, in attempt ATTEMPT ($SPOTSAFE_ATTEMPT), sends itself
 SIGTERM after step STEP: the Checkpointer saves at the next step boundary and exits 75 (preempted).
+With --hold, attempt ATTEMPT holds after step STEP until a stop notice (SIGTERM) arrives, then saves at the
+next step and exits 75: a test that acts on the running job decides how long it runs, not the machine's speed.
 With --say, each attempt prints one line on stdout and one on stderr after its restore.
 """
 
@@ -22,10 +24,12 @@ import spotsafe
 parser = argparse.ArgumentParser()
 parser.add_argument("steps", type=int)
 parser.add_argument("--stop", action="append", default=[], metavar="ATTEMPT:STEP")
+parser.add_argument("--hold", action="append", default=[], metavar="ATTEMPT:STEP")
 parser.add_argument("--sleep", type=float, default=0.01)
 parser.add_argument("--say", action="store_true")
 args = parser.parse_args()
 stops = {int(a): int(s) for a, s in (item.split(":") for item in args.stop)}
+holds = {int(a): int(s) for a, s in (item.split(":") for item in args.hold)}
 attempt = int(os.environ["SPOTSAFE_ATTEMPT"])
 
 torch.manual_seed(0)
@@ -44,4 +48,7 @@ while ckpt.step < args.steps:
     time.sleep(args.sleep)
     if stops.get(attempt) == ckpt.step:
         os.kill(os.getpid(), signal.SIGTERM)
+    if holds.get(attempt) == ckpt.step:
+        while not ckpt.stop_requested:
+            time.sleep(0.01)
 ckpt.finish()

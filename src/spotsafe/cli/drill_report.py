@@ -14,10 +14,14 @@ def print_drill(r: DrillReport, console: Console) -> None:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     table.add_row("market", escape(r.schedule))
+    if r.mode == "kill":
+        how = "kill: SIGKILL at once, no notice"
+    else:
+        how = f"{r.mode}, {r.window_s:g} s window; {r.killed_at_window_end} outlived it and got SIGKILL"
     table.add_row(
         "interruptions",
-        f"{r.interruptions} of running attempts ({r.mode}, {r.window_s:g} s window; "
-        f"{r.killed_at_window_end} outlived it and got SIGKILL), {r.interruptions_idle} between attempts",
+        f"{r.interruptions} of running attempts ({how}); {r.interruptions_idle} more outages found no attempt "
+        "running (between attempts, or one already stopping)",
     )
     classes = ", ".join(f"{n} {c}" for c, n in sorted(r.exit_classes.items()))
     table.add_row("attempts", f"{r.attempts} ({classes})")

@@ -10,19 +10,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from spotsafe import __version__
 from spotsafe.cli import manage
+from spotsafe.cli.consoles import console as make_console
 from spotsafe.cli.demo import DemoSummary, default_command, default_drill_command, run_demo
 from spotsafe.errors import CorruptCheckpointError, SpotsafeError
 from spotsafe.exit_codes import EXIT_CRASH, EXIT_USAGE
 from spotsafe.supervisor.chaos import DEFAULT_MODES, KillMode
 from spotsafe.supervisor.process import describe_exit
 
-console = Console()
+console = make_console()  # every column in full when piped (see cli.consoles)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -400,14 +400,14 @@ def run_cmd(
     type=click.Choice(["aws", "azure", "gcp", "sigterm", "kill"]),
     default="aws",
     show_default=True,
-    help="How each interruption is announced (kill: no warning).",
+    help="How each interruption is announced (kill: SIGKILL at once, no warning).",
 )
 @click.option(
     "--window",
     type=click.FloatRange(min=0, min_open=True),
     default=10.0,
     show_default=True,
-    help="Seconds from the notice to SIGKILL.",
+    help="Seconds from the notice to SIGKILL (not with --notice kill).",
 )
 @click.option("--max-interruptions", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--spot-price", type=click.FloatRange(min=0), default=0.918, show_default=True, help="Dollars per hour.")
@@ -444,7 +444,8 @@ def drill(
     """Run COMMAND under an emulated spot market and prove the resumed result is bit-identical.
 
     Interruptions are replayed from a real preemption trace (time-scaled) or drawn at a rate; each is a
-    notice on the emulated provider endpoint (or SIGTERM), then SIGKILL when the window ends. The job runs
+    notice on the emulated provider endpoint (or SIGTERM), then SIGKILL when the window ends (kill: SIGKILL at
+    once). An interruption counts only when it stops a running attempt. The job runs
     under spotsafe run's supervisor. COMMAND defaults to the tiny transformer example (run from the
     repository root). Exits 0 only if the job finished and its final state is bit-identical to an
     uninterrupted run's.
@@ -641,6 +642,9 @@ def notices(watch_too: bool, seconds: float | None) -> None:
 
 
 def main() -> None:
+    for stream in (sys.stdout, sys.stderr):  # a checkpoint's strings (lone surrogates) must not crash a print
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

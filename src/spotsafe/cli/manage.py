@@ -38,6 +38,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from spotsafe.cli.consoles import console as make_console
 from spotsafe.cli.live import bar_console
 from spotsafe.engine.reader import RestoredState
 from spotsafe.errors import ConfigError, CorruptCheckpointError, SpotsafeError
@@ -59,8 +60,8 @@ EXIT_NOTHING = EXIT_USAGE
 """Exit code when nothing matched the selection (2)."""
 MODEL_PARAMS_SHOWN = 50
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = make_console(highlight=False, soft_wrap=True)  # every column in full when piped (see cli.consoles)
+err = make_console(stderr=True, highlight=False, soft_wrap=True)
 
 # -- secrets and redaction ---------------------------------------------------
 
@@ -646,34 +647,42 @@ def _plan_gc(run: Run, keep: int, partial_older_than: float, now: float) -> tupl
     repo = run.repo
     refs, committed_set = _all_folders(repo)
     committed = [r for r in refs if r in committed_set]
-    intact: dict[CheckpointRef, bool] = {}
     damage: dict[CheckpointRef, str] = {}
     sizes: dict[CheckpointRef, int | None] = {}
     for ref in committed:
         try:
             sizes[ref] = repo.check_sizes(ref).total_bytes
-            intact[ref] = True
         except CorruptCheckpointError as error:
-            intact[ref] = False
             damage[ref] = _reason(error)
             sizes[ref] = _folder_bytes(run.storage, ref)
-    rule = KeepLast(keep)
-    candidates = [Candidate(name=r.name, step=r.step, intact=intact[r]) for r in committed]
-    doomed = {c.name for c in rule.to_delete(candidates)}
-    newest_intact = next((r for r in committed if intact[r]), None)
+    # Only checkpoints older than the newest one that verifies (every checksum) may go: a damaged checkpoint
+    # that nothing intact follows is the run's evidence. A storage error here is not damage: it propagates.
+    newest_intact: CheckpointRef | None = None
+    for ref in committed:
+        if ref in damage:
+            continue
+        try:
+            repo.verify(ref)
+        except CorruptCheckpointError as error:
+            damage[ref] = _reason(error)
+            continue
+        newest_intact = ref
+        break
+    candidates = [Candidate(name=r.name, step=r.step, intact=r == newest_intact) for r in committed]
+    doomed = {c.name for c in KeepLast(keep).to_delete(candidates)}
     if newest_intact is not None and newest_intact.name in doomed:  # the rule promises this never happens
         raise AssertionError(f"retention chose the newest intact checkpoint {newest_intact.name}")
     items: list[GcItem] = []
     for i, ref in enumerate(committed):
-        state = "intact" if intact[ref] else f"damaged: {damage[ref]}"
+        state = f"damaged: {damage[ref]}" if ref in damage else "verified" if ref == newest_intact else "sizes ok"
         if ref.name in doomed:
-            reason = f"beyond the newest {keep} ({state})"
+            reason = f"beyond the newest {keep} and older than the newest verified checkpoint ({state})"
+        elif ref == newest_intact:
+            reason = f"the newest intact checkpoint ({state})" if i >= keep else f"one of the newest {keep} ({state})"
         elif i < keep:
             reason = f"one of the newest {keep} ({state})"
-        elif ref == newest_intact:
-            reason = f"the newest intact checkpoint (the newest {keep} are damaged)"
         else:
-            reason = f"kept: no intact checkpoint found, nothing committed is deleted ({state})"
+            reason = f"kept: no intact checkpoint is newer, so it is evidence ({state})"
         items.append(GcItem(ref=ref, committed=True, delete=ref.name in doomed, reason=reason, size=sizes[ref]))
     shared = repo.shared_folders() if len(refs) > len(committed) else {}
     for ref in refs:

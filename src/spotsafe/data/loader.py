@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from spotsafe.checks import check_bool, check_callable, check_int, check_signals, given
 from spotsafe.errors import CheckpointMismatchError, ConfigError
 
 _MASK64 = (1 << 64) - 1
@@ -152,13 +153,22 @@ class ResumableLoader:
         worker_init_fn: Callable[[int], None] | None = None,
         **dataloader_kwargs: Any,
     ) -> None:
-        if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
+        if (
+            isinstance(dataset, IterableDataset)
+            or not isinstance(dataset, Sized)
+            or not hasattr(dataset, "__getitem__")
+        ):
             raise ConfigError(
-                "ResumableLoader needs a map-style dataset with __len__ and __getitem__; for an iterable "
-                "dataset, give it state_dict()/load_state_dict() and pass it to the Checkpointer as an extra"
+                f"ResumableLoader needs a map-style dataset with __len__ and __getitem__, got {given(dataset)}; "
+                "for an iterable dataset, give it state_dict()/load_state_dict() and pass it to the Checkpointer "
+                "as an extra"
             )
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_int("batch_size", batch_size, at_least=1)
+        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last), ("reseed_workers", reseed_workers)):
+            check_bool(name, flag)
+        check_int("seed", seed, integral=True)
+        ignored = check_signals("ignore_signals", ignore_signals)
+        check_callable("worker_init_fn", worker_init_fn, allow_none=True)
         bad = [k for k in _RESERVED if k in dataloader_kwargs]
         if bad:
             raise ConfigError(f"ResumableLoader chooses {', '.join(bad)} itself; use shuffle= and seed= instead")
@@ -183,7 +193,7 @@ class ResumableLoader:
             sampler=_EpochSampler(self),
             drop_last=drop_last,
             generator=self._generator,
-            worker_init_fn=_WorkerInit(tuple(ignore_signals), worker_init_fn),
+            worker_init_fn=_WorkerInit(ignored, worker_init_fn),
             **dataloader_kwargs,
         )
         # Workers ignore SIGTERM, so they must be told to stop before multiprocessing's exit

@@ -56,13 +56,20 @@ from spotsafe.engine import agreement as agree
 from spotsafe.engine.commits import AfterSave
 from spotsafe.engine.components import Progress, apply_states, collect
 from spotsafe.engine.emergency import FULL, INCREMENTAL, STAGED, Plan, SaveCosts, options_for, plan_emergency
-from spotsafe.engine.reader import load_agreed, load_newest_valid
+from spotsafe.engine.options import check_checkpointer_args, check_restore_args, check_save_args
+from spotsafe.engine.reader import (
+    FAIL,
+    START_FRESH,
+    load_agreed,
+    load_newest_valid,
+    no_usable_checkpoint,
+    on_damaged_setting,
+)
 from spotsafe.engine.saver import SaveJob, Saver
 from spotsafe.engine.staged import recover_stage, wipe_stage
-from spotsafe.engine.staging import default_budget, parse_budget
 from spotsafe.engine.watch import NoticeHub, make_sources
 from spotsafe.errors import ConfigError, CorruptCheckpointError, SpotsafeError
-from spotsafe.exit_codes import EXIT_PREEMPTED
+from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT, EXIT_PREEMPTED
 from spotsafe.notices.base import NoticeSource
 from spotsafe.notices.signals import DEFAULT_SIGNALS
 from spotsafe.policy.adaptive import OnNotice
@@ -153,7 +160,7 @@ class Checkpointer:
         staging_budget: int | str | None = "auto",
         when_busy: str = "wait",
         storage_options: Mapping[str, Any] | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
         handle_signals: bool = True,
         signals: Iterable[int] = DEFAULT_SIGNALS,
         grace_s: float | None = None,
@@ -181,18 +188,42 @@ class Checkpointer:
                 raise ConfigError(
                     f"no checkpoint location: pass Checkpointer(url=...) or set ${ENV_URL} (for example runs/my-run)"
                 )
-        if progress_interval < 0:
-            raise ConfigError(f"progress_interval must be >= 0 seconds, got {progress_interval!r}")
-        self.metadata = dict(metadata or {})
-        try:
-            json.dumps(self.metadata, allow_nan=False)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"metadata must be JSON-serialisable: {err}") from err
-        if when_busy not in ("skip", "wait"):
-            raise ConfigError(f"when_busy must be 'skip' or 'wait', got {when_busy!r}")
-        if overlap and (optimizer is None or not async_save):
-            raise ConfigError("overlap=True needs an optimizer (its step pre-hook ends the copy) and async_save=True")
-        budget = default_budget() if staging_budget == "auto" else parse_budget(staging_budget)
+        # Every argument is checked before storage, the lease, the event log or a signal handler is touched.
+        args = check_checkpointer_args(
+            url=url,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            loader=loader,
+            extra=extra,
+            policy=policy,
+            keep=keep,
+            stage_dir=stage_dir,
+            async_save=async_save,
+            incremental=incremental,
+            overlap=overlap,
+            staging_budget=staging_budget,
+            when_busy=when_busy,
+            storage_options=storage_options,
+            retry=retry,
+            handle_signals=handle_signals,
+            signals=signals,
+            grace_s=grace_s,
+            exit_on_notice=exit_on_notice,
+            progress_interval=progress_interval,
+            metadata=metadata,
+            notices=notices,
+            distributed=distributed,
+            process_group=process_group,
+            storage=storage,
+            events=events,
+            clock=clock,
+            wall_clock=wall_clock,
+            exit=exit,
+        )
+        self.metadata = args.metadata
+        budget = args.staging_budget
         self.when_busy = when_busy
         self.optimizer = optimizer
         self.policy = policy if policy is not None else every(minutes=10)
@@ -246,7 +277,9 @@ class Checkpointer:
             self._hooks.append(optimizer.register_step_pre_hook(lambda *_: self.before_optimizer_step()))
 
         try:
-            sources, reasons = make_sources(notices, signals=signals, handle_signals=handle_signals, grace_s=grace_s)
+            sources, reasons = make_sources(
+                args.notices, signals=args.signals, handle_signals=handle_signals, grace_s=grace_s
+            )
             self._hub = NoticeHub(sources, reasons, self._emit)
             self._hub.start()
         except BaseException:
@@ -257,6 +290,7 @@ class Checkpointer:
         # Keyed by repr, not describe(): two parts may describe themselves alike.
         self._keyed_parts = [(repr(part), part) for part in self.policy.parts()]
         self._last_save_step: int | None = None
+        self._failed_save_step: int | None = None
         self._last_save_time = clock()
         self._last_progress_time = -float("inf")
         self._stop_requested = False
@@ -334,7 +368,7 @@ class Checkpointer:
         return self._stop_requested or (self._hub is not None and self._hub.pending())
 
     # -- restore -------------------------------------------------------------
-    def restore(self, *, strict: bool = True) -> int:
+    def restore(self, *, strict: bool = True, on_damaged: str | None = None) -> int:
         """Load the newest verified checkpoint; return its step (0 when starting fresh).
 
         Damaged checkpoints are skipped with a ``checkpoint_skipped`` event and a
@@ -342,12 +376,20 @@ class Checkpointer:
         (another model shape, a missing component when ``strict``) raises
         :class:`~spotsafe.errors.CheckpointMismatchError`: an older one would not
         fit either.
+
+        When the run has committed checkpoints and none can be restored, this raises
+        :class:`~spotsafe.errors.NoUsableCheckpointError` (uncaught, the process exits with 65)
+        naming each one and what is wrong with it, rather than start over.
+        ``on_damaged="start_fresh"`` (or ``$SPOTSAFE_ON_DAMAGED=start_fresh``) starts from step 0
+        instead. A storage error that outlives the retry budget is not damage: it is raised as it is.
         """
+        check_restore_args(strict)
+        mode = on_damaged_setting(on_damaged)
         started = self._clock()
-        skipped: list[str] = []
+        skipped: list[tuple[str, str]] = []
 
         def on_skip(ref: CheckpointRef, err: CorruptCheckpointError) -> None:
-            skipped.append(ref.name)
+            skipped.append((ref.name, str(err)))
             log.warning("spotsafe: skipping checkpoint %s: %s", ref.name, err)
             self._emit(ev.CheckpointSkipped, checkpoint=ref.name, step=ref.step, reason=str(err))
 
@@ -356,6 +398,22 @@ class Checkpointer:
         else:
             restored = load_newest_valid(self.repo, on_skip)
         if restored is None:
+            lost = bool(skipped)
+            if self._agreement is not None:  # collective: any rank's committed progress stops every rank
+                lost = not self._agreement.all_true(not (skipped or self.repo.candidates()))
+            if lost and mode == FAIL:
+                error = no_usable_checkpoint(str(self.storage.url), skipped)
+                self._emit(ev.RestoreFailed, checkpoints=len(skipped), reason=str(error))
+                self._emit(ev.RunExited, reason="no_usable_checkpoint", step=0, exit_code=EXIT_NO_USABLE_CHECKPOINT)
+                log.error("spotsafe: %s", error)
+                raise error
+            if lost:
+                message = (
+                    f"starting from step 0 although {len(skipped) or 'other ranks'} committed checkpoint(s) exist "
+                    f"(on_damaged={START_FRESH!r}); none could be restored"
+                )
+                log.warning("spotsafe: %s", message)
+                self._emit(ev.RunWarning, message=message)
             self._emit(ev.RestoreFresh, skipped=len(skipped))
             self._react_after_restore()
             return 0
@@ -392,10 +450,10 @@ class Checkpointer:
 
         With ``distributed``, every rank must call it at every step (ranks exchange a few numbers
         about every half second, see :mod:`spotsafe.engine.agreement`).
-        Raises the error of a failed background save, once, at the next call after it failed.
+        Raises the error of a failed background save, once, at the next call after it failed. The
+        step is counted first, so a caller that catches the error and trains on keeps an exact count.
         """
         self._settle()
-        self._raise_save_failure()
         self._progress.step += 1
         if self.loader is not None and hasattr(self.loader, "epoch"):
             self._progress.epoch = int(self.loader.epoch)
@@ -403,6 +461,7 @@ class Checkpointer:
         if now - self._last_progress_time >= self.progress_interval:
             self._last_progress_time = now
             self._emit(ev.Progress, step=self.step, epoch=self.epoch)
+        self._raise_save_failure()
         hub = self._hub
         assert hub is not None
         stop = hub.poll(self.step)
@@ -453,9 +512,10 @@ class Checkpointer:
         """What the save policy sees now: counters, measured save and restart costs, the run's interruptions."""
         now = self._clock() if now is None else now
         restarts = sorted(self._history.restart_s)
+        last = self._last_save_step if self._last_save_step is not None else self._failed_save_step
         return SaveContext(
             step=self.step,
-            steps_since_save=self.step - (self._last_save_step or 0),
+            steps_since_save=self.step - (last or 0),
             seconds_since_save=now - self._last_save_time,
             stall_s=self.costs.stall_s,
             commit_s=self.costs.commit_s,
@@ -624,6 +684,7 @@ class Checkpointer:
         (``None``) when ``when_busy="skip"``; every other save waits for it first.
         ``full=True`` writes every byte; ``via_stage=False`` bypasses ``stage_dir``.
         """
+        check_save_args(reason, full, via_stage)
         if self._closed:
             raise RuntimeError("this Checkpointer is closed")
         saver = self._saver
@@ -640,16 +701,22 @@ class Checkpointer:
         self._deferred = False
         step = self.step
         self._emit(ev.SaveStarted, step=step, reason=reason)
-        job = saver.save(
-            step,
-            reason,
-            {n: c.state_dict() for n, c in self._components.items()},
-            generation=self.generation,
-            metadata=self.metadata,
-            writer=self._writer_info(reason),
-            full=full,
-            via_stage=via_stage,
-        )
+        try:
+            job = saver.save(
+                step,
+                reason,
+                {n: c.state_dict() for n, c in self._components.items()},
+                generation=self.generation,
+                metadata=self.metadata,
+                writer=self._writer_info(reason),
+                full=full,
+                via_stage=via_stage,
+            )
+        except BaseException:
+            # A direct save failed here (a background one fails at the next call): the same bookkeeping.
+            self._failed_save_step, self._last_save_step = step, None
+            self._last_save_time = self._clock()
+            raise
         self._last_save_step = step
         self._last_save_time = self._clock()
         if job.background and reason == "final":
@@ -685,6 +752,9 @@ class Checkpointer:
     def _raise_save_failure(self) -> None:
         failure = self._saver.take_failure() if self._saver is not None else None
         if failure is not None:
+            # Nothing of that step is saved: finish() and a notice save it again; the interval
+            # policy still counts from the failed attempt (it is tried again at the next interval).
+            self._failed_save_step, self._last_save_step = self._last_save_step, None
             raise failure
 
     def finish(self) -> None:

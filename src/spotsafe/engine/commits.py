@@ -13,6 +13,7 @@ from spotsafe.engine.saver import Outcome
 from spotsafe.errors import CorruptCheckpointError, SpotsafeError
 from spotsafe.policy.retention import Candidate, KeepLast
 from spotsafe.storage.errors import redact
+from spotsafe.storage.fencing import FencedError
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.store import SaveSample, sample_of
@@ -63,29 +64,32 @@ class AfterSave:
         self._emit(ev.SaveCommitted, **fields)
         if self._measured is not None:
             self._measured(sample_of(ev.SaveCommitted(time=0.0, **fields)))  # type: ignore[arg-type]
-        try:
-            self.repo.write_latest(job.ref)
-            self.apply_retention(job.ref)
-        except SpotsafeError as err:
-            # The new checkpoint is committed; failing to update the hint or delete old ones must not undo that.
-            log.warning("spotsafe: after committing %s: %s", job.ref.name, err)
-            self._emit(ev.RunWarning, message=redact(f"after committing {job.ref.name}: {err}"))
+        # The new checkpoint is committed; failing to update the hint or delete old ones must not undo that.
+        # A hint that could not be written (a full disk) does not stop retention, which may free the space.
+        for action in (self.repo.write_latest, self.apply_retention):
+            try:
+                action(job.ref)
+            except SpotsafeError as err:
+                log.warning("spotsafe: after committing %s: %s", job.ref.name, err)
+                self._emit(ev.RunWarning, message=redact(f"after committing {job.ref.name}: {err}"))
+                if isinstance(err, FencedError):
+                    return  # a newer writer owns the run: delete nothing
 
     def apply_retention(self, just_committed: CheckpointRef) -> None:
         """Delete what the retention policy says, after ``just_committed`` was committed.
 
         The checkpoint this process just committed is intact by construction (its blobs have
-        the sizes it wrote), so the others are only checked when it is not among the kept ones.
-        Files that a kept checkpoint shares survive their own checkpoint's deletion.
+        the sizes it wrote), and it is normally the newest: then nothing else is read. Otherwise
+        the newer ones are verified, newest first, until one is intact (every checksum): nothing
+        is deleted that no intact checkpoint follows. Files that a kept checkpoint shares
+        survive their own checkpoint's deletion.
         """
         refs = {r.name: r for r in self.repo.committed()}
         candidates = [
             Candidate(name=r.name, step=r.step, intact=True if r == just_committed else None) for r in refs.values()
         ]
-        if not any(c.intact for c in candidates[: self.retention.n]):
-            candidates = [Candidate(name=r.name, step=r.step, intact=self._intact(r)) for r in refs.values()]
         deleted = False
-        for candidate in self.retention.to_delete(candidates):
+        for candidate in self.retention.to_delete(candidates, lambda c: self._intact(refs[c.name])):
             self.repo.delete(refs[candidate.name])
             deleted = True
             self._emit(
@@ -97,8 +101,9 @@ class AfterSave:
             self.repo.remove_leftovers()
 
     def _intact(self, ref: CheckpointRef) -> bool:
+        """Every size and checksum verified. A storage error is not damage: it propagates, nothing is deleted."""
         try:
-            self.repo.check_sizes(ref)
+            self.repo.verify(ref)
         except CorruptCheckpointError:
             return False
         return True

@@ -71,7 +71,8 @@ def apply_states(
             component.load_state_dict(states[name])
         except CheckpointMismatchError:
             raise
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError, OverflowError) as err:
+            # What load_state_dict raises for a value of the wrong type, shape or range.
             raise CheckpointMismatchError(
                 f"checkpoint {where}: the saved {name} does not fit the current one: {err}", checkpoint=where
             ) from err

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from spotsafe.engine.agreement import Agreement
-from spotsafe.errors import CorruptCheckpointError
+from spotsafe.errors import ConfigError, CorruptCheckpointError, NoUsableCheckpointError
 from spotsafe.state.snapshot import DecodedState, decode_state
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository, LoadedCheckpoint
 
@@ -76,3 +77,38 @@ def load_agreed(
         if agreement.all_true(restored is not None):
             return restored
         remaining.discard(step)
+
+
+ENV_ON_DAMAGED = "SPOTSAFE_ON_DAMAGED"
+FAIL, START_FRESH = "fail", "start_fresh"
+
+
+def on_damaged_setting(value: str | None) -> str:
+    """What ``restore()`` does when committed checkpoints exist and none can be restored.
+
+    ``value`` (the argument) wins; ``None`` reads ``$SPOTSAFE_ON_DAMAGED``; the default is ``"fail"``.
+    """
+    chosen = value if value is not None else (os.environ.get(ENV_ON_DAMAGED) or FAIL)
+    if not isinstance(chosen, str) or chosen not in (FAIL, START_FRESH):
+        where = "on_damaged" if value is not None else f"${ENV_ON_DAMAGED}"
+        raise ConfigError(f"{where} must be {FAIL!r} or {START_FRESH!r}, got {chosen!r} ({type(chosen).__name__})")
+    return chosen
+
+
+def no_usable_checkpoint(url: str, damaged: Sequence[tuple[str, str]]) -> NoUsableCheckpointError:
+    """The error for a run whose committed checkpoints (``damaged``: name and reason each) all fail.
+
+    With no ``damaged`` here, the damage is on other ranks, or the ranks share no common step.
+    """
+    if damaged:
+        found = f"{url} has {len(damaged)} committed checkpoint(s) and none can be restored:\n" + "".join(
+            f"  {name}: {reason}\n" for name, reason in damaged
+        )
+    else:
+        found = f"{url}: the other ranks' committed checkpoints cannot be restored with this rank's (see their logs)\n"
+    return NoUsableCheckpointError(
+        found + "Not starting over from step 0 on its own, and nothing was deleted. Check the storage "
+        f"(`spotsafe verify --all {url}` shows what is wrong with each checkpoint). To start from step 0 anyway, "
+        f"call restore(on_damaged={START_FRESH!r}) or set {ENV_ON_DAMAGED}={START_FRESH}.",
+        damaged=damaged,
+    )

@@ -29,10 +29,10 @@ log = logging.getLogger("spotsafe")
 
 
 def _source(stage_storage: LocalStorage, ref: CheckpointRef, entry: BlobEntry) -> ChunkSource:
-    path = stage_storage.path_of(f"{ref.key}/{entry.path}")
+    key = f"{ref.key}/{entry.path}"
 
     def chunks() -> Iterator[bytes]:
-        with open(path, "rb") as handle:
+        with stage_storage.open_read(key) as handle:
             while chunk := handle.read(READ_CHUNK):
                 yield chunk
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import datetime
 
+from spotsafe.checks import check_bool, check_int, check_mapping, check_number, check_str
 from spotsafe.notices.base import STOP, WARNING, Notice
 from spotsafe.notices.watcher import BadResponse, MetadataClient, Reply, Watcher
 
@@ -63,9 +64,12 @@ class AwsSpotNotices(Watcher):
         clock: Callable[[], float] = time.time,
         env: Mapping[str, str] | None = None,
     ) -> None:
+        check_str("endpoint", endpoint, allow_none=True)
+        check_int("token_ttl_s", token_ttl_s, at_least=1, at_most=21600, integral=True, hint=" (IMDSv2's limits)")
+        check_bool("rebalance", rebalance)
+        check_number("timeout_s", timeout_s, above=0, unit="seconds")
+        check_mapping("env", env, allow_none=True)
         super().__init__(poll_s=poll_s, clock=clock)
-        if not 1 <= token_ttl_s <= 21600:
-            raise ValueError(f"token_ttl_s must be between 1 and 21600 seconds, got {token_ttl_s!r}")
         env = os.environ if env is None else env
         self.endpoint = (endpoint or env.get(ENV_ENDPOINT) or DEFAULT_ENDPOINT).rstrip("/")
         self.token_ttl_s = int(token_ttl_s)

@@ -26,6 +26,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 
+from spotsafe.checks import check_bool, check_mapping, check_number, check_str, check_strings
 from spotsafe.notices.base import STOP, WARNING, Notice
 from spotsafe.notices.watcher import BadResponse, EndpointDown, MetadataClient, Watcher
 
@@ -67,6 +68,14 @@ class AzureScheduledEvents(Watcher):
         clock: Callable[[], float] = time.time,
         env: Mapping[str, str] | None = None,
     ) -> None:
+        check_str("endpoint", endpoint, allow_none=True)
+        check_bool("acknowledge", acknowledge)
+        stop_types = check_strings("stop_types", stop_types, non_empty=False)
+        warn_types = check_strings("warn_types", warn_types, non_empty=False)
+        check_str("vm_name", vm_name, allow_none=True)
+        check_number("timeout_s", timeout_s, above=0, unit="seconds")
+        check_number("first_call_timeout_s", first_call_timeout_s, above=0, unit="seconds")
+        check_mapping("env", env, allow_none=True)
         super().__init__(poll_s=poll_s, clock=clock)
         env = os.environ if env is None else env
         self.endpoint = (endpoint or env.get(ENV_ENDPOINT) or DEFAULT_ENDPOINT).rstrip("/")

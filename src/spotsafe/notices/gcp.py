@@ -22,6 +22,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 
+from spotsafe.checks import check_bool, check_int, check_mapping, check_number, check_str
 from spotsafe.notices.base import STOP, WARNING, Notice, NoticeBoard
 from spotsafe.notices.watcher import BadResponse, MetadataClient, Watcher
 
@@ -103,6 +104,14 @@ class GcpNotices:
         clock: Callable[[], float] = time.time,
         env: Mapping[str, str] | None = None,
     ) -> None:
+        check_str("endpoint", endpoint, allow_none=True)
+        check_number("notice_s", notice_s, at_least=0, unit="seconds")
+        check_bool("maintenance", maintenance)
+        check_number("maintenance_window_s", maintenance_window_s, at_least=0, unit="seconds")
+        check_int("hang_s", hang_s, at_least=1, integral=True)
+        check_number("timeout_s", timeout_s, above=0, unit="seconds")
+        check_number("retry_s", retry_s, above=0, unit="seconds")
+        check_mapping("env", env, allow_none=True)
         env = os.environ if env is None else env
         if endpoint is None:
             endpoint = "http://" + (env.get(ENV_HOST) or DEFAULT_HOST)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
 from typing import Any
 
+from spotsafe.checks import check_callable, check_mapping, check_number, check_signal, check_signals, check_str
 from spotsafe.notices.base import STOP, Notice, NoticeBoard
 
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -54,7 +55,16 @@ class SignalNotices:
         install: InstallFn = signal.signal,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.signals = tuple(signal.Signals(s) for s in signals)
+        self.signals = check_signals("signals", signals)
+        check_number("grace_seconds", grace_seconds, at_least=0, unit="seconds", allow_none=True)
+        check_mapping("grace", grace, allow_none=True)
+        for sig, seconds in (grace or {}).items():
+            check_signal("a grace key", sig)
+            check_number(f"grace[{sig!r}]", seconds, at_least=0, unit="seconds")
+        check_str("source", source, allow_none=True)
+        check_callable("on_after_stop", on_after_stop, allow_none=True)
+        check_callable("install", install)
+        check_callable("clock", clock)
         self.grace_seconds = grace_seconds
         self.grace = {signal.Signals(s): float(g) for s, g in (grace or {}).items()}
         self.source = source

@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from spotsafe.checks import check_bool, check_callable, check_number, check_signal, check_str, check_strings
 from spotsafe.notices.base import SourceReport
 from spotsafe.notices.signals import SignalNotices
 
@@ -36,6 +37,12 @@ class SlurmNotices(SignalNotices):
         run: RunFn = subprocess.run,
         **kwargs: Any,
     ) -> None:
+        check_str("job_id", job_id, empty=True, allow_none=True)
+        check_signal("warning_signal", warning_signal)
+        check_number("lead_s", lead_s, at_least=0, unit="seconds", allow_none=True)
+        check_bool("requeue", requeue)
+        scontrol = check_strings("scontrol", scontrol)
+        check_callable("run", run)
         grace = {warning_signal: lead_s} if lead_s is not None else None
         super().__init__([warning_signal], grace=grace, source="slurm", **kwargs)
         self.job_id = job_id

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import urllib3
 
+from spotsafe.checks import check_callable, check_number
 from spotsafe.notices.base import Notice, NoticeBoard, SourceReport
 
 log = logging.getLogger("spotsafe")
@@ -104,8 +105,9 @@ class Watcher(ABC):
         max_backoff_s: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not poll_s > 0:
-            raise ValueError(f"poll_s must be > 0, got {poll_s!r}")
+        check_number("poll_s", poll_s, above=0, unit="seconds")
+        check_number("max_backoff_s", max_backoff_s, above=0, unit="seconds")
+        check_callable("clock", clock)
         self.poll_s = float(poll_s)
         self.max_backoff_s = float(max_backoff_s)
         self._clock = clock

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from spotsafe.checks import check_choice, check_int, check_number
 from spotsafe.errors import ConfigError
 from spotsafe.policy.interval import Choice, SaveContext, SavePolicy
 
@@ -35,10 +36,7 @@ FIRST_SAVE_S = 60.0
 
 
 def _positive(name: str, value: object, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    check_number(name, value, above=0, allow_none=allow_none)
 
 
 def daly_interval(d: float, m: float) -> float:
@@ -77,10 +75,8 @@ class YoungDaly(SavePolicy):
     def __post_init__(self) -> None:
         _positive("prior_mtbi_hours", self.prior_mtbi_hours)
         _positive("first_save_s", self.first_save_s)
-        if self.count not in ("unnoticed", "all"):
-            raise ConfigError(f"count must be 'unnoticed' or 'all', got {self.count!r}")
-        if self.cost not in ("commit", "stall"):
-            raise ConfigError(f"cost must be 'commit' or 'stall', got {self.cost!r}")
+        check_choice("count", self.count, ("unnoticed", "all"))
+        check_choice("cost", self.cost, ("commit", "stall"))
 
     def mtbi(self, ctx: SaveContext) -> tuple[float, int]:
         """(M in seconds, interruptions counted)."""
@@ -162,14 +158,9 @@ class OnNotice(SavePolicy):
     warnings: str = "save"
 
     def __post_init__(self) -> None:
-        _positive("safety", self.safety)
-        if self.safety < 1:
-            raise ConfigError(f"safety must be >= 1 (estimates are multiplied by it), got {self.safety!r}")
-        margin = self.margin_s
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
-            raise ConfigError(f"margin_s must be a finite number of seconds >= 0, got {self.margin_s!r}")
-        if self.warnings not in ("save", "ignore"):
-            raise ConfigError(f"warnings must be 'save' or 'ignore', got {self.warnings!r}")
+        check_number("safety", self.safety, at_least=1, hint=" (time estimates are multiplied by it)")
+        check_number("margin_s", self.margin_s, at_least=0, unit="seconds")
+        check_choice("warnings", self.warnings, ("save", "ignore"))
 
     def should_save(self, ctx: SaveContext) -> bool:
         return False
@@ -211,17 +202,16 @@ def max_loss(
     """
     if (minutes is None) == (dollars is None):
         raise ConfigError("max_loss() needs exactly one of minutes= or dollars=")
+    _positive("max_loss(minutes=...)", minutes, allow_none=True)
+    _positive("max_loss(dollars=...)", dollars, allow_none=True)
+    _positive("price_per_hour", price_per_hour, allow_none=True)
+    check_int("nodes", nodes, at_least=1)
     if minutes is not None:
-        _positive("max_loss(minutes=...)", minutes)
         return MaxLoss(
             budget_s=60.0 * minutes, label=f"max_loss(minutes={minutes:g})", default_restart_s=default_restart_s
         )
-    _positive("max_loss(dollars=...)", dollars)
     if price_per_hour is None:
         raise ConfigError("max_loss(dollars=...) needs price_per_hour= (the price of one node per hour)")
-    _positive("price_per_hour", price_per_hour)
-    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
-        raise ConfigError(f"nodes must be a positive integer, got {nodes!r}")
     assert dollars is not None
     budget_s = dollars / (price_per_hour * nodes) * HOUR
     label = f"max_loss(dollars={dollars:g}, price_per_hour={price_per_hour:g}, nodes={nodes})"

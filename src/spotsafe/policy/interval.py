@@ -16,7 +16,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from spotsafe.checks import check_instance, check_int, check_number
 from spotsafe.errors import ConfigError
+
+_COMBINE = "a save policy (every(...), max_loss(...), young_daly(), on_notice(...))"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +86,7 @@ class SavePolicy(ABC):
         return False
 
     def __or__(self, other: SavePolicy) -> SavePolicy:
+        check_instance("a policy combined with |", other, SavePolicy, _COMBINE)
         return AnyOf((self, other))
 
 
@@ -91,8 +95,7 @@ class EverySteps(SavePolicy):
     steps: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
-            raise ConfigError(f"every(steps=...) needs a positive integer, got {self.steps!r}")
+        check_int("every(steps=...)", self.steps, at_least=1)
 
     def should_save(self, ctx: SaveContext) -> bool:
         return ctx.steps_since_save >= self.steps
@@ -113,8 +116,7 @@ class EverySeconds(SavePolicy):
     seconds: float
 
     def __post_init__(self) -> None:
-        if not isinstance(self.seconds, (int, float)) or isinstance(self.seconds, bool) or not self.seconds > 0:
-            raise ConfigError(f"every(seconds=...) needs a positive number, got {self.seconds!r}")
+        check_number("every(seconds=...)", self.seconds, above=0, unit="seconds")
 
     def should_save(self, ctx: SaveContext) -> bool:
         return ctx.steps_since_save > 0 and ctx.seconds_since_save >= self.seconds
@@ -145,6 +147,10 @@ class Never(SavePolicy):
 class AnyOf(SavePolicy):
     policies: tuple[SavePolicy, ...]
 
+    def __post_init__(self) -> None:
+        for i, policy in enumerate(self.policies):
+            check_instance(f"AnyOf.policies[{i}]", policy, SavePolicy, _COMBINE)
+
     def should_save(self, ctx: SaveContext) -> bool:
         return any(p.should_save(ctx) for p in self.policies)
 
@@ -155,6 +161,7 @@ class AnyOf(SavePolicy):
         return tuple(part for p in self.policies for part in p.parts())
 
     def __or__(self, other: SavePolicy) -> SavePolicy:
+        check_instance("a policy combined with |", other, SavePolicy, _COMBINE)
         return AnyOf((*self.policies, other))
 
 
@@ -164,8 +171,7 @@ def every(*, steps: int | None = None, seconds: float | None = None, minutes: fl
     if steps is not None:
         parts.append(EverySteps(steps))
     for name, value in (("seconds", seconds), ("minutes", minutes)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-            raise ConfigError(f"every({name}=...) needs a positive number, got {value!r}")
+        check_number(f"every({name}=...)", value, above=0, allow_none=True)
     if seconds is not None or minutes is not None:
         parts.append(EverySeconds((seconds or 0.0) + 60.0 * (minutes or 0.0)))
     if not parts:

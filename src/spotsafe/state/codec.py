@@ -26,6 +26,9 @@ bytes                  ``{"$bytes": base64}``
 
 Decoding knows only these tags and constructs only these types: an unknown
 tag is an :class:`~spotsafe.errors.UnsafeCheckpointError`, never an import.
+Both directions are bounded: a tree whose JSON would nest deeper than
+:data:`MAX_DEPTH` objects and arrays is refused when saved (``StateError``) and
+when loaded (``UnsafeCheckpointError``), never a ``RecursionError``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ import torch
 
 from spotsafe.errors import StateError, UnsafeCheckpointError
 from spotsafe.state.tensors import dtype_from_name, dtype_name
+from spotsafe.storage.json_limits import STATE_LIMITS
+
+MAX_DEPTH = STATE_LIMITS.max_depth - 3
+"""Deepest nesting of objects and arrays in one component's JSON (``state.json`` wraps it in three more)."""
 
 _NP_SCALARS = {
     "bool": np.bool_,
@@ -67,14 +74,28 @@ def _encode_float(value: float) -> Any:
     return {"$float": "inf" if value > 0 else "-inf"}
 
 
-def encode(tree: Any, tensors: list[torch.Tensor], path: str = "") -> Any:
-    """Return the JSON form of ``tree``, appending its tensors to ``tensors``."""
+def _too_deep_to_save(path: str) -> StateError:
+    return StateError(
+        f"{path or 'state'}: nests deeper than {MAX_DEPTH} levels of lists, tuples and dicts (as JSON), "
+        "more than spotsafe reads back; flatten it"
+    )
+
+
+def encode(tree: Any, tensors: list[torch.Tensor], path: str = "", *, level: int = 1) -> Any:
+    """Return the JSON form of ``tree``, appending its tensors to ``tensors``.
+
+    ``level`` is how deep in the JSON the value lands (1: the top); a container that would land
+    deeper than :data:`MAX_DEPTH` raises :class:`~spotsafe.errors.StateError`.
+    """
     if tree is None or isinstance(tree, (bool, str)):
         return tree
     if isinstance(tree, int) and not isinstance(tree, np.integer):
         return int(tree)
     if isinstance(tree, float) and not isinstance(tree, np.floating):
         return _encode_float(float(tree))
+    if level > MAX_DEPTH:
+        raise _too_deep_to_save(path)
+    inner = level + 1
     if isinstance(tree, torch.Tensor):
         if tree.is_sparse or tree.is_quantized or tree.layout != torch.strided:
             raise StateError(f"{path or 'state'}: {tree.layout} tensors are not supported; convert to dense first")
@@ -98,21 +119,37 @@ def encode(tree: Any, tensors: list[torch.Tensor], path: str = "") -> Any:
         return {"$device": str(tree)}
     if isinstance(tree, (bytes, bytearray)):
         return {"$bytes": base64.b64encode(bytes(tree)).decode("ascii")}
-    if isinstance(tree, tuple):
-        return {"$tuple": [encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(tree)]}
+    if isinstance(tree, tuple):  # {"$tuple": [...]}: items two levels down
+        if level + 1 > MAX_DEPTH:
+            raise _too_deep_to_save(path)
+        return {"$tuple": [encode(v, tensors, f"{path}[{i}]", level=inner + 1) for i, v in enumerate(tree)]}
     if isinstance(tree, list):
-        return [encode(v, tensors, f"{path}[{i}]") for i, v in enumerate(tree)]
-    if isinstance(tree, OrderedDict):
-        items = [[encode(k, tensors, path), encode(v, tensors, f"{path}.{k}")] for k, v in tree.items()]
+        return [encode(v, tensors, f"{path}[{i}]", level=inner) for i, v in enumerate(tree)]
+    if (
+        isinstance(tree, dict)
+        and level + 2 > MAX_DEPTH
+        and (isinstance(tree, OrderedDict) or not all(isinstance(k, str) and not k.startswith("$") for k in tree))
+    ):
+        raise _too_deep_to_save(path)  # its [key, value] pairs would nest two levels deeper
+    if isinstance(tree, OrderedDict):  # {"$odict": [[key, value], ...]}: keys and values three levels down
+        items = [
+            [encode(k, tensors, path, level=inner + 2), encode(v, tensors, f"{path}.{k}", level=inner + 2)]
+            for k, v in tree.items()
+        ]
         out: dict[str, Any] = {"$odict": items}
         meta = getattr(tree, "_metadata", None)
         if meta is not None:
-            out["$meta"] = encode(meta, tensors, f"{path}._metadata")
+            out["$meta"] = encode(meta, tensors, f"{path}._metadata", level=inner)
         return out
     if isinstance(tree, dict):
         if all(isinstance(k, str) and not k.startswith("$") for k in tree):
-            return {k: encode(v, tensors, f"{path}.{k}" if path else k) for k, v in tree.items()}
-        return {"$dict": [[encode(k, tensors, path), encode(v, tensors, f"{path}.{k}")] for k, v in tree.items()]}
+            return {k: encode(v, tensors, f"{path}.{k}" if path else k, level=inner) for k, v in tree.items()}
+        return {
+            "$dict": [
+                [encode(k, tensors, path, level=inner + 2), encode(v, tensors, f"{path}.{k}", level=inner + 2)]
+                for k, v in tree.items()
+            ]
+        }
     raise StateError(
         f"{path or 'state'}: cannot save a value of type {type(tree).__module__}.{type(tree).__qualname__}; "
         "state must be tensors, numbers, strings, lists, tuples and dicts. Give the object "
@@ -126,17 +163,23 @@ def _pairs(raw: Any, where: str) -> list[tuple[Any, Any]]:
     return [(p[0], p[1]) for p in raw]
 
 
-def decode(doc: Any, tensor_at: Callable[[int], torch.Tensor], where: str = "state") -> Any:
-    """Rebuild the tree encoded by :func:`encode`. ``tensor_at(i)`` returns tensor ``i``."""
+def decode(doc: Any, tensor_at: Callable[[int], torch.Tensor], where: str = "state", *, level: int = 1) -> Any:
+    """Rebuild the tree encoded by :func:`encode`. ``tensor_at(i)`` returns tensor ``i``.
+
+    ``level`` is how deep ``doc`` is in the JSON (1: the top); deeper than :data:`MAX_DEPTH` is unsafe.
+    """
     if doc is None or isinstance(doc, (bool, int, float, str)):
         return doc
+    if level > MAX_DEPTH:
+        raise UnsafeCheckpointError(f"{where}: objects and arrays nest deeper than {MAX_DEPTH} levels")
+    inner = level + 1
     if isinstance(doc, list):
-        return [decode(v, tensor_at, where) for v in doc]
+        return [decode(v, tensor_at, where, level=inner) for v in doc]
     if not isinstance(doc, dict):
         raise UnsafeCheckpointError(f"{where}: unexpected JSON value {type(doc).__name__}")
-    tags = [k for k in doc if k.startswith("$")]
+    tags = [k for k in doc if isinstance(k, str) and k.startswith("$")]
     if not tags:
-        return {k: decode(v, tensor_at, where) for k, v in doc.items()}
+        return {k: decode(v, tensor_at, where, level=inner) for k, v in doc.items()}
     tag = tags[0]
     value = doc[tag]
     if tag == "$tensor" and len(doc) == 1:
@@ -146,48 +189,52 @@ def decode(doc: Any, tensor_at: Callable[[int], torch.Tensor], where: str = "sta
             return tensor_at(_index(value, where)).numpy()
         except TypeError as err:
             raise UnsafeCheckpointError(f"{where}: $ndarray of a dtype numpy cannot hold") from err
-    if tag == "$float" and len(doc) == 1 and value in _NONFINITE:
+    if tag == "$float" and len(doc) == 1 and isinstance(value, str) and value in _NONFINITE:
         return _NONFINITE[value]
     if tag == "$tuple" and len(doc) == 1 and isinstance(value, list):
-        return tuple(decode(v, tensor_at, where) for v in value)
+        return tuple(decode(v, tensor_at, where, level=inner + 1) for v in value)
     if tag == "$dict" and len(doc) == 1:
         return {
-            _hashable(decode(k, tensor_at, where), where): decode(v, tensor_at, where) for k, v in _pairs(value, where)
+            _hashable(decode(k, tensor_at, where, level=inner + 2), where): decode(v, tensor_at, where, level=inner + 2)
+            for k, v in _pairs(value, where)
         }
     if tag == "$odict" and set(doc) <= {"$odict", "$meta"}:
         out: OrderedDict[Any, Any] = OrderedDict(
-            (_hashable(decode(k, tensor_at, where), where), decode(v, tensor_at, where))
+            (
+                _hashable(decode(k, tensor_at, where, level=inner + 2), where),
+                decode(v, tensor_at, where, level=inner + 2),
+            )
             for k, v in _pairs(value, where)
         )
         if "$meta" in doc:
-            out._metadata = decode(doc["$meta"], tensor_at, where)  # type: ignore[attr-defined]
+            out._metadata = decode(doc["$meta"], tensor_at, where, level=inner)  # type: ignore[attr-defined]
         return out
-    if tag == "$npscalar" and set(doc) == {"$npscalar", "value"} and value in _NP_SCALARS:
-        item = decode(doc["value"], tensor_at, where)
+    if tag == "$npscalar" and set(doc) == {"$npscalar", "value"} and isinstance(value, str) and value in _NP_SCALARS:
+        item = decode(doc["value"], tensor_at, where, level=inner)
         if not isinstance(item, (bool, int, float)):
             raise UnsafeCheckpointError(f"{where}: bad numpy scalar value")
         try:
             return _NP_SCALARS[value](item)
         except (OverflowError, ValueError, TypeError) as err:
-            raise UnsafeCheckpointError(f"{where}: numpy scalar {item!r} does not fit {value}") from err
+            raise UnsafeCheckpointError(f"{where}: numpy scalar {item!r:.40} does not fit {value}") from err
     if tag == "$dtype" and len(doc) == 1 and isinstance(value, str):
         return dtype_from_name(value)
     if tag == "$device" and len(doc) == 1 and isinstance(value, str):
         try:
             return torch.device(value)
-        except RuntimeError as err:
-            raise UnsafeCheckpointError(f"{where}: bad device {value!r}") from err
+        except (RuntimeError, ValueError, TypeError) as err:
+            raise UnsafeCheckpointError(f"{where}: bad device {value!r:.40}") from err
     if tag == "$bytes" and len(doc) == 1 and isinstance(value, str):
         try:
             return base64.b64decode(value, validate=True)
         except ValueError as err:
             raise UnsafeCheckpointError(f"{where}: bad base64") from err
-    raise UnsafeCheckpointError(f"{where}: unknown or malformed tag {tag!r}; refusing to interpret it")
+    raise UnsafeCheckpointError(f"{where}: unknown or malformed tag {tag!r:.40}; refusing to interpret it")
 
 
 def _index(value: Any, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise UnsafeCheckpointError(f"{where}: bad tensor reference {value!r}")
+        raise UnsafeCheckpointError(f"{where}: bad tensor reference {value!r:.40}")
     return value
 
 

@@ -47,7 +47,7 @@ class GlobalRNG:
             }
             np.random.set_state(np_state)
             torch.set_rng_state(state["torch"].clone())
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError) as err:
             raise CheckpointMismatchError(f"the checkpoint's RNG state cannot be applied: {err}") from err
         cuda = state.get("cuda")
         if cuda is not None and torch.cuda.is_available():

@@ -22,6 +22,7 @@ import torch
 from spotsafe.errors import CorruptCheckpointError, StateError, UnsafeCheckpointError
 from spotsafe.state import codec
 from spotsafe.state.tensors import TensorEntry, pack, plan, unpack
+from spotsafe.storage import json_limits
 from spotsafe.storage.base import ChunkSource
 
 STATE_BLOB = "state.json"
@@ -89,7 +90,14 @@ class Snapshot:
             for part in self.components
         }
         doc = {"format_version": STATE_FORMAT, "step": self.step, "components": index}
-        return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+        data = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+        try:
+            json_limits.check_shape(data, json_limits.STATE_LIMITS, STATE_BLOB)
+        except CorruptCheckpointError as err:
+            raise StateError(
+                f"cannot save state that spotsafe could not read back: {err}. Keep large data in tensors"
+            ) from err
+        return data
 
 
 @dataclass
@@ -105,14 +113,20 @@ def restore_components(blobs: Mapping[str, bytearray | memoryview], where: str) 
     return decode_state(blobs, where).components
 
 
+_MALFORMED = (RecursionError, MemoryError, OverflowError, RuntimeError, ValueError, TypeError, KeyError, IndexError)
+"""What building Python and torch objects from a malformed (but checked) document can still raise."""
+
+
 def decode_state(blobs: Mapping[str, bytearray | memoryview], where: str) -> DecodedState:
-    """Decode verified blobs (keyed as the manifest names them) into components and tensor entries."""
-    try:
-        doc = json.loads(bytes(blobs[STATE_BLOB]))
-    except KeyError:
-        raise CorruptCheckpointError(f"{where}: the checkpoint has no {STATE_BLOB}") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CorruptCheckpointError(f"{where}: {STATE_BLOB} is not valid JSON") from err
+    """Decode verified blobs (keyed as the manifest names them) into components and tensor entries.
+
+    ``state.json`` is untrusted: it is parsed within :data:`~spotsafe.storage.json_limits.STATE_LIMITS`,
+    and anything wrong with it raises :class:`~spotsafe.errors.CorruptCheckpointError` (or its
+    subclass :class:`~spotsafe.errors.UnsafeCheckpointError`), never another exception.
+    """
+    if STATE_BLOB not in blobs:
+        raise CorruptCheckpointError(f"{where}: the checkpoint has no {STATE_BLOB}")
+    doc = json_limits.load(blobs[STATE_BLOB], json_limits.STATE_LIMITS, f"{where}: {STATE_BLOB}")
     if not isinstance(doc, dict) or doc.get("format_version") not in _READABLE:
         raise CorruptCheckpointError(f"{where}: {STATE_BLOB} has an unsupported format")
     components = doc.get("components")
@@ -120,26 +134,36 @@ def decode_state(blobs: Mapping[str, bytearray | memoryview], where: str) -> Dec
         raise CorruptCheckpointError(f"{where}: {STATE_BLOB} lists no components")
     out = DecodedState(components={}, entries={})
     for name, part in components.items():
-        if not isinstance(part, dict) or not isinstance(part.get("tensors"), list):
-            raise CorruptCheckpointError(f"{where}: component {name!r} is malformed")
-        default_blob = part.get("blob")
-        if default_blob is not None and not isinstance(default_blob, str):
-            raise UnsafeCheckpointError(f"{where}: component {name!r} names a malformed blob")
-        entries = [TensorEntry.from_json(e, default_blob) for e in part["tensors"]]
-        for entry in entries:
-            if any(seg.blob == STATE_BLOB or seg.blob not in blobs for seg in entry.segments):
-                raise UnsafeCheckpointError(f"{where}: component {name!r} refers to a blob not in the manifest")
-        cache: dict[int, torch.Tensor] = {}
-
-        def tensor_at(
-            i: int, entries: list[TensorEntry] = entries, cache: dict[int, torch.Tensor] = cache
-        ) -> torch.Tensor:
-            if i >= len(entries):
-                raise UnsafeCheckpointError(f"{where}: tensor reference {i} out of range")
-            if i not in cache:
-                cache[i] = unpack(blobs, entries[i])
-            return cache[i]
-
-        out.components[name] = codec.decode(part.get("tree"), tensor_at, f"{where}:{name}")
-        out.entries[name] = entries
+        if not _COMPONENT.fullmatch(name):
+            raise UnsafeCheckpointError(f"{where}: {STATE_BLOB} names a component {name!r:.80}")
+        try:
+            out.components[name], out.entries[name] = _decode_component(blobs, part, f"{where}:{name}")
+        except _MALFORMED as err:
+            raise UnsafeCheckpointError(
+                f"{where}: component {name!r} cannot be decoded ({type(err).__name__}: {err!s:.200})"
+            ) from err
     return out
+
+
+def _decode_component(
+    blobs: Mapping[str, bytearray | memoryview], part: Any, where: str
+) -> tuple[Any, list[TensorEntry]]:
+    if not isinstance(part, dict) or not isinstance(part.get("tensors"), list):
+        raise CorruptCheckpointError(f"{where}: the component is malformed")
+    default_blob = part.get("blob")
+    if default_blob is not None and not isinstance(default_blob, str):
+        raise UnsafeCheckpointError(f"{where}: the component names a malformed blob")
+    entries = [TensorEntry.from_json(e, default_blob) for e in part["tensors"]]
+    for entry in entries:
+        if any(seg.blob == STATE_BLOB or seg.blob not in blobs for seg in entry.segments):
+            raise UnsafeCheckpointError(f"{where}: the component refers to a blob not in the manifest")
+    cache: dict[int, torch.Tensor] = {}
+
+    def tensor_at(i: int) -> torch.Tensor:
+        if i >= len(entries):
+            raise UnsafeCheckpointError(f"{where}: tensor reference {i} out of range")
+        if i not in cache:
+            cache[i] = unpack(blobs, entries[i])
+        return cache[i]
+
+    return codec.decode(part.get("tree"), tensor_at, where), entries

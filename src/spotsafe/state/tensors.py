@@ -17,6 +17,9 @@ import torch
 from spotsafe.errors import UnsafeCheckpointError
 
 ALIGN = 64
+MAX_DIMS = 64
+"""More dimensions than any tensor has; an entry with more is refused."""
+_INT64_MAX = 2**63 - 1
 
 _DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
@@ -109,7 +112,7 @@ class TensorEntry:
             raise UnsafeCheckpointError("tensor entry has a bad size")
         if not isinstance(dtype, str) or not isinstance(shape, list):
             raise UnsafeCheckpointError("tensor entry has a bad dtype or shape")
-        if not all(_count(d) for d in shape):
+        if len(shape) > MAX_DIMS or not all(_count(d) for d in shape):
             raise UnsafeCheckpointError("tensor entry has a bad shape")
         raw = doc.get("segments")
         if raw is None:  # format 1
@@ -132,7 +135,8 @@ class TensorEntry:
 
 
 def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A size, offset or dimension: an int in ``[0, 2**63)`` (what torch can index)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _INT64_MAX
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -15,7 +15,7 @@ import mmap
 from collections.abc import Callable, Iterable
 from typing import Protocol, runtime_checkable
 
-from spotsafe.errors import PermanentStorageError
+from spotsafe.errors import PermanentStorageError, UnsafeCheckpointError
 
 Chunk = bytes | bytearray | memoryview
 ReadProgress = Callable[[int], None]
@@ -47,6 +47,14 @@ def new_buffer(size: int) -> memoryview:
 
 class BlobNotFoundError(PermanentStorageError):
     """The key does not exist."""
+
+
+class UnsafePathError(PermanentStorageError, UnsafeCheckpointError):
+    """The key leads through something a run folder must not contain: a symbolic link, a named pipe, a device.
+
+    Never followed or opened. A storage error (retrying will not help) and an unsafe checkpoint at once,
+    so a restore skips the checkpoint that needs it, like a damaged one.
+    """
 
 
 @runtime_checkable

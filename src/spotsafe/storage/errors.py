@@ -4,6 +4,13 @@ Every storage call goes through :func:`translate` at the backend boundary, so th
 rest of spotsafe only ever sees :class:`~spotsafe.errors.TransientStorageError`
 (retry it), :class:`~spotsafe.errors.PermanentStorageError` (tell the user what
 to fix) or :class:`~spotsafe.storage.base.BlobNotFoundError`.
+
+Classification uses only structured information: the service's error code
+(botocore's ``Error.Code``, azure.core's ``error_code``), the HTTP status, the
+exception's type and its ``errno``; never words in a message, which carries the
+user's own paths and bucket names. Where a backend gives no code for a missing
+bucket (a bare ``FileNotFoundError``), the storage asks explicitly whether the
+bucket exists (see :meth:`~spotsafe.storage.fsspec_store.FsspecStorage.check_bucket`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,8 @@ import errno
 import os
 import re
 import socket
+from collections.abc import Iterator
+from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,7 +53,27 @@ _CREDENTIAL_CODES = {
     "ExpiredToken",
     "InvalidToken",
     "TokenRefreshRequired",
+    "AuthenticationFailed",  # Azure: a wrong account key or SAS signature
+    "InvalidAuthenticationInfo",  # Azure: a malformed or expired token
 }
+_CREDENTIAL_TYPES = {
+    "NoCredentialsError",  # botocore
+    "PartialCredentialsError",  # botocore
+    "ClientAuthenticationError",  # azure.core (azure.identity's errors derive from it)
+    "DefaultCredentialsError",  # google.auth: no credentials found
+}
+_ACCESS_CODES = {
+    "AccessDenied",  # S3
+    "AuthorizationFailure",  # Azure: not allowed (network rules, SAS scope); Azurite also says it for a wrong key
+    "AuthorizationPermissionMismatch",  # Azure: the identity lacks the role
+}
+_CREDENTIAL_HINTS = {
+    "s3": "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the profile, or the instance role",
+    "gcs": "GOOGLE_APPLICATION_CREDENTIALS, `gcloud auth application-default login`, or the service account",
+    "azure": "AZURE_STORAGE_CONNECTION_STRING / AZURE_STORAGE_ACCOUNT_KEY, the SAS token, or the managed identity",
+}
+_SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
+_LIBRARIES = {"botocore": "s3", "aiobotocore": "s3", "s3fs": "s3", "gcsfs": "gcs", "google": "gcs", "azure": "azure"}
 _TRANSIENT_CODES = {
     "SlowDown",
     "Throttling",
@@ -88,16 +117,84 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-def _client_error(err: BaseException) -> Any:
-    """The botocore-style ClientError behind ``err``, if any (it carries the service's error code)."""
+_NO_BUCKET_CODES = {
+    "NoSuchBucket",  # S3 (botocore's ClientError code)
+    "ContainerNotFound",  # Azure Blob Storage (azure.core's HttpResponseError.error_code)
+}
+"""Service error codes that say the bucket (container) itself is missing, not a key in it."""
+
+
+def _chain(err: BaseException, *, handled: bool = True) -> Iterator[BaseException]:
+    """``err`` and the exceptions it was raised from, each once.
+
+    With ``handled=False``, only what it explicitly wraps (``raise ... from``), not what was being handled when
+    it was raised: adlfs wraps a dropped connection in a ``RuntimeError`` that way.
+    """
     seen: set[int] = set()
     current: BaseException | None = err
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(getattr(current, "response", None), dict):
-            return current
-        current = current.__cause__ or current.__context__
+        yield current
+        current = current.__cause__ or (current.__context__ if handled else None)
+
+
+def _client_error(err: BaseException) -> Any:
+    """The botocore-style ClientError behind ``err``, if any (it carries the service's error code)."""
+    return next((e for e in _chain(err) if isinstance(getattr(e, "response", None), dict)), None)
+
+
+def _service_code(err: BaseException, client: Any) -> str | None:
+    """The service's own error code: botocore's ``Error.Code``, or azure.core's ``error_code``."""
+    if client is not None:
+        code = client.response.get("Error", {}).get("Code")
+        if isinstance(code, str):
+            return code
+    for current in _chain(err):
+        code = getattr(current, "error_code", None)
+        if isinstance(code, Enum):  # azure.storage.blob's StorageErrorCode
+            code = code.value
+        if isinstance(code, str) and code:
+            return code
     return None
+
+
+def _http_status(err: BaseException, client: Any) -> int | None:
+    """The HTTP status of the failed request, where the exception carries it.
+
+    botocore's ``ResponseMetadata.HTTPStatusCode``, azure.core's ``status_code``, aiohttp's ``status``, and the
+    ``code`` of gcsfs's ``HttpError`` (gcsfs raises a plain ``FileNotFoundError`` for 404 and ``OSError`` for 403).
+    """
+    if client is not None:
+        status = client.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(status, int):
+            return status
+    for current in _chain(err):
+        candidates = [getattr(current, "status_code", None), getattr(current, "status", None)]
+        if type(current).__name__ == "HttpError":
+            candidates.append(getattr(current, "code", None))
+        for value in candidates:
+            if isinstance(value, int) and not isinstance(value, bool) and 100 <= value < 600:
+                return value
+    return None
+
+
+def credential_hint(where: str, err: BaseException | None = None) -> str:
+    """Where the credentials for the store at ``where`` (a URL) come from, for messages.
+
+    Without a scheme in ``where``, the library that raised ``err`` tells which store it was.
+    """
+    scheme = where.split("://", 1)[0].lower() if "://" in where else ""
+    store = _SCHEMES.get(scheme, "")
+    if not store and err is not None:
+        modules = {type(e).__module__.split(".", 1)[0] for e in _chain(err)}
+        store = next((s for m, s in _LIBRARIES.items() if m in modules), "")
+    return _CREDENTIAL_HINTS.get(store, "the credentials given in the storage options or the environment")
+
+
+def bucket_missing(where: str, detail: str = "") -> PermanentStorageError:
+    """The error for a bucket (container) that does not exist."""
+    suffix = f" ({detail})" if detail else ""
+    return PermanentStorageError(f"{where}: the bucket does not exist; create it or fix the URL{suffix}")
 
 
 def _is_transient_type(err: BaseException) -> bool:
@@ -119,6 +216,11 @@ def _is_transient_type(err: BaseException) -> bool:
             "ResponseStreamingError",
             "ServiceRequestError",
             "ServiceResponseError",
+            "IncompleteReadError",  # azure.core: the body was cut off
+            "TransportError",  # google.auth: the token endpoint could not be reached
+            "ConnectionError",  # requests' (gcsfs turns a 502 into requests' ProxyError, one of these)
+            "Timeout",  # requests'
+            "ChunkedEncodingError",  # requests'
         }
     )
 
@@ -129,27 +231,26 @@ def translate(err: BaseException, key: str, where: str) -> StorageError:
         return err
     message = redact(f"{type(err).__name__}: {err}")
     client = _client_error(err)
-    code = None
-    status = None
-    if client is not None:
-        code = client.response.get("Error", {}).get("Code")
-        status = client.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    if code == "NoSuchBucket" or (isinstance(err, FileNotFoundError) and "bucket" in str(err).lower()):
-        return PermanentStorageError(f"{where}: the bucket does not exist; create it or fix the URL ({message})")
-    if isinstance(err, FileNotFoundError) or code in ("NoSuchKey", "404"):
+    code = _service_code(err, client)
+    status = _http_status(err, client)
+    type_names = {cls.__name__ for e in _chain(err) for cls in type(e).__mro__}
+    # Decided by codes and types only: messages contain paths and bucket names, which are the user's words.
+    if code in _NO_BUCKET_CODES:
+        return bucket_missing(where, message)
+    if isinstance(err, FileNotFoundError) or code in ("NoSuchKey", "BlobNotFound", "404") or status == 404:
         return BlobNotFoundError(f"{where}/{key}: not found")
-    if code in _CREDENTIAL_CODES or type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+    if code in _CREDENTIAL_CODES or type_names & _CREDENTIAL_TYPES or status == 401:
         return PermanentStorageError(
-            f"{where}: the credentials were rejected or are missing; check AWS_ACCESS_KEY_ID / "
-            f"AWS_SECRET_ACCESS_KEY, the profile, or the instance role ({message})"
+            f"{where}: the credentials were rejected or are missing; check {credential_hint(where, err)} ({message})"
         )
-    if code == "AccessDenied" or (isinstance(err, PermissionError) and "://" in where):
+    if code in _ACCESS_CODES or status == 403 or (isinstance(err, PermissionError) and "://" in where):
         return PermanentStorageError(
-            f"{where}/{key}: access denied; the credentials lack permission for this location ({message})"
+            f"{where}/{key}: access denied; the credentials were refused or lack permission for this location; "
+            f"check {credential_hint(where, err)} ({message})"
         )
-    if code in _TRANSIENT_CODES or (isinstance(status, int) and (status >= 500 or status == 429)):
+    if code in _TRANSIENT_CODES or (isinstance(status, int) and (status >= 500 or status in (408, 429))):
         return TransientStorageError(f"{where}/{key}: {message}")
-    if _is_transient_type(err):
+    if any(_is_transient_type(e) for e in _chain(err, handled=False)):
         return TransientStorageError(f"{where}/{key}: {message}")
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return PermanentStorageError(

@@ -13,9 +13,9 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from spotsafe.errors import PermanentStorageError
+from spotsafe.errors import PermanentStorageError, TransientStorageError
 from spotsafe.storage.base import BlobNotFoundError, ChunkSource, ReadProgress
-from spotsafe.storage.errors import redact_url, translate
+from spotsafe.storage.errors import bucket_missing, redact, redact_url, translate
 
 T = TypeVar("T")
 DEFAULT_BLOCK_SIZE = 32 * 1024 * 1024
@@ -23,18 +23,21 @@ DEFAULT_BLOCK_SIZE = 32 * 1024 * 1024
 
 def _abandon(handle: Any) -> None:
     """Throw away a half-written file: never complete a multipart upload of part of an object."""
-    with contextlib.suppress(Exception):
-        if hasattr(handle, "discard"):
-            handle.discard()
-            handle.closed = True  # otherwise its __del__ tries to close (and upload) it again
-        else:
+    if not hasattr(handle, "discard"):
+        with contextlib.suppress(Exception):
             handle.close()
-
-
-def _missing_ok(err: FileNotFoundError, key: str, where: str) -> None:
-    """Re-raise unless ``err`` means the key itself is absent (a missing bucket is an error)."""
-    if not isinstance(translate(err, key, where), BlobNotFoundError):
-        raise err
+        return
+    try:
+        with contextlib.suppress(Exception):
+            handle.discard()  # S3: abort the multipart upload; GCS: cancel the resumable upload; Azure: nothing
+    finally:
+        # Closed even when discarding failed: otherwise its __del__ closes it, which uploads the rest and completes
+        # the upload (gcsfs does that on a background thread, later).
+        try:
+            handle.closed = True
+        except AttributeError:  # a local file (``closed`` is read-only): closing it completes nothing
+            with contextlib.suppress(Exception):
+                handle.close()
 
 
 READ_PIECE = 16 * 1024 * 1024
@@ -70,11 +73,16 @@ def check_key(key: str) -> list[str]:
 class FsspecStorage:
     """A run's folder on an fsspec file system ``fs`` at ``root`` (no protocol prefix)."""
 
-    def __init__(self, fs: Any, root: str, url: str, *, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    def __init__(
+        self, fs: Any, root: str, url: str, *, block_size: int = DEFAULT_BLOCK_SIZE, bucket: str | None = None
+    ) -> None:
         self.fs = fs
         self.root = root.rstrip("/")
         self._url = redact_url(url)
         self.block_size = block_size
+        self.bucket = bucket
+        """The bucket (container) of an object store, checked explicitly when a write says "not found"."""
+        self._bucket_seen = bucket is None
 
     @property
     def url(self) -> str:
@@ -84,11 +92,60 @@ class FsspecStorage:
         parts = check_key(key)
         return "/".join([self.root, *parts]) if parts else self.root
 
-    def _call(self, key: str, fn: Callable[[], T]) -> T:
+    def _call(self, key: str, fn: Callable[[], T], *, writing: bool = False) -> T:
         try:
             return fn()
         except Exception as err:
-            raise translate(err, key, self._url) from err
+            error = translate(err, key, self._url)
+            if writing and isinstance(error, BlobNotFoundError):
+                # A write cannot miss its key: the bucket is gone, or the backend said "not found" without a
+                # code that says what. Ask explicitly rather than guess from the message.
+                self.check_bucket()
+                error = PermanentStorageError(
+                    f"{self._url}/{key}: the store answered 'not found' to a write ({redact(str(err))})"
+                )
+            elif isinstance(error, BlobNotFoundError):
+                self._absent(None, key)
+            raise error from err
+
+    def check_bucket(self) -> None:
+        """Raise :class:`~spotsafe.errors.PermanentStorageError` if the bucket does not exist (one request).
+
+        Nothing to check on a file system without buckets; nothing is said either where the credentials may use
+        the bucket's objects but not look at the bucket itself (GCS's object roles lack ``storage.buckets.get``).
+        A transient failure of the check is raised, translated.
+        """
+        if self.bucket is None:
+            return
+
+        def run() -> bool | None:
+            try:
+                self.fs.info(self.bucket)
+            except FileNotFoundError:
+                return False
+            except Exception as err:
+                error = translate(err, "", self._url)
+                if isinstance(error, TransientStorageError):
+                    raise error from err
+                return None  # not allowed to look: say nothing
+            return True
+
+        exists = run()
+        self._bucket_seen = exists is not False
+        if exists is False:
+            raise bucket_missing(self._url)
+
+    def _absent(self, err: FileNotFoundError | None, key: str) -> None:
+        """Return if the key (or folder) is simply absent; raise if ``err`` means more, or the bucket is missing.
+
+        Some backends say "not found" for a missing bucket without a code that says so (gcsfs, for every 404), or
+        list one as empty (adlfs's ``find``): the first time something is absent, the bucket is checked (one
+        request per storage object; a write that is told "not found" always checks).
+        """
+        if err is not None and not isinstance(translate(err, key, self._url), BlobNotFoundError):
+            raise err
+        if not self._bucket_seen:
+            self.check_bucket()
 
     def _relative(self, path: str) -> str:
         path = path.rstrip("/")
@@ -105,16 +162,16 @@ class FsspecStorage:
             self._ensure_parent(path)
             return self.fs.open(path, "wb", block_size=self.block_size)
 
-        handle = self._call(key, start)
+        handle = self._call(key, start, writing=True)
         total = 0
         try:
             for chunk in source():
-                self._call(key, functools.partial(handle.write, chunk))
+                self._call(key, functools.partial(handle.write, chunk), writing=True)
                 total += memoryview(chunk).nbytes
         except BaseException:
             _abandon(handle)
             raise
-        self._call(key, handle.close)
+        self._call(key, handle.close, writing=True)
         return total
 
     def write_atomic(self, key: str, data: bytes) -> None:
@@ -124,7 +181,7 @@ class FsspecStorage:
             self._ensure_parent(path)
             self.fs.pipe_file(path, data)
 
-        self._call(key, run)
+        self._call(key, run, writing=True)
 
     def _ensure_parent(self, path: str) -> None:
         """Object stores need no folders; local-like file systems do."""
@@ -157,7 +214,7 @@ class FsspecStorage:
             try:
                 return bool(self.fs.info(path)["type"] == "file")
             except FileNotFoundError as err:
-                _missing_ok(err, key, self._url)
+                self._absent(err, key)
                 return False
 
         return self._call(key, run)
@@ -169,10 +226,13 @@ class FsspecStorage:
         def run() -> list[dict[str, Any]]:
             self.fs.invalidate_cache(path)
             try:
-                return list(self.fs.ls(path, detail=True))
+                entries = list(self.fs.ls(path, detail=True))
             except FileNotFoundError as err:
-                _missing_ok(err, prefix, self._url)
+                self._absent(err, prefix)
                 return []
+            if not entries:
+                self._absent(None, prefix)
+            return entries
 
         yield from self._call(prefix, run)
 
@@ -192,10 +252,13 @@ class FsspecStorage:
         def run() -> list[str]:
             self.fs.invalidate_cache(path)
             try:
-                return [self._relative(p) for p in self.fs.find(path)]
+                keys = [self._relative(p) for p in self.fs.find(path)]
             except FileNotFoundError as err:
-                _missing_ok(err, prefix, self._url)
+                self._absent(err, prefix)
                 return []
+            if not keys:
+                self._absent(None, prefix)
+            return keys
 
         return sorted(self._call(prefix, run))
 
@@ -207,7 +270,7 @@ class FsspecStorage:
             try:
                 self.fs.rm_file(path)
             except FileNotFoundError as err:
-                _missing_ok(err, key, self._url)
+                self._absent(err, key)
 
         self._call(key, run)
 
@@ -220,7 +283,7 @@ class FsspecStorage:
             try:
                 self.fs.rm(path, recursive=True)
             except FileNotFoundError as err:
-                _missing_ok(err, prefix, self._url)
+                self._absent(err, prefix)
 
         self._call(prefix, run)
 

@@ -11,9 +11,14 @@ URL                        backend                                     install
 =========================  ==========================================  ============================
 
 Every backend is wrapped in :class:`~spotsafe.storage.retry.RetryingStorage`,
-the one place transient errors are retried. For S3 the clients' own retries are
-turned off (s3fs's retry loop, and botocore's ``max_attempts=1`` unless you pass
-other ``config_kwargs``), so that one time budget governs all retrying.
+the one place transient errors are retried. The clients' own retries are turned
+off, so that one time budget governs all retrying: for S3, s3fs's retry loop and
+botocore's (``total_max_attempts=1`` unless you pass other ``config_kwargs``;
+botocore's ``max_attempts`` counts retries, not attempts); for GCS, gcsfs's
+request retry loop and its bucket-type probe's (``retry_timeout=0``); for Azure,
+the Azure SDK's retry policy (``retry_total=0``). What remains underneath is
+aiohttp's single immediate resend of an idempotent request (GET, HEAD, PUT,
+DELETE) whose connection closed before an answer, as HTTP/1.1 allows.
 Credentials come from the usual places (environment, profile, instance role),
 or from ``storage_options``; they never appear in URLs that spotsafe prints.
 """
@@ -21,6 +26,7 @@ or from ``storage_options``; they never appear in URLs that spotsafe prints.
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -35,7 +41,10 @@ from spotsafe.storage.retry import DEFAULT_RETRY, RetryingStorage, RetryPolicy
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
 _PACKAGES = {"s3": "s3fs", "gcs": "gcsfs", "azure": "adlfs"}
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "s3": {"config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}},
+    "s3": {"config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"}}},
+    # gcsfs probes each bucket's type (hierarchical, zonal) over gRPC, retrying for up to 60 s; one try, and on a
+    # failure it falls back to the plain JSON API, as it does for buckets of the common kind.
+    "gcs": {"retry_timeout": 0},
 }
 
 
@@ -85,12 +94,31 @@ def open_backend(url: str | os.PathLike[str], storage_options: Mapping[str, Any]
         raise ConfigError(
             f"{protocol}:// needs the {_PACKAGES.get(extra, extra)} package: pip install 'spotsafe[{extra}]'"
         ) from err
-    if protocol in ("s3", "s3a") and hasattr(fs, "retries"):
-        fs.retries = 1  # s3fs's own retry loop (a class attribute, not a constructor option)
+    _no_client_retries(fs, _EXTRAS.get(protocol, ""))
     root = fs._strip_protocol(text).rstrip("/")
     if not root or (protocol != "memory" and "/" not in root.strip("/")):
         raise ConfigError(f"{redact_url(text)!r} names a bucket but no folder: use {protocol}://bucket/run-name")
-    return FsspecStorage(fs, root, text)
+    bucket = root.strip("/").split("/", 1)[0] if protocol != "memory" else None
+    return FsspecStorage(fs, root, text, bucket=bucket)
+
+
+def _no_client_retries(fs: Any, extra: str) -> None:
+    """Turn off the retry loops that the clients run on their own (none of them is a constructor option)."""
+    if extra == "s3" and hasattr(fs, "retries"):
+        fs.retries = 1  # s3fs's retry loop: a class attribute
+    elif extra == "gcs":
+        # gcsfs retries every request up to 6 times with its own backoff; the decorator binds the count when the
+        # class is defined, so the request method is replaced by the undecorated one, for this instance only.
+        request = getattr(type(fs), "_request", None)
+        undecorated = getattr(request, "__wrapped__", None)
+        if undecorated is not None:
+            fs._request = types.MethodType(undecorated, fs)
+    elif extra == "azure":
+        # adlfs passes no retry options to the Azure SDK; its clients (and the files' container clients) share
+        # the service client's retry policy, read on every request.
+        policy = getattr(getattr(getattr(fs, "service_client", None), "_config", None), "retry_policy", None)
+        if policy is not None and hasattr(policy, "total_retries"):
+            policy.total_retries = 0
 
 
 def open_storage(

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from spotsafe.errors import CorruptCheckpointError
 from spotsafe.storage.base import TMP_MARKER, BlobNotFoundError, Buffer, Chunk, ChunkSource, Storage, new_buffer
+from spotsafe.storage.json_limits import MANIFEST_LIMITS
 from spotsafe.storage.manifest import MANIFEST_NAME, BlobEntry, Manifest, check_blob_name, new_hasher
 
 CHECKPOINTS = "checkpoints"
@@ -66,7 +67,7 @@ class CheckpointRef:
 
     @classmethod
     def parse(cls, name: str) -> CheckpointRef | None:
-        match = _NAME.match(name)
+        match = _NAME.fullmatch(name)
         if match is None:
             return None
         return cls(int(match.group(1)), int(match.group(2)), int(match.group(3)), name)
@@ -244,7 +245,15 @@ class CheckpointRepository:
 
     def committed(self) -> list[CheckpointRef]:
         """Checkpoints with a committed manifest, newest first (not yet verified). One listing."""
+        return self._listed()[0]
+
+    def _listed(self) -> tuple[list[CheckpointRef], list[CheckpointRef]]:
+        """One listing: the committed checkpoints, and entries named like a checkpoint folder that are not one.
+
+        The second are what a link (never entered) or a stray object where a folder should be looks like.
+        """
         refs: set[CheckpointRef] = set()
+        strays: set[CheckpointRef] = set()
         suffix = "/" + MANIFEST_NAME
         for key in self.storage.find(CHECKPOINTS):
             parts = key.split("/")
@@ -252,7 +261,11 @@ class CheckpointRepository:
                 ref = CheckpointRef.parse(parts[1])
                 if ref is not None:
                     refs.add(ref)
-        return sorted(refs, reverse=True)
+            elif len(parts) == 2:
+                ref = CheckpointRef.parse(parts[1])
+                if ref is not None:
+                    strays.add(ref)
+        return sorted(refs, reverse=True), sorted(strays - refs, reverse=True)
 
     def candidates(self) -> list[CheckpointRef]:
         """What a restore should try, newest first: committed checkpoints plus the ``latest`` hint.
@@ -260,7 +273,8 @@ class CheckpointRepository:
         The hint only adds a candidate (in case a listing lags behind a write); it is
         verified like any other and ignored when missing, stale or garbage.
         """
-        refs = set(self.committed())
+        committed, strays = self._listed()
+        refs = {*committed, *strays}  # a stray fails to load, with its reason, like a damaged checkpoint
         hint = self.read_latest()
         if hint is not None and hint not in refs and self.is_committed(hint):
             refs.add(hint)
@@ -294,8 +308,15 @@ class CheckpointRepository:
 
     # -- reading and verifying ----------------------------------------------
     def read_manifest(self, ref: CheckpointRef) -> Manifest:
+        key = f"{ref.key}/{MANIFEST_NAME}"
         try:
-            data = self.storage.read(f"{ref.key}/{MANIFEST_NAME}")
+            size = self.storage.size(key)
+            if size > MANIFEST_LIMITS.max_bytes:  # refused before it is read into memory
+                raise CorruptCheckpointError(
+                    f"the manifest has {size} bytes, more than the {MANIFEST_LIMITS.max_bytes} a manifest may have",
+                    checkpoint=ref.name,
+                )
+            data = self.storage.read(key)
         except BlobNotFoundError as err:
             raise CorruptCheckpointError("no committed manifest", checkpoint=ref.name) from err
         manifest = Manifest.from_bytes(data, where=f"{ref.name}/{MANIFEST_NAME}")

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from spotsafe.errors import ConfigError, TransientStorageError
+from spotsafe.checks import check_number
+from spotsafe.errors import TransientStorageError
 from spotsafe.storage.base import ChunkSource, ReadProgress, Storage
 
 T = TypeVar("T")
@@ -34,12 +35,10 @@ class RetryPolicy:
     max_delay: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("budget_s", "initial", "max_delay"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"RetryPolicy.{name} must be a number >= 0, got {value!r}")
-        if not self.multiplier >= 1:
-            raise ConfigError(f"RetryPolicy.multiplier must be >= 1, got {self.multiplier!r}")
+        check_number("RetryPolicy.budget_s", self.budget_s, at_least=0, finite=False, unit="seconds")
+        check_number("RetryPolicy.initial", self.initial, at_least=0, unit="seconds")
+        check_number("RetryPolicy.max_delay", self.max_delay, at_least=0, finite=False, unit="seconds")
+        check_number("RetryPolicy.multiplier", self.multiplier, at_least=1)
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Delay before retry number ``attempt`` (1-based): uniform in [0, capped exponential]."""

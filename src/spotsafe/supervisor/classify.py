@@ -10,6 +10,8 @@ class              when                                                      cou
 ``no_progress``    stopped by the supervisor: no progress for too long       errors
 ``crashed``        any other exit (an exception: 1, a native crash: SIGSEGV) errors
 ``usage``          exit 2: the command or its configuration is wrong         (give up)
+``no_usable_       exit 65: the run has committed checkpoints and none can   (give up)
+checkpoint``       be restored; a relaunch would meet the same ones
 ``no_capacity``    a pool's launcher could not get a machine (its exit code  (failover)
                    or output says so; the job never started)
 =================  ========================================================  ===============
@@ -26,7 +28,7 @@ import os
 import signal
 from collections.abc import Callable
 
-from spotsafe.exit_codes import EXIT_PREEMPTED, EXIT_SUCCESS, EXIT_USAGE
+from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT, EXIT_PREEMPTED, EXIT_SUCCESS, EXIT_USAGE
 
 
 class ExitClass(enum.Enum):
@@ -37,6 +39,7 @@ class ExitClass(enum.Enum):
     NO_PROGRESS = "no_progress"
     CRASHED = "crashed"
     USAGE = "usage"
+    NO_USABLE_CHECKPOINT = "no_usable_checkpoint"
     NO_CAPACITY = "no_capacity"
 
     @property
@@ -64,6 +67,8 @@ def classify(code: int, *, oom_kills: int = 0, stalled: bool = False) -> ExitCla
         return ExitClass.PREEMPTED
     if code == EXIT_USAGE:
         return ExitClass.USAGE
+    if code == EXIT_NO_USABLE_CHECKPOINT:
+        return ExitClass.NO_USABLE_CHECKPOINT
     if code == -signal.SIGKILL or code == 128 + signal.SIGKILL:
         return ExitClass.OUT_OF_MEMORY if oom_kills > 0 else ExitClass.KILLED
     if code < 0 and -code in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

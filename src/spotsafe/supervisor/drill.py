@@ -5,11 +5,14 @@
 2. The drill: the same job under ``spotsafe run``'s supervisor, in a spot pool
    whose capacity follows a :mod:`market <spotsafe.supervisor.market>` schedule
    (a real trace, time-scaled, or a rate). Each interruption is a notice on the
-   emulated provider endpoint and/or SIGTERM, then SIGKILL when the window ends;
-   while capacity is gone, attempts find none (``no_capacity``) and the supervisor
+   emulated provider endpoint and/or SIGTERM, then SIGKILL when the window ends
+   (``kill``: SIGKILL at once, no notice); an outage that finds no attempt running
+   (between attempts, or one already being stopped) only takes capacity. While
+   capacity is gone, attempts find none (``no_capacity``) and the supervisor
    backs off and tries again, as it would against a real zone.
 3. The report, from the job store and the event log: whether the final state is
-   bit-identical to the reference, interruptions, goodput (useful time over the
+   bit-identical to the reference, interruptions (attempts the market stopped: the
+   count ``spotsafe report`` and the dashboard give for the run), goodput (useful time over the
    drill's wall time, from its event log as ``spotsafe report`` computes it), steps
    replayed, and the cost on spot against on-demand.
 """
@@ -135,8 +138,11 @@ class DrillReport:
     attempts: int
     no_capacity_attempts: int
     interruptions: int
+    """Attempts the market stopped (each counted once): what ``spotsafe report`` and the dashboard count."""
     interruptions_idle: int
+    """Outages that found no attempt running (between attempts, or one already being stopped)."""
     killed_at_window_end: int
+    """Interrupted attempts that got SIGKILL: those that outlived the window (``kill``: all of them, at once)."""
     exit_classes: dict[str, int]
     emergency_saves: int
     checkpoints_committed: int
@@ -314,10 +320,14 @@ def _quiet_capacity(say: Callable[[str], None]) -> Callable[[str], None]:
 
 
 def run_drill(
-    config: DrillConfig, *, log: Callable[[str], None] = print, watch: DrillWatch | None = None
+    config: DrillConfig,
+    *,
+    log: Callable[[str], None] = print,
+    watch: DrillWatch | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> DrillReport:
     """Run the whole drill in ``config.workdir`` (its drill folders are emptied first; the reference is kept).
-    ``watch`` is told of each phase (for a live display)."""
+    ``watch`` is told of each phase (for a live display); ``clock`` is the market's (its schedule's seconds)."""
     outages, what = config.schedule()
     workdir = config.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -360,6 +370,7 @@ def run_drill(
             max_interruptions=config.max_interruptions,
             log=log,
             events=events,
+            clock=clock,
         ) as market,
     ):
         supervisor = Supervisor(

@@ -4,8 +4,16 @@ A schedule of :class:`Outage` s (drill seconds from the start) comes from a
 real preemption trace, time-scaled, or from a constant interruption rate.
 :class:`Market` runs the schedule on a thread: at each outage it interrupts the
 attempt that is running, the way the provider would (a notice on the emulated
-metadata endpoint, and/or SIGTERM; SIGKILL to the whole process group when the
-notice window ends), and reports no capacity until the outage ends.
+metadata endpoint, and/or SIGTERM, then SIGKILL to the whole process group when the
+notice window ends; with ``kill``, SIGKILL at once), and reports no capacity until
+the outage ends.
+
+An interruption counts only when it hits an attempt that is running: an outage
+that comes between attempts, or while an attempt is already being stopped by an
+earlier one (inside its window), only takes capacity; it is recorded (and logged
+as a ``market_interruption`` event) with no attempt. So the market's count of
+interruptions is the number of attempts it stopped, as the job store and the run's
+report count them.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ READINGS = ("available", "preempted")
 so 0 means preempted) or ``preempted`` (1 means preempted)."""
 MODES = ("aws", "azure", "gcp", "sigterm", "kill")
 """How an interruption is delivered: a notice on the emulated AWS / Azure / GCP endpoint, SIGTERM
-(Kubernetes, Slurm), or no warning at all (``kill``); SIGKILL follows when the window ends."""
+(Kubernetes, Slurm), then SIGKILL when the window ends; or SIGKILL at once, with no warning (``kill``)."""
 CITATION = (
     'skypilot-org/spot-traces, from "Can\'t Be Late: Optimizing Spot Instance Savings under Deadlines" '
     "(Wu et al., NSDI 2024)"
@@ -154,9 +162,12 @@ class Interruption:
     number: int
     at_s: float
     attempt: int | None
-    """The attempt interrupted (``None``: none was running; only capacity went away)."""
+    """The attempt interrupted (``None``: none was running, or it was already being stopped by an earlier
+    interruption, or it finished its work before this one could stop it; only capacity went away)."""
     killed: bool = False
-    """The job was still running when the window ended and got SIGKILL."""
+    """The job got SIGKILL: at once (``kill``), or when it outlived the notice window."""
+    wall: float = field(default_factory=time.time, compare=False, repr=False)
+    """When the market took it up (Unix time): the ``market_interruption`` event's time."""
 
 
 @dataclass
@@ -171,6 +182,8 @@ class Market:
     events: EventSink | None = None
     clock: Callable[[], float] = time.monotonic
     interruptions: list[Interruption] = field(default_factory=list)
+    kill_wait_s: float = 10.0
+    """How long (real seconds) to wait for an attempt sent SIGKILL to be gone before capacity comes back."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -182,6 +195,7 @@ class Market:
         self._attempt: int | None = None
         self._down_until = -math.inf
         self._busy = False
+        self._struck: set[int] = set()  # attempts already interrupted: never counted twice
         self._closed = False
         self._t0 = self.clock()
         self._emulator = ProviderEmulator() if self.mode in ("aws", "azure", "gcp") else None
@@ -243,55 +257,94 @@ class Market:
             return not self._closed
 
     def _run(self) -> None:
-        for number, outage in enumerate(self.outages, start=1):
+        i = 0
+        while i < len(self.outages):
+            number, outage = i + 1, self.outages[i]
             if self.delivered >= self.max_interruptions or not self._wait_until(outage.at_s):
                 return
+            i += 1
             with self._lock:
                 handle, attempt = self._handle, self._attempt
-                running = handle is not None and handle.poll() is None
-                self._down_until = max(outage.back_s, outage.at_s)
+                running = (
+                    handle is not None and attempt is not None and attempt not in self._struck and handle.poll() is None
+                )
+                self._down_until = max(self._down_until, outage.back_s, outage.at_s)
                 self._busy = running
+                if running and attempt is not None:
+                    self._struck.add(attempt)
             record = Interruption(number, self.now(), attempt if running else None)
             self.interruptions.append(record)
+            absorbed: list[Interruption] = []
             try:
                 if running and handle is not None:
                     self._deliver(handle, record)
             finally:
                 with self._lock:
+                    # Outages that came while the attempt was being stopped found none running: they only
+                    # take capacity, and are no interruption of the job.
+                    while running and i < len(self.outages) and self.outages[i].at_s <= self.now():
+                        late = self.outages[i]
+                        i += 1
+                        self._down_until = max(self._down_until, late.back_s)
+                        absorbed.append(Interruption(i, late.at_s, None))
+                    self.interruptions.extend(absorbed)
                     self._busy = False
-            if self.events is not None:
-                self.events.emit(
-                    ev.MarketInterruption(
-                        time=time.time(),
-                        number=number,
-                        mode=self.mode,
-                        interrupted=record.attempt,
-                        window_s=self.window_s,
-                        capacity_back_in_s=max(0.0, outage.back_s - self.now()),
-                        killed=record.killed,
-                    )
+            self._emit(record)
+            for late_record in absorbed:
+                self.log(
+                    f"market: interruption {late_record.number} ({self.mode}) came while attempt {attempt} was "
+                    "being stopped: it only takes capacity"
                 )
+                self._emit(late_record)
+
+    def _emit(self, record: Interruption) -> None:
+        if self.events is None:
+            return
+        now = self.now()
+        self.events.emit(
+            ev.MarketInterruption(
+                time=record.wall,  # when it came, not when its window ended
+                number=record.number,
+                mode=self.mode,
+                interrupted=record.attempt,
+                window_s=0.0 if self.mode == "kill" else self.window_s,
+                capacity_back_in_s=max(0.0, self._down_until - now),
+                killed=record.killed,
+            )
+        )
 
     def _deliver(self, handle: Handle, record: Interruption) -> None:
         em = self._emulator
-        self.log(
-            f"market: interruption {record.number} ({self.mode}) of attempt {record.attempt}, "
-            f"window {self.window_s:g} s"
-        )
-        if self.mode == "aws" and em is not None:
-            em.aws_interrupt(in_s=self.window_s)
-        elif self.mode == "azure" and em is not None:
-            em.azure_event("Preempt", in_s=self.window_s)
-        elif self.mode == "gcp" and em is not None:
-            em.gcp_preempt()
-        elif self.mode == "sigterm":
-            handle.signal(signal.SIGTERM)
-        end = self.now() + self.window_s
-        while handle.poll() is None and self.now() < end and not self._closed:
-            time.sleep(0.02)
-        if handle.poll() is None:
+        if self.mode == "kill":  # no warning: the provider takes the machine now
+            self.log(f"market: interruption {record.number} (kill) of attempt {record.attempt}: SIGKILL, no warning")
             record.killed = True
-            handle.signal(signal.SIGKILL, group=True)  # the provider takes the machine
+            handle.signal(signal.SIGKILL, group=True)
+        else:
+            self.log(
+                f"market: interruption {record.number} ({self.mode}) of attempt {record.attempt}, "
+                f"window {self.window_s:g} s"
+            )
+            if self.mode == "aws" and em is not None:
+                em.aws_interrupt(in_s=self.window_s)
+            elif self.mode == "azure" and em is not None:
+                em.azure_event("Preempt", in_s=self.window_s)
+            elif self.mode == "gcp" and em is not None:
+                em.gcp_preempt()
+            elif self.mode == "sigterm":
+                handle.signal(signal.SIGTERM)
+            end = self.now() + self.window_s
+            while handle.poll() is None and self.now() < end and not self._closed:
+                time.sleep(0.02)
+            if handle.poll() is None:
+                record.killed = True
+                handle.signal(signal.SIGKILL, group=True)  # the provider takes the machine
+        if record.killed:  # capacity comes back only once the machine is gone
+            gone_by = time.monotonic() + self.kill_wait_s
+            while handle.poll() is None and time.monotonic() < gone_by:
+                time.sleep(0.01)
+        elif handle.poll() == 0:
+            self.log(f"market: attempt {record.attempt} finished its work before interruption {record.number} took it")
+            record.attempt = None  # nothing was interrupted
         if em is not None:  # the next attempt runs on a new machine
             em.aws_clear()
             em.azure_clear()

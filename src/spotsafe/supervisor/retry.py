@@ -85,6 +85,14 @@ class Budget:
             return Verdict(False, 0.0, "the job succeeded")
         if exit_class is ExitClass.USAGE:
             return Verdict(False, 0.0, "the job reported a usage or configuration error (exit 2): retrying cannot help")
+        if exit_class is ExitClass.NO_USABLE_CHECKPOINT:
+            return Verdict(
+                False,
+                0.0,
+                "the job found committed checkpoints and none it can restore (exit 65): a relaunch would find the "
+                "same ones; see its checkpoint_skipped events or `spotsafe verify --all`, or set "
+                "SPOTSAFE_ON_DAMAGED=start_fresh to start from step 0",
+            )
         if progressed:
             self.errors_in_a_row = 0
             self.failures_in_a_row = 0

@@ -38,7 +38,7 @@ from pathlib import Path
 from types import FrameType
 
 from spotsafe.errors import ConfigError, SpotsafeError
-from spotsafe.exit_codes import EXIT_CRASH, EXIT_PREEMPTED, EXIT_SUCCESS, EXIT_USAGE
+from spotsafe.exit_codes import EXIT_CRASH, EXIT_NO_USABLE_CHECKPOINT, EXIT_PREEMPTED, EXIT_SUCCESS, EXIT_USAGE
 from spotsafe.storage.registry import open_storage, protocol_of
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.supervisor.classify import ExitClass, classify, oom_kill_counter
@@ -328,6 +328,8 @@ class Supervisor:
                 self._finish(store, state, verdict.reason)
                 if state == SUCCEEDED:
                     return EXIT_SUCCESS
+                if exit_class is ExitClass.NO_USABLE_CHECKPOINT:
+                    return EXIT_NO_USABLE_CHECKPOINT
                 return EXIT_USAGE if exit_class is ExitClass.USAGE else EXIT_CRASH
             self.say(f"{verdict.reason}; next attempt in {verdict.delay_s:.1f} s")
             self._pause(verdict.delay_s)

@@ -153,6 +153,18 @@ class RestoreFresh(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class RestoreFailed(Event):
+    """Committed checkpoints exist but none can be restored; the run does not start over on its own.
+
+    ``checkpoints`` is how many were tried (each has a ``checkpoint_skipped`` event with its reason).
+    """
+
+    type: ClassVar[str] = "restore_failed"
+    checkpoints: int
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class CheckpointSkipped(Event):
     """Restore fell back past a checkpoint; ``reason`` says what is wrong with it."""
 
@@ -452,6 +464,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         SaveFailed,
         RestoreCompleted,
         RestoreFresh,
+        RestoreFailed,
         CheckpointSkipped,
         CheckpointDeleted,
         PartialRemoved,

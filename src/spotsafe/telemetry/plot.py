@@ -4,17 +4,23 @@ Three panels share one time axis (seconds, minutes or hours since the run's firs
 (coloured by market) with notices, interruptions, restarts and checkpoints marked; training
 progress (step) per attempt, with commits and restores; and cumulative cost against what the
 same progress would have cost on demand. The title carries the report's headline figures.
+
+Every string drawn goes through :func:`plain`: matplotlib reads text between two ``$`` as math (so
+"$0.02 spent vs $0.05 on demand" would lose its dollar signs and come out in italics).
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from spotsafe.errors import ConfigError
 from spotsafe.telemetry.report import Report
 from spotsafe.telemetry.timeline import Timeline
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FORMATS = ("png", "svg", "pdf")
 COLOURS = {
@@ -68,13 +74,23 @@ def headline(report: Report) -> str:
     return " · ".join(parts)
 
 
+def plain(text: str) -> str:
+    """``text`` as matplotlib must be given it to draw it as it is: ``$`` escaped (no math mode)."""
+    return text.replace("$", r"\$")
+
+
 def draw(timeline: Timeline, report: Report | None, out: str | Path | IO[bytes], fmt: str | None = None) -> None:
     """Draw the timeline into ``out`` (a path, or a binary file with ``fmt``)."""
+    fmt = fmt or plot_format(str(out))
+    figure(timeline, report).savefig(out, format=fmt, dpi=110)
+
+
+def figure(timeline: Timeline, report: Report | None) -> Figure:
+    """The timeline drawn on a matplotlib figure (not saved)."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    fmt = fmt or plot_format(str(out))
     t0 = timeline.start
     unit, scale = time_unit(timeline.duration)
 
@@ -84,7 +100,7 @@ def draw(timeline: Timeline, report: Report | None, out: str | Path | IO[bytes],
     fig = Figure(figsize=(11, 7.2), layout="constrained")
     lane, prog, cost = fig.subplots(3, 1, sharex=True, height_ratios=[1.1, 2.2, 1.4])
     title = f"spotsafe: {timeline.run}"
-    fig.suptitle(title + ("\n" + headline(report) if report is not None else ""), fontsize=11, x=0.01, ha="left")
+    fig.suptitle(plain(title + ("\n" + headline(report) if report is not None else "")), fontsize=11, x=0.01, ha="left")
 
     # Lane: attempts, gaps between them, and what happened on them.
     for gap in timeline.gaps:
@@ -94,7 +110,7 @@ def draw(timeline: Timeline, report: Report | None, out: str | Path | IO[bytes],
         colour = COLOURS.get(a.market, COLOURS[None])
         lane.broken_barh([(m(a.start), width)], (0.25, 0.5), color=colour, alpha=0.9 if not a.running else 0.6)
         if width > timeline.duration / scale * 0.12:
-            lane.text(m(a.start) + width / 2, 0.5, f"#{a.number}" + (f" {a.pool}" if a.pool else ""),
+            lane.text(m(a.start) + width / 2, 0.5, plain(f"#{a.number}" + (f" {a.pool}" if a.pool else "")),
                       ha="center", va="center", fontsize=8, color="white", clip_on=True)  # fmt: skip
     _scatter(lane, [(m(x.time), 0.92) for x in timeline.notices], "v", COLOURS["notice"], 60)
     _scatter(lane, [(m(x.time), 0.5) for x in timeline.interruptions], "X", COLOURS["interruption"], 80)
@@ -106,18 +122,18 @@ def draw(timeline: Timeline, report: Report | None, out: str | Path | IO[bytes],
     _scatter(lane, [(m(x.time), 0.1) for x in timeline.failures], "x", COLOURS["failure"], 40)
     lane.set_ylim(-0.1, 1.2)
     lane.set_yticks([])
-    lane.set_ylabel("attempts")
+    lane.set_ylabel(plain("attempts"))
     handles: list[Any] = [
-        Patch(color=COLOURS["spot"], label="spot"),
-        Patch(color=COLOURS["on-demand"], label="on demand"),
-        Patch(color=COLOURS["gap"], hatch="//", label="launching, restarting, waiting"),
-        Line2D([], [], ls="", marker="v", color=COLOURS["notice"], label="notice"),
-        Line2D([], [], ls="", marker="X", color=COLOURS["interruption"], label="interruption"),
-        Line2D([], [], ls="", marker="|", color=COLOURS["checkpoint"], label="checkpoint"),
-        Line2D([], [], ls="", marker="D", color=COLOURS["emergency"], label="emergency checkpoint"),
+        Patch(color=COLOURS["spot"], label=plain("spot")),
+        Patch(color=COLOURS["on-demand"], label=plain("on demand")),
+        Patch(color=COLOURS["gap"], hatch="//", label=plain("launching, restarting, waiting")),
+        Line2D([], [], ls="", marker="v", color=COLOURS["notice"], label=plain("notice")),
+        Line2D([], [], ls="", marker="X", color=COLOURS["interruption"], label=plain("interruption")),
+        Line2D([], [], ls="", marker="|", color=COLOURS["checkpoint"], label=plain("checkpoint")),
+        Line2D([], [], ls="", marker="D", color=COLOURS["emergency"], label=plain("emergency checkpoint")),
     ]
     if timeline.market:
-        handles.append(Line2D([], [], ls="", marker="|", color=COLOURS["market"], label="market interruption"))
+        handles.append(Line2D([], [], ls="", marker="|", color=COLOURS["market"], label=plain("market interruption")))
     lane.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.05), fontsize=7, frameon=False)
 
     # Progress: step over time per attempt, commits and restores.
@@ -130,13 +146,13 @@ def draw(timeline: Timeline, report: Report | None, out: str | Path | IO[bytes],
     _scatter(prog, [(m(x.time), x.step or 0) for x in timeline.restores], "o", COLOURS["restore"], 30, hollow=True)
     for x in timeline.interruptions:
         prog.axvline(m(x.time), color=COLOURS["interruption"], lw=0.8, ls=":")
-    prog.set_ylabel("training step")
+    prog.set_ylabel(plain("training step"))
     prog.set_ylim(bottom=0)
     prog.legend(
         handles=[
-            Line2D([], [], ls="", marker="o", color=COLOURS["checkpoint"], label="committed"),
-            Line2D([], [], ls="", marker="o", mfc="none", color=COLOURS["restore"], label="restored"),
-            Line2D([], [], ls=":", color=COLOURS["interruption"], label="interruption"),
+            Line2D([], [], ls="", marker="o", color=COLOURS["checkpoint"], label=plain("committed")),
+            Line2D([], [], ls="", marker="o", mfc="none", color=COLOURS["restore"], label=plain("restored")),
+            Line2D([], [], ls=":", color=COLOURS["interruption"], label=plain("interruption")),
         ],
         loc="upper left",
         bbox_to_anchor=(1.0, 1.0),
@@ -147,24 +163,24 @@ def draw(timeline: Timeline, report: Report | None, out: str | Path | IO[bytes],
     # Cost: spent so far against the same progress on demand.
     if timeline.cost:
         cost.plot([m(x) for x, _ in timeline.cost], [c for _, c in timeline.cost], color=COLOURS["spot"],
-                  label="spent")  # fmt: skip
+                  label=plain("spent"))  # fmt: skip
     if timeline.on_demand:
         cost.plot([m(x) for x, _ in timeline.on_demand], [c for _, c in timeline.on_demand],
-                  color=COLOURS["on-demand"], ls="--", label="same progress on demand")  # fmt: skip
+                  color=COLOURS["on-demand"], ls="--", label=plain("same progress on demand"))  # fmt: skip
     if timeline.cost or timeline.on_demand:
-        cost.set_ylabel("dollars")
+        cost.set_ylabel(plain("dollars"))
         cost.set_ylim(bottom=0)
         cost.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
     else:
         cost.set_yticks([])
-        cost.text(0.5, 0.5, "cost not recorded: run the job under spotsafe run (or give an on-demand price)",
+        cost.text(0.5, 0.5, plain("cost not recorded: run the job under spotsafe run (or give an on-demand price)"),
                   transform=cost.transAxes, ha="center", va="center", fontsize=9, color="#666666")  # fmt: skip
-    cost.set_xlabel(f"{unit} since the run's first event")
+    cost.set_xlabel(plain(f"{unit} since the run's first event"))
     cost.set_xlim(0, max(timeline.duration / scale, 1e-3) * 1.01)
     for ax in (lane, prog, cost):
         ax.grid(axis="x", color="#eeeeee")
         ax.spines[["top", "right"]].set_visible(False)
-    fig.savefig(out, format=fmt, dpi=110)
+    return fig
 
 
 def _scatter(

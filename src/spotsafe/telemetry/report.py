@@ -3,7 +3,10 @@
 Definitions (every figure is derived from events alone, so a report of a run
 that is still going is the same computation on a shorter log):
 
-* An **attempt** is one process's life in the run, from its ``run_started``.
+* An **attempt** is one process's life in the run, from its ``run_started``;
+  an attempt the supervisor launched that was stopped (killed, preempted, a
+  crash) before it wrote any event is one too (**silent**: the supervisor's
+  ``attempt_started`` and ``attempt_ended`` stand for it; it did no useful work).
   It was **interrupted** unless it exited ``finished``; the attempt still
   running (the last one, with no exit, while the run goes on) is neither.
 * An interruption's **source** is the first stop notice the attempt received
@@ -72,10 +75,12 @@ class AttemptSummary:
     source: str | None
     replayed_steps: int | None = None
     """Steps the next attempt redid after this one was interrupted."""
+    silent: bool = False
+    """The process wrote no event: it was stopped before its first (see the module's definitions)."""
 
     @property
     def interrupted(self) -> bool:
-        return self.exit_reason != "finished"
+        return self.exit_reason not in ("finished", "no_usable_checkpoint")  # the latter failed on its own
 
 
 @dataclass
@@ -159,13 +164,15 @@ def build_report(
     saves: list[ev.SaveCommitted] = []
     costs: list[float] = []
     od_prices: list[float] = []
-    drill = 0
+    drill: set[int] = set()  # the attempts a drill's market interrupted
     supervised = 0
     intervals: list[IntervalChoice] = []
     last_reason: dict[str, str] = {}
     first = last = None
     ever_committed = False
     fresh_after_commit: set[int] = set()
+    events = list(events)
+    ran = {logged.attempt for logged in events if isinstance(logged.event, ev.RunStarted)}  # attempts that wrote
     for logged in events:
         e = logged.event
         first = e.time if first is None else min(first, e.time)
@@ -173,7 +180,12 @@ def build_report(
         if isinstance(e, ev.AttemptEnded):
             costs.append(e.cost)
             supervised += 1
-            if attempts and attempts[-1].exit_reason is None and e.exit_class != "no_capacity":
+            if e.number not in ran:  # its process wrote nothing
+                if e.exit_class not in ("no_capacity", "succeeded"):  # stopped as it started: an attempt of no work
+                    silent = AttemptSummary(len(attempts) + 1, 0, e.time, e.time, e.exit_class, None, None, None,
+                                            None, None, None, silent=True)  # fmt: skip
+                    attempts.append(silent)
+            elif attempts and attempts[-1].exit_reason is None and e.exit_class != "no_capacity":
                 # The attempt ended without its own run_exited (a kill, a crash): the supervisor saw it end.
                 attempts[-1].exit_reason = "finished" if e.exit_class == "succeeded" else e.exit_class
             continue
@@ -186,7 +198,8 @@ def build_report(
                 od_prices.append(e.price_per_hour * e.nodes)
             continue
         if isinstance(e, ev.MarketInterruption):
-            drill += e.interrupted is not None
+            if e.interrupted is not None:
+                drill.add(e.interrupted)  # once each (a log from before the market knew not to count it twice)
             continue
         if e.type in ev.SUPERVISOR_TYPES:
             continue
@@ -206,12 +219,15 @@ def build_report(
                 a.first_progress_at = e.time
         elif isinstance(e, ev.RestoreCompleted):
             a.restored_step, a.restored_at = e.step, e.time
-            if len(attempts) > 1:
-                attempts[-2].replayed_steps = e.replayed_steps
+            worked = [b for b in attempts[:-1] if not b.silent]  # the work replayed was the last that ran
+            if worked:
+                worked[-1].replayed_steps = e.replayed_steps
         elif isinstance(e, ev.RestoreFresh):
             a.restored_at = e.time  # started from scratch: not a resume
             if ever_committed:
                 fresh_after_commit.add(len(attempts) - 1)
+        elif isinstance(e, ev.RestoreFailed):
+            fresh_after_commit.add(len(attempts) - 1)  # a failed resume (nothing restorable), not a fresh start
         elif isinstance(e, ev.SaveCommitted):
             saves.append(e)
             ever_committed = True
@@ -238,7 +254,7 @@ def build_report(
     ended = attempts[:-1] if running else attempts
     interrupted = [a for a in ended if a.interrupted]
     by_source: Counter[str] = Counter(a.source or "unannounced" for a in interrupted)
-    restarts = [i for i in range(1, len(attempts)) if attempts[i - 1].interrupted]
+    restarts = [i for i in range(1, len(attempts)) if attempts[i - 1].interrupted and not attempts[i].silent]
     resumed = sum(1 for i in restarts if attempts[i].restored_step is not None and i not in fresh_after_commit)
     failed = sum(1 for i in restarts if i in fresh_after_commit)
     replayed_steps = [float(a.replayed_steps) for a in interrupted if a.replayed_steps is not None]
@@ -268,7 +284,7 @@ def build_report(
         supervisor_attempts=supervised,
         interruptions=len(interrupted),
         interruptions_by_source=dict(by_source),
-        drill_interruptions=drill,
+        drill_interruptions=len(drill),
         restarts=len(restarts),
         resumed=resumed,
         failed_to_resume=failed,

@@ -7,7 +7,9 @@ so a running run's timeline is the same computation on a shorter log. The dashbo
 * An **attempt** is a process's life, from its ``run_started`` to its last event (to
   ``now`` while it runs). Its pool and market come from the supervisor's
   ``attempt_started`` before it; its **outcome** is its ``run_exited`` reason, or the
-  supervisor's exit class when it died without one.
+  supervisor's exit class when it died without one. An attempt stopped before it wrote
+  any event is **silent**: from the supervisor's launch to its ``attempt_ended`` (as in
+  the report).
 * An **interruption** is marked where the interrupted attempt ended, labelled with its
   source (the first stop notice, else ``unannounced``); the notice itself is a separate
   mark at the moment it arrived. A drill's market deliveries are marks of their own.
@@ -24,6 +26,7 @@ so a running run's timeline is the same computation on a shorter log. The dashbo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -46,6 +49,8 @@ class Span:
     source: str | None = None
     restored_step: int | None = None
     running: bool = False
+    silent: bool = False
+    """Its process wrote no event: it was stopped as it started (the supervisor's records stand for it)."""
 
     @property
     def interrupted(self) -> bool:
@@ -115,6 +120,7 @@ def build_timeline(
     last_end: float | None = None
     launched: float | None = None  # the supervisor's launch of the first attempt, before its process ran
     wait_label: str | None = None
+    ran = {logged.attempt for logged in events if isinstance(logged.event, ev.RunStarted)}  # attempts that wrote
     for logged in events:
         e = logged.event
         if isinstance(e, ev.AttemptStarted):
@@ -123,7 +129,18 @@ def build_timeline(
             continue
         if isinstance(e, ev.AttemptEnded):
             ended_costs.append((e.time - e.duration_s, e.time, e.cost))
-            if t.attempts and t.attempts[-1].outcome is None and e.exit_class != "no_capacity":
+            if e.number not in ran:  # its process wrote nothing
+                if e.exit_class not in ("no_capacity", "succeeded"):  # stopped as it started (see the report)
+                    start = max(e.time - e.duration_s, last_end if last_end is not None else -math.inf)
+                    span = Span(len(t.attempts) + 1, min(start, e.time), e.time, outcome=e.exit_class, silent=True)
+                    if pending_pool is not None:
+                        span.pool, span.market = pending_pool[0], pending_pool[1]
+                    if last_end is not None and span.start > last_end:
+                        t.gaps.append(Gap(last_end, span.start, wait_label or "restart"))
+                    t.attempts.append(span)
+                    t.progress.append([])
+                    pending_pool, wait_label, last_end = None, None, span.end
+            elif t.attempts and t.attempts[-1].outcome is None and e.exit_class != "no_capacity":
                 t.attempts[-1].outcome = "finished" if e.exit_class == "succeeded" else e.exit_class
             if e.exit_class == "no_capacity":
                 wait_label = f"no capacity in {e.pool}"
@@ -136,8 +153,10 @@ def build_timeline(
             wait_label = "no pool available"
             continue
         if isinstance(e, ev.MarketInterruption):
-            if e.interrupted is not None:
-                t.market.append(Mark(e.time, "market", f"market interruption {e.number} ({e.mode})"))
+            if e.interrupted is not None and e.interrupted not in {m.attempt for m in t.market}:  # once each
+                t.market.append(
+                    Mark(e.time, "market", f"market interruption {e.number} ({e.mode})", None, e.interrupted)
+                )
             continue
         if e.type in ev.SUPERVISOR_TYPES:
             continue
@@ -201,6 +220,8 @@ def build_timeline(
 
 
 def _interruption_label(a: Span) -> str:
+    if a.silent:
+        return f"attempt {a.number} interrupted ({a.outcome} as it started, before its first event)"
     if a.source is not None:
         return f"attempt {a.number} interrupted ({a.source} notice, {a.outcome})"
     return f"attempt {a.number} interrupted ({a.outcome or 'ended without a record'})"

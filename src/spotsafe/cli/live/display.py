@@ -134,7 +134,7 @@ class Tracker:
             step=None,
             interruptions=None,
         )
-        self._update()
+        self._update(refresh=True)  # the idle phase is drawn too, however soon the first event comes
         self._follower = EventFollower(sources, self._on_events, self._update).start() if sources else None
 
     def _on_events(self, events: list[LoggedEvent]) -> None:

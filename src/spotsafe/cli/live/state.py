@@ -226,10 +226,14 @@ class LiveState:
                 else:
                     how = "emergency save still writing" if event.still_writing else "emergency save did not commit"
                 self._set(Phase.STOPPING, f"{self._stopping()}: {how}")
+            case ev.RestoreFailed():
+                self._set(Phase.FAILED, f"none of {event.checkpoints} committed checkpoint(s) can be restored")
             case ev.RunExited():
                 self.step = event.step
                 if event.reason == "finished":
                     self._set(Phase.EXITING, f"training finished at step {event.step}")
+                elif event.reason == "no_usable_checkpoint":
+                    pass  # restore_failed said it
                 else:
                     how = f" on a notice from {self._notice}" if self._notice else ""
                     self._set(Phase.EXITING, f"stopped{how} at step {event.step}")
