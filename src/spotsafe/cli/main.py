@@ -600,6 +600,11 @@ def dashboard_cmd(
         storage_options=manage.parse_storage_options(storage_options),
         on_demand_price=on_demand_price,
     )
+    import signal
+
+    stop = threading.Event()
+    # Before anything says where it listens: a SIGTERM from then on is a clean stop.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         server = serve(catalog, port, addr)
     except OSError as err:
@@ -610,11 +615,7 @@ def dashboard_cmd(
     found = len(catalog.runs())
     runs = f"{found} run{'s' if found != 1 else ''}"
     console.print(f"spotsafe dashboard: http://{host}:{server.server_port}/ ({runs}; Ctrl-C to stop)")
-    stop = threading.Event()
     try:
-        import signal
-
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         stop.wait()
     except KeyboardInterrupt:
         pass
