@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # A CPU build of torch: an unpinned torch would pull gigabytes of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
+# pytest-xdist workers for `make test`; each test file runs whole on one worker (its module fixtures are shared).
+TEST_WORKERS ?= 2
 # Azurite, Microsoft's Azure Storage emulator (npm), for the az:// storage tests; installed into .tools/.
 AZURITE_SPEC ?= azurite@3.37.0
 AZURITE := .tools/node_modules/.bin/azurite-blob
@@ -39,7 +41,7 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 
 test: lint azurite
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 $(BIN)/.bench-installed: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e ".[dev,bench]"

@@ -7,6 +7,7 @@ writer lease, and the process's signal handlers as they were.
 from __future__ import annotations
 
 import math
+import re
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,6 +40,9 @@ class Squares(Dataset[torch.Tensor]):
 class Stream(IterableDataset[int]):
     def __iter__(self) -> Iterator[int]:
         return iter(range(3))
+
+    def __repr__(self) -> str:
+        return "Stream()"  # stable test ids
 
 
 class Stateful:
@@ -158,7 +162,8 @@ CHECKPOINTER_BAD: list[tuple[dict[str, Any], list[str]]] = [
 
 
 def case_id(case: tuple[dict[str, Any], list[str]]) -> str:
-    return ",".join(f"{k}={v!r}"[:40] for k, v in case[0].items())
+    """Stable across processes (no object addresses), so test ids are the same in every run and worker."""
+    return ",".join(re.sub(r" (object )?at 0x[0-9a-f]+", "", f"{k}={v!r}")[:40] for k, v in case[0].items())
 
 
 @pytest.mark.parametrize(("kwargs", "fragments"), CHECKPOINTER_BAD, ids=[case_id(c) for c in CHECKPOINTER_BAD])

@@ -115,16 +115,21 @@ def test_aws_and_azure_notices_lose_zero_steps_and_resume_bit_exact(reference: P
     exits = [e for e in events(run, "run_exited")]
     assert [(e.reason, e.exit_code) for e in exits] == [("preempted", 75), ("preempted", 75), ("finished", 0)]  # type: ignore[attr-defined]
     committed = {(e.step, e.reason) for e in events(run, "save_committed")}  # type: ignore[attr-defined]
-    finished_ok = events(run, "emergency_finished")
-    assert len(finished_ok) == 2
-    for exit_event, done, deadline in zip(exits[:2], finished_ok, (aws_deadline, azure_deadline), strict=True):
-        assert (exit_event.step, "notice") in committed  # type: ignore[attr-defined]
-        assert done.committed and done.before_deadline  # type: ignore[attr-defined]
-        assert done.step == exit_event.step  # type: ignore[attr-defined]
-        assert abs(done.deadline - deadline) <= 1.5  # type: ignore[attr-defined]
     planned = events(run, "emergency_planned")
     assert [p.source for p in planned] == ["aws", "azure"]  # type: ignore[attr-defined]
-    assert all(p.choice in ("incremental", "full") for p in planned)  # type: ignore[attr-defined]
+    finished_ok = {e.step: e for e in events(run, "emergency_finished")}  # type: ignore[attr-defined]
+    for exit_event, plan, deadline in zip(exits[:2], planned, (aws_deadline, azure_deadline), strict=True):
+        step = exit_event.step  # type: ignore[attr-defined]
+        assert plan.step == step  # type: ignore[attr-defined]
+        if plan.choice == "already-saved":  # type: ignore[attr-defined]
+            # The notice was seen at a step whose interval save had just committed: nothing new to save.
+            assert any(s == step for s, _ in committed) and step not in finished_ok
+            continue
+        assert plan.choice in ("incremental", "full")  # type: ignore[attr-defined]
+        assert (step, "notice") in committed
+        done = finished_ok[step]
+        assert done.committed and done.before_deadline  # type: ignore[attr-defined]
+        assert abs(done.deadline - deadline) <= 1.5  # type: ignore[attr-defined]
 
     restores = events(run, "restore_completed")
     assert [r.step for r in restores] == [e.step for e in exits[:2]]  # type: ignore[attr-defined]
