@@ -10,8 +10,6 @@ Typical use in a plain PyTorch loop::
     ckpt.step_done()   # after each optimizer step
 """
 
-__version__ = "0.1.0"
-
 from spotsafe.data.loader import ResumableLoader
 from spotsafe.engine.checkpointer import Checkpointer
 from spotsafe.errors import (
@@ -25,6 +23,7 @@ from spotsafe.errors import (
 from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT, EXIT_PREEMPTED, EXIT_SUCCESS
 from spotsafe.policy.adaptive import max_loss, on_notice, young_daly
 from spotsafe.policy.interval import every
+from spotsafe.version import __version__
 
 __all__ = [
     "EXIT_NO_USABLE_CHECKPOINT",

@@ -13,7 +13,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from spotsafe import __version__
+from spotsafe.version import __version__
 from spotsafe.cli import manage
 from spotsafe.cli.consoles import console as make_console
 from spotsafe.cli.demo import DemoSummary, default_command, default_drill_command, run_demo

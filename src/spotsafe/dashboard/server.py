@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from spotsafe import __version__
+from spotsafe.version import __version__
 from spotsafe.cli.report import ATTEMPT_COLUMNS, attempt_rows, report_rows
 from spotsafe.dashboard.catalog import Catalog, RunEntry, RunView
 from spotsafe.storage.errors import redact

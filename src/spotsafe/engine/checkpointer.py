@@ -51,7 +51,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from spotsafe import __version__
+from spotsafe.version import __version__
 from spotsafe.engine import agreement as agree
 from spotsafe.engine.commits import AfterSave
 from spotsafe.engine.components import Progress, apply_states, collect
