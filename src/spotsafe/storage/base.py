@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import mmap
 from collections.abc import Callable, Iterable
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from spotsafe.errors import PermanentStorageError, UnsafeCheckpointError
 
+C = TypeVar("C")
 Chunk = bytes | bytearray | memoryview
 ReadProgress = Callable[[int], None]
 Buffer = bytearray | memoryview
@@ -124,3 +125,59 @@ class Storage(Protocol):
         Object stores have nothing to do here.
         """
         ...
+
+
+# -- optional capabilities ------------------------------------------------------
+# A backend or wrapper may offer more than the Storage protocol. Callers ask with
+# capability(storage, Kind), which looks through wrappers (retry, fault injection),
+# instead of reaching for attributes with getattr.
+
+
+@runtime_checkable
+class LocalPaths(Protocol):
+    """Objects are files on this machine: a reader may open them by path."""
+
+    @property
+    def root_path(self) -> str:
+        """The run's folder, absolute."""
+        ...
+
+    def path_of(self, key: str) -> str:
+        """The file that holds ``key`` (checked: never through a link)."""
+        ...
+
+
+@runtime_checkable
+class Stat(Protocol):
+    """The backend knows when objects were written."""
+
+    def modified(self, key: str) -> float | None:
+        """Unix time of the newest write of ``key`` or, for a folder, of the objects directly in it;
+        ``None`` when the backend cannot say."""
+        ...
+
+
+@runtime_checkable
+class RetryReporting(Protocol):
+    """A wrapper that retries transient errors and tells ``on_retry`` about each retry."""
+
+    on_retry: Callable[[str, int, float, Exception], None] | None
+
+
+@runtime_checkable
+class Wrapping(Protocol):
+    """A storage that delegates to another one (retries, fault injection)."""
+
+    inner: Storage
+
+
+def capability(storage: object, kind: type[C]) -> C | None:
+    """``storage`` or the first storage it wraps that offers ``kind`` (a runtime-checkable protocol), else None."""
+    seen = 0
+    current: object = storage
+    while current is not None and seen < 16:
+        if isinstance(current, kind):
+            return current
+        current = current.inner if isinstance(current, Wrapping) else None
+        seen += 1
+    return None
