@@ -27,6 +27,10 @@ TINY_JOB = ROOT / "tests" / "jobs" / "tiny_job.py"
 HANG_S = 120.0
 """How long a test waits for a condition before calling it a hang. It only bounds a hang: on a healthy machine,
 however loaded, the condition comes true long before, so it never decides a test's outcome."""
+PROCESS_HANG_S = 900.0
+"""How long a test lets a whole process (a CLI command, a job, a drill) run before calling it a hang. Generous on
+purpose: with the machine ten times oversubscribed a one-second command took over a minute; a real hang still fails
+the test instead of the CI job."""
 
 
 def wait_until(condition: Callable[[], object], what: str, *, timeout: float = HANG_S, poll_s: float = 0.01) -> None:

@@ -23,7 +23,7 @@ from spotsafe import ConfigError, ResumableLoader, every, max_loss, on_notice, y
 from spotsafe.notices import AwsSpotNotices, AzureScheduledEvents, GcpNotices, SignalNotices, SlurmNotices
 from spotsafe.notices.signals import DEFAULT_SIGNALS
 from spotsafe.policy import AnyOf
-from spotsafe.storage import RetryPolicy
+from spotsafe.storage import StorageRetry
 from spotsafe.telemetry.log import EVENTS_FILE
 
 NAN, INF = math.nan, math.inf
@@ -127,7 +127,7 @@ CHECKPOINTER_BAD: list[tuple[dict[str, Any], list[str]]] = [
     ({"when_busy": None}, ["when_busy", "None (NoneType)"]),
     ({"storage_options": "key=value"}, ["storage_options", "'key=value' (str)", "mapping"]),
     ({"storage_options": {1: "x"}}, ["storage_options", "1 (int)"]),
-    ({"retry": 3}, ["retry", "3 (int)", "RetryPolicy"]),
+    ({"retry": 3}, ["retry", "3 (int)", "StorageRetry"]),
     ({"retry": {"budget_s": 1}}, ["retry", "(dict)"]),
     ({"signals": "SIGTERM"}, ["signals", "'SIGTERM' (str)", "signal.SIGTERM"]),
     ({"signals": 15}, ["signals", "15 (int)"]),
@@ -313,30 +313,30 @@ def test_policies_accept_good_values() -> None:
     assert len((every(steps=1) | max_loss(minutes=5) | young_daly(cost="stall") | on_notice()).parts()) == 4
 
 
-# -- RetryPolicy ----------------------------------------------------------------------------------------------------
+# -- StorageRetry ---------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("kwargs", "fragments"),
     [
-        ({"budget_s": "1"}, ["RetryPolicy.budget_s", "'1' (str)"]),
-        ({"budget_s": True}, ["RetryPolicy.budget_s", "True (bool)"]),
-        ({"budget_s": NAN}, ["RetryPolicy.budget_s", "nan"]),
-        ({"initial": -1}, ["RetryPolicy.initial", "-1 (int)"]),
-        ({"initial": INF}, ["RetryPolicy.initial", "inf"]),
-        ({"max_delay": None}, ["RetryPolicy.max_delay", "None (NoneType)"]),
-        ({"multiplier": 0.5}, ["RetryPolicy.multiplier", "0.5 (float)", ">= 1"]),
-        ({"multiplier": "2"}, ["RetryPolicy.multiplier", "'2' (str)"]),
+        ({"budget_s": "1"}, ["StorageRetry.budget_s", "'1' (str)"]),
+        ({"budget_s": True}, ["StorageRetry.budget_s", "True (bool)"]),
+        ({"budget_s": NAN}, ["StorageRetry.budget_s", "nan"]),
+        ({"initial": -1}, ["StorageRetry.initial", "-1 (int)"]),
+        ({"initial": INF}, ["StorageRetry.initial", "inf"]),
+        ({"max_delay": None}, ["StorageRetry.max_delay", "None (NoneType)"]),
+        ({"multiplier": 0.5}, ["StorageRetry.multiplier", "0.5 (float)", ">= 1"]),
+        ({"multiplier": "2"}, ["StorageRetry.multiplier", "'2' (str)"]),
     ],
     ids=repr,
 )
 def test_retry_policy_rejects_bad_values(kwargs: dict[str, Any], fragments: list[str]) -> None:
-    message = message_of(lambda: RetryPolicy(**kwargs))
+    message = message_of(lambda: StorageRetry(**kwargs))
     assert all(f in message for f in fragments), message
 
 
 def test_retry_policy_may_retry_forever_without_a_cap() -> None:
-    assert RetryPolicy(budget_s=INF, max_delay=INF).budget_s == INF
+    assert StorageRetry(budget_s=INF, max_delay=INF).budget_s == INF
 
 
 # -- ResumableLoader ------------------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import spotsafe
+from spotsafe.engine.lifecycle import SnapshotTornError
 from spotsafe.engine.reader import load_state
-from spotsafe.engine.saver import SnapshotTornError
 from spotsafe.engine.staging import CHUNK, parse_budget
 from spotsafe.errors import (
     ConfigError,

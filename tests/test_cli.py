@@ -19,7 +19,7 @@ from spotsafe.state.snapshot import Snapshot
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.repository import CheckpointRepository
 
-from .conftest import S3Server, make_job
+from .conftest import PROCESS_HANG_S, S3Server, make_job
 
 SPOTSAFE = str(Path(sys.executable).with_name("spotsafe"))
 METADATA = {"experiment": "cli-test", "lr": 0.01}
@@ -31,7 +31,9 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([SPOTSAFE, *args], capture_output=True, text=True, check=False, env=_env(env), timeout=60)
+    return subprocess.run(
+        [SPOTSAFE, *args], capture_output=True, text=True, check=False, env=_env(env), timeout=PROCESS_HANG_S
+    )
 
 
 def run_all(*commands: Sequence[str], env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess[str]]:
@@ -43,7 +45,7 @@ def run_all(*commands: Sequence[str], env: dict[str, str] | None = None) -> list
     done = []
     try:
         for proc in procs:
-            stdout, stderr = proc.communicate(timeout=60)
+            stdout, stderr = proc.communicate(timeout=PROCESS_HANG_S)
             done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     finally:
         for proc in procs:
@@ -183,7 +185,7 @@ def test_tables_piped_to_a_file_show_every_column_in_full(pristine: Path, tmp_pa
     ]
     outputs = []
     for proc in procs:
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=PROCESS_HANG_S)
         assert proc.returncode == 0, stderr.decode()
         outputs.append(stdout.decode())
     listed, narrow, gc, inspected = outputs

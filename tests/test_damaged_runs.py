@@ -18,19 +18,19 @@ import torch
 from torch import nn
 
 import spotsafe
-from spotsafe.engine.reader import ENV_ON_DAMAGED
 from spotsafe.errors import NoUsableCheckpointError, TransientStorageError
 from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT
+from spotsafe.jobenv import ENV_ON_DAMAGED
 from spotsafe.storage.base import Buffer, ReadProgress
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.repository import CheckpointRepository
-from spotsafe.storage.retry import RetryingStorage, RetryPolicy
-from spotsafe.supervisor.retry import RetryPolicy as RelaunchPolicy
+from spotsafe.storage.retry import RetryingStorage, StorageRetry
+from spotsafe.supervisor.retry import RelaunchPolicy
 from spotsafe.supervisor.run import RunConfig, Supervisor
-from spotsafe.supervisor.store import FAILED, JobStore
+from spotsafe.supervisor.store import JobState, JobStore
 from spotsafe.telemetry.log import EVENTS_FILE, read_events
 
-from .conftest import fake_exit
+from .conftest import PROCESS_HANG_S, fake_exit
 
 SPOTSAFE = str(Path(sys.executable).with_name("spotsafe"))
 
@@ -133,7 +133,9 @@ def test_a_job_process_exits_65_with_the_reasons_and_the_supervisor_does_not_rel
     )
     before = tree(damaged)
     env = {"SPOTSAFE_CHECKPOINT_URL": str(damaged), "SPOTSAFE_NOTICES": "signals", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=PROCESS_HANG_S
+    )
     assert proc.returncode == EXIT_NO_USABLE_CHECKPOINT, proc.stderr
     assert "none can be restored" in proc.stderr and "fails its checksum" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -153,7 +155,7 @@ def test_a_job_process_exits_65_with_the_reasons_and_the_supervisor_does_not_rel
     store = JobStore(tmp_path / "jobs.sqlite")
     assert [a.exit_class for a in store.attempts("job")] == ["no_usable_checkpoint"]  # one attempt, no budget burnt
     job = store.job("job")
-    assert job is not None and job.state == FAILED
+    assert job is not None and job.state == JobState.FAILED
     assert any("none it can restore" in line for line in said)
     assert tree(damaged) == before
 
@@ -216,7 +218,7 @@ def test_a_transient_error_that_outlives_the_retry_budget_is_not_damage(tmp_path
     before = tree(run)
     logged = len(events(run))
     flaky = ReadsFail(LocalStorage(run))
-    storage = RetryingStorage(flaky, RetryPolicy(budget_s=0.0))  # type: ignore[arg-type]
+    storage = RetryingStorage(flaky, StorageRetry(budget_s=0.0))  # type: ignore[arg-type]
     model, opt = make_model()
     ckpt = spotsafe.Checkpointer(model=model, optimizer=opt, storage=storage, handle_signals=False, exit=fake_exit)
     try:
@@ -238,7 +240,7 @@ def test_gc_never_deletes_damaged_checkpoints_that_no_intact_one_follows(damaged
     """Bit flips keep every size right: gc verifies checksums before it trusts a checkpoint to be newer."""
     before = tree(damaged)
     proc = subprocess.run(
-        [SPOTSAFE, "gc", str(damaged), "--keep", "1", "--apply"], capture_output=True, text=True, timeout=120
+        [SPOTSAFE, "gc", str(damaged), "--keep", "1", "--apply"], capture_output=True, text=True, timeout=PROCESS_HANG_S
     )
     assert proc.returncode == 0, proc.stderr
     assert tree(damaged) == before
@@ -259,7 +261,7 @@ def test_gc_deletes_only_what_is_older_than_the_newest_verified_checkpoint(tmp_p
         [SPOTSAFE, "gc", str(run), "--keep", "1", "--apply"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=PROCESS_HANG_S,
         env={"COLUMNS": "250", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr

@@ -28,16 +28,7 @@ from spotsafe.cli.drill_report import print_drill
 from spotsafe.errors import ConfigError
 from spotsafe.notices.base import NoticeBoard, NoticeSource
 from spotsafe.notices.detect import build_sources, detect
-from spotsafe.supervisor.drill import (
-    JOB_NAME,
-    REFERENCE_MARKER,
-    DrillConfig,
-    DrillLauncher,
-    DrillReport,
-    compare_final,
-    ensure_reference,
-    run_drill,
-)
+from spotsafe.supervisor.drill import JOB_NAME, DrillConfig, DrillLauncher, DrillReport, run_drill
 from spotsafe.supervisor.market import (
     CITATION,
     MODES,
@@ -52,7 +43,8 @@ from spotsafe.supervisor.market import (
     trace_names,
 )
 from spotsafe.supervisor.pools import LaunchSpec, Pool
-from spotsafe.supervisor.store import SUCCEEDED, AttemptRecord, JobStore
+from spotsafe.supervisor.reference import REFERENCE_MARKER, compare_final, ensure_reference
+from spotsafe.supervisor.store import AttemptRecord, JobState, JobStore
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, read_events
 from spotsafe.telemetry.report import build_report
@@ -891,8 +883,8 @@ def check_report_against_records(report: DrillReport, workdir: Path, config: Dri
     """What the report says agrees with the job store and the event log it was computed from."""
     with JobStore(workdir / "jobs.sqlite") as store:
         attempts = store.attempts(JOB_NAME)
-        assert store.job(JOB_NAME).state == SUCCEEDED
-    assert report.job_state == SUCCEEDED
+        assert store.job(JOB_NAME).state == JobState.SUCCEEDED
+    assert report.job_state == JobState.SUCCEEDED
     assert report.attempts == len(attempts)
     assert [a.number for a in attempts] == list(range(1, len(attempts) + 1))
     assert all(a.pool == "drill-spot" and a.ended is not None for a in attempts)
@@ -1090,7 +1082,7 @@ def test_a_job_that_is_not_resumable_fails_the_drill(
     assert any(line.startswith("reference run (uninterrupted)") for line in lines)
     assert json.loads((reference / REFERENCE_MARKER).read_text(encoding="utf-8"))["command"] == list(command)
     assert report.interruptions == 1
-    assert report.exit_code == 0 and report.job_state == SUCCEEDED  # the job itself finished
+    assert report.exit_code == 0 and report.job_state == JobState.SUCCEEDED  # the job itself finished
     assert report.final_step_reference == report.final_step_drill == BAD_STEPS
     # Only the model differs: everything else the checkpoint holds resumed exactly.
     assert [name for name, diffs in report.component_diffs.items() if diffs] == ["model"], report.component_diffs

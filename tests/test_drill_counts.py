@@ -19,15 +19,16 @@ import pytest
 from rich.console import Console
 
 from spotsafe.cli.drill_report import print_drill
-from spotsafe.cli.report import report_rows
 from spotsafe.dashboard.catalog import Catalog
 from spotsafe.dashboard.server import Dashboard
-from spotsafe.supervisor.drill import JOB_NAME, DrillConfig, DrillReport, ensure_reference, run_drill
+from spotsafe.supervisor.drill import JOB_NAME, DrillConfig, DrillReport, run_drill
 from spotsafe.supervisor.market import Market
+from spotsafe.supervisor.reference import ensure_reference
 from spotsafe.supervisor.store import JobStore, read_store
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, read_events
 from spotsafe.telemetry.report import build_report
+from spotsafe.telemetry.rows import report_rows
 from spotsafe.telemetry.timeline import build_timeline
 
 from .test_drill import SPOTSAFE, FakeClock, wait_for, write_trace

@@ -23,13 +23,13 @@ from spotsafe.supervisor.classify import ExitClass
 from spotsafe.supervisor.health import PRESETS, FailoverPolicy, Health, Outcome, preset, with_overrides
 from spotsafe.supervisor.planner import Rates, choose, measure, project
 from spotsafe.supervisor.pools import ON_DEMAND, LaunchSpec, Pool
-from spotsafe.supervisor.retry import RetryPolicy
+from spotsafe.supervisor.retry import RelaunchPolicy
 from spotsafe.supervisor.run import RunConfig, Supervisor
-from spotsafe.supervisor.store import SUCCEEDED, AttemptRecord, JobRecord, JobStore
+from spotsafe.supervisor.store import AttemptRecord, JobRecord, JobState, JobStore
 from spotsafe.telemetry import events as ev
 
 T0 = 1_000_000.0
-NO_BACKOFF = RetryPolicy(initial_s=0.0, max_delay_s=0.0)
+NO_BACKOFF = RelaunchPolicy(initial_s=0.0, max_delay_s=0.0)
 STANDARD = PRESETS["standard"].failover
 NO_CAPACITY_CODE = 3
 E = TypeVar("E", bound=ev.Event)
@@ -205,7 +205,7 @@ def supervise(
     plan: Mapping[str, Sequence[Script]] | Behaviour,
     *,
     failover: FailoverPolicy = STANDARD,
-    retry: RetryPolicy = NO_BACKOFF,
+    retry: RelaunchPolicy = NO_BACKOFF,
     deadline_in: float | None = None,
     total_steps: int | None = None,
     clock: FakeClock | None = None,
@@ -266,7 +266,7 @@ def test_starts_in_the_cheapest_spot_pool_by_price_times_nodes(tmp_path: Path) -
     (chosen,) = r.sink.of(ev.PoolChosen)
     assert chosen.pool == "narrow" and chosen.market == "spot" and not chosen.escalated
     assert "cheapest healthy spot pool" in chosen.reason
-    assert r.job.state == SUCCEEDED and not r.job.escalated
+    assert r.job.state == JobState.SUCCEEDED and not r.job.escalated
     assert r.launcher.specs[0].env["SPOTSAFE_POOL"] == "narrow"
 
 
@@ -308,7 +308,7 @@ def test_the_only_spot_pool_keeps_the_job_when_reclaimed_over_and_over(tmp_path:
     pools = [spot("only", 1.0)] + ([on_demand("od", 4.0)] if with_on_demand else [])
     plan = {"only": [reclaimed(100)] * 6 + [succeeds(100, to=99)], "od": [succeeds(10)]}
     r = supervise(tmp_path, pools, plan)
-    assert r.code == 0 and r.job.state == SUCCEEDED
+    assert r.code == 0 and r.job.state == JobState.SUCCEEDED
     assert r.launcher.pools == ["only"] * 7
     assert not r.sink.of(ev.NoPoolAvailable)
     assert r.clock.now() == pytest.approx(r.began + 700, abs=1e-3)  # no waiting at all
@@ -324,9 +324,9 @@ def test_no_capacity_uses_no_budget_costs_nothing_and_is_waited_for(tmp_path: Pa
     pools = [spot("only", 2.0)]
     plan = {"only": [no_capacity(30), no_capacity(30), succeeds(360)]}
     # one preemption or one error would end the job: no capacity must count as neither
-    strict = RetryPolicy(max_preemptions=0, max_errors=1, initial_s=0.0, max_delay_s=0.0)
+    strict = RelaunchPolicy(max_preemptions=0, max_errors=1, initial_s=0.0, max_delay_s=0.0)
     r = supervise(tmp_path, pools, plan, retry=strict)
-    assert r.code == 0 and r.job.state == SUCCEEDED
+    assert r.code == 0 and r.job.state == JobState.SUCCEEDED
     assert r.launcher.pools == ["only"] * 3
     assert [a.exit_class for a in r.attempts] == ["no_capacity", "no_capacity", "succeeded"]
     assert [a.exit_code for a in r.attempts] == [NO_CAPACITY_CODE, NO_CAPACITY_CODE, 0]
@@ -377,7 +377,7 @@ def test_a_machine_that_keeps_crashing_is_excluded_from_the_next_launch(tmp_path
 
     pools = [spot("only", 1.0)]
     r = supervise(tmp_path, pools, behaviour)  # max_errors=3: a third crash on m1 would end the job
-    assert r.code == 0 and r.job.state == SUCCEEDED
+    assert r.code == 0 and r.job.state == JobState.SUCCEEDED
     assert [s.exclude for s in r.launcher.specs] == [(), (), ("m1",)]
     assert [a.machine for a in r.attempts] == ["m1", "m1", "m2"]
     (excluded,) = r.sink.of(ev.Excluded)
@@ -401,7 +401,7 @@ SLOW_SPOT = {
 def test_slow_spot_progress_escalates_to_on_demand_and_stays_there(tmp_path: Path) -> None:
     pools = [spot("cheap", 1.0), on_demand("od", 4.0)]
     r = supervise(tmp_path, pools, SLOW_SPOT, deadline_in=2500, total_steps=200)
-    assert r.code == 0 and r.job.state == SUCCEEDED
+    assert r.code == 0 and r.job.state == JobState.SUCCEEDED
     assert r.launcher.pools == ["cheap", "cheap", "od", "od"]
     assert r.job.escalated
 

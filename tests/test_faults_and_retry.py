@@ -43,7 +43,7 @@ from spotsafe.storage.faults import FaultyStorage
 from spotsafe.storage.fsspec_store import FsspecStorage
 from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRepository
-from spotsafe.storage.retry import RetryingStorage, RetryPolicy
+from spotsafe.storage.retry import RetryingStorage, StorageRetry
 
 from .conftest import AZURITE_KEY, ObjectStore, start_moto
 from .http_faults import FaultProxy
@@ -374,7 +374,7 @@ def test_storage_urls_never_carry_credentials() -> None:
     assert "pw123456" not in str(info.value) and "qwerty123" not in str(info.value)
 
 
-# -- RetryPolicy and RetryingStorage, with a fake clock ---------------------------------------------------------------
+# -- StorageRetry and RetryingStorage, with a fake clock ---------------------------------------------------------------
 
 
 class FakeTime:
@@ -442,7 +442,7 @@ METHODS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def retrying(inner: Any, policy: RetryPolicy, time_: FakeTime, **kwargs: Any) -> RetryingStorage:
+def retrying(inner: Any, policy: StorageRetry, time_: FakeTime, **kwargs: Any) -> RetryingStorage:
     return RetryingStorage(inner, policy, sleep=time_.sleep, clock=time_.clock, **kwargs)
 
 
@@ -452,7 +452,7 @@ def test_every_method_retries_transient_errors(method: str) -> None:
     inner = Scripted([TransientStorageError("503"), TransientStorageError("reset")], value="answer")
     seen: list[tuple[str, int, float, str]] = []
     storage = retrying(
-        inner, RetryPolicy(budget_s=10), fake, on_retry=lambda op, n, d, e: seen.append((op, n, d, str(e)))
+        inner, StorageRetry(budget_s=10), fake, on_retry=lambda op, n, d, e: seen.append((op, n, d, str(e)))
     )
     returns = method not in ("write_atomic", "delete", "delete_prefix", "sync_prefix")
     assert METHODS[method](storage) == ("answer" if returns else None)
@@ -477,7 +477,7 @@ def test_every_method_retries_transient_errors(method: str) -> None:
 def test_permanent_errors_are_not_retried(method: str, err: BaseException) -> None:
     fake = FakeTime()
     inner = Scripted([err, err])
-    storage = retrying(inner, RetryPolicy(budget_s=100), fake)
+    storage = retrying(inner, StorageRetry(budget_s=100), fake)
     with pytest.raises(type(err)) as info:
         METHODS[method](storage)
     assert info.value is err
@@ -488,7 +488,7 @@ def test_permanent_errors_are_not_retried(method: str, err: BaseException) -> No
 def test_gives_up_when_the_budget_is_spent() -> None:
     fake = FakeTime()
     inner = Scripted([TransientStorageError(f"503 number {i}") for i in range(100)])
-    policy = RetryPolicy(budget_s=5.0, initial=0.5, multiplier=2.0, max_delay=2.0)
+    policy = StorageRetry(budget_s=5.0, initial=0.5, multiplier=2.0, max_delay=2.0)
     storage = retrying(inner, policy, fake, rng=MaxRng())
     with pytest.raises(TransientStorageError) as info:
         storage.read("ckpt/model.bin")
@@ -508,7 +508,7 @@ def test_time_spent_in_calls_counts_against_the_budget() -> None:
     fake = FakeTime()
     inner = Scripted([TransientStorageError("slow") for _ in range(100)], clock=fake, call_cost=3.0)
     storage = retrying(
-        inner, RetryPolicy(budget_s=10.0, initial=1.0, multiplier=1.0, max_delay=1.0), fake, rng=MaxRng()
+        inner, StorageRetry(budget_s=10.0, initial=1.0, multiplier=1.0, max_delay=1.0), fake, rng=MaxRng()
     )
     with pytest.raises(TransientStorageError, match="attempts"):
         storage.read("k")
@@ -521,22 +521,23 @@ def test_a_zero_budget_means_one_attempt() -> None:
     fake = FakeTime()
     inner = Scripted([TransientStorageError("x"), TransientStorageError("y")])
     with pytest.raises(TransientStorageError, match="after 1 attempts"):
-        retrying(inner, RetryPolicy(budget_s=0.0), fake, rng=random.Random(0)).read("k")
+        retrying(inner, StorageRetry(budget_s=0.0), fake, rng=random.Random(0)).read("k")
     assert inner.calls == 1 and fake.slept == []
 
 
 def test_delays_grow_exponentially_up_to_the_cap() -> None:
-    policy = RetryPolicy(initial=0.1, multiplier=2.0, max_delay=1.0)
-    assert [policy.delay(n, MaxRng()) for n in range(1, 8)] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0])
-    assert RetryPolicy(initial=0.25, multiplier=1.0, max_delay=9).delay(50, MaxRng()) == 0.25
+    policy = StorageRetry(initial=0.1, multiplier=2.0, max_delay=1.0)
+    delays = [policy.backoff.delay(n, MaxRng()) for n in range(1, 8)]
+    assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0])
+    assert StorageRetry(initial=0.25, multiplier=1.0, max_delay=9).backoff.delay(50, MaxRng()) == 0.25
 
 
 def test_delays_are_jittered_within_bounds() -> None:
-    policy = RetryPolicy(initial=0.1, multiplier=2.0, max_delay=1.0)
+    policy = StorageRetry(initial=0.1, multiplier=2.0, max_delay=1.0)
     rng = random.Random(1234)
     for attempt in range(1, 12):
         cap = min(1.0, 0.1 * 2 ** (attempt - 1))
-        draws = [policy.delay(attempt, rng) for _ in range(300)]
+        draws = [policy.backoff.delay(attempt, rng) for _ in range(300)]
         assert all(0.0 <= d <= cap for d in draws)
         assert min(draws) < 0.1 * cap and max(draws) > 0.9 * cap  # full jitter, not a fixed delay
         assert len(set(draws)) > 250
@@ -545,7 +546,7 @@ def test_delays_are_jittered_within_bounds() -> None:
 def test_retrying_storage_sleeps_jittered_capped_delays() -> None:
     fake = FakeTime()
     inner = Scripted([TransientStorageError("503") for _ in range(30)], value=b"ok")
-    policy = RetryPolicy(budget_s=1_000, initial=0.5, multiplier=3.0, max_delay=4.0)
+    policy = StorageRetry(budget_s=1_000, initial=0.5, multiplier=3.0, max_delay=4.0)
     assert retrying(inner, policy, fake, rng=random.Random(5)).read("k") == b"ok"
     assert len(fake.slept) == 30
     caps = [min(4.0, 0.5 * 3.0**i) for i in range(30)]
@@ -568,7 +569,7 @@ def test_retrying_storage_sleeps_jittered_capped_delays() -> None:
 )
 def test_retry_policy_refuses_bad_values(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
-        RetryPolicy(**kwargs)
+        StorageRetry(**kwargs)
 
 
 class FailsMidUpload:
@@ -592,7 +593,7 @@ class FailsMidUpload:
 
 def test_a_retried_write_stream_calls_the_source_again(run_url: str) -> None:
     fake = FakeTime()
-    storage = retrying(FailsMidUpload(open_storage(run_url, retry=None), failures=2), RetryPolicy(), fake)
+    storage = retrying(FailsMidUpload(open_storage(run_url, retry=None), failures=2), StorageRetry(), fake)
     data = os.urandom(100_000)
     source_calls = 0
 
@@ -610,7 +611,7 @@ def test_a_retried_write_stream_calls_the_source_again(run_url: str) -> None:
 
 
 def test_a_retried_blob_records_the_checksum_of_the_complete_object(run_url: str) -> None:
-    storage = retrying(FailsMidUpload(open_storage(run_url, retry=None)), RetryPolicy(), FakeTime())
+    storage = retrying(FailsMidUpload(open_storage(run_url, retry=None)), StorageRetry(), FakeTime())
     repo = CheckpointRepository(storage)
     pending = repo.begin(1, 1)
     data = os.urandom(50_000)
@@ -650,7 +651,7 @@ def no_sleep(seconds: float) -> None:
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "sync_prefix"])
 def test_a_missing_bucket_fails_fast(object_store: ObjectStore, method: str) -> None:
     counting = Counting(open_storage(object_store.url(f"missing-{secrets.token_hex(4)}"), retry=None))
-    storage = RetryingStorage(counting, RetryPolicy(budget_s=120), sleep=no_sleep)  # type: ignore[arg-type]
+    storage = RetryingStorage(counting, StorageRetry(budget_s=120), sleep=no_sleep)  # type: ignore[arg-type]
     with pytest.raises(PermanentStorageError, match="the bucket does not exist; create it or fix the URL") as info:
         METHODS[method](storage)
     assert not isinstance(info.value, BlobNotFoundError)
@@ -669,7 +670,7 @@ def test_an_unreachable_endpoint_is_transient_and_retried_within_the_budget(
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
     fake = FakeTime()
     counting = Counting(open_storage("s3://bucket/run", retry=None))
-    policy = RetryPolicy(budget_s=0.25, initial=0.1, multiplier=2.0, max_delay=0.1)
+    policy = StorageRetry(budget_s=0.25, initial=0.1, multiplier=2.0, max_delay=0.1)
     storage = RetryingStorage(counting, policy, sleep=fake.sleep, clock=fake.clock, rng=MaxRng())  # type: ignore[arg-type]
     with pytest.raises(TransientStorageError) as info:
         storage.write_atomic("latest.json", b"{}")
@@ -684,7 +685,7 @@ def test_open_storage_retries_an_unreachable_endpoint_and_gives_up(
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
     retries: list[float] = []
-    policy = RetryPolicy(budget_s=0.3, initial=0.05, max_delay=0.1)
+    policy = StorageRetry(budget_s=0.3, initial=0.05, max_delay=0.1)
     storage = open_storage("s3://bucket/run", retry=policy, on_retry=lambda op, n, delay, err: retries.append(delay))
     with pytest.raises(TransientStorageError, match=r"still failing after \d+ attempts") as info:
         storage.read("checkpoints/x/manifest.json")
@@ -775,7 +776,7 @@ def test_a_wrong_secret_fails_fast_naming_credentials(
     else:
         options = {"key": auth_env.key_id, "secret": wrong}
     counting = Counting(open_storage(f"s3://{auth_env.bucket}/run", options, retry=None))
-    storage = RetryingStorage(counting, RetryPolicy(budget_s=120), sleep=no_sleep)  # type: ignore[arg-type]
+    storage = RetryingStorage(counting, StorageRetry(budget_s=120), sleep=no_sleep)  # type: ignore[arg-type]
     with pytest.raises(PermanentStorageError) as info:
         METHODS[method](storage)
     message = str(info.value)
@@ -790,7 +791,7 @@ def test_an_unknown_access_key_fails_fast_naming_credentials(
 ) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOSUCHKEY0000000")
     counting = Counting(open_storage(f"s3://{auth_env.bucket}/run", retry=None))
-    storage = RetryingStorage(counting, RetryPolicy(budget_s=120), sleep=no_sleep)  # type: ignore[arg-type]
+    storage = RetryingStorage(counting, StorageRetry(budget_s=120), sleep=no_sleep)  # type: ignore[arg-type]
     with pytest.raises(PermanentStorageError, match="credentials were rejected"):
         storage.write_atomic("x", b"1")
     assert counting.calls == 1
@@ -800,7 +801,7 @@ def test_reading_with_a_wrong_secret_is_permanent(auth_env: AuthServer, monkeypa
     open_storage(f"s3://{auth_env.bucket}/run-r").write_atomic("blob", b"data")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-for-reading")
     counting = Counting(open_storage(f"s3://{auth_env.bucket}/run-r", retry=None))
-    storage = RetryingStorage(counting, RetryPolicy(budget_s=120), sleep=no_sleep)  # type: ignore[arg-type]
+    storage = RetryingStorage(counting, StorageRetry(budget_s=120), sleep=no_sleep)  # type: ignore[arg-type]
     for call in (lambda: storage.read("blob"), lambda: storage.size("blob")):
         with pytest.raises(PermanentStorageError) as info:
             call()
@@ -849,7 +850,7 @@ def test_a_network_fault_is_retried_by_spotsafe_alone(
     open_storage(url, options).write_atomic("k", b"x")
     fake = FakeTime()
     counting = Counting(open_storage(url, options, retry=None))
-    storage = retrying(counting, RetryPolicy(budget_s=60), fake)
+    storage = retrying(counting, StorageRetry(budget_s=60), fake)
     proxy.fail(2, fault=fault)
     METHODS[method](storage)
     assert proxy.faults() == 2
@@ -865,7 +866,7 @@ def test_server_errors_are_retried(proxied: tuple[FaultProxy, str, dict[str, Any
     proxy, url, options = proxied
     fake = FakeTime()
     counting = Counting(open_storage(url, options, retry=None))
-    storage = retrying(counting, RetryPolicy(budget_s=60), fake)
+    storage = retrying(counting, StorageRetry(budget_s=60), fake)
     proxy.fail(1, fault=status)
     storage.write_atomic("latest.json", b"{}")
     assert proxy.faults() == 1 and counting.calls == 2
@@ -878,7 +879,7 @@ def test_a_failing_service_gives_up_within_the_budget_one_request_per_attempt(
     proxy, url, options = proxied
     fake = FakeTime()
     counting = Counting(open_storage(url, options, retry=None))
-    storage = retrying(counting, RetryPolicy(budget_s=1.0, initial=0.1, max_delay=0.2), fake, rng=MaxRng())
+    storage = retrying(counting, StorageRetry(budget_s=1.0, initial=0.1, max_delay=0.2), fake, rng=MaxRng())
     proxy.clear()
     proxy.fail(1000)
     with pytest.raises(TransientStorageError, match=r"still failing after \d+ attempts"):
@@ -896,7 +897,7 @@ def test_a_part_that_fails_mid_upload_restarts_the_blob_from_its_source(
     assert isinstance(inner, FsspecStorage)
     backend = FsspecStorage(inner.fs, inner.root, url, block_size=5 * 2**20, bucket=inner.bucket)
     fake = FakeTime()
-    storage = retrying(backend, RetryPolicy(budget_s=60), fake)
+    storage = retrying(backend, StorageRetry(budget_s=60), fake)
     data = os.urandom(11 * 2**20)
     calls = []
 
@@ -928,7 +929,7 @@ def test_azure_with_a_wrong_key_fails_fast_naming_credentials(azure_server: Any,
     open_storage(url).write_atomic("p/k", b"x")
     wrong = base64.b64encode(secrets.token_bytes(64)).decode()
     counting = Counting(open_storage(url, store.options(key=wrong), retry=None))
-    storage = RetryingStorage(counting, RetryPolicy(budget_s=120), sleep=no_sleep)  # type: ignore[arg-type]
+    storage = RetryingStorage(counting, StorageRetry(budget_s=120), sleep=no_sleep)  # type: ignore[arg-type]
     with pytest.raises(PermanentStorageError) as info:
         METHODS[method](storage)
     message = str(info.value)
@@ -964,7 +965,7 @@ def assert_bit_equal(a: Any, b: Any) -> None:
 
 
 def quick_retries(inner: Storage, fake: FakeTime | None = None, budget_s: float = 60.0) -> RetryingStorage:
-    policy = RetryPolicy(budget_s=budget_s, initial=0.001, max_delay=0.01)
+    policy = StorageRetry(budget_s=budget_s, initial=0.001, max_delay=0.01)
     if fake is None:
         return RetryingStorage(inner, policy, sleep=lambda s: None, rng=random.Random(0))
     return RetryingStorage(inner, policy, sleep=fake.sleep, clock=fake.clock, rng=random.Random(0))

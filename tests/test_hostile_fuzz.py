@@ -30,8 +30,9 @@ from typing import Any
 import pytest
 import torch
 
-from spotsafe.cli.manage import describe_component, utc_iso
+from spotsafe.cli.output import utc_iso
 from spotsafe.errors import CorruptCheckpointError, SpotsafeError
+from spotsafe.state.describe import describe_component
 from spotsafe.state.snapshot import STATE_BLOB, DecodedState, decode_state
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.manifest import MANIFEST_NAME, Manifest

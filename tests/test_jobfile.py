@@ -25,9 +25,9 @@ from spotsafe.supervisor.health import PRESETS, FailoverPolicy
 from spotsafe.supervisor.jobfile import JobFile, load_job_file, overlay, parse_job, read_job_doc
 from spotsafe.supervisor.pools import LaunchSpec, Pool
 from spotsafe.supervisor.process import launch
-from spotsafe.supervisor.retry import RetryPolicy
+from spotsafe.supervisor.retry import RelaunchPolicy
 from spotsafe.supervisor.run import RunConfig, Supervisor
-from spotsafe.supervisor.store import STOPPED, SUCCEEDED, AttemptRecord, JobStore
+from spotsafe.supervisor.store import AttemptRecord, JobState, JobStore
 
 from .conftest import HANG_S, StallClock, wait_until
 
@@ -657,7 +657,7 @@ def test_cli_runs_the_job_files_command_and_records_the_attempt(tmp_path: Path) 
     assert "hi" in result.stdout
     with JobStore(store_path) as store:
         job = store.job("run")
-        assert job.state == SUCCEEDED
+        assert job.state == JobState.SUCCEEDED
         assert job.command == HI
         assert job.url == str(url)
         [attempt] = store.attempts("run")
@@ -792,7 +792,7 @@ def supervise(
         command=command,
         url=str(tmp_path / "run"),
         store=tmp_path / "jobs.sqlite",
-        retry=RetryPolicy(max_errors=1, initial_s=0.01, max_delay_s=0.05),
+        retry=RelaunchPolicy(max_errors=1, initial_s=0.01, max_delay_s=0.05),
         grace_s=grace_s,
         stall_timeout_s=stall_timeout_s,
         pools=pools,
@@ -963,7 +963,7 @@ def test_the_stop_template_runs_once_when_the_supervisor_gets_sigterm(tmp_path: 
     assert proc.returncode == 75, err
     assert stops.read_text().splitlines() == ["stopme 1"]
     with JobStore(store) as job_store:
-        assert job_store.job("stopme").state == STOPPED
+        assert job_store.job("stopme").state == JobState.STOPPED
         [attempt] = job_store.attempts("stopme")
         assert attempt.pool == "k8s" and attempt.ended is not None
 
@@ -1059,7 +1059,7 @@ def old_store(path: Path, command: list[str], url: str) -> None:
         db.executescript(OLD_SCHEMA)
         db.execute(
             "INSERT INTO jobs (name, command, url, state, reason, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            ("job", json.dumps(command), url, STOPPED, "stopped by a signal", 100.0, 150.0),
+            ("job", json.dumps(command), url, JobState.STOPPED, "stopped by a signal", 100.0, 150.0),
         )
         db.execute(
             "INSERT INTO attempts (job, number, pool, host, pid, started, ended, exit_code, exit_class, "
@@ -1087,7 +1087,7 @@ def test_a_store_of_the_previous_schema_gains_the_new_columns_and_keeps_its_rows
         assert (job.command, job.url, job.state, job.reason) == (
             ["python", "train.py"],
             "s3://b/r",
-            STOPPED,
+            JobState.STOPPED,
             "stopped by a signal",
         )
         assert (job.created, job.updated, job.escalated) == (100.0, 150.0, False)
@@ -1116,4 +1116,4 @@ def test_the_supervisor_continues_a_job_in_a_store_of_the_previous_schema(tmp_pa
     assert [(a.number, a.exit_class) for a in attempts] == [(1, "preempted"), (2, "succeeded")]
     assert attempts[1].machine is not None  # a local attempt records its host
     with JobStore(tmp_path / "jobs.sqlite") as store:
-        assert store.job("job").state == SUCCEEDED
+        assert store.job("job").state == JobState.SUCCEEDED

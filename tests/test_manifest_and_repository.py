@@ -13,11 +13,12 @@ import pytest
 import xxhash
 
 from spotsafe.errors import CorruptCheckpointError, PermanentStorageError, StorageError, UnsafeCheckpointError
-from spotsafe.storage.base import Storage
+from spotsafe.storage.base import Storage, local_paths
+from spotsafe.storage.hashing import HashAsRead
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.manifest import MANIFEST_NAME, Manifest, new_hasher
 from spotsafe.storage.registry import open_storage
-from spotsafe.storage.repository import CHECKPOINTS, CheckpointRef, CheckpointRepository, _HashAsRead
+from spotsafe.storage.repository import CHECKPOINTS, CheckpointRef, CheckpointRepository
 
 BLOBS = {"model.bin": bytes(range(256)) * 40 + b"tail", "state.json": b'{"step": 1}', "empty.bin": b""}
 
@@ -64,8 +65,8 @@ def local(tmp_path: Path) -> LocalStorage:
 
 def local_path(storage: Storage, key: str) -> Path | None:
     """The local path of ``key`` when the storage is a local folder, else ``None``."""
-    path_of = getattr(storage, "path_of", None)
-    return None if path_of is None else path_of(key)
+    local = local_paths(storage)
+    return None if local is None else Path(local.path_of(key))
 
 
 # -- committing -------------------------------------------------------------------------------------------------------
@@ -584,7 +585,7 @@ def _fill(buffer: bytearray, data: bytes, progress: Callable[[int], None], piece
 def test_hash_as_read_matches_a_hash_of_the_whole_buffer() -> None:
     data = os.urandom(5 * 2**20 + 123)
     buffer = bytearray(len(data))
-    hashing = _HashAsRead(memoryview(buffer))
+    hashing = HashAsRead(memoryview(buffer))
     _fill(buffer, data, hashing.progress, 2**20)
     assert hashing.finish() == _digest(data)
 
@@ -593,11 +594,11 @@ def test_hash_as_read_hashes_what_a_retried_read_left_in_the_buffer() -> None:
     """A first attempt that read other bytes must not leave its bytes in the digest."""
     good = os.urandom(3 * 2**20)
     buffer = bytearray(len(good))
-    hashing = _HashAsRead(memoryview(buffer))
+    hashing = HashAsRead(memoryview(buffer))
     _fill(buffer, os.urandom(len(good)), hashing.progress, 2**20)  # attempt 1: other bytes, then a retry
     _fill(buffer, good, hashing.progress, 2**20)
     assert hashing.finish() == _digest(good)
-    hashing = _HashAsRead(memoryview(buffer))
+    hashing = HashAsRead(memoryview(buffer))
     buffer[:] = os.urandom(len(good))
     hashing.progress(len(good))  # a short or damaged read: the digest is of what the buffer holds
     assert hashing.finish() == _digest(buffer) != _digest(good)

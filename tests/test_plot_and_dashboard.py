@@ -29,7 +29,6 @@ import pytest
 import urllib3
 from PIL import Image
 
-from spotsafe.cli.report import ATTEMPT_COLUMNS, attempt_rows, report_rows
 from spotsafe.dashboard import catalog as catalog_module
 from spotsafe.dashboard import server as server_module
 from spotsafe.dashboard.catalog import Catalog, run_id
@@ -39,6 +38,7 @@ from spotsafe.supervisor.store import JobStore, read_store
 from spotsafe.telemetry.log import EVENTS_FILE
 from spotsafe.telemetry.plot import figure, headline
 from spotsafe.telemetry.report import build_report
+from spotsafe.telemetry.rows import ATTEMPT_COLUMNS, attempt_rows, report_rows
 from spotsafe.telemetry.store import read_run_events
 from spotsafe.telemetry.timeline import build_timeline
 

@@ -21,7 +21,7 @@ import pytest
 from spotsafe.errors import ConfigError
 from spotsafe.storage.local import LocalStorage
 from spotsafe.supervisor.pools import Pool
-from spotsafe.supervisor.retry import RetryPolicy
+from spotsafe.supervisor.retry import RelaunchPolicy
 from spotsafe.supervisor.run import RunConfig, Supervisor, on_demand_per_hour
 from spotsafe.supervisor.store import JobStore
 from spotsafe.telemetry import events as ev
@@ -736,7 +736,7 @@ def test_a_supervised_run_preempted_twice(tmp_path: Path) -> None:
         command=(sys.executable, str(TINY_JOB), str(steps), "--stop", "1:7", "--stop", "2:12", "--sleep", "0.005"),
         url=str(run_dir),
         store=db,
-        retry=RetryPolicy(initial_s=0.05, max_delay_s=0.2),
+        retry=RelaunchPolicy(initial_s=0.05, max_delay_s=0.2),
         grace_s=5.0,
         pools=(Pool(name="p", price_per_hour=3.6), Pool(name="od", market="on-demand", price_per_hour=4.0, nodes=2)),
     )

@@ -14,7 +14,7 @@ from spotsafe.storage.faults import FaultyStorage
 from spotsafe.storage.fencing import FencedError
 from spotsafe.storage.registry import open_backend, open_storage
 from spotsafe.storage.repository import CheckpointRepository
-from spotsafe.storage.retry import RetryingStorage, RetryPolicy
+from spotsafe.storage.retry import RetryingStorage, StorageRetry
 from spotsafe.telemetry.store import read_run_events
 
 from .conftest import Exited, fake_exit, make_job
@@ -50,7 +50,7 @@ def test_local_then_upload_commits_durably_and_restores_from_the_durable_copy(ru
 def test_a_local_copy_is_not_durable_until_uploaded_at_the_next_start(tmp_path: Path) -> None:
     durable_url = str(tmp_path / "durable")
     faulty = FaultyStorage(open_backend(durable_url))
-    broken = RetryingStorage(faulty, RetryPolicy(budget_s=0.05, initial=0.01))
+    broken = RetryingStorage(faulty, StorageRetry(budget_s=0.05, initial=0.01))
     job = make_job(durable_url, stage_dir=str(tmp_path / "stage"), storage=broken)
     faulty.fail_rate = 1.0  # the durable store goes away after start-up
     with pytest.raises(TransientStorageError):
@@ -123,7 +123,7 @@ def test_a_stale_writer_is_fenced_off(run_url: str) -> None:
 
 def test_transient_failures_are_retried_and_recorded(run_url: str) -> None:
     flaky = RetryingStorage(
-        FaultyStorage(open_backend(run_url), fail_rate=0.3, seed=4), RetryPolicy(budget_s=30, initial=0.001)
+        FaultyStorage(open_backend(run_url), fail_rate=0.3, seed=4), StorageRetry(budget_s=30, initial=0.001)
     )
     job = make_job(run_url, storage=flaky)
     job.train(21)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from spotsafe.supervisor.retry import RetryPolicy
+from spotsafe.supervisor.retry import RelaunchPolicy
 from spotsafe.supervisor.run import RunConfig, Supervisor
-from spotsafe.supervisor.store import FAILED, STOPPED, SUCCEEDED, JobStore
+from spotsafe.supervisor.store import JobState, JobStore
 from spotsafe.telemetry.log import EVENTS_FILE, read_events
 
 from .conftest import HANG_S, StallClock, running, wait_until
@@ -74,7 +74,7 @@ def supervise(
     clock: Callable[[], float] = time.time,
     **kwargs: object,
 ) -> tuple[int, JobStore]:
-    retry = kwargs.pop("retry", RetryPolicy(initial_s=0.05, max_delay_s=0.2))
+    retry = kwargs.pop("retry", RelaunchPolicy(initial_s=0.05, max_delay_s=0.2))
     config = RunConfig(
         name="job",
         command=(sys.executable, str(script), mode, str(steps)),
@@ -100,7 +100,7 @@ def test_a_job_that_succeeds_runs_once(tmp_path: Path, job_script: Path) -> None
     (attempt,) = store.attempts("job")
     assert (attempt.step_before, attempt.step_after, attempt.exit_code) == (None, 30, 0)
     assert attempt.pid is not None and attempt.ended is not None and attempt.ended >= attempt.started
-    assert (store.job("job").state, store.job("job").reason) == (SUCCEEDED, "the job succeeded")
+    assert (store.job("job").state, store.job("job").reason) == (JobState.SUCCEEDED, "the job succeeded")
     started = [e for e in read_events(tmp_path / "run" / EVENTS_FILE) if e.event.type == "run_started"]
     assert [(e.run_id, e.attempt, e.pid) for e in started] == [("job", 1, attempt.pid)]
 
@@ -117,16 +117,16 @@ def test_a_job_preempted_three_times_is_resumed_until_it_finishes(tmp_path: Path
 
 
 def test_a_crash_loop_without_progress_stops_after_max_errors(tmp_path: Path, job_script: Path) -> None:
-    retry = RetryPolicy(max_errors=3, initial_s=0.05, max_delay_s=0.2)
+    retry = RelaunchPolicy(max_errors=3, initial_s=0.05, max_delay_s=0.2)
     code, store = supervise(tmp_path, job_script, "crash-at-start", retry=retry)
     assert code == 1
     assert classes(store) == ["crashed"] * 3
     job = store.job("job")
-    assert job.state == FAILED and "3 crashed exits in a row without the checkpoint advancing" in job.reason
+    assert job.state == JobState.FAILED and "3 crashed exits in a row without the checkpoint advancing" in job.reason
 
 
 def test_rare_crashes_after_progress_do_not_spend_the_error_budget(tmp_path: Path, job_script: Path) -> None:
-    retry = RetryPolicy(max_errors=1, initial_s=0.05, max_delay_s=0.2)
+    retry = RelaunchPolicy(max_errors=1, initial_s=0.05, max_delay_s=0.2)
     code, store = supervise(tmp_path, job_script, "crash-after-progress", steps=60, retry=retry)
     assert code == 0
     assert classes(store) == ["crashed"] * 4 + ["succeeded"]
@@ -136,11 +136,11 @@ def test_rare_crashes_after_progress_do_not_spend_the_error_budget(tmp_path: Pat
 def test_a_usage_error_is_not_retried(tmp_path: Path, job_script: Path) -> None:
     code, store = supervise(tmp_path, job_script, "usage")
     assert code == 2
-    assert classes(store) == ["usage"] and store.job("job").state == FAILED
+    assert classes(store) == ["usage"] and store.job("job").state == JobState.FAILED
 
 
 def test_a_job_without_progress_is_stopped_and_counts_as_an_error(tmp_path: Path, job_script: Path) -> None:
-    retry = RetryPolicy(max_errors=2, initial_s=0.05, max_delay_s=0.2)
+    retry = RelaunchPolicy(max_errors=2, initial_s=0.05, max_delay_s=0.2)
 
     # The stall clock runs from the launch, and on a busy machine the job may import torch for longer than a short
     # stall timeout (its SIGTERM would then end it before it could ignore it). So the timeout is long, and the
@@ -213,7 +213,7 @@ def test_the_supervisor_killed_and_started_again_continues_the_same_job(tmp_path
     assert [a.exit_class for a in attempts] == ["preempted", "succeeded"]
     assert (attempts[0].step_before, attempts[0].step_after) == (None, 21)  # held at 20, saved at the next step
     assert (attempts[1].step_before, attempts[1].step_after) == (21, 40)
-    assert store.job("job").state == SUCCEEDED
+    assert store.job("job").state == JobState.SUCCEEDED
     # Never two copies: the second attempt started after the first one had exited.
     logged = list(read_events(tmp_path / "run" / EVENTS_FILE))
     exited = next(e.event.time for e in logged if e.event.type == "run_exited" and e.pid == attempts[0].pid)
@@ -230,7 +230,7 @@ def test_sigterm_to_the_supervisor_stops_the_job_cleanly_and_a_rerun_finishes_it
     _, err = first.communicate(timeout=120)
     assert first.returncode == 75, err
     store = JobStore(tmp_path / "jobs.sqlite")
-    assert store.job("job").state == STOPPED
+    assert store.job("job").state == JobState.STOPPED
     assert [(a.exit_class, a.step_after) for a in store.attempts("job")] == [("preempted", 11)]
     rerun = spotsafe_run(tmp_path, job_script, "succeed", 40)
     _, err = rerun.communicate(timeout=300)

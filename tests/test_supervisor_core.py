@@ -14,8 +14,8 @@ import pytest
 
 from spotsafe.errors import ConfigError
 from spotsafe.supervisor.classify import ExitClass, classify, oom_kill_counter
-from spotsafe.supervisor.retry import Budget, RetryPolicy
-from spotsafe.supervisor.store import FAILED, RUNNING, SUCCEEDED, JobBusyError, JobStore
+from spotsafe.supervisor.retry import RelaunchBudget, RelaunchPolicy
+from spotsafe.supervisor.store import JobBusyError, JobState, JobStore
 
 # -- exit classes ----------------------------------------------------------------------------------------------------
 
@@ -74,7 +74,7 @@ def test_oom_kill_counter_is_zero_where_the_system_does_not_say(tmp_path: Path) 
 # -- budgets and backoff ---------------------------------------------------------------------------------------------
 
 
-def run(budget: Budget, *attempts: tuple[ExitClass, bool], seed: int = 0) -> list[tuple[bool, float, str]]:
+def run(budget: RelaunchBudget, *attempts: tuple[ExitClass, bool], seed: int = 0) -> list[tuple[bool, float, str]]:
     rng = random.Random(seed)
     out = []
     for exit_class, progressed in attempts:
@@ -84,19 +84,19 @@ def run(budget: Budget, *attempts: tuple[ExitClass, bool], seed: int = 0) -> lis
 
 
 def test_a_crash_loop_without_progress_stops_after_max_errors() -> None:
-    verdicts = run(Budget(RetryPolicy(max_errors=3)), *[(ExitClass.CRASHED, False)] * 3)
+    verdicts = run(RelaunchBudget(RelaunchPolicy(max_errors=3)), *[(ExitClass.CRASHED, False)] * 3)
     assert [v[0] for v in verdicts] == [True, True, False]
     assert "3 crashed exits in a row without the checkpoint advancing (max_errors=3)" in verdicts[-1][2]
 
 
 def test_a_job_that_crashes_rarely_but_makes_progress_keeps_going() -> None:
     history = [(ExitClass.CRASHED, True), (ExitClass.OUT_OF_MEMORY, True)] * 20
-    verdicts = run(Budget(RetryPolicy(max_errors=1)), *history)
+    verdicts = run(RelaunchBudget(RelaunchPolicy(max_errors=1)), *history)
     assert all(v[0] for v in verdicts)
     assert all(v[1] == 0.0 for v in verdicts), "after progress the relaunch is immediate"
     # Progress resets the count: two errors without progress after progress stop a max_errors=2 job only then.
     verdicts = run(
-        Budget(RetryPolicy(max_errors=2)),
+        RelaunchBudget(RelaunchPolicy(max_errors=2)),
         (ExitClass.CRASHED, False),
         (ExitClass.CRASHED, True),
         (ExitClass.CRASHED, False),
@@ -106,7 +106,7 @@ def test_a_job_that_crashes_rarely_but_makes_progress_keeps_going() -> None:
 
 
 def test_preemptions_have_their_own_budget_and_do_not_spend_the_error_budget() -> None:
-    budget = Budget(RetryPolicy(max_preemptions=3, max_errors=1))
+    budget = RelaunchBudget(RelaunchPolicy(max_preemptions=3, max_errors=1))
     verdicts = run(budget, *[(ExitClass.PREEMPTED, False)] * 3, (ExitClass.KILLED, True))
     assert [v[0] for v in verdicts] == [True, True, True, False]
     assert verdicts[-1][2] == "preemption budget spent (3 preemptions)"
@@ -114,30 +114,30 @@ def test_preemptions_have_their_own_budget_and_do_not_spend_the_error_budget() -
 
 
 def test_success_and_usage_errors_end_the_job() -> None:
-    assert run(Budget(RetryPolicy()), (ExitClass.SUCCEEDED, True))[0][:2] == (False, 0.0)
-    [(relaunch, _, reason)] = run(Budget(RetryPolicy()), (ExitClass.USAGE, False))
+    assert run(RelaunchBudget(RelaunchPolicy()), (ExitClass.SUCCEEDED, True))[0][:2] == (False, 0.0)
+    [(relaunch, _, reason)] = run(RelaunchBudget(RelaunchPolicy()), (ExitClass.USAGE, False))
     assert not relaunch and "retrying cannot help" in reason
 
 
 def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
-    policy = RetryPolicy(initial_s=1.0, max_delay_s=10.0)
+    policy = RelaunchPolicy(initial_s=1.0, max_delay_s=10.0)
     rng = random.Random(7)
     for failures, cap in ((1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 10.0), (40, 10.0)):
-        delays = [policy.backoff(failures, rng) for _ in range(300)]
+        delays = [policy.backoff.delay(failures, rng) for _ in range(300)]
         assert all(0.0 <= d <= cap for d in delays)
         assert max(delays) > 0.8 * cap and min(delays) < 0.2 * cap  # spread over the whole range
-    assert policy.backoff(0, rng) == 0.0
+    assert policy.backoff.delay(0, rng) == 0.0
     # Failures without progress grow the delay; the bound doubles per failure in a row.
     verdicts = run(
-        Budget(RetryPolicy(max_errors=10, initial_s=1.0, max_delay_s=1e9)), *[(ExitClass.CRASHED, False)] * 6
+        RelaunchBudget(RelaunchPolicy(max_errors=10, initial_s=1.0, max_delay_s=1e9)), *[(ExitClass.CRASHED, False)] * 6
     )
     assert all(v[1] <= 2 ** (i) for i, v in enumerate(verdicts))
 
 
 def test_budgets_replay_from_history() -> None:
-    policy = RetryPolicy(max_errors=3, max_preemptions=5)
+    policy = RelaunchPolicy(max_errors=3, max_preemptions=5)
     history = [(ExitClass.PREEMPTED, True), (ExitClass.CRASHED, False), (ExitClass.CRASHED, False)]
-    budget = Budget.replay(policy, history)
+    budget = RelaunchBudget.replay(policy, history)
     assert (budget.preemptions, budget.errors_in_a_row) == (1, 2)
     verdict = budget.after(ExitClass.CRASHED, progressed=False, rng=random.Random(0))
     assert not verdict.relaunch, "the third error in a row across a supervisor restart still ends the job"
@@ -155,7 +155,7 @@ def test_budgets_replay_from_history() -> None:
 )
 def test_bad_retry_settings_are_config_errors(kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
-        RetryPolicy(**kwargs)  # type: ignore[arg-type]
+        RelaunchPolicy(**kwargs)  # type: ignore[arg-type]
 
 
 # -- the job store ---------------------------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def test_jobs_and_attempts_survive_reopening(tmp_path: Path) -> None:
     db = tmp_path / "jobs.sqlite"
     with JobStore(db) as store:
         job = store.open_job("lm", ["python", "train.py"], "runs/lm")
-        assert (job.state, job.command, job.url) == (RUNNING, ["python", "train.py"], "runs/lm")
+        assert (job.state, job.command, job.url) == (JobState.RUNNING, ["python", "train.py"], "runs/lm")
         first = store.start_attempt("lm", step_before=None)
         store.set_pid("lm", first, 4242)
         store.end_attempt("lm", first, exit_code=75, exit_class="preempted", step_after=40, cost=0.12)
@@ -179,11 +179,11 @@ def test_jobs_and_attempts_survive_reopening(tmp_path: Path) -> None:
         ]
         assert attempts[1].pool == "spot-a" and attempts[0].cost == pytest.approx(0.12)
         assert [a.number for a in store.unfinished("lm")] == [2]
-        store.finish_job("lm", SUCCEEDED, "the job succeeded")
-        assert (store.job("lm").state, store.job("lm").reason) == (SUCCEEDED, "the job succeeded")
+        store.finish_job("lm", JobState.SUCCEEDED, "the job succeeded")
+        assert (store.job("lm").state, store.job("lm").reason) == (JobState.SUCCEEDED, "the job succeeded")
         # Opening it again (a new supervisor for the same job) keeps the attempts and numbering.
         store.open_job("lm", ["python", "train.py"], "runs/lm")
-        assert store.job("lm").state == RUNNING
+        assert store.job("lm").state == JobState.RUNNING
         assert store.start_attempt("lm", step_before=80) == 3
 
 
@@ -197,8 +197,8 @@ def test_a_job_name_cannot_be_reused_for_another_command(tmp_path: Path) -> None
         with pytest.raises(ConfigError, match="no job named"):
             store.job("missing")
         with pytest.raises(ValueError, match="not 'running'"):
-            store.finish_job("lm", RUNNING, "")
-        store.finish_job("lm", FAILED, "budget spent")
+            store.finish_job("lm", JobState.RUNNING, "")
+        store.finish_job("lm", JobState.FAILED, "budget spent")
         assert [j.name for j in store.jobs()] == ["lm"]
 
 

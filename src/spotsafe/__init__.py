@@ -12,6 +12,8 @@ Typical use in a plain PyTorch loop::
 
 from spotsafe.data.loader import ResumableLoader
 from spotsafe.engine.checkpointer import Checkpointer
+from spotsafe.engine.components import Stateful
+from spotsafe.engine.config import NoticeConfig, SaveConfig, StorageConfig
 from spotsafe.errors import (
     CheckpointMismatchError,
     ConfigError,
@@ -34,8 +36,12 @@ __all__ = [
     "ConfigError",
     "CorruptCheckpointError",
     "NoUsableCheckpointError",
+    "NoticeConfig",
     "ResumableLoader",
+    "SaveConfig",
     "SpotsafeError",
+    "Stateful",
+    "StorageConfig",
     "UnsafeCheckpointError",
     "__version__",
     "every",

@@ -125,13 +125,13 @@ class JobEnv:
         return cls(
             checkpoint_url=raw["checkpoint_url"],
             run_id=raw["run_id"],
-            attempt=_number(raw["attempt"], ENV_ATTEMPT, int),
+            attempt=_whole(raw["attempt"], ENV_ATTEMPT),
             job_store=raw["job_store"],
             pool=raw["pool"],
             events_file=raw["events_file"],
             notices=raw["notices"],
-            notice_poll_s=_number(raw["notice_poll_s"], ENV_NOTICE_POLL, float),
-            metrics_port=_number(raw["metrics_port"], ENV_METRICS_PORT, int),
+            notice_poll_s=_seconds(raw["notice_poll_s"], ENV_NOTICE_POLL),
+            metrics_port=_whole(raw["metrics_port"], ENV_METRICS_PORT),
             metrics_addr=raw["metrics_addr"],
             on_damaged=raw["on_damaged"],
         )
@@ -145,14 +145,22 @@ class JobEnv:
         return self.job_store or DEFAULT_JOB_STORE
 
 
-def _number(text: str | None, variable: str, kind: type[int] | type[float]) -> int | float | None:
+def _whole(text: str | None, variable: str) -> int | None:
     if text is None:
         return None
     try:
-        return kind(text.strip())
+        return int(text.strip())
     except ValueError:
-        what = "a whole number" if kind is int else "a number"
-        raise ConfigError(f"${variable} must be {what}, got {text!r}") from None
+        raise ConfigError(f"${variable} must be a whole number, got {text!r}") from None
+
+
+def _seconds(text: str | None, variable: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ConfigError(f"${variable} must be a number of seconds, got {text!r}") from None
 
 
 __all__ = [

@@ -1,8 +1,9 @@
 """``spotsafe demo``: prove bit-exact resume on this machine.
 
-1. Run the job once, uninterrupted (the reference).
-2. Run it again while interrupting it repeatedly (SIGTERM, SIGKILL and emulated AWS and Azure notices, at random
-   moments and in the middle of saves), resuming each time, until it finishes.
+1. Run the job once, uninterrupted (the reference: :func:`spotsafe.supervisor.reference.run_reference`).
+2. Run it again under the supervisor while interrupting it repeatedly (SIGTERM, SIGKILL and emulated AWS and
+   Azure notices, at random moments and in the middle of saves: :class:`~spotsafe.supervisor.chaos.ChaosRun`),
+   resuming each time, until it finishes.
 3. Compare the final checkpoints of both runs bit for bit, and summarise what
    happened from the interrupted run's event log.
 """
@@ -10,19 +11,16 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spotsafe.storage.registry import open_storage
 from spotsafe.supervisor.chaos import DEFAULT_MODES, ChaosResult, ChaosRun, KillMode
-from spotsafe.supervisor.drill import compare_final
-from spotsafe.supervisor.process import describe_exit, launch
-from spotsafe.telemetry import events as ev
+from spotsafe.supervisor.reference import compare_final, run_reference
+from spotsafe.telemetry.runmodel import RunModel
 from spotsafe.telemetry.store import read_run_events
 
 DEFAULT_COMMAND = (
@@ -54,40 +52,19 @@ class DemoSummary:
         )
 
 
-def run_reference(command: Sequence[str], run_dir: Path) -> float:
-    started = time.monotonic()
-    job = launch(
-        command,
-        env={"SPOTSAFE_CHECKPOINT_URL": str(run_dir), "SPOTSAFE_RUN_ID": "reference", "SPOTSAFE_ATTEMPT": "1"},
-        stdout=subprocess.DEVNULL,
-    )
-    code = job.wait()
-    job.reap_group()
-    if code != 0:
-        raise RuntimeError(f"the reference run failed ({describe_exit(code)}); run the command by hand to see why")
-    return time.monotonic() - started
-
-
 def summarise(run: str | Path, chaos: ChaosResult, ref_s: float, int_s: float, reference: Path) -> DemoSummary:
-    counts: Counter[str] = Counter()
-    emergency = replayed = 0
-    for logged in read_run_events(open_storage(run)):
-        event = logged.event
-        counts[event.type] += 1
-        if isinstance(event, ev.SaveCommitted) and event.reason == "notice":
-            emergency += 1
-        if isinstance(event, ev.RestoreCompleted) and event.replayed_steps:
-            replayed += event.replayed_steps
+    """The demo's figures: the interrupted run's model (as ``spotsafe report`` reads it) and the final comparison."""
+    model = RunModel.fold(read_run_events(open_storage(run)), series=False)
     ref_step, int_step, diffs = compare_final(reference, run)
     return DemoSummary(
         reference_seconds=ref_s,
         interrupted_seconds=int_s,
         chaos=chaos,
-        checkpoints_committed=counts[ev.SaveCommitted.type],
-        emergency_saves=emergency,
-        steps_replayed=replayed,
-        partial_saves_removed=counts[ev.PartialRemoved.type],
-        fallbacks=counts[ev.CheckpointSkipped.type],
+        checkpoints_committed=len(model.checkpoints),
+        emergency_saves=model.emergency_checkpoints,
+        steps_replayed=model.replayed_total,
+        partial_saves_removed=model.partials_removed,
+        fallbacks=model.skipped,
         final_step_reference=ref_step,
         final_step_interrupted=int_step,
         component_diffs=diffs,

@@ -9,14 +9,18 @@ depends on it.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
 
+import click
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from spotsafe.cli.output import console as stdout_console
+from spotsafe.exit_codes import EXIT_PREEMPTED
 from spotsafe.notices.base import NoticeBoard, NoticeSource
 from spotsafe.notices.detect import Detection, build_sources, detect
 
@@ -92,3 +96,22 @@ def run(watch_too: bool, seconds: float | None, console: Console) -> int:
     if not watch_too:
         return 0
     return watch(sources, console, seconds=seconds)
+
+
+@click.command("notices")
+@click.option("--watch", "watch_too", is_flag=True, help="Run the sources and print notices as they arrive.")
+@click.option(
+    "--seconds", type=click.FloatRange(min=0, min_open=True), default=None, help="With --watch: stop after this long."
+)
+def notices(watch_too: bool, seconds: float | None) -> None:
+    """Show the preemption notice sources spotsafe detects here (and why); --watch runs them.
+
+    Detection reads only the environment and /sys (set $SPOTSAFE_NOTICES to choose by hand).
+    With --watch, exits 0 when the time is up and 75 when a stop notice arrived.
+    """
+    stopped = run(watch_too, seconds, stdout_console)
+    sys.exit(EXIT_PREEMPTED if stopped else 0)
+
+
+COMMANDS = (notices,)
+"""What this module adds to the ``spotsafe`` group."""

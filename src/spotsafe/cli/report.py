@@ -1,8 +1,8 @@
-"""``spotsafe report``: the run report as a terminal table or JSON (see :mod:`spotsafe.telemetry.report`)."""
+"""``spotsafe report``: the run report as a terminal table or JSON (figures: :mod:`spotsafe.telemetry.report`,
+rows: :mod:`spotsafe.telemetry.rows`); this module only reads the run and prints."""
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import sys
 import time
@@ -13,13 +13,16 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from spotsafe.cli.manage import Run, _print_json, human_bytes
+from spotsafe.cli.output import print_json
 from spotsafe.errors import ConfigError
+from spotsafe.storage.inventory import RunFolder
 from spotsafe.supervisor.store import AttemptRecord, read_store
 from spotsafe.telemetry.plot import draw, plot_format
-from spotsafe.telemetry.report import Report, Spread, build_report
+from spotsafe.telemetry.report import Report, report_of
+from spotsafe.telemetry.rows import ATTEMPT_COLUMNS, attempt_rows, report_rows
+from spotsafe.telemetry.runmodel import RunModel
 from spotsafe.telemetry.store import read_run_events
-from spotsafe.telemetry.timeline import build_timeline
+from spotsafe.telemetry.timeline import timeline_of
 
 
 def store_attempts(store: Path | None, url: str) -> tuple[str | None, list[AttemptRecord]]:
@@ -43,7 +46,7 @@ def _same_place(a: str, b: str) -> bool:
 
 
 def report(
-    run: Run,
+    run: RunFolder,
     *,
     store: Path | None,
     as_json: bool,
@@ -55,15 +58,15 @@ def report(
     events at all)."""
     fmt = plot_format(plot) if plot is not None else None
     now = time.time()
-    events = list(read_run_events(run.storage))
-    built = build_report(run.url, events, on_demand_price=on_demand_price, now=now)
+    model = RunModel.fold(read_run_events(run.storage), now=now)
+    built = report_of(run.url, model, on_demand_price=on_demand_price)
     job, attempts = store_attempts(store, run.url)
     if not built.attempts and not as_json:
         console.print(f"no events in {run.shown}: is it a spotsafe run (a folder with events.jsonl)?")
         return 1
     if plot is not None and built.attempts:
         try:
-            draw(build_timeline(run.shown, events, built, now=now), built, plot, fmt)
+            draw(timeline_of(run.shown, model, built), built, plot, fmt)
         except OSError as err:
             raise ConfigError(f"cannot write the plot to {plot}: {err.strerror or err}") from None
         print(f"timeline written to {plot}", file=sys.stderr)
@@ -71,95 +74,10 @@ def report(
         doc: dict[str, Any] = built.to_json()
         doc["job"] = job
         doc["store_attempts"] = [asdict(a) for a in attempts]
-        _print_json(doc)
+        print_json(doc)
         return 0 if built.attempts else 1
     print_report(built, job, attempts, console)
     return 0
-
-
-def _s(value: float | None, unit: str = "s") -> str:
-    if value is None:
-        return "-"
-    if unit == "s":
-        return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
-    return f"{value:.0f}"
-
-
-def _spread(spread: Spread, unit: str = "s") -> str:
-    if not spread.count:
-        return "none"
-    if unit == "B":
-        return (
-            f"median {human_bytes(int(spread.median or 0))}, p95 {human_bytes(int(spread.p95 or 0))}, "
-            f"max {human_bytes(int(spread.max or 0))} ({spread.count})"
-        )
-    return f"median {_s(spread.median, unit)}, p95 {_s(spread.p95, unit)}, max {_s(spread.max, unit)} ({spread.count})"
-
-
-def _mean_worst(spread: Spread, unit: str) -> str:
-    if not spread.count:
-        return "none"
-    return f"mean {_s(spread.mean, unit)}, worst {_s(spread.max, unit)}"
-
-
-def report_rows(r: Report, job: str | None, attempts: list[AttemptRecord]) -> list[tuple[str, str]]:
-    """The report's figures as (label, text) rows: the terminal table and the dashboard show the same."""
-    rows: list[tuple[str, str]] = []
-    since = dt.datetime.fromtimestamp(r.first_event or 0, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    rows.append(("state", f"{r.state}, final step {r.final_step}, since {since} ({_s(r.wall_seconds)})"))
-    rows.append(("attempts", f"{r.attempts}" + (f" (job {job}: {len(attempts)} in the store)" if job else "")))
-    sources = ", ".join(f"{n} {s}" for s, n in sorted(r.interruptions_by_source.items())) or "none"
-    drill = f"; {r.drill_interruptions} delivered by a drill's emulated market" if r.drill_interruptions else ""
-    rows.append(("interruptions", f"{r.interruptions} ({sources}{drill})"))
-    rate = f"{r.resume_rate:.0%}" if r.resume_rate is not None else "-"
-    rows.append(("resumed from a checkpoint", f"{r.resumed} of {r.restarts} restarts ({rate})"))
-    rows.append(("replayed per interruption", f"steps: {_mean_worst(r.replayed_steps, 'n')}; "
-                 f"time: {_mean_worst(r.replayed_seconds, 's')}"))  # fmt: skip
-    rows.append(("time to recover", _spread(r.recover_seconds)))
-    rows.append(("checkpoints", f"{r.checkpoints} ({r.emergency_checkpoints} on a notice)"))
-    rows.append(("  stall", _spread(r.stall_seconds)))
-    rows.append(("  write", _spread(r.write_seconds)))
-    rows.append(("  size", _spread(r.checkpoint_bytes, "B")))
-    rows.append(("  written", _spread(r.written_bytes, "B")))
-    goodput = f"{r.goodput:.0%}" if r.goodput is not None else "-"
-    rows.append(("goodput", f"{goodput} (useful {_s(r.useful_seconds)} of {_s(r.wall_seconds)})"))
-    if r.cost is not None:
-        line = f"${r.cost:.4f} spent"
-        if r.on_demand_cost is not None and r.saved is not None:
-            line += (
-                f"; the same work on demand ${r.on_demand_cost:.4f} (at ${r.on_demand_price:g}/h): ${r.saved:.4f} saved"
-            )
-        rows.append(("cost", line))
-    elif r.on_demand_cost is not None:
-        rows.append(("cost", f"not recorded (run under spotsafe run); on demand ${r.on_demand_cost:.4f}"))
-    for choice in r.intervals[-5:]:
-        rows.append(("  interval", choice.reason))
-    return rows
-
-
-ATTEMPT_COLUMNS = ("#", "pool", "machine", "exit", "steps", "duration", "cost")
-
-
-def attempt_rows(attempts: list[AttemptRecord]) -> list[tuple[str, ...]]:
-    """The job store's attempts as table rows (a run of waits for capacity is one row)."""
-    rows: list[tuple[str, ...]] = []
-    i = 0
-    while i < len(attempts):
-        a = attempts[i]
-        j = i
-        while a.exit_class == "no_capacity" and j + 1 < len(attempts) and attempts[j + 1].exit_class == a.exit_class:
-            j += 1  # a wait for capacity: one row
-        number = str(a.number) if j == i else f"{a.number}-{attempts[j].number}"
-        end = attempts[j].ended
-        duration = _s((end - a.started) if end is not None else None)
-        cost = f"${sum(x.cost or 0.0 for x in attempts[i : j + 1]):.4f}" if a.cost is not None else "-"
-        exit_class = a.exit_class or "running"
-        if j > i:
-            exit_class += f" x{j - i + 1}"
-        steps = f"{a.step_before} -> {a.step_after}"
-        rows.append((number, a.pool, a.machine or "-", exit_class, steps, duration, cost))
-        i = j + 1
-    return rows
 
 
 def print_report(r: Report, job: str | None, attempts: list[AttemptRecord], console: Console) -> None:

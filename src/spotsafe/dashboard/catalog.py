@@ -28,7 +28,7 @@ from spotsafe.storage.base import Storage
 from spotsafe.storage.errors import redact, redact_url
 from spotsafe.storage.local import local_root
 from spotsafe.storage.registry import open_storage, protocol_of
-from spotsafe.storage.retry import RetryPolicy
+from spotsafe.storage.retry import StorageRetry
 from spotsafe.supervisor.store import AttemptRecord, read_store
 from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent
 from spotsafe.telemetry.report import Report, build_report
@@ -190,7 +190,7 @@ class Catalog:
         with self._lock:
             storage = self._storages.get(entry.url)
             if storage is None:
-                retry = RetryPolicy(budget_s=self.retry_budget)
+                retry = StorageRetry(budget_s=self.retry_budget)
                 storage = open_storage(entry.url, self.storage_options or None, retry=retry)
                 self._storages[entry.url] = storage
             return storage

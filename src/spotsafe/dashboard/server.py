@@ -31,12 +31,12 @@ from urllib.parse import urlsplit
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from spotsafe.version import __version__
-from spotsafe.cli.report import ATTEMPT_COLUMNS, attempt_rows, report_rows
 from spotsafe.dashboard.catalog import Catalog, RunEntry, RunView
 from spotsafe.storage.errors import redact
 from spotsafe.telemetry.plot import headline, render, time_unit
+from spotsafe.telemetry.rows import ATTEMPT_COLUMNS, attempt_rows, report_rows
 from spotsafe.telemetry.timeline import Mark
+from spotsafe.version import __version__
 
 log = logging.getLogger("spotsafe")
 REFRESH_S = 5

@@ -39,18 +39,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class Decision:
-    stop: bool
-    warning: bool
-    save: bool
-    deadline: float | None
+from spotsafe.errors import ConfigError
 
 
-def _decode(values: torch.Tensor) -> Decision:
+@dataclass(frozen=True, kw_only=True)
+class ExchangeFlags:
+    """What ranks tell each other at an exchange step: a rank posts its own flags; :meth:`Agreement.collect`
+    returns the combination (any rank's ``stop``/``warning``/``save`` counts for all; the earliest deadline)."""
+
+    stop: bool = False
+    warning: bool = False
+    save: bool = False
+    deadline: float | None = None
+
+
+NOTHING = ExchangeFlags()
+"""No rank asked for anything (also what :meth:`Agreement.collect` returns before the first exchange)."""
+
+
+def _decode(values: torch.Tensor) -> ExchangeFlags:
     earliest = -float(values[3])
-    return Decision(
+    return ExchangeFlags(
         stop=bool(values[0] > 0),
         warning=bool(values[1] > 0),
         save=bool(values[2] > 0),
@@ -66,6 +75,15 @@ def rank_url(url: str, rank: int) -> str:
 def active(group: Any = None) -> bool:
     """Whether torch.distributed is initialised with more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def agreement_for(distributed: bool | None, group: Any = None) -> Agreement | None:
+    """The checkpointer's agreement: ``distributed=None`` decides by :func:`active`. Collective when not ``None``."""
+    if distributed is None:
+        distributed = active(group)
+    elif distributed and not active(group):
+        raise ConfigError("distributed=True needs torch.distributed initialised with more than one rank")
+    return Agreement(group) if distributed else None
 
 
 class Agreement:
@@ -115,13 +133,13 @@ class Agreement:
         self.next_step = step + self.period
         self.exchanges += 1
 
-    def collect(self) -> Decision:
+    def collect(self) -> ExchangeFlags:
         """The decision of the exchange posted at the previous exchange step (nothing, if none was).
 
         Also sets the period until the exchange after the next one, from the slowest rank's step time.
         """
         if self._pending is None:
-            return Decision(stop=False, warning=False, save=False, deadline=None)
+            return NOTHING
         values, work = self._pending
         self._pending = None
         work.wait()
@@ -130,7 +148,7 @@ class Agreement:
             self.period = max(1, min(self.max_steps, math.ceil(self.every_s / slowest)))
         return _decode(values)
 
-    def exchange(self, step: int, *, stop: bool, warning: bool, save: bool, deadline: float | None) -> Decision:
+    def exchange(self, step: int, *, stop: bool, warning: bool, save: bool, deadline: float | None) -> ExchangeFlags:
         """Post and collect at once (no pipelining; for tests and tools)."""
         self.collect()
         self.post(step, stop=stop, warning=warning, save=save, deadline=deadline)
@@ -145,7 +163,12 @@ class Agreement:
             common &= set(other)
         return sorted(common, reverse=True)
 
+    def post_flags(self, step: int, flags: ExchangeFlags) -> None:
+        """:meth:`post` with the flags as one value (see :func:`~spotsafe.engine.step_decision.flags_to_post`)."""
+        self.post(step, stop=flags.stop, warning=flags.warning, save=flags.save, deadline=flags.deadline)
+
     def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on every rank (collective)."""
         value = torch.tensor([float(flag)], dtype=torch.float64)
         dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
         return bool(value[0] > 0)

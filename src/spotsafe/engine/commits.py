@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from spotsafe.engine.saver import Outcome
+from spotsafe.engine.lifecycle import SaveOutcome
 from spotsafe.errors import CorruptCheckpointError, SpotsafeError
 from spotsafe.policy.retention import Candidate, KeepLast
 from spotsafe.storage.errors import redact
@@ -38,7 +38,7 @@ class AfterSave:
         self._emit = emit
         self._measured = measured
 
-    def __call__(self, outcome: Outcome) -> None:
+    def __call__(self, outcome: SaveOutcome) -> None:
         """A save ended."""
         job = outcome.job
         if outcome.error is not None or outcome.manifest is None:

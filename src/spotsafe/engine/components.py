@@ -1,19 +1,42 @@
-"""The named, stateful parts of a training run, in the order they are restored."""
+"""The named, stateful parts of a training run, in the order they are restored.
+
+Anything behind the :class:`Stateful` protocol (``state_dict``/``load_state_dict``), or a
+``torch``/``numpy`` generator, is a component. The model, optimizer, scheduler, scaler and
+loader are components like any other, with one thing each that the checkpointer reads by
+name: the ``optimizer``'s parameters (copied last with ``overlap``) and the ``loader``'s
+``epoch``. Two components are always there, last: ``progress`` (:class:`LoopCounters`) and
+``rng`` (the global random generators).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, runtime_checkable
 
-from spotsafe.errors import CheckpointMismatchError, ConfigError
+import torch
+
+from spotsafe.errors import CheckpointMismatchError, ConfigError, StateError
 from spotsafe.state.rng import GlobalRNG, as_stateful
 from spotsafe.state.snapshot import check_component_name
 
 RESERVED = ("progress", "rng")
+OPTIMIZER, LOADER = "optimizer", "loader"
 
 
-class Progress:
-    """The loop counters, saved as the ``progress`` component."""
+@runtime_checkable
+class Stateful(Protocol):
+    """What the checkpointer saves: ``state_dict()`` returns the state, ``load_state_dict(state)`` puts it back.
+
+    The state may hold tensors, numbers, strings, lists and dicts (saved as raw tensor bytes plus JSON).
+    """
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> Any: ...
+
+
+class LoopCounters:
+    """The loop's step and epoch, saved as the ``progress`` component."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -29,20 +52,77 @@ class Progress:
         self.step, self.epoch = step, epoch
 
 
-def collect(named: Mapping[str, Any], extra: Mapping[str, Any] | None, progress: Progress) -> dict[str, Any]:
-    """Components in restore order: the named training objects, extras, progress, then the RNGs last.
+class Components:
+    """The components of one checkpointer: registered ones in registration order, then ``progress`` and ``rng``.
 
-    ``named`` maps model/optimizer/scheduler/scaler/loader to objects (``None`` = absent).
+    :meth:`add` checks a component (its name, that it is stateful, that the name is free) and raises
+    :class:`~spotsafe.errors.ConfigError` saying why; nothing is added then. Training thread only.
     """
-    components = {name: as_stateful(obj, name) for name, obj in named.items() if obj is not None}
-    for name, obj in (extra or {}).items():
-        check_component_name(name)
-        if name in components or name in RESERVED:
-            raise ConfigError(f"extra object name {name!r} is reserved; pick another name")
-        components[name] = as_stateful(obj, name)
-    components["progress"] = progress
-    components["rng"] = GlobalRNG()
-    return components
+
+    def __init__(self, counters: LoopCounters) -> None:
+        self.counters = counters
+        self._registered: dict[str, Any] = {}  # name -> the object as given
+        self._stateful: dict[str, Any] = {}  # name -> the object, or its generator adapter
+        self._rng = GlobalRNG()
+
+    def add(self, name: str, obj: object) -> None:
+        """Add ``obj`` under ``name`` (see the class docstring)."""
+        try:
+            check_component_name(name)
+        except StateError as err:
+            raise ConfigError(f"component name: {err}") from err
+        if name in RESERVED:
+            raise ConfigError(f"the component name {name!r} is reserved (spotsafe saves its own); pick another name")
+        if name in self._registered:
+            raise ConfigError(
+                f"a component named {name!r} is already registered; each name holds one object, pick another name"
+            )
+        if name == OPTIMIZER and not isinstance(obj, torch.optim.Optimizer):
+            raise ConfigError(f"the component 'optimizer' must be a torch.optim.Optimizer, got {type(obj).__name__}")
+        try:
+            stateful = as_stateful(obj, name)
+        except StateError as err:
+            raise ConfigError(f"component {name!r} is not Stateful: {err}") from err
+        self._registered[name] = obj
+        self._stateful[name] = stateful
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._registered
+
+    def get(self, name: str) -> Any:
+        """The object registered as ``name`` (as it was given), or ``None``."""
+        return self._registered.get(name)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """Every component as ``(name, stateful)``, in restore order."""
+        yield from self._stateful.items()
+        yield "progress", self.counters
+        yield "rng", self._rng
+
+    def states(self) -> dict[str, Any]:
+        """Every component's ``state_dict()``, in restore order."""
+        return {name: component.state_dict() for name, component in self.items()}
+
+    def optimizer_owned(self) -> set[int]:
+        """Addresses of the parameters the registered optimizer updates (copied last with ``overlap``)."""
+        optimizer = self._registered.get(OPTIMIZER)
+        if optimizer is None:
+            return set()
+        return {p.data_ptr() for group in optimizer.param_groups for p in group["params"] if p.numel()}
+
+    def loader_epoch(self) -> int | None:
+        """The registered loader's ``epoch``, if it has one."""
+        loader = self._registered.get(LOADER)
+        return int(loader.epoch) if loader is not None and hasattr(loader, "epoch") else None
+
+    def epoch(self) -> int:
+        """The loader's epoch when it has one, else the counted one."""
+        from_loader = self.loader_epoch()
+        return from_loader if from_loader is not None else self.counters.epoch
+
+    def apply(self, states: Mapping[str, Any], *, strict: bool, where: str, warn: Callable[[str], None]) -> None:
+        """Load restored ``states`` (see :func:`apply_states`)."""
+        apply_states(dict(self.items()), states, strict=strict, where=where, warn=warn)
 
 
 def apply_states(

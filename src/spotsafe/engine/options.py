@@ -1,20 +1,18 @@
 """The Checkpointer's arguments, checked before anything happens.
 
-:func:`check_checkpointer_args` runs first in ``Checkpointer.__init__``: before
-storage is opened, a writer lease claimed, an event log written or a signal
-handler installed, so a bad argument raises
-:class:`~spotsafe.errors.ConfigError` (naming the argument, what was given and
-what is expected) and leaves nothing behind. It returns the arguments that
-need normalising (a generator of signals or notice sources is read once, here).
+The settings groups (:mod:`spotsafe.engine.config`) use the checks here in their
+``__post_init__``; :func:`check_components` and :func:`check_effects` check the rest.
+All of them run first in ``Checkpointer.__init__``: before storage is opened, a
+writer lease claimed, an event log written or a signal handler installed, so a bad
+argument raises :class:`~spotsafe.errors.ConfigError` (naming the argument, what was
+given and what is expected) and leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +22,9 @@ import torch.distributed as dist
 from spotsafe.checks import (
     check_bool,
     check_callable,
-    check_choice,
     check_instance,
-    check_int,
     check_iterable,
     check_mapping,
-    check_number,
-    check_signals,
     check_str,
     fail,
     given,
@@ -40,10 +34,8 @@ from spotsafe.engine.components import RESERVED
 from spotsafe.engine.staging import default_budget, parse_budget
 from spotsafe.errors import ConfigError, StateError
 from spotsafe.notices.base import NoticeSource
-from spotsafe.policy.interval import SavePolicy
 from spotsafe.state.rng import as_stateful
 from spotsafe.state.snapshot import check_component_name
-from spotsafe.storage.retry import RetryPolicy
 
 NAMED = ("model", "optimizer", "scheduler", "scaler", "loader")
 STORAGE_METHODS = (
@@ -62,17 +54,8 @@ STORAGE_METHODS = (
 )
 NOTICE_METHODS = ("start", "after_stop", "stop")
 _EXTRA_HINT = "; pass other objects with state_dict() as extra={'name': obj}"
+OVERLAP_NEEDS = "overlap=True needs an optimizer (its step pre-hook ends the copy) and async_save=True"
 STATEFUL = "an object with state_dict() and load_state_dict() (or a torch/numpy Generator)"
-
-
-@dataclass(frozen=True)
-class CheckedArgs:
-    """The normalised arguments: ``staging_budget`` in bytes (``None``: no limit)."""
-
-    signals: tuple[signal.Signals, ...]
-    notices: tuple[NoticeSource, ...] | str
-    staging_budget: int | None
-    metadata: dict[str, Any]
 
 
 def check_location(name: str, value: object, *, allow_none: bool = False) -> Path | None:
@@ -175,82 +158,23 @@ def check_metadata(value: object) -> dict[str, Any]:
     return metadata
 
 
-def check_checkpointer_args(
-    *,
-    url: object,
-    model: object,
-    optimizer: object,
-    scheduler: object,
-    scaler: object,
-    loader: object,
-    extra: object,
-    policy: object,
-    keep: object,
-    stage_dir: object,
-    async_save: object,
-    incremental: object,
-    overlap: object,
-    staging_budget: object,
-    when_busy: object,
-    storage_options: object,
-    retry: object,
-    handle_signals: object,
-    signals: object,
-    grace_s: object,
-    exit_on_notice: object,
-    progress_interval: object,
-    metadata: object,
-    notices: object,
-    distributed: object,
-    process_group: object,
-    storage: object,
-    events: object,
-    clock: object,
-    wall_clock: object,
-    exit: object,
-) -> CheckedArgs:
-    """Check every argument of :class:`~spotsafe.Checkpointer` (no side effects); raise ConfigError."""
-    if storage is None and url is None:
-        raise ConfigError("no checkpoint location: pass Checkpointer(url=...) or storage=...")
-    root = check_location("url", url, allow_none=storage is not None)
-    stage_root = check_location("stage_dir", stage_dir, allow_none=True)
-    if stage_dir is not None and stage_root is None:
-        fail("stage_dir", "a local folder (a fast local disk) or None", stage_dir)
-    if stage_root is not None and storage is None and stage_root == root:
-        raise ConfigError(f"stage_dir must differ from the run's location, got {given(stage_dir)} for both")
-
-    check_instance("model", model, torch.nn.Module, "a torch.nn.Module", allow_none=True, hint=_EXTRA_HINT)
-    check_instance("optimizer", optimizer, torch.optim.Optimizer, "a torch.optim.Optimizer", allow_none=True)
-    for name, value in (("scheduler", scheduler), ("scaler", scaler), ("loader", loader)):
-        check_stateful(name, value, allow_none=True)
-    named = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "loader": loader}
+def check_components(named: Mapping[str, object], extra: object, *, overlap: bool) -> None:
+    """The Checkpointer's training objects: ``named`` maps model/optimizer/scheduler/scaler/loader to objects
+    (``None``: absent); ``extra`` maps more names to objects. ``overlap`` needs an optimizer."""
+    check_instance("model", named["model"], torch.nn.Module, "a torch.nn.Module", allow_none=True, hint=_EXTRA_HINT)
+    check_instance("optimizer", named["optimizer"], torch.optim.Optimizer, "a torch.optim.Optimizer", allow_none=True)
+    for name in ("scheduler", "scaler", "loader"):
+        check_stateful(name, named[name], allow_none=True)
     check_extra(extra, named)
+    if overlap and named["optimizer"] is None:
+        raise ConfigError(OVERLAP_NEEDS)
 
-    hint = "; call it: every(steps=500)" if callable(policy) else ""
-    check_instance(
-        "policy", policy, SavePolicy, "a save policy such as spotsafe.every(steps=500)", allow_none=True, hint=hint
-    )
-    check_int("keep", keep, at_least=1)
-    for name, value in (
-        ("async_save", async_save),
-        ("incremental", incremental),
-        ("overlap", overlap),
-        ("handle_signals", handle_signals),
-        ("exit_on_notice", exit_on_notice),
-    ):
-        check_bool(name, value)
+
+def check_effects(keywords: Mapping[str, object]) -> None:
+    """The Checkpointer's injectable effects, by keyword (no side effects); raise ConfigError."""
+    distributed, process_group = keywords["distributed"], keywords["process_group"]
+    storage, events = keywords["storage"], keywords["events"]
     check_bool("distributed", distributed, allow_none=True)
-    if overlap and (optimizer is None or not async_save):
-        raise ConfigError("overlap=True needs an optimizer (its step pre-hook ends the copy) and async_save=True")
-    budget = check_budget(staging_budget)
-    check_choice("when_busy", when_busy, ("wait", "skip"))
-    check_mapping("storage_options", storage_options, keys="str", allow_none=True)
-    check_instance("retry", retry, RetryPolicy, "a spotsafe.storage.RetryPolicy", allow_none=True)
-    checked_signals = check_signals("signals", signals)
-    check_number("grace_s", grace_s, at_least=0, unit="seconds", allow_none=True)
-    check_number("progress_interval", progress_interval, at_least=0, unit="seconds")
-    checked_metadata = check_metadata(metadata)
-    checked_notices = check_notices(notices)
     if process_group is not None and dist.is_available() and not isinstance(process_group, dist.ProcessGroup):
         fail("process_group", "a torch.distributed ProcessGroup or None (the default group)", process_group)
     if storage is not None and (
@@ -260,9 +184,8 @@ def check_checkpointer_args(
         fail("storage", "a spotsafe.storage.Storage (such as open_storage(url)) or None", storage)
     if events is not None and not callable(getattr(events, "emit", None)):
         fail("events", "an event sink (an object with emit(event)) or None", events)
-    for name, value in (("clock", clock), ("wall_clock", wall_clock), ("exit", exit)):
-        check_callable(name, value)
-    return CheckedArgs(checked_signals, checked_notices, budget, checked_metadata)
+    for name in ("clock", "wall_clock", "exit"):
+        check_callable(name, keywords[name])
 
 
 def check_save_args(reason: object, full: object, via_stage: object) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from spotsafe.engine.staging import CHUNK, Location, StagedTensor
+from spotsafe.engine.staging import CHUNK, Location, StagedTensor, TensorKey
 from spotsafe.state.snapshot import Snapshot
 from spotsafe.state.tensors import ALIGN, Segment, TensorEntry, dtype_name
 from spotsafe.storage.base import Chunk
@@ -21,7 +21,7 @@ from spotsafe.storage.manifest import BlobEntry
 
 
 @dataclass
-class Run:
+class BlobRun:
     """Bytes ``[start, end)`` of a staged tensor, stored at ``blob_offset`` of the component's new blob."""
 
     tensor: StagedTensor
@@ -32,8 +32,10 @@ class Run:
 
 @dataclass
 class BlobPlan:
+    """One new blob ``<component>.bin``: the runs of staged bytes it holds, in order, and its size."""
+
     name: str
-    runs: list[Run] = field(default_factory=list)
+    runs: list[BlobRun] = field(default_factory=list)
     size: int = 0
 
     def chunks(self) -> Iterator[Chunk]:
@@ -49,8 +51,10 @@ class BlobPlan:
 
 @dataclass
 class SavePlan:
+    """The layout of one save: its new blobs, every tensor's entry, and the older blobs it shares."""
+
     snapshot: Snapshot
-    staged: dict[tuple[str, int], StagedTensor]
+    staged: dict[TensorKey, StagedTensor]
     blobs: list[BlobPlan]
     entries: dict[str, list[TensorEntry]]
     shared: list[BlobEntry]
@@ -59,9 +63,9 @@ class SavePlan:
     def new_bytes(self) -> int:
         return sum(b.size for b in self.blobs)
 
-    def placed(self, checkpoint: str) -> dict[tuple[str, int], list[Location]]:
+    def placed(self, checkpoint: str) -> dict[TensorKey, list[Location]]:
         """Where each dirty chunk is committed once checkpoint ``checkpoint`` commits."""
-        out: dict[tuple[str, int], list[Location]] = {}
+        out: dict[TensorKey, list[Location]] = {}
         for blob in self.blobs:
             for run in blob.runs:
                 locations = out.setdefault(run.tensor.key, [])
@@ -70,9 +74,7 @@ class SavePlan:
         return out
 
 
-def make_plan(
-    snapshot: Snapshot, staged: Mapping[tuple[str, int], StagedTensor], known: Mapping[str, BlobEntry]
-) -> SavePlan:
+def make_plan(snapshot: Snapshot, staged: Mapping[TensorKey, StagedTensor], known: Mapping[str, BlobEntry]) -> SavePlan:
     """Lay out the save. A chunk is written if it changed, or if its bytes are committed nowhere in ``known``."""
     blobs: list[BlobPlan] = []
     entries: dict[str, list[TensorEntry]] = {}
@@ -88,10 +90,10 @@ def make_plan(
                     item.slot.locations[c] = None
                     dirty.add(c)  # the slot holds the right bytes; they are committed nowhere known
             item.dirty = sorted(dirty)
-            mine: list[Run] = []
+            mine: list[BlobRun] = []
             for start, end in item.runs():
                 blob.size += -blob.size % ALIGN
-                mine.append(Run(item, start, end, blob.size))
+                mine.append(BlobRun(item, start, end, blob.size))
                 blob.size += end - start
             blob.runs.extend(mine)
             segments = _segments(item, blob.name, mine)
@@ -107,7 +109,7 @@ def make_plan(
     return SavePlan(snapshot, dict(staged), blobs, entries, list(shared.values()))
 
 
-def _segments(item: StagedTensor, blob_name: str, runs: list[Run]) -> tuple[Segment, ...]:
+def _segments(item: StagedTensor, blob_name: str, runs: list[BlobRun]) -> tuple[Segment, ...]:
     """The tensor's chunks, in order, as coalesced (blob, offset, length) segments."""
     new_at = {}
     for run in runs:

@@ -1,16 +1,24 @@
-"""Finding and reading the newest valid checkpoint, without applying it anywhere."""
+"""Finding and reading the newest valid checkpoint; :func:`restore_newest` applies it to a run's components."""
 
 from __future__ import annotations
 
-import os
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from spotsafe.engine.agreement import Agreement
+from spotsafe.engine.components import Components
+from spotsafe.engine.saver import Saver
 from spotsafe.errors import ConfigError, CorruptCheckpointError, NoUsableCheckpointError
-from spotsafe.state.snapshot import DecodedState, decode_state
+from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT
+from spotsafe.jobenv import ENV_ON_DAMAGED
+from spotsafe.reasons import ExitReason
+from spotsafe.state.snapshot import DecodedState, Snapshot, decode_state
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository, LoadedCheckpoint
+from spotsafe.telemetry import events as ev
+
+log = logging.getLogger("spotsafe")
 
 SkipFn = Callable[[CheckpointRef, CorruptCheckpointError], None]
 
@@ -79,16 +87,16 @@ def load_agreed(
         remaining.discard(step)
 
 
-ENV_ON_DAMAGED = "SPOTSAFE_ON_DAMAGED"
 FAIL, START_FRESH = "fail", "start_fresh"
 
 
-def on_damaged_setting(value: str | None) -> str:
+def on_damaged_setting(value: str | None, from_env: str | None = None) -> str:
     """What ``restore()`` does when committed checkpoints exist and none can be restored.
 
-    ``value`` (the argument) wins; ``None`` reads ``$SPOTSAFE_ON_DAMAGED``; the default is ``"fail"``.
+    ``value`` (the argument) wins; then ``from_env`` (``JobEnv.on_damaged``: ``$SPOTSAFE_ON_DAMAGED``);
+    the default is ``"fail"``.
     """
-    chosen = value if value is not None else (os.environ.get(ENV_ON_DAMAGED) or FAIL)
+    chosen = value if value is not None else (from_env or FAIL)
     if not isinstance(chosen, str) or chosen not in (FAIL, START_FRESH):
         where = "on_damaged" if value is not None else f"${ENV_ON_DAMAGED}"
         raise ConfigError(f"{where} must be {FAIL!r} or {START_FRESH!r}, got {chosen!r} ({type(chosen).__name__})")
@@ -112,3 +120,73 @@ def no_usable_checkpoint(url: str, damaged: Sequence[tuple[str, str]]) -> NoUsab
         f"call restore(on_damaged={START_FRESH!r}) or set {ENV_ON_DAMAGED}={START_FRESH}.",
         damaged=damaged,
     )
+
+
+def restore_newest(
+    repo: CheckpointRepository,
+    components: Components,
+    *,
+    agreement: Agreement | None,
+    saver: Saver,
+    strict: bool,
+    on_damaged: str | None,
+    env_on_damaged: str | None,
+    last_known_step: int | None,
+    restored: Callable[[int], None],
+    emit: Callable[..., None],
+    clock: Callable[[], float],
+) -> int | None:
+    """``Checkpointer.restore()``: load the newest verified checkpoint into ``components``; its step, or
+    ``None`` for a fresh start. With ``agreement``, every rank loads the same step (collective).
+
+    Each damaged checkpoint is skipped (``checkpoint_skipped``). When committed checkpoints exist and
+    none can be restored, raises :class:`~spotsafe.errors.NoUsableCheckpointError` (``restore_failed``,
+    ``run_exited``) unless ``on_damaged`` (or ``env_on_damaged``) is ``start_fresh``. ``restored(step)``
+    is called once the state is loaded, before ``restore_completed``; ``saver`` adopts the loaded bytes.
+    """
+    mode = on_damaged_setting(on_damaged, env_on_damaged)
+    started = clock()
+    skipped: list[tuple[str, str]] = []
+
+    def on_skip(ref: CheckpointRef, err: CorruptCheckpointError) -> None:
+        skipped.append((ref.name, str(err)))
+        log.warning("spotsafe: skipping checkpoint %s: %s", ref.name, err)
+        emit(ev.CheckpointSkipped, checkpoint=ref.name, step=ref.step, reason=str(err))
+
+    state = load_agreed(repo, agreement, on_skip) if agreement is not None else load_newest_valid(repo, on_skip)
+    if state is None:
+        lost = bool(skipped)
+        if agreement is not None:  # collective: any rank's committed progress stops every rank
+            lost = not agreement.all_true(not (skipped or repo.candidates()))
+        if lost and mode == FAIL:
+            error = no_usable_checkpoint(str(repo.storage.url), skipped)
+            emit(ev.RestoreFailed, checkpoints=len(skipped), reason=str(error))
+            emit(ev.RunExited, reason=ExitReason.NO_USABLE_CHECKPOINT, step=0, exit_code=EXIT_NO_USABLE_CHECKPOINT)
+            log.error("spotsafe: %s", error)
+            raise error
+        if lost:
+            message = (
+                f"starting from step 0 although {len(skipped) or 'other ranks'} committed checkpoint(s) exist "
+                f"(on_damaged={START_FRESH!r}); none could be restored"
+            )
+            log.warning("spotsafe: %s", message)
+            emit(ev.RunWarning, message=message)
+        emit(ev.RestoreFresh, skipped=len(skipped))
+        return None
+    name = state.checkpoint.ref.name
+    components.apply(state.components, strict=strict, where=name, warn=lambda m: emit(ev.RunWarning, message=m))
+    step = components.counters.step
+    live = Snapshot.capture(step, components.states())
+    saver.adopt(state.checkpoint, state.decoded, [t for p in live.components for t in p.tensors])
+    restored(step)
+    emit(
+        ev.RestoreCompleted,
+        step=step,
+        epoch=components.epoch(),
+        checkpoint=name,
+        bytes=state.checkpoint.manifest.total_bytes,
+        duration_s=clock() - started,
+        last_known_step=last_known_step,
+        replayed_steps=None if last_known_step is None else max(0, last_known_step - step),
+    )
+    return step

@@ -1,11 +1,13 @@
 """Two-phase saves: snapshot into staging memory on the training thread, persist in the background.
 
-Lifecycle of one save (:class:`SaveState`; each transition emits one event)::
+Lifecycle of one save (:class:`~spotsafe.engine.lifecycle.SaveState` lists the legal
+transitions and the event each one emits)::
 
     STAGING ──▶ STAGED ──▶ COMMITTED
        │           ├─────▶ FAILED       (storage error; the error is raised at the next call)
        │           └─────▶ ABANDONED    (overlap: the state changed while it was being copied)
-       └──────────────────▶ FAILED
+       ├──────────────────▶ COMMITTED   (a direct save)
+       └──────────────────▶ FAILED      (raised at once)
 
 * STAGING: the training thread copies what changed into reused staging slots
   (:mod:`spotsafe.engine.staging`). With ``overlap``, the optimizer-owned tensors
@@ -20,10 +22,11 @@ Lifecycle of one save (:class:`SaveState`; each transition emits one event)::
 
 A state bigger than the staging budget is saved *directly*: the training thread
 streams it to storage in pieces (memory stays bounded; the stall becomes the
-write time), and the save is a full one.
+write time), and the save is a full one. It goes from STAGING to COMMITTED.
 
-Threads: every public method is for the training thread. ``on_committed`` and
-``on_failed`` run on the worker thread.
+Threads: every public method is for the training thread. ``on_staged`` runs on the
+training thread; ``on_done`` on the worker thread (inline for a direct save, or for a
+save whose copy into staging memory failed).
 """
 
 from __future__ import annotations
@@ -31,105 +34,46 @@ from __future__ import annotations
 import atexit
 import bisect
 import contextlib
-import enum
 import functools
 import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from spotsafe.engine.lifecycle import SaveJob, SaveOutcome, SaveState, SnapshotTornError, save_reason
 from spotsafe.engine.persist import persist
 from spotsafe.engine.plan import locations_of, make_plan
-from spotsafe.engine.staged import upload_staged
-from spotsafe.engine.staging import StagedTensor, StageStats, StagingArea
-from spotsafe.errors import CheckpointError, CorruptCheckpointError
+from spotsafe.engine.staging import StagingArea, TensorKey, nbytes_of, version_of
+from spotsafe.engine.upload_stage import upload_staged
+from spotsafe.errors import CorruptCheckpointError
+from spotsafe.reasons import SaveReason
 from spotsafe.state.snapshot import STATE_BLOB, DecodedState, Snapshot
 from spotsafe.state.tensors import unpack
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.manifest import BlobEntry, Manifest
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository, LoadedCheckpoint
 
-Key = tuple[str, int]
 WORKER_NICE = 10
 
 
-class SaveState(enum.Enum):
-    """Where one save is; see the module docstring for the legal transitions."""
-
-    STAGING = "staging"
-    STAGED = "staged"
-    COMMITTED = "committed"
-    FAILED = "failed"
-    ABANDONED = "abandoned"
-
-
-class SnapshotTornError(CheckpointError):
-    """An overlapped snapshot was modified before its copy finished; the save was abandoned."""
-
-
-@dataclass
-class SaveJob:
-    """One save, from snapshot to commit."""
-
-    step: int
-    reason: str
-    ref: CheckpointRef
-    snapshot: Snapshot
-    started: float
-    metadata: dict[str, Any]
-    writer: dict[str, Any]
-    staged: dict[Key, StagedTensor] = field(default_factory=dict)
-    deferred: list[tuple[Key, torch.Tensor]] = field(default_factory=list)
-    versions: dict[Key, int | None] = field(default_factory=dict)
-    stats: StageStats = field(default_factory=StageStats)
-    state: SaveState = SaveState.STAGING
-    stall_s: float = 0.0
-    copied: threading.Event = field(default_factory=threading.Event)
-    verdict: threading.Event = field(default_factory=threading.Event)
-    torn: str | None = None
-    staged_route: bool = False
-    background: bool = False
-    local_s: float | None = None
-    upload_s: float | None = None
-
-    @property
-    def route(self) -> str:
-        """``direct`` or ``local-then-upload``."""
-        return "local-then-upload" if self.staged_route else "direct"
-
-    def to(self, state: SaveState) -> None:
-        legal = {
-            SaveState.STAGING: {SaveState.STAGED, SaveState.FAILED},
-            SaveState.STAGED: {SaveState.COMMITTED, SaveState.FAILED, SaveState.ABANDONED},
-        }
-        if state not in legal.get(self.state, set()):
-            raise RuntimeError(f"save of step {self.step}: illegal transition {self.state.value} -> {state.value}")
-        self.state = state
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a finished save reports to the checkpointer (on the worker thread, or inline)."""
-
-    job: SaveJob
-    manifest: Manifest | None
-    error: BaseException | None
-    duration_s: float
-
-
 class Saver:
-    """Runs saves for one checkpointer. See the module docstring."""
+    """Runs saves for one checkpointer, at most one in flight. See the module docstring.
+
+    ``on_staged(job)`` is called when a background save is STAGED (before its worker
+    starts); ``on_done(outcome)`` once for every save that ends (COMMITTED, FAILED or
+    ABANDONED). ``stage`` is the local ``(repository, storage)`` that ``local-then-upload``
+    saves commit on first; ``owned()`` the data pointers the optimizer updates (``overlap``).
+    """
 
     def __init__(
         self,
         repo: CheckpointRepository,
         *,
-        on_done: Callable[[Outcome], None],
+        on_done: Callable[[SaveOutcome], None],
         on_staged: Callable[[SaveJob], None] = lambda job: None,
         budget: int | None,
         background: bool = True,
@@ -139,16 +83,11 @@ class Saver:
         owned: Callable[[], set[int]] = set,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.repo = repo
-        self.on_done = on_done
-        self.on_staged = on_staged
+        self.repo, self.stage = repo, stage  # where saves commit: the run's repository, or first a stage folder
+        self.on_done, self.on_staged = on_done, on_staged
         self.area = StagingArea(budget)
-        self.background = background
-        self.incremental = incremental
-        self.overlap = overlap
-        self.stage = stage
-        self._owned = owned
-        self._clock = clock
+        self.background, self.incremental, self.overlap = background, incremental, overlap
+        self._owned, self._clock = owned, clock
         self._known: dict[str, BlobEntry] = {}
         self._job: SaveJob | None = None
         self._thread: threading.Thread | None = None
@@ -190,7 +129,7 @@ class Saver:
         job.copied.wait()
         for key, tensor in job.deferred:
             before = job.versions.get(key)
-            now = _version(tensor)
+            now = version_of(tensor)
             if before is not None and now is not None and now != before:
                 job.torn = f"{key[0]} tensor {key[1]} was modified while it was being copied (overlap)"
                 break
@@ -211,7 +150,7 @@ class Saver:
     def save(
         self,
         step: int,
-        reason: str,
+        reason: SaveReason | str,
         states: Mapping[str, Any],
         *,
         generation: int,
@@ -230,11 +169,10 @@ class Saver:
         started = self._clock()
         snapshot = Snapshot.capture(step, states)
         staged_route = self.stage is not None and via_stage is not False
-        target = self.stage[0] if self.stage is not None and staged_route else self.repo
         job = SaveJob(
             step=step,
-            reason=reason,
-            ref=target.begin(step, generation).ref,
+            reason=save_reason(reason),
+            ref=self._target(staged_route).begin(step, generation).ref,
             snapshot=snapshot,
             started=started,
             metadata=metadata,
@@ -247,16 +185,14 @@ class Saver:
         if not self.background or not self.area.fits(items):
             self._direct(job)
             return job
-        self.area.release_except({key for key, _ in items})
-        owned = self._owned() if self.overlap else set()
-        now = [(k, t) for k, t in items if not _is_owned(k, t, owned)]
-        job.deferred = [(k, t) for k, t in items if _is_owned(k, t, owned)]
-        job.versions = {k: _version(t) for k, t in job.deferred}
-        staged = self.area.stage(now, job.stats)
-        job.staged.update({s.key: s for s in staged})
-        if not job.deferred:
+        try:
+            self._stage(job, items)
+        except BaseException as err:
+            job.to(SaveState.FAILED)
             job.copied.set()
             job.verdict.set()
+            self._done(job, None, err)
+            raise
         job.stall_s = self._clock() - started
         job.to(SaveState.STAGED)
         job.background = True
@@ -293,6 +229,34 @@ class Saver:
         self.wait()
         atexit.unregister(self._exit_hook)
 
+    def _stage(self, job: SaveJob, items: list[tuple[TensorKey, torch.Tensor]]) -> None:
+        """Copy what changed into staging memory; optimizer-owned tensors are left to the worker (overlap)."""
+        self.area.release_except({key for key, _ in items})
+        owned = self._owned() if self.overlap else set()
+        now = [(k, t) for k, t in items if not _is_owned(k, t, owned)]
+        job.deferred = [(k, t) for k, t in items if _is_owned(k, t, owned)]
+        job.versions = {k: version_of(t) for k, t in job.deferred}
+        job.staged.update({s.key: s for s in self.area.stage(now, job.stats)})
+        if not job.deferred:
+            job.copied.set()
+            job.verdict.set()
+
+    def _target(self, staged_route: bool) -> CheckpointRepository:
+        """Where a save commits first: the stage folder's repository, or the run's."""
+        return self.stage[0] if self.stage is not None and staged_route else self.repo
+
+    def _upload(self, job: SaveJob) -> Manifest:
+        """``local-then-upload``: copy the checkpoint committed on the stage folder to the run's storage."""
+        assert self.stage is not None
+        local_done = self._clock()
+        job.local_s = local_done - job.started
+        manifest = upload_staged(self.stage[0], self.stage[1], self.repo, job.ref)
+        job.upload_s = self._clock() - local_done
+        return manifest
+
+    def _done(self, job: SaveJob, manifest: Manifest | None, error: BaseException | None) -> None:
+        self.on_done(SaveOutcome(job, manifest, error, self._clock() - job.started))
+
     # -- the worker ------------------------------------------------------------------
     def _run(self, job: SaveJob) -> None:
         manifest: Manifest | None = None
@@ -315,13 +279,12 @@ class Saver:
             job.to(SaveState.ABANDONED if isinstance(err, SnapshotTornError) else SaveState.FAILED)
         finally:
             job.copied.set()
-        self.on_done(Outcome(job, manifest, error, self._clock() - job.started))
+        self._done(job, manifest, error)
 
     def _write(self, job: SaveJob) -> Manifest:
         plan = make_plan(job.snapshot, job.staged, self._known)
-        stage = self.stage if job.staged_route else None
-        target = stage[0] if stage is not None else self.repo
-        pending = target.begin_copy(job.ref)
+        staged_route = job.staged_route and self.stage is not None
+        pending = self._target(staged_route).begin_copy(job.ref)
         try:
             for blob in plan.blobs:
                 pending.write_blob(blob.name, blob.chunks)
@@ -332,17 +295,14 @@ class Saver:
             job.verdict.wait()
             if job.torn is not None:
                 raise SnapshotTornError(f"save of step {job.step} abandoned: {job.torn}")
-            manifest = pending.commit(metadata=job.metadata, writer=job.writer, verify_shared=stage is None)
+            manifest = pending.commit(metadata=job.metadata, writer=job.writer, verify_shared=not staged_route)
         except BaseException:
             if not pending.committed:
                 with contextlib.suppress(Exception):  # leftovers are removed at the next start
                     pending.abort()
             raise
-        if stage is not None:
-            local_done = self._clock()
-            job.local_s = local_done - job.started
-            manifest = upload_staged(stage[0], stage[1], self.repo, job.ref)
-            job.upload_s = self._clock() - local_done
+        if staged_route:
+            manifest = self._upload(job)
         self.area.committed(list(job.staged.values()), plan.placed(job.ref.name))
         self._remember(job.ref, manifest)
         job.to(SaveState.COMMITTED)
@@ -357,35 +317,32 @@ class Saver:
 
     def _direct(self, job: SaveJob) -> None:
         """A full save streamed from the live tensors on this thread (over budget, or background off)."""
-        job.stats.bytes = sum(t.numel() * t.element_size() for p in job.snapshot.components for t in p.tensors)
+        job.stats.bytes = sum(nbytes_of(t) for p in job.snapshot.components for t in p.tensors)
         job.stats.copied_bytes = 0
         manifest: Manifest | None = None
         error: BaseException | None = None
         try:
-            stage = self.stage if job.staged_route else None
-            target = stage[0] if stage is not None else self.repo
-            ref, manifest = persist(
-                target, job.snapshot, metadata=job.metadata, writer=job.writer, generation=job.ref.generation
+            job.ref, manifest = persist(
+                self._target(job.staged_route),
+                job.snapshot,
+                metadata=job.metadata,
+                writer=job.writer,
+                generation=job.ref.generation,
             )
-            job.ref = ref
-            if stage is not None:
-                local_done = self._clock()
-                job.local_s = local_done - job.started
-                manifest = upload_staged(stage[0], stage[1], self.repo, ref)
-                job.upload_s = self._clock() - local_done
+            if job.staged_route and self.stage is not None:
+                manifest = self._upload(job)
             self._known = {}  # the slots' locations may be deleted by retention from now on
             self.area.forget_locations()
             job.stall_s = self._clock() - job.started
-            job.to(SaveState.STAGED)
             job.to(SaveState.COMMITTED)
         except BaseException as err:
             error = err
-            job.state = SaveState.FAILED
+            job.to(SaveState.FAILED)
             raise
         finally:
             job.copied.set()
             job.verdict.set()
-            self.on_done(Outcome(job, manifest, error, self._clock() - job.started))
+            self._done(job, manifest, error)
 
 
 def _finish_at_exit(ref: weakref.ref[Saver]) -> None:
@@ -425,14 +382,7 @@ def _overlaps(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
     return any(end > lo for _, end in ranges[:below])
 
 
-def _version(tensor: torch.Tensor) -> int | None:
-    try:
-        return int(tensor._version)
-    except RuntimeError:
-        return None
-
-
-def _is_owned(key: Key, tensor: torch.Tensor, owned: set[int]) -> bool:
+def _is_owned(key: TensorKey, tensor: torch.Tensor, owned: set[int]) -> bool:
     """Optimizer-owned: optimizer state, or a parameter the optimizer updates (copied during overlap)."""
     if not owned:
         return False

@@ -55,6 +55,9 @@ _memcmp.restype = ctypes.c_int
 Location = tuple[str, int]
 """Committed bytes of a chunk: (blob reference ``checkpoint/file``, offset in that blob)."""
 
+TensorKey = tuple[str, int]
+"""One saved tensor: (component name, index of the tensor in the component's snapshot)."""
+
 
 def parse_budget(value: int | str | None) -> int | None:
     """``None`` (no limit), a byte count, or a size such as ``"2GB"``, ``"512MiB"``."""
@@ -111,7 +114,7 @@ class Slot:
 class StagedTensor:
     """One tensor of a save: its slot, and the chunks this save must write."""
 
-    key: tuple[str, int]
+    key: TensorKey
     slot: Slot
     dirty: list[int]
     version: int | None = None
@@ -147,7 +150,7 @@ class StagingArea:
 
     def __init__(self, budget: int | None = None, *, threads: int | None = None) -> None:
         self.budget = budget
-        self.slots: dict[tuple[str, int], Slot] = {}
+        self.slots: dict[TensorKey, Slot] = {}
         self._threads = max(1, min(4, os.cpu_count() or 1) if threads is None else threads)
         self._bounce: torch.Tensor | None = None
 
@@ -157,16 +160,16 @@ class StagingArea:
         bounce = int(self._bounce.numel()) if self._bounce is not None else 0
         return sum(s.nbytes for s in self.slots.values()) + bounce
 
-    def fits(self, tensors: Sequence[tuple[tuple[str, int], torch.Tensor]]) -> bool:
+    def fits(self, tensors: Sequence[tuple[TensorKey, torch.Tensor]]) -> bool:
         """Whether staging ``tensors`` stays within the budget (slots of other keys are released first)."""
         if self.budget is None:
             return True
-        need = sum(_nbytes(t) for _, t in tensors)
+        need = sum(nbytes_of(t) for _, t in tensors)
         if any(t.device.type == "cuda" for _, t in tensors):
-            need += min(64 * CHUNK, max((_nbytes(t) for _, t in tensors), default=0))
+            need += min(64 * CHUNK, max((nbytes_of(t) for _, t in tensors), default=0))
         return need <= self.budget
 
-    def release_except(self, keys: set[tuple[str, int]]) -> None:
+    def release_except(self, keys: set[TensorKey]) -> None:
         for key in [k for k in self.slots if k not in keys]:
             del self.slots[key]
 
@@ -176,7 +179,7 @@ class StagingArea:
             slot.locations = [None] * slot.chunks()
 
     # -- staging ---------------------------------------------------------------
-    def stage(self, items: Sequence[tuple[tuple[str, int], torch.Tensor]], stats: StageStats) -> list[StagedTensor]:
+    def stage(self, items: Sequence[tuple[TensorKey, torch.Tensor]], stats: StageStats) -> list[StagedTensor]:
         """Bring every slot up to date with the live tensors; return what each save must write.
 
         Dirty chunks lose their location here (the slot no longer matches it);
@@ -186,7 +189,7 @@ class StagingArea:
         pending: list[tuple[StagedTensor, _Work, torch.Tensor]] = []
         for key, tensor in items:
             slot = self._slot(key, tensor)
-            entry = StagedTensor(key=key, slot=slot, dirty=[], version=_version(tensor))
+            entry = StagedTensor(key=key, slot=slot, dirty=[], version=version_of(tensor))
             staged.append(entry)
             stats.tensors += 1
             stats.bytes += slot.nbytes
@@ -209,8 +212,8 @@ class StagingArea:
             stats.copied_bytes += sum(end - start for start, end in entry.runs())
         return staged
 
-    def _slot(self, key: tuple[str, int], tensor: torch.Tensor) -> Slot:
-        nbytes = _nbytes(tensor)
+    def _slot(self, key: TensorKey, tensor: torch.Tensor) -> Slot:
+        nbytes = nbytes_of(tensor)
         slot = self.slots.get(key)
         if slot is None or slot.nbytes != nbytes or slot.dtype != tensor.dtype or slot.shape != tuple(tensor.shape):
             if tensor.device.type == "cuda" and torch.cuda.is_available():
@@ -290,14 +293,14 @@ class StagingArea:
             entry.dirty.extend(self._run([job])[id(job)])
 
     # -- bookkeeping after a save ----------------------------------------------------
-    def committed(self, staged: Sequence[StagedTensor], placed: dict[tuple[str, int], list[Location]]) -> None:
+    def committed(self, staged: Sequence[StagedTensor], placed: dict[TensorKey, list[Location]]) -> None:
         """The save of ``staged`` committed: its dirty chunks are now at ``placed[key][i]``."""
         for entry in staged:
             locations = placed.get(entry.key, [])
             for c, location in zip(entry.dirty, locations, strict=True):
                 entry.slot.locations[c] = location
 
-    def adopt(self, key: tuple[str, int], data: torch.Tensor, locations: list[Location | None]) -> None:
+    def adopt(self, key: TensorKey, data: torch.Tensor, locations: list[Location | None]) -> None:
         """Make ``data`` (verified checkpoint bytes, on the CPU, used by nothing else) the slot of ``key``.
 
         No copy: the slot views ``data``'s memory from now on.
@@ -320,7 +323,8 @@ def _runs(chunks: Sequence[int], nbytes: int) -> Iterator[tuple[int, int]]:
         yield start * CHUNK, min((prev + 1) * CHUNK, nbytes)
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
+def nbytes_of(tensor: torch.Tensor) -> int:
+    """The tensor's size in bytes."""
     return tensor.numel() * tensor.element_size()
 
 
@@ -328,7 +332,8 @@ def _chunks(nbytes: int) -> int:
     return (nbytes + CHUNK - 1) // CHUNK
 
 
-def _version(tensor: torch.Tensor) -> int | None:
+def version_of(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place modification counter (``None``: it has none)."""
     try:
         return int(tensor._version)
     except RuntimeError:  # inference tensors have no version counter

@@ -28,19 +28,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from spotsafe.errors import ConfigError
+from spotsafe.jobenv import ENV_NOTICE_POLL, ENV_NOTICES, JobEnv
 from spotsafe.notices.aws import AwsSpotNotices
+from spotsafe.notices.azure import ENV_ENDPOINT as ENV_AZURE_ENDPOINT
 from spotsafe.notices.azure import AzureScheduledEvents
 from spotsafe.notices.base import NoticeSource
 from spotsafe.notices.gcp import GcpNotices
 from spotsafe.notices.signals import DEFAULT_SIGNALS, SignalNotices
 from spotsafe.notices.slurm import SlurmNotices
 
-ENV_NOTICES = "SPOTSAFE_NOTICES"
 ENV_GRACE = "SPOTSAFE_GRACE_SECONDS"
 ENV_SLURM_LEAD = "SPOTSAFE_SLURM_SIGNAL_LEAD"
 ENV_SLURM_REQUEUE = "SPOTSAFE_SLURM_REQUEUE"
 ENV_AZURE_ACK = "SPOTSAFE_AZURE_ACKNOWLEDGE"
-ENV_POLL = "SPOTSAFE_NOTICE_POLL_SECONDS"
 KNOWN = ("aws", "gcp", "azure", "kubernetes", "slurm", "signals")
 PROVIDERS = ("aws", "gcp", "azure")
 AZURE_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"
@@ -67,6 +67,12 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _contract(env: Mapping[str, str]) -> JobEnv:
+    """The job contract's notice settings (``$SPOTSAFE_NOTICES``, ``$SPOTSAFE_NOTICE_POLL_SECONDS``) in ``env``;
+    the contract's other variables are not this module's to judge."""
+    return JobEnv.from_env({k: env[k] for k in (ENV_NOTICES, ENV_NOTICE_POLL) if k in env})
+
+
 def _seconds(env: Mapping[str, str], key: str) -> float | None:
     value = env.get(key)
     if value in (None, ""):
@@ -88,7 +94,7 @@ def detect(
 ) -> Detection:
     """The sources that apply here (see the module docstring). Never uses the network."""
     env = os.environ if env is None else env
-    setting = (env.get(ENV_NOTICES) or "auto").strip().lower()
+    setting = (_contract(env).notices or "auto").strip().lower()
     if setting == "none":
         return Detection((), {})
     if setting != "auto":
@@ -116,8 +122,8 @@ def detect(
         reasons["gcp"] = "$GCE_METADATA_HOST"
     elif product == "Google Compute Engine" or vendor == "Google":
         reasons["gcp"] = "DMI product Google Compute Engine"
-    if env.get("SPOTSAFE_AZURE_METADATA_ENDPOINT"):
-        reasons["azure"] = "$SPOTSAFE_AZURE_METADATA_ENDPOINT"
+    if env.get(ENV_AZURE_ENDPOINT):
+        reasons["azure"] = f"${ENV_AZURE_ENDPOINT}"
     elif _read(dmi_root, "chassis_asset_tag") == AZURE_ASSET_TAG:
         reasons["azure"] = "Azure chassis asset tag"
     if env.get("KUBERNETES_SERVICE_HOST"):
@@ -145,9 +151,7 @@ def build_sources(
     """
     env = os.environ if env is None else env
     names = tuple(names)
-    poll = _seconds(env, ENV_POLL)
-    if poll == 0:
-        raise ConfigError(f"${ENV_POLL} must be > 0 seconds")
+    poll = _contract(env).notice_poll_s  # > 0 when set
     sources: list[NoticeSource] = []
     if "aws" in names:
         sources.append(AwsSpotNotices(env=env, poll_s=poll or 5.0))

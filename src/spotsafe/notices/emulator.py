@@ -32,6 +32,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from spotsafe.notices.azure import ENV_ENDPOINT as AZURE_ENDPOINT
+
 AWS_NOT_FOUND = (
     b'<?xml version="1.0" encoding="iso-8859-1"?>\n<!DOCTYPE html>\n<html><head><title>404 - Not Found</title>'
     b"</head><body><h1>404 - Not Found</h1></body></html>\n"
@@ -130,7 +132,7 @@ class ProviderEmulator:
         return {
             "AWS_EC2_METADATA_SERVICE_ENDPOINT": self.url,
             "GCE_METADATA_HOST": f"{self.host}:{self.port}",
-            "SPOTSAFE_AZURE_METADATA_ENDPOINT": self.url,
+            AZURE_ENDPOINT: self.url,
         }
 
     # -- posting notices -----------------------------------------------------------------

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from spotsafe.checks import check_choice, check_int, check_number
 from spotsafe.errors import ConfigError
-from spotsafe.policy.interval import Choice, SaveContext, SavePolicy
+from spotsafe.policy.interval import Choice, Never, SaveContext, SavePolicy
 
 HOUR = 3600.0
 DEFAULT_RESTART_S = 120.0
@@ -150,8 +150,9 @@ class MaxLoss(SavePolicy):
 
 
 @dataclass(frozen=True, kw_only=True)
-class OnNotice(SavePolicy):
-    """Settings of the emergency save (see :func:`on_notice`); never asks for a regular save."""
+class OnNotice(Never):
+    """Settings of the emergency save (see :func:`on_notice`); like :class:`Never`, it never asks for a regular
+    save."""
 
     safety: float = 1.5
     margin_s: float = 2.0
@@ -162,15 +163,8 @@ class OnNotice(SavePolicy):
         check_number("margin_s", self.margin_s, at_least=0, unit="seconds")
         check_choice("warnings", self.warnings, ("save", "ignore"))
 
-    def should_save(self, ctx: SaveContext) -> bool:
-        return False
-
     def describe(self) -> str:
         return "on notice"
-
-    @property
-    def steps_only(self) -> bool:
-        return True
 
 
 def young_daly(

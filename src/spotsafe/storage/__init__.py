@@ -5,7 +5,7 @@ from spotsafe.storage.fsspec_store import FsspecStorage
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
-from spotsafe.storage.retry import RetryingStorage, RetryPolicy
+from spotsafe.storage.retry import RetryingStorage, StorageRetry
 
 __all__ = [
     "BlobNotFoundError",
@@ -13,8 +13,8 @@ __all__ = [
     "CheckpointRepository",
     "FsspecStorage",
     "LocalStorage",
-    "RetryPolicy",
     "RetryingStorage",
     "Storage",
+    "StorageRetry",
     "open_storage",
 ]

@@ -13,11 +13,10 @@ from __future__ import annotations
 import contextlib
 import mmap
 from collections.abc import Callable, Iterable
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from spotsafe.errors import PermanentStorageError, UnsafeCheckpointError
 
-C = TypeVar("C")
 Chunk = bytes | bytearray | memoryview
 ReadProgress = Callable[[int], None]
 Buffer = bytearray | memoryview
@@ -129,7 +128,7 @@ class Storage(Protocol):
 
 # -- optional capabilities ------------------------------------------------------
 # A backend or wrapper may offer more than the Storage protocol. Callers ask with
-# capability(storage, Kind), which looks through wrappers (retry, fault injection),
+# local_paths(), stat_of(), retry_reporting(), which look through wrappers (retry, fault injection),
 # instead of reaching for attributes with getattr.
 
 
@@ -171,13 +170,28 @@ class Wrapping(Protocol):
     inner: Storage
 
 
-def capability(storage: object, kind: type[C]) -> C | None:
-    """``storage`` or the first storage it wraps that offers ``kind`` (a runtime-checkable protocol), else None."""
-    seen = 0
+def _through_wrappers(storage: object, kind: type) -> object | None:
+    """``storage`` or the first storage it wraps that is an instance of ``kind``, else None."""
     current: object = storage
-    while current is not None and seen < 16:
+    for _ in range(16):
         if isinstance(current, kind):
             return current
-        current = current.inner if isinstance(current, Wrapping) else None
-        seen += 1
+        if not isinstance(current, Wrapping):
+            return None
+        current = current.inner
     return None
+
+
+def local_paths(storage: object) -> LocalPaths | None:
+    """The storage (or one it wraps) whose objects are local files, else None."""
+    return cast("LocalPaths | None", _through_wrappers(storage, LocalPaths))
+
+
+def stat_of(storage: object) -> Stat | None:
+    """The storage (or one it wraps) that knows when objects were written, else None."""
+    return cast("Stat | None", _through_wrappers(storage, Stat))
+
+
+def retry_reporting(storage: object) -> RetryReporting | None:
+    """The retrying wrapper around (or in) ``storage`` that reports retries, else None."""
+    return cast("RetryReporting | None", _through_wrappers(storage, RetryReporting))

@@ -6,7 +6,9 @@
 * :class:`SlowStorage` acknowledges each write late, emulating a slower disk or
   network store, so that an interruption can land in the middle of a save.
 
-Both are deterministic for a given ``seed``.
+Both are deterministic for a given ``seed``. Both are storage wrappers
+(:class:`~spotsafe.storage.wrapper.StorageWrapper`): what ``inner`` offers beyond
+the protocol is found with :func:`~spotsafe.storage.base.local_paths` and its siblings.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from spotsafe.errors import TransientStorageError
-from spotsafe.storage.base import Chunk, ChunkSource, ReadProgress, Storage
+from spotsafe.storage.base import Chunk, ChunkSource, Storage
+from spotsafe.storage.wrapper import StorageWrapper
 
 T = TypeVar("T")
 
 
-class FaultyStorage:
+class FaultyStorage(StorageWrapper):
     """Delegates to ``inner`` but fails ``fail_rate`` of calls and cuts ``cut_rate`` of uploads."""
 
     def __init__(
@@ -39,7 +42,7 @@ class FaultyStorage:
         for name, value in (("fail_rate", fail_rate), ("cut_rate", cut_rate)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1]")
-        self.inner = inner
+        super().__init__(inner)
         self.fail_rate, self.cut_rate, self.latency = fail_rate, cut_rate, latency
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -48,32 +51,24 @@ class FaultyStorage:
         self.failures = 0
         self.cuts = 0
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-    @property
-    def url(self) -> str:
-        return self.inner.url
-
     def _draw(self) -> float:
         with self._lock:
             self.calls += 1
             return self._rng.random()
 
-    def _maybe_fail(self, operation: str) -> None:
+    def _around(self, operation: str, fn: Callable[[], T]) -> T:
         if self.latency:
             self._sleep(self.latency)
         if self._draw() < self.fail_rate:
             with self._lock:
                 self.failures += 1
             raise TransientStorageError(f"injected fault: 503 SlowDown during {operation}")
-
-    def _call(self, operation: str, fn: Callable[[], T]) -> T:
-        self._maybe_fail(operation)
         return fn()
 
     def write_stream(self, key: str, source: ChunkSource) -> int:
-        self._maybe_fail(f"write {key}")
+        return self._around(f"write {key}", lambda: self._maybe_cut(key, source))
+
+    def _maybe_cut(self, key: str, source: ChunkSource) -> int:
         if self._draw() < self.cut_rate:
             with self._lock:
                 self.cuts += 1
@@ -87,56 +82,16 @@ class FaultyStorage:
             raise TransientStorageError(f"injected fault: connection reset in the middle of uploading {key}")
         return self.inner.write_stream(key, source)
 
-    def write_atomic(self, key: str, data: bytes) -> None:
-        self._call(f"write {key}", lambda: self.inner.write_atomic(key, data))
 
-    def read(self, key: str) -> bytes:
-        return self._call(f"read {key}", lambda: self.inner.read(key))
-
-    def read_into(self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None) -> int:
-        return self._call(f"read {key}", lambda: self.inner.read_into(key, buffer, progress))
-
-    def size(self, key: str) -> int:
-        return self._call(f"stat {key}", lambda: self.inner.size(key))
-
-    def exists(self, key: str) -> bool:
-        return self._call(f"stat {key}", lambda: self.inner.exists(key))
-
-    def list_dirs(self, prefix: str) -> list[str]:
-        return self._call(f"list {prefix}", lambda: self.inner.list_dirs(prefix))
-
-    def list_files(self, prefix: str) -> list[str]:
-        return self._call(f"list {prefix}", lambda: self.inner.list_files(prefix))
-
-    def find(self, prefix: str) -> list[str]:
-        return self._call(f"list {prefix}", lambda: self.inner.find(prefix))
-
-    def delete(self, key: str) -> None:
-        self._call(f"delete {key}", lambda: self.inner.delete(key))
-
-    def delete_prefix(self, prefix: str) -> None:
-        self._call(f"delete {prefix}", lambda: self.inner.delete_prefix(prefix))
-
-    def sync_prefix(self, prefix: str) -> None:
-        self._call(f"sync {prefix}", lambda: self.inner.sync_prefix(prefix))
-
-
-class SlowStorage:
+class SlowStorage(StorageWrapper):
     """Delegates to ``inner``; each write call (one object) is acknowledged ``latency`` seconds late."""
 
     def __init__(self, inner: Storage, latency: float, *, sleep: Callable[[float], None] = time.sleep) -> None:
         if latency < 0:
             raise ValueError("latency must be >= 0")
-        self.inner = inner
+        super().__init__(inner)
         self.latency = latency
         self._sleep = sleep
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-    @property
-    def url(self) -> str:
-        return self.inner.url
 
     def write_stream(self, key: str, source: ChunkSource) -> int:
         written = self.inner.write_stream(key, source)

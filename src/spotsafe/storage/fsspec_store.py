@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from spotsafe.errors import PermanentStorageError, TransientStorageError
@@ -68,6 +69,26 @@ def check_key(key: str) -> list[str]:
     if key.startswith("/") or any(p in (".", "..") or "\\" in p or "\0" in p for p in parts):
         raise PermanentStorageError(f"refusing storage key {key!r}: keys must stay inside the run folder")
     return parts
+
+
+LISTED_TIMES = ("mtime", "LastModified", "last_modified", "updated", "created")
+"""Fields of an fsspec listing entry that say when it was written, in the order they are trusted."""
+
+
+def listed_time(value: object) -> float | None:
+    """A listing's time field as Unix time: a number, a ``datetime`` (naive means UTC) or an ISO 8601 string."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    if isinstance(value, str):
+        try:
+            return listed_time(datetime.fromisoformat(value.replace("Z", "+00:00")))
+        except ValueError:
+            return None
+    return None
 
 
 class FsspecStorage:
@@ -261,6 +282,31 @@ class FsspecStorage:
             return keys
 
         return sorted(self._call(prefix, run))
+
+    # -- stat (the Stat capability) -------------------------------------------
+    def modified(self, key: str) -> float | None:
+        """Unix time of the newest write of ``key`` or, for a folder, of the entries directly in it, from the
+        listing's time fields (``mtime``, ``LastModified``, ``last_modified``, ``updated``, ``created``: the first
+        an entry has); ``None`` when nothing is there or no entry has one."""
+        path = self._path(key)
+
+        def run() -> list[Any]:
+            self.fs.invalidate_cache(path)
+            try:
+                return list(self.fs.ls(path, detail=True))
+            except FileNotFoundError:
+                return []
+
+        newest: float | None = None
+        for entry in self._call(key, run):
+            if not isinstance(entry, Mapping):
+                continue
+            for name in LISTED_TIMES:
+                stamp = listed_time(entry.get(name))
+                if stamp is not None:
+                    newest = stamp if newest is None else max(newest, stamp)
+                    break
+        return newest
 
     # -- deleting ------------------------------------------------------------
     def delete(self, key: str) -> None:

@@ -331,6 +331,27 @@ class LocalStorage(FsspecStorage):
             raise translate(err, prefix, self.url) from err
         return sorted(found)
 
+    # -- stat (the Stat capability) --------------------------------------------
+    def modified(self, key: str) -> float | None:
+        """Unix time of the newest write of ``key`` or, for a folder, of the entries directly in it (a link's own
+        time, never its target's); ``None`` when nothing is there, or it lies behind a link."""
+        parts = check_key(key)
+        try:
+            try:
+                with self._folder(key, parts) as fd, os.scandir(fd) as entries:
+                    times: list[float] = []
+                    for entry in entries:
+                        with contextlib.suppress(FileNotFoundError):  # removed since it was listed
+                            times.append(entry.stat(follow_symlinks=False).st_mtime)
+                return max(times, default=None)
+            except _Behind:  # a file: its own time
+                with self._folder(key, parts[:-1]) as parent:
+                    return os.stat(parts[-1], dir_fd=parent, follow_symlinks=False).st_mtime
+        except (FileNotFoundError, _Behind, UnsafePathError):
+            return None
+        except OSError as err:
+            raise translate(err, key, self.url) from err
+
     # -- deleting --------------------------------------------------------------
     def delete(self, key: str) -> None:
         parts = self._file_parts(key)

@@ -36,7 +36,7 @@ from spotsafe.storage.base import Storage
 from spotsafe.storage.errors import redact_url
 from spotsafe.storage.fsspec_store import FsspecStorage
 from spotsafe.storage.local import LocalStorage
-from spotsafe.storage.retry import DEFAULT_RETRY, RetryingStorage, RetryPolicy
+from spotsafe.storage.retry import DEFAULT_RETRY, RetryingStorage, StorageRetry
 
 _EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}
 _PACKAGES = {"s3": "s3fs", "gcs": "gcsfs", "azure": "adlfs"}
@@ -125,7 +125,7 @@ def open_storage(
     url: str | os.PathLike[str],
     storage_options: Mapping[str, Any] | None = None,
     *,
-    retry: RetryPolicy | None = DEFAULT_RETRY,
+    retry: StorageRetry | None = DEFAULT_RETRY,
     on_retry: Callable[[str, int, float, Exception], None] | None = None,
 ) -> Storage:
     """Open ``url`` with retries (``retry=None`` for none)."""

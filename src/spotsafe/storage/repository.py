@@ -1,19 +1,9 @@
-"""The commit protocol: how a set of blobs becomes a checkpoint, and how it is found again.
+"""The commit protocol: how a set of blobs becomes a checkpoint, and how it is found, verified and deleted.
 
-Layout under the run's location::
-
-    writers/gen-000003-3f9c2a1b.json            writer claims (see fencing)
-    latest.json                                 a hint naming the newest commit; never trusted alone
-    checkpoints/
-      g000003-step-000000000120-1763869512345-9f2c/   one folder per save attempt
-        model.bin  optimizer.bin  state.json ...        blobs, written and made durable first
-        manifest.json                                   written last, atomically: the commit
-
-A save is (1) :meth:`CheckpointRepository.begin`, (2) any number of
-:meth:`PendingCheckpoint.write_blob`, (3) :meth:`PendingCheckpoint.commit`.
-Until (3) returns, readers do not see the checkpoint at all: on a disk the
-manifest appears by rename, on an object store by a single PUT. Every save gets
-a folder of its own, so a save never writes into a committed checkpoint.
+Where things live is :mod:`spotsafe.storage.layout`; writing one checkpoint is
+:class:`~spotsafe.storage.pending.PendingCheckpoint`: (1) :meth:`CheckpointRepository.begin`,
+(2) any number of ``write_blob``, (3) ``commit``. Until (3) returns, readers do not
+see the checkpoint at all.
 
 An incremental checkpoint also lists, in its manifest, blobs of older
 checkpoints that it shares (``BlobEntry.checkpoint``). Deleting a checkpoint
@@ -21,194 +11,42 @@ removes its manifest first, then only the files of its folder that no other
 committed manifest references; a folder whose manifest is gone but whose
 files are still referenced stays until nothing references them.
 
-Folder names sort by writer generation, then step, then creation time. Readers
-order by that and verify each manifest before trusting it; ``latest.json`` only
-adds a candidate, it never overrides what verification says.
+Readers order folders by name (generation, step, creation time) and verify each
+manifest before trusting it; ``latest.json`` only adds a candidate, it never
+overrides what verification says.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import secrets
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from spotsafe.errors import CorruptCheckpointError
-from spotsafe.storage.base import TMP_MARKER, BlobNotFoundError, Buffer, Chunk, ChunkSource, Storage, new_buffer
+from spotsafe.storage.base import TMP_MARKER, BlobNotFoundError, Buffer, Storage, new_buffer
+from spotsafe.storage.hashing import HashAsRead
 from spotsafe.storage.json_limits import MANIFEST_LIMITS
-from spotsafe.storage.manifest import MANIFEST_NAME, BlobEntry, Manifest, check_blob_name, new_hasher
+from spotsafe.storage.layout import CHECKPOINTS, LATEST, CheckpointRef, blob_key
+from spotsafe.storage.manifest import MANIFEST_NAME, BlobEntry, Manifest
+from spotsafe.storage.pending import FenceCheck, PendingCheckpoint
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest.json"
-_NAME = re.compile(r"^g(\d{6})-step-(\d{12})-(\d{13})-([0-9a-f]{4})$")
-
-FenceCheck = Callable[[], None]
-
-
-def _no_fence() -> None:
-    return None
-
-
-@dataclass(frozen=True, order=True)
-class CheckpointRef:
-    """A checkpoint folder, identified by name. Orders oldest to newest."""
-
-    generation: int
-    step: int
-    created_ms: int
-    name: str
-
-    @property
-    def key(self) -> str:
-        return f"{CHECKPOINTS}/{self.name}"
-
-    @classmethod
-    def parse(cls, name: str) -> CheckpointRef | None:
-        match = _NAME.fullmatch(name)
-        if match is None:
-            return None
-        return cls(int(match.group(1)), int(match.group(2)), int(match.group(3)), name)
-
+__all__ = [
+    "CHECKPOINTS",
+    "LATEST",
+    "CheckpointRef",
+    "CheckpointRepository",
+    "FenceCheck",
+    "LoadedCheckpoint",
+    "PendingCheckpoint",
+]  # the layout and the pending checkpoint live in their own modules; importers of them from here still work
 
 ProgressFn = Callable[[int], None]
 
 
-class PendingCheckpoint:
-    """A save in progress. Not visible to readers until :meth:`commit` returns."""
-
-    def __init__(self, storage: Storage, ref: CheckpointRef, clock: Callable[[], float], fence: FenceCheck) -> None:
-        self._storage = storage
-        self._clock = clock
-        self._fence = fence
-        self.ref = ref
-        self.blobs: list[BlobEntry] = []
-        self.committed = False
-
-    def add_shared(self, entry: BlobEntry) -> None:
-        """List a blob of an older checkpoint that this one uses without writing it again."""
-        if entry.checkpoint is None or entry.checkpoint == self.ref.name:
-            raise ValueError(f"a shared blob must live in another checkpoint, got {entry!r}")
-        if any(b.ref == entry.ref for b in self.blobs):
-            return
-        self.blobs.append(entry)
-
-    def write_blob(self, name: str, source: ChunkSource) -> BlobEntry:
-        """Stream one blob to storage, computing its size and checksum on the way.
-
-        ``source()`` must yield the same bytes every time it is called (a retry calls it again).
-        """
-        check_blob_name(name)
-        if any(b.ref == name for b in self.blobs):
-            raise ValueError(f"blob {name!r} written twice in one checkpoint")
-        hashers: list[object] = []
-
-        def hashed() -> Iterator[Chunk]:
-            hasher = new_hasher()
-            hashers.append(hasher)
-            for chunk in source():
-                hasher.update(chunk)
-                yield chunk
-
-        size = self._storage.write_stream(f"{self.ref.key}/{name}", hashed)
-        entry = BlobEntry(path=name, size=size, checksum=hashers[-1].hexdigest())  # type: ignore[attr-defined]
-        self.blobs.append(entry)
-        return entry
-
-    def commit(self, *, metadata: dict[str, object], writer: dict[str, object], verify_shared: bool = True) -> Manifest:
-        """Make the checkpoint exist. Every blob is durable before the manifest is written.
-
-        Shared blobs are checked to still exist with their recorded size (``verify_shared``;
-        off only for a local staging copy, whose shared blobs live on the durable store).
-        Raises :class:`~spotsafe.storage.fencing.FencedError` (and commits nothing)
-        if a newer writer has taken over the run.
-        """
-        if any(b.checkpoint is None for b in self.blobs):
-            self._storage.sync_prefix(self.ref.key)
-        for entry in self.blobs:
-            if entry.checkpoint is not None and verify_shared:
-                key = f"{CHECKPOINTS}/{entry.checkpoint}/{entry.path}"
-                try:
-                    size = self._storage.size(key)
-                except BlobNotFoundError:
-                    size = -1
-                if size != entry.size:
-                    raise CorruptCheckpointError(
-                        f"shared blob {entry.ref} is gone or changed; not committing a checkpoint that needs it",
-                        checkpoint=self.ref.name,
-                    )
-        manifest = Manifest(
-            step=self.ref.step,
-            created_at=self._clock(),
-            blobs=tuple(self.blobs),
-            metadata=dict(metadata),
-            writer=dict(writer),
-        )
-        self._fence()
-        self._storage.write_atomic(f"{self.ref.key}/{MANIFEST_NAME}", manifest.to_bytes())
-        self._storage.sync_prefix(CHECKPOINTS)
-        self.committed = True
-        return manifest
-
-    def abort(self) -> None:
-        """Remove what was written. Never called after :meth:`commit`."""
-        if self.committed:
-            raise RuntimeError("refusing to abort a committed checkpoint")
-        self._storage.delete_prefix(self.ref.key)
-
-
-class _HashAsRead:
-    """Checksums a buffer while it is being read into, on a helper thread (xxhash releases the GIL).
-
-    ``progress(n)`` says the first ``n`` bytes are in; :meth:`finish` returns the digest of
-    the whole buffer. A read that starts again (a retry reports a smaller ``n``) may have
-    overwritten hashed bytes, so the buffer is then hashed again from the start: the digest
-    is always of the bytes the buffer holds when :meth:`finish` returns.
-    """
-
-    def __init__(self, view: memoryview) -> None:
-        self._view = view
-        self._filled = 0
-        self._restarted = False
-        self._done = False
-        self._hasher = new_hasher()
-        self._hashed = 0
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="spotsafe-verify", daemon=True)
-        self._thread.start()
-
-    def progress(self, n: int) -> None:
-        with self._cond:
-            if n < self._filled:
-                self._restarted = True
-            self._filled = max(self._filled, n)
-            self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while self._filled <= self._hashed and not self._done:
-                    self._cond.wait()
-                end, done = self._filled, self._done
-            if end > self._hashed:
-                self._hasher.update(self._view[self._hashed : end])
-                self._hashed = end
-            elif done:
-                return
-
-    def finish(self) -> str:
-        """Wait for the helper; the digest of everything in the buffer."""
-        with self._cond:
-            self._done = True
-            self._cond.notify()
-        self._thread.join()
-        if self._restarted or self._hashed != len(self._view):
-            hasher = new_hasher()
-            hasher.update(self._view)
-            return str(hasher.hexdigest())
-        return str(self._hasher.hexdigest())
+def _no_fence() -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -328,11 +166,6 @@ class CheckpointRepository:
             raise CorruptCheckpointError("the manifest lists its own folder as a shared blob", checkpoint=ref.name)
         return manifest
 
-    @staticmethod
-    def blob_key(ref: CheckpointRef, entry: BlobEntry) -> str:
-        """Where ``entry`` of checkpoint ``ref`` is stored (its own folder, or the folder it shares)."""
-        return f"{CHECKPOINTS}/{entry.checkpoint or ref.name}/{entry.path}"
-
     def check_sizes(self, ref: CheckpointRef) -> Manifest:
         """Cheap structural check: the manifest parses and every blob has its recorded size."""
         manifest = self.read_manifest(ref)
@@ -342,7 +175,7 @@ class CheckpointRepository:
 
     def _checked_size(self, ref: CheckpointRef, entry: BlobEntry) -> None:
         try:
-            size = self.storage.size(self.blob_key(ref, entry))
+            size = self.storage.size(blob_key(ref, entry))
         except BlobNotFoundError as err:
             raise CorruptCheckpointError(f"blob {entry.ref} is missing", checkpoint=ref.name) from err
         if size != entry.size:
@@ -354,9 +187,9 @@ class CheckpointRepository:
         """Read one blob, verifying its size and checksum. Returns writable memory of exactly its size."""
         self._checked_size(ref, entry)
         buffer = new_buffer(entry.size)
-        hashing = _HashAsRead(memoryview(buffer))
+        hashing = HashAsRead(memoryview(buffer))
         try:
-            got = self.storage.read_into(self.blob_key(ref, entry), buffer, hashing.progress)
+            got = self.storage.read_into(blob_key(ref, entry), buffer, hashing.progress)
         except BlobNotFoundError as err:
             raise CorruptCheckpointError(f"blob {entry.ref} is missing", checkpoint=ref.name) from err
         finally:
@@ -402,7 +235,7 @@ class CheckpointRepository:
                 manifest = self.read_manifest(ref)
             except CorruptCheckpointError:
                 continue
-            live.update(self.blob_key(ref, entry) for entry in manifest.blobs)
+            live.update(blob_key(ref, entry) for entry in manifest.blobs)
         return live
 
     def delete(self, ref: CheckpointRef) -> list[str]:

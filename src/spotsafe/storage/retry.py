@@ -1,4 +1,4 @@
-"""The one retry mechanism: transient storage errors, exponential backoff with full jitter, a time budget.
+"""The one storage retry mechanism: transient errors, the shared :class:`~spotsafe.backoff.Backoff`, a time budget.
 
 Only :class:`~spotsafe.errors.TransientStorageError` is retried. Permanent errors
 (no such bucket, access denied, bad credentials) pass straight through, so a
@@ -11,11 +11,14 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TypeVar
 
+from spotsafe.backoff import Backoff
 from spotsafe.checks import check_number
 from spotsafe.errors import TransientStorageError
-from spotsafe.storage.base import ChunkSource, ReadProgress, Storage
+from spotsafe.storage.base import Storage
+from spotsafe.storage.wrapper import StorageWrapper
 
 T = TypeVar("T")
 RetryHook = Callable[[str, int, float, Exception], None]
@@ -23,8 +26,9 @@ RetryHook = Callable[[str, int, float, Exception], None]
 
 
 @dataclass(frozen=True, kw_only=True)
-class RetryPolicy:
-    """Backoff ``min(max_delay, initial * multiplier**n)`` with full jitter, until ``budget_s`` is spent.
+class StorageRetry:
+    """How storage calls are retried: backoff ``min(max_delay, initial * multiplier**n)`` with full jitter,
+    until ``budget_s`` is spent (see :attr:`backoff`).
 
     The budget bounds when the last retry may start; that attempt's own duration comes on top.
     """
@@ -35,47 +39,47 @@ class RetryPolicy:
     max_delay: float = 10.0
 
     def __post_init__(self) -> None:
-        check_number("RetryPolicy.budget_s", self.budget_s, at_least=0, finite=False, unit="seconds")
-        check_number("RetryPolicy.initial", self.initial, at_least=0, unit="seconds")
-        check_number("RetryPolicy.max_delay", self.max_delay, at_least=0, finite=False, unit="seconds")
-        check_number("RetryPolicy.multiplier", self.multiplier, at_least=1)
+        check_number("StorageRetry.budget_s", self.budget_s, at_least=0, finite=False, unit="seconds")
+        check_number("StorageRetry.initial", self.initial, at_least=0, unit="seconds")
+        check_number("StorageRetry.max_delay", self.max_delay, at_least=0, finite=False, unit="seconds")
+        check_number("StorageRetry.multiplier", self.multiplier, at_least=1)
 
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """Delay before retry number ``attempt`` (1-based): uniform in [0, capped exponential]."""
-        cap = min(self.max_delay, self.initial * self.multiplier ** (attempt - 1))
-        return rng.uniform(0.0, cap)
+    @cached_property
+    def backoff(self) -> Backoff:
+        """These settings as the shared backoff value: ``backoff.delay(attempt, rng)`` before retry ``attempt``."""
+        return Backoff(
+            initial_s=self.initial, multiplier=self.multiplier, max_delay_s=self.max_delay, budget_s=self.budget_s
+        )
 
 
-DEFAULT_RETRY = RetryPolicy()
+DEFAULT_RETRY = StorageRetry()
 
 
-class RetryingStorage:
-    """Wraps a :class:`Storage`; every call is retried on transient errors within the policy's budget."""
+class RetryingStorage(StorageWrapper):
+    """Wraps a :class:`Storage`; every call is retried on transient errors within the policy's budget.
+
+    ``on_retry`` (the :class:`~spotsafe.storage.base.RetryReporting` capability) is told about each retry
+    before its wait; it may be set after construction, before the first call.
+    """
 
     def __init__(
         self,
         inner: Storage,
-        policy: RetryPolicy = DEFAULT_RETRY,
+        policy: StorageRetry = DEFAULT_RETRY,
         *,
         on_retry: RetryHook | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.policy = policy
         self.on_retry = on_retry
         self._sleep, self._clock = sleep, clock
         self._rng = rng or random.Random()
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-    @property
-    def url(self) -> str:
-        return self.inner.url
-
-    def _retry(self, operation: str, fn: Callable[[], T]) -> T:
+    def _around(self, operation: str, fn: Callable[[], T]) -> T:
+        backoff = self.policy.backoff
         started = self._clock()
         attempt = 0
         while True:
@@ -83,9 +87,9 @@ class RetryingStorage:
                 return fn()
             except TransientStorageError as err:
                 attempt += 1
-                delay = self.policy.delay(attempt, self._rng)
+                delay = backoff.delay(attempt, self._rng)
                 spent = self._clock() - started
-                if spent + delay > self.policy.budget_s:
+                if not backoff.allows(spent_s=spent, delay_s=delay):
                     raise TransientStorageError(
                         f"{operation} still failing after {attempt} attempts over {spent:.1f} s "
                         f"(retry budget {self.policy.budget_s:g} s): {err}"
@@ -93,39 +97,3 @@ class RetryingStorage:
                 if self.on_retry is not None:
                     self.on_retry(operation, attempt, delay, err)
                 self._sleep(delay)
-
-    def write_stream(self, key: str, source: ChunkSource) -> int:
-        return self._retry(f"write {key}", lambda: self.inner.write_stream(key, source))
-
-    def write_atomic(self, key: str, data: bytes) -> None:
-        self._retry(f"write {key}", lambda: self.inner.write_atomic(key, data))
-
-    def read(self, key: str) -> bytes:
-        return self._retry(f"read {key}", lambda: self.inner.read(key))
-
-    def read_into(self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None) -> int:
-        return self._retry(f"read {key}", lambda: self.inner.read_into(key, buffer, progress))
-
-    def size(self, key: str) -> int:
-        return self._retry(f"stat {key}", lambda: self.inner.size(key))
-
-    def exists(self, key: str) -> bool:
-        return self._retry(f"stat {key}", lambda: self.inner.exists(key))
-
-    def list_dirs(self, prefix: str) -> list[str]:
-        return self._retry(f"list {prefix}", lambda: self.inner.list_dirs(prefix))
-
-    def list_files(self, prefix: str) -> list[str]:
-        return self._retry(f"list {prefix}", lambda: self.inner.list_files(prefix))
-
-    def find(self, prefix: str) -> list[str]:
-        return self._retry(f"list {prefix}", lambda: self.inner.find(prefix))
-
-    def delete(self, key: str) -> None:
-        self._retry(f"delete {key}", lambda: self.inner.delete(key))
-
-    def delete_prefix(self, prefix: str) -> None:
-        self._retry(f"delete {prefix}", lambda: self.inner.delete_prefix(prefix))
-
-    def sync_prefix(self, prefix: str) -> None:
-        self._retry(f"sync {prefix}", lambda: self.inner.sync_prefix(prefix))

@@ -1,130 +1,88 @@
-"""Interrupting a job the way a spot market does, and resuming it until it finishes.
+"""Interrupting a job the way a spot market does, while the supervisor resumes it until it finishes.
 
-Each attempt is launched with the run's checkpoint URL, run id and attempt
-number in its environment (``SPOTSAFE_CHECKPOINT_URL``, ``SPOTSAFE_RUN_ID``,
-``SPOTSAFE_ATTEMPT``). While kills remain, the attempt is interrupted in one of
-the :class:`KillMode` ways at a random moment after it has made progress; then
-the next attempt starts and must resume. The last attempt runs to the end.
-
-The job's event log is watched to time kills (after progress, or right after a
-save started) and to tell afterwards what each kill hit.
+:class:`ChaosRun` runs the job under the :class:`~spotsafe.supervisor.run.Supervisor` (the one relaunch
+loop) with a :class:`ChaosLauncher`: while kills remain, each attempt is interrupted in one of the
+:class:`~spotsafe.supervisor.kills.KillMode` ways at a random moment after it has made progress (timed
+from its event log: after progress, or right after a save started); the next attempt must resume. The
+last one runs to the end. Afterwards the checkpoint folders tell what each kill hit.
 
 Provider notices (``aws-notice``, ``azure-notice``) go through a
-:class:`~spotsafe.notices.emulator.ProviderEmulator` on 127.0.0.1 that every
-attempt is pointed at: the notice is posted with a ``notice_window`` deadline,
-and the job is killed with SIGKILL when the deadline passes, as the provider would.
+:class:`~spotsafe.notices.emulator.ProviderEmulator` on 127.0.0.1 that every attempt is pointed at:
+the notice is posted with a ``notice_window`` deadline, and the job is killed with SIGKILL when the
+deadline passes, as the provider would.
 """
 
 from __future__ import annotations
 
-import enum
+import contextlib
+import dataclasses
 import random
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spotsafe.exit_codes import EXIT_PREEMPTED, EXIT_SUCCESS
+from spotsafe.exit_codes import EXIT_SUCCESS
+from spotsafe.jobenv import JobEnv
 from spotsafe.notices.emulator import ProviderEmulator
+from spotsafe.reasons import ExitReason, SaveReason
 from spotsafe.storage.registry import open_storage, protocol_of
 from spotsafe.storage.repository import CheckpointRepository
-from spotsafe.supervisor.process import Job, describe_exit, launch
-from spotsafe.telemetry import events as ev
+from spotsafe.supervisor.attempt import CheckedHandle
+from spotsafe.supervisor.config import RunConfig
+from spotsafe.supervisor.kills import DEFAULT_MODES, ChaosResult, Interruption, KillMode
+from spotsafe.supervisor.pools import Handle, Launcher, LaunchSpec, PoolLauncher
+from spotsafe.supervisor.process import describe_exit
+from spotsafe.supervisor.retry import RelaunchPolicy
+from spotsafe.supervisor.run import Supervisor
+from spotsafe.supervisor.store import JobStore
 from spotsafe.telemetry.log import EVENTS_FILE, EventTail, LoggedEvent
+from spotsafe.telemetry.runmodel import RunModel
 
-
-class KillMode(enum.Enum):
-    """How one interruption is delivered, and what the job must do about it."""
-
-    SIGTERM = "sigterm"
-    """SIGTERM to the main process only (Kubernetes, systemd): save and exit 75."""
-    SIGTERM_GROUP = "sigterm-group"
-    """SIGTERM to every process of the job, workers included (an OS shutdown): save and exit 75."""
-    SIGTERM_TWICE = "sigterm-twice"
-    """SIGTERM, then SIGTERM again while the emergency save runs: still one clean save, exit 75."""
-    SIGKILL = "sigkill"
-    """SIGKILL to every process at a random moment (the machine is gone): resume from the last commit."""
-    SIGKILL_IN_SAVE = "sigkill-in-save"
-    """SIGKILL to every process while a checkpoint is being written: that save must never be used."""
-    AWS_NOTICE = "aws-notice"
-    """An AWS spot interruption notice on the emulated IMDS, SIGKILL at its deadline: save in time, exit 75."""
-    AZURE_NOTICE = "azure-notice"
-    """An Azure ``Preempt`` scheduled event, SIGKILL at its ``NotBefore``: save in time, exit 75."""
-
-    @property
-    def is_notice(self) -> bool:
-        return self in (KillMode.AWS_NOTICE, KillMode.AZURE_NOTICE)
-
-    @property
-    def expected_exit(self) -> int:
-        return -signal.SIGKILL if self in (KillMode.SIGKILL, KillMode.SIGKILL_IN_SAVE) else EXIT_PREEMPTED
-
-
-DEFAULT_MODES: tuple[KillMode, ...] = (
-    KillMode.SIGTERM,
-    KillMode.SIGKILL_IN_SAVE,
-    KillMode.AWS_NOTICE,
-    KillMode.SIGKILL,
-    KillMode.SIGTERM_TWICE,
-    KillMode.SIGKILL_IN_SAVE,
-    KillMode.AZURE_NOTICE,
-    KillMode.SIGTERM_GROUP,
-)
-
-
-@dataclass(frozen=True)
-class Interruption:
-    attempt: int
-    mode: KillMode
-    exit_code: int
-    step: int | None
-    """The last step the attempt reported before the kill (None if it reported none)."""
-    in_save: bool
-    """The kill left a save folder without a manifest: it landed in the middle of a save."""
-    as_expected: bool
-
-
-@dataclass
-class ChaosResult:
-    interruptions: list[Interruption] = field(default_factory=list)
-    attempts: int = 0
-    final_exit: int | None = None
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.final_exit == EXIT_SUCCESS and not self.problems
+EXIT_POLL_S = 0.01
 
 
 @dataclass
 class _Watch:
-    """What the event log says about one attempt."""
+    """What the event log says about one attempt (the process ``pid``): its events' run model."""
 
     pid: int
-    last_step: int | None = None
-    saving: set[int] = field(default_factory=set)
-    notice_save_started: bool = False
-    finished: bool = False
+    model: RunModel = field(default_factory=lambda: RunModel(series=False))
 
     def feed(self, logged: LoggedEvent) -> None:
-        if logged.pid != self.pid:
-            return
-        event = logged.event
-        if isinstance(event, ev.Progress):
-            self.last_step = event.step
-        elif isinstance(event, ev.SaveStarted):
-            self.saving.add(event.step)
-            self.notice_save_started |= event.reason == "notice"
-        elif isinstance(event, (ev.SaveCommitted, ev.SaveFailed)):
-            self.saving.discard(event.step)
-        elif isinstance(event, ev.RunExited):
-            self.finished |= event.reason == "finished"
+        if logged.pid == self.pid:
+            self.model.apply(logged)
+
+    @property
+    def last_step(self) -> int | None:
+        """The step of the attempt's last ``progress`` (None before its first)."""
+        span = self.model.attempts[-1].progress_span if self.model.attempts else None
+        return span[1][1] if span is not None else None
+
+    @property
+    def saving(self) -> set[int]:
+        """Steps whose save started and has not ended."""
+        return self.model.writing
+
+    @property
+    def notice_save_started(self) -> bool:
+        return any(s.event.reason == SaveReason.NOTICE for s in self.model.save_starts)
+
+    @property
+    def finished(self) -> bool:
+        return any(a.exited == ExitReason.FINISHED for a in self.model.attempts)
 
 
 class ChaosRun:
-    """Runs ``command`` to completion while interrupting it ``len(modes)`` times."""
+    """Runs ``command`` to completion under the supervisor's loop while interrupting it ``len(modes)`` times.
+
+    The :class:`~spotsafe.supervisor.run.Supervisor` launches, classifies and relaunches every attempt, as
+    ``spotsafe run`` does; a :class:`ChaosLauncher` starts each one and interrupts it as the schedule says.
+    ``store``: the job store the supervisor keeps (default: a scratch one, removed afterwards).
+    """
 
     def __init__(
         self,
@@ -132,6 +90,7 @@ class ChaosRun:
         url: str | Path,
         *,
         events_file: str | Path | None = None,
+        store: str | Path | None = None,
         modes: Sequence[KillMode] = DEFAULT_MODES,
         seed: int = 0,
         max_delay: float = 3.0,
@@ -147,163 +106,248 @@ class ChaosRun:
         self.command = list(command)
         self.url = str(url)
         self.modes = list(modes)
-        self.rng = random.Random(seed)
+        self.run_id = run_id
+        self.output = output
+        self.store = Path(store) if store is not None else None
+        local = protocol_of(self.url) == "file"
+        if events_file is None and not local:
+            raise ValueError("a run on object storage needs events_file= (a local file the job mirrors its events to)")
+        self._spool = Path(events_file) if events_file is not None and not local else None
+        self.max_attempts = len(self.modes) + 3
+        self.launcher = ChaosLauncher(
+            self.modes,
+            url=self.url,
+            events_file=self._spool if self._spool is not None else Path(self.url) / EVENTS_FILE,
+            max_attempts=self.max_attempts,
+            rng=random.Random(seed),
+            max_delay=max_delay,
+            save_kill_window=save_kill_window,
+            notice_window=notice_window,
+            attempt_timeout=attempt_timeout,
+            log=log,
+            sleep=sleep,
+            clock=clock,
+        )
+
+    def run(self) -> ChaosResult:
+        """Supervise the job until it finishes, or the schedule or a budget ends it; what happened."""
+        launcher = self.launcher
+        with contextlib.ExitStack() as stack:
+            if any(mode.is_notice for mode in self.modes):
+                launcher.market = stack.enter_context(ProviderEmulator())
+            scratch = None if self.store else stack.enter_context(tempfile.TemporaryDirectory(prefix="spotsafe-chaos-"))
+            store = self.store or Path(str(scratch)) / "jobs.sqlite"
+            config = RunConfig(
+                name=self.run_id,
+                command=tuple(self.command),
+                url=self.url,
+                store=store,
+                # Every attempt is relaunched at once; the schedule (stop_after) decides when the run is over.
+                retry=RelaunchPolicy(
+                    max_preemptions=self.max_attempts, max_errors=self.max_attempts, initial_s=0.0, max_delay_s=0.0
+                ),
+                events_file=self._spool,
+            )
+            supervisor = Supervisor(
+                config, launcher=launcher, output=self.output, say=lambda line: None, stop_after=launcher.stop_after
+            )
+            try:
+                supervisor.run()
+            finally:
+                launcher.market = None
+            if launcher.result.final_exit is None:  # the supervisor ended the job before the schedule did
+                with JobStore(store) as jobs:
+                    job = jobs.job(self.run_id)
+                if job.reason not in launcher.result.problems:
+                    launcher.result.problems.append(f"the supervisor ended the job ({job.state}): {job.reason}")
+        return launcher.result
+
+
+class ChaosLauncher:
+    """A :class:`~spotsafe.supervisor.pools.Launcher` that starts each attempt through ``inner`` (default: a
+    local process) and interrupts it as ``modes`` say, in order; the attempt after the last runs to the end.
+
+    Call sequence, for each attempt ``N`` (the supervisor's loop)::
+
+        start(spec)      -> the attempt runs; a thread of its own times the kill from the event log
+        handle.poll()    -> None until the thread has judged the interruption (so the next attempt never
+                            starts before the damage is seen), then the exit code
+        stop_after(N)    -> a reason once the schedule is done (or ``max_attempts`` are spent), else None
+
+    :attr:`result` is what happened. A notice mode needs :attr:`market` (a running
+    :class:`~spotsafe.notices.emulator.ProviderEmulator`) set before the first attempt.
+    """
+
+    def __init__(
+        self,
+        modes: Sequence[KillMode],
+        *,
+        url: str,
+        events_file: Path,
+        max_attempts: int,
+        rng: random.Random,
+        max_delay: float = 3.0,
+        save_kill_window: float = 0.15,
+        notice_window: float = 10.0,
+        attempt_timeout: float = 300.0,
+        log: Callable[[str], None] = lambda message: None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        inner: Launcher | None = None,
+    ) -> None:
+        self.pending = list(modes)
+        self.result = ChaosResult()
+        self.market: ProviderEmulator | None = None
+        self.max_attempts = max_attempts
+        self.rng = rng
         self.max_delay = max_delay
         self.save_kill_window = save_kill_window
         self.notice_window = notice_window
         self.attempt_timeout = attempt_timeout
-        self.run_id = run_id
         self.log = log
         self._sleep, self._clock = sleep, clock
-        self.output = output
-        local = protocol_of(self.url) == "file"
-        if events_file is None and not local:
-            raise ValueError("a run on object storage needs events_file= (a local file the job mirrors its events to)")
-        self.events_file = Path(events_file) if events_file is not None else Path(self.url) / EVENTS_FILE
-        self._extra_env = {} if local else {"SPOTSAFE_EVENTS_FILE": str(self.events_file)}
-        self._tail = EventTail(self.events_file)
-        self._repo = CheckpointRepository(open_storage(self.url))
+        self._inner = inner or PoolLauncher()
+        self._tail = EventTail(events_file)
+        self._repo = CheckpointRepository(open_storage(url))
+        self._over: str | None = None
 
-    def run(self) -> ChaosResult:
-        if not any(mode.is_notice for mode in self.modes):
-            return self._run()
-        with ProviderEmulator() as market:
-            self._market = market
-            self._extra_env.update(
-                {**market.env(), "SPOTSAFE_NOTICES": "aws,azure", "SPOTSAFE_NOTICE_POLL_SECONDS": "0.5"}
+    def env(self) -> dict[str, str]:
+        """What every attempt finds in its environment besides the job contract: where notices come from."""
+        if self.market is None:
+            return {}
+        return {**self.market.env(), **JobEnv(notices="aws,azure", notice_poll_s=0.5).to_env()}
+
+    def start(self, spec: LaunchSpec) -> Handle:
+        handle = self._inner.start(dataclasses.replace(spec, env={**spec.env, **self.env()}))
+        self.result.attempts += 1
+        mode = self.pending[0] if self.pending else None
+        return CheckedHandle(handle, lambda: self._attempt(handle, spec.attempt, mode))
+
+    def stop_after(self, number: int) -> str | None:
+        """Why no attempt follows attempt ``number`` (``None``: the schedule goes on)."""
+        if self._over is None and number >= self.max_attempts:
+            self._over = f"gave up after {self.max_attempts} attempts"
+            self.result.problems.append(self._over)
+        return self._over
+
+    # -- one attempt, on its own thread ----------------------------------------------------------------------
+    def _attempt(self, handle: Handle, attempt: int, mode: KillMode | None) -> None:
+        result = self.result
+        watch = _Watch(handle.pid if handle.pid is not None else -1)
+        if mode is None:
+            code = self._wait_exit(handle, watch)
+            handle.reap_group()
+            result.final_exit = code
+            self._over = "the schedule is done: the last attempt ran to the end"
+            self.log(f"attempt {attempt}: ran to the end ({describe_exit(code)})")
+            if code != EXIT_SUCCESS:
+                result.problems.append(f"attempt {attempt}: the final run ended with {describe_exit(code)}")
+            return
+        try:
+            interruption = self._interrupt(handle, watch, attempt, mode)
+        finally:
+            handle.reap_group()
+        if interruption is None:
+            code = self._wait(handle)
+            result.final_exit = code
+            self._over = "the job finished before it could be interrupted"
+            self.log(f"attempt {attempt}: finished before it could be interrupted ({describe_exit(code)})")
+            return
+        self.pending.pop(0)
+        result.interruptions.append(interruption)
+        if interruption.exit_code == EXIT_SUCCESS:  # the kill found the work done: the supervisor ends the job
+            result.final_exit = EXIT_SUCCESS
+            self._over = "the job finished"
+        where = "during a save" if interruption.in_save else f"after step {interruption.step}"
+        self.log(
+            f"attempt {attempt}: {mode.value} {where} -> {describe_exit(interruption.exit_code)}"
+            + ("" if interruption.as_expected else f" (expected {describe_exit(mode.expected_exit)})")
+        )
+        if not interruption.as_expected:
+            result.problems.append(
+                f"attempt {attempt}: {mode.value} gave {describe_exit(interruption.exit_code)}, "
+                f"expected {describe_exit(mode.expected_exit)}"
             )
-            try:
-                return self._run()
-            finally:
-                self._market = None
 
-    _market: ProviderEmulator | None = None
-
-    def _run(self) -> ChaosResult:
-        result = ChaosResult()
-        pending = list(self.modes)
-        max_attempts = len(pending) + 3
-        while result.attempts < max_attempts:
-            result.attempts += 1
-            attempt = result.attempts
-            job = launch(
-                self.command,
-                env={
-                    "SPOTSAFE_CHECKPOINT_URL": self.url,
-                    "SPOTSAFE_RUN_ID": self.run_id,
-                    "SPOTSAFE_ATTEMPT": str(attempt),
-                    **self._extra_env,
-                },
-                stdout=self.output,
-                stderr=self.output,
-            )
-            watch = _Watch(job.pid)
-            mode = pending[0] if pending else None
-            try:
-                if mode is None:
-                    code = self._wait_exit(job, watch)
-                    job.reap_group()
-                    result.final_exit = code
-                    self.log(f"attempt {attempt}: ran to the end ({describe_exit(code)})")
-                    if code != EXIT_SUCCESS:
-                        result.problems.append(f"attempt {attempt}: the final run ended with {describe_exit(code)}")
-                    return result
-                interruption = self._interrupt(job, watch, attempt, mode)
-            finally:
-                job.reap_group()
-            if interruption is None:
-                code = job.wait()
-                result.final_exit = code
-                self.log(f"attempt {attempt}: finished before it could be interrupted ({describe_exit(code)})")
-                return result
-            pending.pop(0)
-            result.interruptions.append(interruption)
-            where = "during a save" if interruption.in_save else f"after step {interruption.step}"
-            self.log(
-                f"attempt {attempt}: {mode.value} {where} -> {describe_exit(interruption.exit_code)}"
-                + ("" if interruption.as_expected else f" (expected {describe_exit(mode.expected_exit)})")
-            )
-            if not interruption.as_expected:
-                result.problems.append(
-                    f"attempt {attempt}: {mode.value} gave {describe_exit(interruption.exit_code)}, "
-                    f"expected {describe_exit(mode.expected_exit)}"
-                )
-        result.problems.append(f"gave up after {max_attempts} attempts")
-        return result
-
-    # -- one attempt ---------------------------------------------------------
     def _pump(self, watch: _Watch) -> None:
         for logged in self._tail.poll():
             watch.feed(logged)
 
-    def _wait_until(self, job: Job, watch: _Watch, condition: Callable[[], bool]) -> bool:
+    def _wait_until(self, handle: Handle, watch: _Watch, condition: Callable[[], bool]) -> bool:
         """Poll the log until ``condition()`` or the job exits. Returns whether the condition held."""
         deadline = self._clock() + self.attempt_timeout
         while self._clock() < deadline:
             self._pump(watch)
             if condition():
                 return True
-            if job.poll() is not None:
+            if handle.poll() is not None:
                 self._pump(watch)
                 return condition()
             self._sleep(0.002)
         return False
 
-    def _wait_exit(self, job: Job, watch: _Watch, timeout: float | None = None) -> int:
+    def _wait(self, handle: Handle) -> int:
+        while (code := handle.poll()) is None:
+            self._sleep(EXIT_POLL_S)
+        return code
+
+    def _wait_exit(self, handle: Handle, watch: _Watch, timeout: float | None = None) -> int:
         """Wait for the job to exit; SIGKILL it (the whole group) after ``timeout`` (default: the attempt's)."""
-        try:
-            code = job.wait(self.attempt_timeout if timeout is None else timeout)
-        except subprocess.TimeoutExpired:
-            job.signal(signal.SIGKILL, group=True)
-            code = job.wait()
+        deadline = self._clock() + (self.attempt_timeout if timeout is None else timeout)
+        while (code := handle.poll()) is None and self._clock() < deadline:
+            self._sleep(EXIT_POLL_S)
+        if code is None:
+            handle.signal(signal.SIGKILL, group=True)
+            code = self._wait(handle)
         self._pump(watch)
         return code
 
-    def _interrupt(self, job: Job, watch: _Watch, attempt: int, mode: KillMode) -> Interruption | None:
-        if not self._wait_until(job, watch, lambda: watch.last_step is not None):
+    def _interrupt(self, handle: Handle, watch: _Watch, attempt: int, mode: KillMode) -> Interruption | None:
+        if not self._wait_until(handle, watch, lambda: watch.last_step is not None):
             return None
         if mode is KillMode.SIGKILL_IN_SAVE:
-            if not self._wait_until(job, watch, lambda: bool(watch.saving)):
+            if not self._wait_until(handle, watch, lambda: bool(watch.saving)):
                 return None
             self._sleep(self.rng.uniform(0.0, self.save_kill_window))
         else:
             self._sleep(self.rng.uniform(0.0, self.max_delay))
         self._pump(watch)
-        if job.poll() is not None:
+        if handle.poll() is not None:
             return None
         step = watch.last_step
         if mode.is_notice:
-            return self._notice(job, watch, attempt, mode)
+            return self._notice(handle, watch, attempt, mode)
         if mode in (KillMode.SIGKILL, KillMode.SIGKILL_IN_SAVE):
-            job.signal(signal.SIGKILL, group=True)
+            handle.signal(signal.SIGKILL, group=True)
         elif mode is KillMode.SIGTERM_GROUP:
-            job.signal(signal.SIGTERM, group=True)
+            handle.signal(signal.SIGTERM, group=True)
         else:
-            job.signal(signal.SIGTERM)
+            handle.signal(signal.SIGTERM)
             if mode is KillMode.SIGTERM_TWICE:
-                self._wait_until(job, watch, lambda: watch.notice_save_started)
-                job.signal(signal.SIGTERM)
-        code = self._wait_exit(job, watch)
-        return self._judge(job, watch, attempt, mode, step, code)
+                self._wait_until(handle, watch, lambda: watch.notice_save_started)
+                handle.signal(signal.SIGTERM)
+        code = self._wait_exit(handle, watch)
+        return self._judge(handle, watch, attempt, mode, step, code)
 
-    def _notice(self, job: Job, watch: _Watch, attempt: int, mode: KillMode) -> Interruption:
+    def _notice(self, handle: Handle, watch: _Watch, attempt: int, mode: KillMode) -> Interruption:
         """Post a provider notice; the provider takes the machine back (SIGKILL) at its deadline."""
-        market = self._market
-        assert market is not None
+        market = self.market
+        if market is None:
+            raise ValueError(f"{mode.value} needs the provider emulator (ChaosLauncher.market)")
         step = watch.last_step
         if mode is KillMode.AWS_NOTICE:
             market.aws_interrupt(in_s=self.notice_window)
         else:
             market.azure_event("Preempt", in_s=self.notice_window)
-        code = self._wait_exit(job, watch, self.notice_window)  # the provider takes the machine at the deadline
+        code = self._wait_exit(handle, watch, self.notice_window)  # the provider takes the machine at the deadline
         market.aws_clear()  # the next attempt runs on a new machine
         market.azure_clear()
-        return self._judge(job, watch, attempt, mode, step, code)
+        return self._judge(handle, watch, attempt, mode, step, code)
 
     def _judge(
-        self, job: Job, watch: _Watch, attempt: int, mode: KillMode, step: int | None, code: int
+        self, handle: Handle, watch: _Watch, attempt: int, mode: KillMode, step: int | None, code: int
     ) -> Interruption:
-        job.reap_group()
+        handle.reap_group()
         # Ground truth, not timing: a save folder without a manifest survived the kill.
         in_save = any(not self._repo.is_committed(ref) for ref in self._repo.folders())
         return Interruption(
@@ -316,3 +360,6 @@ class ChaosRun:
             # done: the job commits the final checkpoint and rightly exits 0.
             as_expected=code == mode.expected_exit or (code == 0 and watch.finished),
         )
+
+
+__all__ = ["DEFAULT_MODES", "ChaosLauncher", "ChaosResult", "ChaosRun", "Interruption", "KillMode"]

@@ -1,7 +1,7 @@
 """``spotsafe drill``: run a job under an emulated spot market, and prove the result is what it would have been.
 
 1. The reference: the job once, uninterrupted (reused when ``reference/`` holds
-   a finished run of the same command).
+   a finished run of the same command; :mod:`spotsafe.supervisor.reference`).
 2. The drill: the same job under ``spotsafe run``'s supervisor, in a spot pool
    whose capacity follows a :mod:`market <spotsafe.supervisor.market>` schedule
    (a real trace, time-scaled, or a rate). Each interruption is a notice on the
@@ -19,24 +19,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from spotsafe.engine.reader import load_newest_valid
 from spotsafe.errors import ConfigError
 from spotsafe.exit_codes import EXIT_SUCCESS
-from spotsafe.state.compare import differences
 from spotsafe.storage.registry import open_storage
-from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.supervisor.classify import ExitClass
 from spotsafe.supervisor.health import FailoverPolicy
 from spotsafe.supervisor.market import (
@@ -49,16 +44,15 @@ from spotsafe.supervisor.market import (
     outages_from_trace,
 )
 from spotsafe.supervisor.pools import Handle, LaunchSpec, Pool, ProcessHandle
-from spotsafe.supervisor.process import describe_exit, launch
-from spotsafe.supervisor.retry import RetryPolicy
+from spotsafe.supervisor.process import launch
+from spotsafe.supervisor.reference import bit_identical, compare_final, ensure_reference
+from spotsafe.supervisor.retry import RelaunchPolicy
 from spotsafe.supervisor.run import RunConfig, Supervisor
 from spotsafe.supervisor.store import JobStore
-from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, EventLog, RunIdentity
-from spotsafe.telemetry.report import build_report
+from spotsafe.telemetry.runmodel import RunModel
 from spotsafe.telemetry.store import read_run_events
 
-REFERENCE_MARKER = "drill-reference.json"
 JOB_NAME = "drill"
 # Example prices, dollars per hour: an AWS p3.2xlarge (1x V100), on-demand list price and a typical spot price.
 SPOT_PRICE, ON_DEMAND_PRICE = 0.918, 3.06
@@ -161,12 +155,7 @@ class DrillReport:
 
     @property
     def identical(self) -> bool:
-        return (
-            self.final_step_reference is not None
-            and self.final_step_reference == self.final_step_drill
-            and bool(self.component_diffs)
-            and not any(self.component_diffs.values())
-        )
+        return bit_identical(self.final_step_reference, self.final_step_drill, self.component_diffs)
 
     @property
     def ok(self) -> bool:
@@ -236,74 +225,6 @@ class DrillLauncher:
         return handle if handle is not None else _NoCapacity()
 
 
-def compare_final(reference: str | Path, other: str | Path) -> tuple[int | None, int | None, dict[str, list[str]]]:
-    """Final step of each run (folders or URLs) and, per component, the differences (empty list: identical)."""
-    a = load_newest_valid(CheckpointRepository(open_storage(reference)))
-    b = load_newest_valid(CheckpointRepository(open_storage(other)))
-    if a is None or b is None:
-        return (a.step if a else None), (b.step if b else None), {}
-    names = list(dict.fromkeys([*a.components, *b.components]))
-    diffs: dict[str, list[str]] = {}
-    for name in names:
-        if name not in a.components or name not in b.components:
-            diffs[name] = [f"{name}: present in only one run"]
-        else:
-            diffs[name] = differences(a.components[name], b.components[name], name)
-    return a.step, b.step, diffs
-
-
-def ensure_reference(
-    command: Sequence[str],
-    folder: Path,
-    log: Callable[[str], None],
-    started: Callable[[], None] | None = None,
-) -> tuple[float, bool]:
-    """The reference run's wall time, running it unless ``folder`` holds a finished run of ``command``.
-    ``started`` is called just before the reference run starts."""
-    marker = folder / REFERENCE_MARKER
-    try:
-        doc = json.loads(marker.read_text(encoding="utf-8"))
-        if doc.get("command") == list(command) and load_newest_valid(CheckpointRepository(open_storage(folder))):
-            log(f"reusing the reference run in {folder} ({doc['seconds']:.1f} s)")
-            return float(doc["seconds"]), True
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    if folder.exists():
-        if any(folder.iterdir()) and not marker.exists():
-            raise ConfigError(
-                f"{folder} is not empty and holds no drill reference ({REFERENCE_MARKER}); spotsafe drill will not "
-                "delete it: pass another --reference, or empty it"
-            )
-        shutil.rmtree(folder)
-    log(f"reference run (uninterrupted): {' '.join(command)}")
-    if started is not None:
-        started()
-    began = time.monotonic()
-    job = launch(
-        command,
-        env={
-            "SPOTSAFE_CHECKPOINT_URL": str(folder),
-            "SPOTSAFE_RUN_ID": "reference",
-            "SPOTSAFE_ATTEMPT": "1",
-            "SPOTSAFE_NOTICES": "signals",
-        },
-        stdout=subprocess.DEVNULL,
-    )
-    code = job.wait()
-    job.reap_group()
-    seconds = time.monotonic() - began
-    if code != 0:
-        raise ConfigError(f"the reference run failed ({describe_exit(code)}); run the command by hand to see why")
-    if load_newest_valid(CheckpointRepository(open_storage(folder))) is None:
-        raise ConfigError(
-            f"the reference run finished without a checkpoint in {folder}: the command must use spotsafe's "
-            "Checkpointer with the location from $SPOTSAFE_CHECKPOINT_URL (and call finish())"
-        )
-    marker.write_text(json.dumps({"command": list(command), "seconds": seconds}), encoding="utf-8")
-    log(f"reference run finished in {seconds:.1f} s")
-    return seconds, False
-
-
 def _quiet_capacity(say: Callable[[str], None]) -> Callable[[str], None]:
     """``say`` with the supervisor's lines about polling for capacity collapsed: one line per wait."""
     waiting = False
@@ -352,7 +273,7 @@ def run_drill(
         store=store_path,
         # Every interruption is a preemption; the market decides when capacity comes back, so the supervisor
         # polls for it every second or two and never leaves its only pool.
-        retry=RetryPolicy(max_preemptions=max(100, 2 * config.max_interruptions), initial_s=0.25, max_delay_s=2.0),
+        retry=RelaunchPolicy(max_preemptions=max(100, 2 * config.max_interruptions), initial_s=0.25, max_delay_s=2.0),
         failover=FailoverPolicy(cooldown_s=0.0),
         grace_s=config.window_s,
         pools=(pool,),
@@ -407,15 +328,7 @@ def _report(
     for a in attempts:
         if a.exit_class:
             classes[a.exit_class] = classes.get(a.exit_class, 0) + 1
-    emergency = replayed = committed = 0
-    logged_events = list(read_run_events(open_storage(str(run))))
-    for logged in logged_events:
-        event = logged.event
-        if isinstance(event, ev.SaveCommitted):
-            committed += 1
-            emergency += event.reason == "notice"
-        elif isinstance(event, ev.RestoreCompleted) and event.replayed_steps:
-            replayed += event.replayed_steps
+    model = RunModel.fold(read_run_events(open_storage(str(run))), series=False)  # the figures the report gives
     held = sum(
         (a.ended - a.started) for a in attempts if a.ended is not None and a.exit_class != ExitClass.NO_CAPACITY.value
     )
@@ -435,9 +348,9 @@ def _report(
         interruptions_idle=len(market.interruptions) - market.delivered,
         killed_at_window_end=sum(1 for i in market.interruptions if i.killed),
         exit_classes=classes,
-        emergency_saves=emergency,
-        checkpoints_committed=committed,
-        steps_replayed=replayed,
+        emergency_saves=model.emergency_checkpoints,
+        checkpoints_committed=len(model.checkpoints),
+        steps_replayed=model.replayed_total,
         machine_seconds=held,
         spot_cost=sum(a.cost or 0.0 for a in attempts),
         on_demand_cost=config.on_demand_price * ref_s / 3600.0,
@@ -446,5 +359,5 @@ def _report(
         final_step_reference=ref_step,
         final_step_drill=drill_step,
         component_diffs=diffs,
-        goodput=build_report(str(run), logged_events).goodput or 0.0,
+        goodput=model.goodput or 0.0,
     )

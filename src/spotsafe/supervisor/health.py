@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 from spotsafe.errors import ConfigError
 from spotsafe.supervisor.classify import ExitClass
-from spotsafe.supervisor.retry import RetryPolicy
+from spotsafe.supervisor.retry import RelaunchPolicy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,10 +60,10 @@ class FailoverPolicy:
 
 @dataclass(frozen=True)
 class Preset:
-    """A criticality level: the retry budgets and failover knobs that go with it."""
+    """A criticality level: the relaunch budgets and failover knobs that go with it."""
 
     name: str
-    retry: RetryPolicy
+    retry: RelaunchPolicy
     failover: FailoverPolicy
     summary: str
 
@@ -73,15 +73,13 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset(
             "critical",
-            RetryPolicy(max_preemptions=1000, max_errors=5, initial_s=1.0, max_delay_s=30.0),
+            RelaunchPolicy(max_preemptions=1000, max_errors=5, initial_s=1.0, max_delay_s=30.0),
             FailoverPolicy(
                 reclaims=2,
                 capacity_failures=1,
                 machine_errors=1,
-                window_s=3600.0,
                 cooldown_s=7200.0,
                 deadline_slack=0.25,
-                escalate=True,
                 on_demand_when_spot_exhausted=True,
             ),
             "must finish on time: leave a pool after 2 reclaims in an hour, keep a quarter of the time left "
@@ -89,22 +87,15 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             "standard",
-            RetryPolicy(),
+            RelaunchPolicy(),
             FailoverPolicy(),
             "leave a pool after 3 reclaims in an hour for 30 minutes; on-demand only when the deadline is at risk",
         ),
         Preset(
             "opportunistic",
-            RetryPolicy(max_preemptions=10_000, max_errors=3, initial_s=5.0, max_delay_s=600.0),
+            RelaunchPolicy(max_preemptions=10_000, max_errors=3, initial_s=5.0, max_delay_s=600.0),
             FailoverPolicy(
-                reclaims=5,
-                capacity_failures=3,
-                machine_errors=3,
-                window_s=3600.0,
-                cooldown_s=900.0,
-                deadline_slack=0.0,
-                escalate=False,
-                on_demand_when_spot_exhausted=False,
+                reclaims=5, capacity_failures=3, machine_errors=3, cooldown_s=900.0, deadline_slack=0.0, escalate=False
             ),
             "cheapest possible: spot only, never on-demand (a deadline is reported, not enforced), waits for capacity",
         ),
@@ -113,10 +104,10 @@ PRESETS: dict[str, Preset] = {
 
 
 def preset(name: str) -> Preset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ConfigError(f"criticality must be one of {', '.join(PRESETS)}, got {name!r}") from None
+    """The preset called ``name``; a :class:`ConfigError` that lists the others when there is none."""
+    if name not in PRESETS:
+        raise ConfigError(f"criticality must be one of {', '.join(PRESETS)}, got {name!r}")
+    return PRESETS[name]
 
 
 @dataclass(frozen=True)

@@ -56,23 +56,20 @@ errors (a misspelt knob would otherwise be silently ignored).
 
 from __future__ import annotations
 
-import datetime as dt
-import difflib
-import math
 import os
-import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from spotsafe.errors import ConfigError
+from spotsafe.jobenv import JobEnv
+from spotsafe.supervisor import jobdoc
+from spotsafe.supervisor.config import RunConfig
 from spotsafe.supervisor.health import FailoverPolicy, preset
+from spotsafe.supervisor.jobdoc import overlay, read_job_doc
 from spotsafe.supervisor.pools import Pool
-from spotsafe.supervisor.retry import RetryPolicy
-from spotsafe.supervisor.run import RunConfig
+from spotsafe.supervisor.retry import RelaunchPolicy
 
 JOB_KEYS = {
     "name",
@@ -121,7 +118,7 @@ class JobFile:
     url: str | None
     store: str | None
     criticality: str
-    retry: RetryPolicy
+    retry: RelaunchPolicy
     failover: FailoverPolicy
     pools: tuple[Pool, ...]
     deadline: float | None
@@ -141,11 +138,12 @@ class JobFile:
         cmd = tuple(command) or self.command
         if not cmd:
             raise ConfigError(f"{self.path}: no command: set [job] command, or give one after --")
-        the_url = url or self.url or os.environ.get("SPOTSAFE_CHECKPOINT_URL")
+        contract = JobEnv() if (url or self.url) and (store or self.store) else JobEnv.from_env()
+        the_url = url or self.url or contract.checkpoint_url
         if not the_url:
             raise ConfigError(f"{self.path}: no checkpoint URL: set [job] checkpoint_url, or pass --url")
         the_name = name or self.name or os.path.basename(the_url.rstrip("/")) or "job"
-        the_store = Path(store or self.store or os.environ.get("SPOTSAFE_JOB_STORE") or ".spotsafe/jobs.sqlite")
+        the_store = Path(store or self.store or contract.store_or_default())
         return RunConfig(
             name=the_name,
             command=cmd,
@@ -161,96 +159,59 @@ class JobFile:
         )
 
 
-def read_job_doc(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The raw document of the job file at ``path`` (TOML or YAML by its suffix)."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"cannot read the job file {p}: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"the job file {p} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            doc = yaml.safe_load(text)
-        elif p.suffix == ".toml":
-            doc = tomllib.loads(text)
-        else:
-            raise ConfigError(f"{p}: a job file ends in .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"{p} is not valid {p.suffix[1:].upper()}: {err}") from None
-    if doc is None:
-        return {}
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{p} must hold a table ([job], [[pools]], ...), not a {type(doc).__name__}")
-    return doc
-
-
 def load_job_file(path: str | os.PathLike[str]) -> JobFile:
     """Read and validate ``path``; :class:`ConfigError` says what is wrong and where."""
     return parse_job(read_job_doc(path), Path(path))
 
 
-def overlay(doc: Mapping[str, Any], changes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """``doc`` with ``changes`` (section -> key -> value; ``None`` values ignored) laid over it:
-    how command-line options take precedence over the job file."""
-    out: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in doc.items()}
-    for section, values in changes.items():
-        given = {k: v for k, v in values.items() if v is not None}
-        base = out.get(section, {})
-        if given and isinstance(base, Mapping):  # a section that is not a table is left for parse_job to reject
-            out[section] = {**base, **given}
-    return out
-
-
 def parse_job(doc: Any, path: Path) -> JobFile:
     where = str(path)
-    top = _table(doc, where)
-    _keys(top, TOP_KEYS, where)
-    job = _table(top.get("job", {}), f"{where}: [job]")
-    _keys(job, JOB_KEYS, f"{where}: [job]")
+    top = jobdoc.table(doc, where)
+    jobdoc.check_keys(top, TOP_KEYS, where)
+    job = jobdoc.table(top.get("job", {}), f"{where}: [job]")
+    jobdoc.check_keys(job, JOB_KEYS, f"{where}: [job]")
     at = f"{where}: [job]"
 
-    criticality = _str(job, "criticality", at, "standard")
+    criticality = jobdoc.string(job, "criticality", at, "standard")
     try:
         base = preset(criticality)
     except ConfigError as err:
         raise ConfigError(f"{at}: {err}") from None
 
-    retry_doc = _table(top.get("retry", {}), f"{where}: [retry]")
-    _keys(retry_doc, RETRY_KEYS, f"{where}: [retry]")
+    retry_doc = jobdoc.table(top.get("retry", {}), f"{where}: [retry]")
+    jobdoc.check_keys(retry_doc, RETRY_KEYS, f"{where}: [retry]")
     retry_changes = {
         k: v
         for k, v in {
-            "max_preemptions": _int(retry_doc, "max_preemptions", f"{where}: [retry]", 0),
-            "max_errors": _int(retry_doc, "max_errors", f"{where}: [retry]", 0),
-            "initial_s": _num(retry_doc, "backoff_seconds", f"{where}: [retry]"),
-            "max_delay_s": _num(retry_doc, "max_backoff_seconds", f"{where}: [retry]"),
+            "max_preemptions": jobdoc.integer(retry_doc, "max_preemptions", f"{where}: [retry]", 0),
+            "max_errors": jobdoc.integer(retry_doc, "max_errors", f"{where}: [retry]", 0),
+            "initial_s": jobdoc.number(retry_doc, "backoff_seconds", f"{where}: [retry]"),
+            "max_delay_s": jobdoc.number(retry_doc, "max_backoff_seconds", f"{where}: [retry]"),
         }.items()
         if v is not None
     }
-    retry = _build(replace, base.retry, retry_changes, f"{where}: [retry]")
+    retry = jobdoc.build(replace, base.retry, retry_changes, f"{where}: [retry]")
 
-    fo = _table(top.get("failover", {}), f"{where}: [failover]")
+    fo = jobdoc.table(top.get("failover", {}), f"{where}: [failover]")
     fat = f"{where}: [failover]"
-    _keys(fo, FAILOVER_KEYS, fat)
-    window = _num(fo, "window_minutes", fat)
-    cooldown = _num(fo, "cooldown_minutes", fat)
+    jobdoc.check_keys(fo, FAILOVER_KEYS, fat)
+    window = jobdoc.number(fo, "window_minutes", fat)
+    cooldown = jobdoc.number(fo, "cooldown_minutes", fat)
     fo_changes = {
         k: v
         for k, v in {
-            "reclaims": _int(fo, "reclaims", fat, 1),
-            "capacity_failures": _int(fo, "capacity_failures", fat, 1),
-            "machine_errors": _int(fo, "machine_errors", fat, 1),
+            "reclaims": jobdoc.integer(fo, "reclaims", fat, 1),
+            "capacity_failures": jobdoc.integer(fo, "capacity_failures", fat, 1),
+            "machine_errors": jobdoc.integer(fo, "machine_errors", fat, 1),
             "window_s": window * 60 if window is not None else None,
             "cooldown_s": cooldown * 60 if cooldown is not None else None,
-            "deadline_slack": _num(fo, "deadline_slack", fat),
-            "escalate": _bool(fo, "escalate", fat),
-            "on_demand_when_spot_exhausted": _bool(fo, "on_demand_when_spot_exhausted", fat),
+            "deadline_slack": jobdoc.number(fo, "deadline_slack", fat),
+            "escalate": jobdoc.boolean(fo, "escalate", fat),
+            "on_demand_when_spot_exhausted": jobdoc.boolean(fo, "on_demand_when_spot_exhausted", fat),
         }.items()
         if v is not None
     }
-    failover = _build(replace, base.failover, fo_changes, fat)
+    failover = jobdoc.build(replace, base.failover, fo_changes, fat)
 
     pools_doc = top.get("pools")
     if pools_doc is None:
@@ -267,8 +228,8 @@ def parse_job(doc: Any, path: Path) -> JobFile:
     command = job.get("command", [])
     if isinstance(command, str) or not isinstance(command, list) or not all(isinstance(c, str) for c in command):
         raise ConfigError(f'{at}: command must be a list of strings, e.g. ["python", "train.py"]')
-    deadline = _deadline(job.get("deadline"), at)
-    total_steps = _int(job, "total_steps", at, 1)
+    deadline = jobdoc.deadline(job.get("deadline"), at)
+    total_steps = jobdoc.integer(job, "total_steps", at, 1)
     if deadline is not None and total_steps is None:
         raise ConfigError(f"{at}: a deadline needs total_steps (how many steps the job runs) to project its finish")
     if (
@@ -281,16 +242,16 @@ def parse_job(doc: Any, path: Path) -> JobFile:
             f"{where}: a deadline with criticality {criticality!r} needs an on-demand pool to escalate to; "
             'add a [[pools]] table with market = "on-demand" to the job file, or set criticality = "opportunistic"'
         )
-    grace = _num(job, "grace_seconds", at)
-    stall = _num(job, "stall_timeout_seconds", at)
+    grace = jobdoc.number(job, "grace_seconds", at)
+    stall = jobdoc.number(job, "stall_timeout_seconds", at)
     if stall is not None and stall <= 0:
         raise ConfigError(f"{at}: stall_timeout_seconds must be > 0 (leave it out for no stall timeout)")
     return JobFile(
         path=path,
-        name=_str(job, "name", at, None),
+        name=jobdoc.string(job, "name", at, None),
         command=tuple(command),
-        url=_str(job, "checkpoint_url", at, None),
-        store=_str(job, "store", at, None),
+        url=jobdoc.string(job, "checkpoint_url", at, None),
+        store=jobdoc.string(job, "store", at, None),
         criticality=criticality,
         retry=retry,
         failover=failover,
@@ -303,9 +264,9 @@ def parse_job(doc: Any, path: Path) -> JobFile:
 
 
 def _pool(doc: Any, at: str) -> Pool:
-    table = _table(doc, at)
-    _keys(table, POOL_KEYS, at)
-    name = _str(table, "name", at, None)
+    table = jobdoc.table(doc, at)
+    jobdoc.check_keys(table, POOL_KEYS, at)
+    name = jobdoc.string(table, "name", at, None)
     if name is None:
         raise ConfigError(f"{at}: every pool needs a name")
     at = f"{at} ({name})"
@@ -326,16 +287,16 @@ def _pool(doc: Any, at: str) -> Pool:
             raise ConfigError(f'{at}: {key} must be a list of arguments, e.g. ["sbatch", "--wait", "job.sh"]')
     price = table.get("price_per_hour", 0.0)
     nodes = table.get("nodes", 1)
-    pool: Pool = _build(
+    pool: Pool = jobdoc.build(
         lambda _, **kw: Pool(**kw),
         None,
         {
             "name": name,
-            "market": _str(table, "market", at, "spot"),
+            "market": jobdoc.string(table, "market", at, "spot"),
             "price_per_hour": price,
             "nodes": nodes,
-            "zone": _str(table, "zone", at, ""),
-            "provider": _str(table, "provider", at, ""),
+            "zone": jobdoc.string(table, "zone", at, ""),
+            "provider": jobdoc.string(table, "provider", at, ""),
             "launch": tuple(table.get("launch", [])),
             "stop": tuple(table.get("stop", [])),
             "capacity_exit_codes": frozenset(codes),
@@ -346,72 +307,4 @@ def _pool(doc: Any, at: str) -> Pool:
     return pool
 
 
-def _build(factory: Any, base: Any, changes: dict[str, Any], at: str) -> Any:
-    try:
-        return factory(base, **changes)
-    except ConfigError as err:
-        raise ConfigError(f"{at}: {err}") from None
-    except TypeError as err:  # an unhashable value in a set, say
-        raise ConfigError(f"{at}: {err}") from None
-
-
-def _table(doc: Any, at: str) -> Mapping[str, Any]:
-    if not isinstance(doc, Mapping):
-        raise ConfigError(f"{at} must be a table of keys and values, got {type(doc).__name__}")
-    return doc
-
-
-def _keys(table: Mapping[str, Any], allowed: set[str], at: str) -> None:
-    for key in table:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(allowed))}"
-            raise ConfigError(f"{at}: unknown key {key!r}{hint}")
-
-
-def _str(table: Mapping[str, Any], key: str, at: str, default: Any) -> Any:
-    value = table.get(key, default)
-    if value is not default and not isinstance(value, str):
-        raise ConfigError(f"{at}: {key} must be a string, got {value!r}")
-    return value
-
-
-def _int(table: Mapping[str, Any], key: str, at: str, minimum: int) -> int | None:
-    value = table.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{at}: {key} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _num(table: Mapping[str, Any], key: str, at: str) -> float | None:
-    value = table.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-        raise ConfigError(f"{at}: {key} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _bool(table: Mapping[str, Any], key: str, at: str) -> bool | None:
-    value = table.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise ConfigError(f"{at}: {key} must be true or false, got {value!r}")
-    return value
-
-
-def _deadline(value: Any, at: str) -> float | None:
-    """A TOML/YAML datetime or an ISO 8601 string with a UTC offset, as Unix time."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise ConfigError(f"{at}: deadline {value!r} is not an ISO 8601 time, e.g. 2026-11-24T18:00:00Z") from None
-    if not isinstance(value, dt.datetime):
-        raise ConfigError(f"{at}: deadline must be a date and time, e.g. 2026-11-24T18:00:00Z, got {value!r}")
-    if value.tzinfo is None:
-        raise ConfigError(f"{at}: deadline {value.isoformat()} needs a time zone: add Z for UTC, or an offset")
-    return value.timestamp()
+__all__ = ["JobFile", "load_job_file", "overlay", "parse_job", "read_job_doc"]

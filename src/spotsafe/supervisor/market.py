@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 
 from spotsafe.errors import ConfigError
+from spotsafe.jobenv import JobEnv
 from spotsafe.notices.emulator import ProviderEmulator
 from spotsafe.supervisor.pools import Handle
 from spotsafe.telemetry import events as ev
@@ -209,8 +210,8 @@ class Market:
     def env(self) -> dict[str, str]:
         """Environment for an attempt: where its notices come from."""
         if self._emulator is None:
-            return {"SPOTSAFE_NOTICES": "signals"}
-        return {**self._emulator.env(), "SPOTSAFE_NOTICES": self.mode, "SPOTSAFE_NOTICE_POLL_SECONDS": "0.5"}
+            return JobEnv(notices="signals").to_env()
+        return {**self._emulator.env(), **JobEnv(notices=self.mode, notice_poll_s=0.5).to_env()}
 
     def capacity(self) -> bool:
         with self._lock:

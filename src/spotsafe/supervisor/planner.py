@@ -145,15 +145,20 @@ def choose(
         key=lambda p: (not p.spot, *_price(p)),
     )
 
-    def stay(why: str) -> Decision:
-        pool = reclaimed[0]
+    def go(pool: Pool, why: str, *, escalated: bool = False, newly_escalated: bool = False) -> Decision:
         return Decision(
             pool,
-            f"{why}; none for lack of capacity: staying in {pool.describe()}, since waiting would not help" + suffix,
-            escalated=escalated and not pool.spot,
+            why + suffix,
+            escalated=escalated,
+            newly_escalated=newly_escalated,
             excluded=out,
             projection=projection,
         )
+
+    def stay(why: str) -> Decision:
+        pool = reclaimed[0]
+        why = f"{why}; none for lack of capacity: staying in {pool.describe()}, since waiting would not help"
+        return go(pool, why, escalated=escalated and not pool.spot)
 
     escalated = escalated and policy.escalate  # a job switched to a policy that never escalates goes back to spot
     at_risk = projection is not None and projection.at_risk
@@ -164,21 +169,15 @@ def choose(
             else f"deadline at risk: {projection.reason if projection else ''}"
         )
         if od:
-            return Decision(
+            return go(
                 od[0],
-                f"{why}: cheapest on-demand pool {od[0].describe()}" + suffix,
+                f"{why}: cheapest on-demand pool {od[0].describe()}",
                 escalated=True,
                 newly_escalated=not escalated,
-                excluded=out,
-                projection=projection,
             )
         if spot:
-            return Decision(
-                spot[0],
-                f"{why}, but every on-demand pool is excluded: {spot[0].describe()}" + suffix,
-                escalated=escalated,
-                excluded=out,
-                projection=projection,
+            return go(
+                spot[0], f"{why}, but every on-demand pool is excluded: {spot[0].describe()}", escalated=escalated
             )
         if reclaimed:
             return stay(f"{why}, but every pool is excluded")
@@ -189,12 +188,7 @@ def choose(
             "not escalating: this job is opportunistic)" if not policy.escalate else "no on-demand pool to use)"
         )
     if spot:
-        return Decision(
-            spot[0],
-            f"cheapest healthy spot pool: {spot[0].describe()}{note}" + suffix,
-            excluded=out,
-            projection=projection,
-        )
+        return go(spot[0], f"cheapest healthy spot pool: {spot[0].describe()}{note}")
     any_spot = any(p.spot for p in pools)
     if od and (policy.on_demand_when_spot_exhausted or not any_spot):
         why = (
@@ -202,7 +196,7 @@ def choose(
             if any_spot
             else "only on-demand pools are configured"
         )
-        return Decision(od[0], f"{why}: {od[0].describe()}{note}" + suffix, excluded=out, projection=projection)
+        return go(od[0], f"{why}: {od[0].describe()}{note}")
     candidates = [p for p in reclaimed if p.spot or not any_spot]
     if candidates:
         reclaimed[:] = candidates

@@ -1,4 +1,4 @@
-"""When to relaunch, and after how long: retry budgets and backoff as a small policy value.
+"""When to relaunch, and after how long: the relaunch policy (a value) and the budget it spends (counters).
 
 Preemptions and errors have separate budgets. A preemption never is the job's
 fault, so its budget is large. An error counts only when the job made no
@@ -7,10 +7,13 @@ before. A crash loop that never gets past its checkpoint stops after
 ``max_errors`` attempts in a row; a long job that crashes now and then, but
 checkpoints in between, keeps going. An attempt that found no capacity uses
 neither budget (failover moves the job, and a deadline escalates it), but it
-lengthens the backoff. Backoff is exponential with full jitter (a random delay
-between 0 and ``min(max_delay_s, initial_s * 2**n)``), counted from the
-consecutive failures, so that a fleet of jobs reclaimed together does not come
-back all at once.
+lengthens the backoff. The wait is the shared :class:`~spotsafe.backoff.Backoff`
+(exponential with full jitter: a random delay between 0 and
+``min(max_delay_s, initial_s * 2**n)``), counted from the consecutive failures,
+so that a fleet of jobs reclaimed together does not come back all at once.
+
+:class:`RelaunchPolicy` is what a job allows (frozen, from its job file or preset);
+:class:`RelaunchBudget` is what its attempts have used of it, and decides after each.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
+from spotsafe.backoff import Backoff
 from spotsafe.errors import ConfigError
 from spotsafe.supervisor.classify import ExitClass
 
@@ -33,8 +38,8 @@ class Verdict:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RetryPolicy:
-    """Budgets and backoff. ``max_preemptions``: preemptions the job may have in all; ``max_errors``:
+class RelaunchPolicy:
+    """Relaunch limits and backoff. ``max_preemptions``: preemptions the job may have in all; ``max_errors``:
     errors without progress in a row after which it gives up (an error after progress does not count).
     The delay before a relaunch grows with the failures in a row without progress; after progress it is 0."""
 
@@ -53,24 +58,25 @@ class RetryPolicy:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ConfigError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
 
-    def backoff(self, failures: int, rng: random.Random) -> float:
-        """Full jitter: uniform in ``[0, min(max_delay_s, initial_s * 2**(failures - 1))]``."""
-        if failures <= 0:
-            return 0.0
-        return rng.uniform(0.0, min(self.max_delay_s, self.initial_s * 2 ** min(failures - 1, 30)))
+    @cached_property
+    def backoff(self) -> Backoff:
+        """The wait before a relaunch: ``backoff.delay(failures, rng)``, uniform in
+        ``[0, min(max_delay_s, initial_s * 2**(failures - 1))]`` (0 after no failure). No time budget:
+        the counted limits above end a job, and a deadline escalates it."""
+        return Backoff(initial_s=self.initial_s, multiplier=2.0, max_delay_s=self.max_delay_s)
 
 
 @dataclass
-class Budget:
-    """The counters one job's attempts have used, and the decision after each attempt."""
+class RelaunchBudget:
+    """What one job's attempts have used of its :class:`RelaunchPolicy`, and the decision after each attempt."""
 
-    policy: RetryPolicy
+    policy: RelaunchPolicy
     preemptions: int = 0
     errors_in_a_row: int = 0
     failures_in_a_row: int = 0
 
     @classmethod
-    def replay(cls, policy: RetryPolicy, history: Iterable[tuple[ExitClass, bool]]) -> Budget:
+    def replay(cls, policy: RelaunchPolicy, history: Iterable[tuple[ExitClass, bool]]) -> RelaunchBudget:
         """The counters after the attempts in ``history`` ((exit class, progressed) each, oldest first):
         how a supervisor started again for a job carries its budgets on."""
         budget = cls(policy)
@@ -98,7 +104,7 @@ class Budget:
             self.failures_in_a_row = 0
         else:
             self.failures_in_a_row += 1
-        delay = self.policy.backoff(self.failures_in_a_row, rng)
+        delay = self.policy.backoff.delay(self.failures_in_a_row, rng)
         if exit_class is ExitClass.NO_CAPACITY:  # no budget: failover and the deadline decide
             return Verdict(True, delay, f"no capacity ({self.failures_in_a_row} failures in a row): trying again")
         if exit_class.is_preemption:

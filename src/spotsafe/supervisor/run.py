@@ -5,11 +5,18 @@ Lifecycle of one supervised job (each attempt is a row in the :mod:`job store <s
     claim the job (one supervisor per job) -> recover attempts a dead supervisor left running
     -> loop: health from the attempts so far -> choose a pool (planner: cheapest healthy spot pool,
              on-demand when the deadline is at risk; or wait for a cool-down to end)
-             -> record the attempt -> launch in the pool with SPOTSAFE_CHECKPOINT_URL, SPOTSAFE_RUN_ID,
-                SPOTSAFE_ATTEMPT
+             -> record the attempt -> launch it through the Launcher, in the pool, with the job contract
+                (:class:`~spotsafe.jobenv.JobEnv`: checkpoint URL, run id, attempt number, job store, pool)
              -> wait (forwarding SIGTERM/SIGINT with a grace period; stopping a job that makes no progress)
              -> classify the exit, read the checkpoint step after it, record it with its machine and cost
-             -> the retry budget decides: relaunch after a backoff, or end the job (succeeded / failed)
+             -> the relaunch budget decides (and ``stop_after``, when given): relaunch after a backoff,
+                or end the job (:class:`~spotsafe.supervisor.store.JobState`: succeeded / failed)
+
+One attempt (its environment, the wait, the classification) is :mod:`spotsafe.supervisor.attempt`.
+Every launch of a job in spotsafe goes through this loop: ``spotsafe run``, the drill
+(:class:`~spotsafe.supervisor.drill.DrillLauncher`), the demo's chaos run
+(:class:`~spotsafe.supervisor.chaos.ChaosLauncher`) and their reference runs
+(:mod:`spotsafe.supervisor.reference`).
 
 Every decision is a typed event with its reason (``pool_chosen``, ``excluded``,
 ``escalated``, ``no_pool_available``, ``attempt_started``, ``attempt_ended``,
@@ -25,97 +32,34 @@ progress is its checkpoint: the newest committed step before and after it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import math
 import os
 import random
 import signal
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from types import FrameType
 
 from spotsafe.errors import ConfigError, SpotsafeError
 from spotsafe.exit_codes import EXIT_CRASH, EXIT_NO_USABLE_CHECKPOINT, EXIT_PREEMPTED, EXIT_SUCCESS, EXIT_USAGE
 from spotsafe.storage.registry import open_storage, protocol_of
 from spotsafe.storage.repository import CheckpointRepository
-from spotsafe.supervisor.classify import ExitClass, classify, oom_kill_counter
-from spotsafe.supervisor.health import FailoverPolicy, Health, Outcome
+from spotsafe.supervisor.attempt import POLL_S, RunningAttempt, alive, attempt_env, recorded_exit, stop_session
+from spotsafe.supervisor.classify import ExitClass, oom_kill_counter
+from spotsafe.supervisor.config import RunConfig, events_file, on_demand_per_hour
+from spotsafe.supervisor.health import Health, Outcome
 from spotsafe.supervisor.planner import choose, measure, project
-from spotsafe.supervisor.pools import LOCAL_POOL, Handle, Launcher, LaunchSpec, Pool, PoolLauncher
+from spotsafe.supervisor.pools import Launcher, LaunchSpec, Pool, PoolLauncher
 from spotsafe.supervisor.process import describe_exit
-from spotsafe.supervisor.retry import Budget, RetryPolicy
-from spotsafe.supervisor.store import FAILED, STOPPED, SUCCEEDED, AttemptRecord, JobStore
+from spotsafe.supervisor.retry import RelaunchBudget
+from spotsafe.supervisor.store import AttemptRecord, JobState, JobStore
 from spotsafe.telemetry import events as ev
-from spotsafe.telemetry.log import EVENTS_FILE, EventLog, EventSink, EventTail, RunIdentity
+from spotsafe.telemetry.log import EventLog, EventSink, EventTail, RunIdentity
 from spotsafe.telemetry.metrics import Metrics
 
 log = logging.getLogger("spotsafe")
-POLL_S = 0.2
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunConfig:
-    """One supervised job. ``grace_s``: from a forwarded SIGTERM to SIGKILL. ``stall_timeout_s``: stop
-    an attempt that reported no progress for that long (``None``: never)."""
-
-    name: str
-    command: tuple[str, ...]
-    url: str
-    store: Path
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    grace_s: float = 30.0
-    stall_timeout_s: float | None = None
-    pools: tuple[Pool, ...] = (LOCAL_POOL,)
-    failover: FailoverPolicy = field(default_factory=FailoverPolicy)
-    deadline: float | None = None
-    """Unix time the job should be done by; needs ``total_steps`` to project the finish."""
-    total_steps: int | None = None
-    on_demand_per_hour: float | None = None
-    """What the job would pay an hour on demand, for the report's comparison (``None``: its cheapest on-demand
-    pool's price x nodes, if it has one)."""
-
-    def __post_init__(self) -> None:
-        if self.on_demand_per_hour is not None and not 0 <= self.on_demand_per_hour < math.inf:
-            raise ConfigError(f"the on-demand price must be >= 0 dollars an hour, got {self.on_demand_per_hour!r}")
-        if not self.pools:
-            raise ConfigError("a job needs at least one pool")
-        names = [p.name for p in self.pools]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"pool names must be unique, got {names}")
-        if self.deadline is not None and self.total_steps is None:
-            raise ConfigError(
-                "a deadline needs total_steps (how many steps the job runs) to project when it will finish"
-            )
-        if self.total_steps is not None and (
-            isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
-        ):
-            raise ConfigError(f"total_steps must be an integer >= 1, got {self.total_steps!r}")
-        if not self.command:
-            raise ConfigError("spotsafe run needs a command after --, e.g. spotsafe run -- python train.py")
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"a job name must be non-empty and contain no '/', got {self.name!r}")
-        if not self.grace_s >= 0:
-            raise ConfigError(f"grace must be >= 0 seconds, got {self.grace_s!r}")
-        if self.stall_timeout_s is not None and not self.stall_timeout_s > 0:
-            raise ConfigError(f"the stall timeout must be > 0 seconds, got {self.stall_timeout_s!r}")
-
-
-def on_demand_per_hour(config: RunConfig) -> float | None:
-    """The hourly price the job's cost is compared with: as configured, else its cheapest on-demand pool's."""
-    if config.on_demand_per_hour is not None:
-        return config.on_demand_per_hour
-    return min((pool.cost(3600.0) for pool in config.pools if not pool.spot), default=None)
-
-
-def events_file(config: RunConfig) -> Path:
-    """The local event log the supervisor writes: the run's own ``events.jsonl`` for a local run, else a
-    spool file beside the job store (jobs launched on this machine append to it too)."""
-    if protocol_of(config.url) == "file":
-        return Path(config.url) / EVENTS_FILE
-    return config.store.with_name(f"{config.store.name}.{config.name}.events.jsonl")
 
 
 def newest_step(url: str) -> int | None:
@@ -126,7 +70,10 @@ def newest_step(url: str) -> int | None:
 
 class Supervisor:
     """Runs one job to the end. :meth:`run` returns the supervisor's own exit code:
-    0 succeeded, 1 failed (a budget ended it), 2 usage error, 75 stopped by a signal (run again to go on)."""
+    0 succeeded, 1 failed (a budget ended it), 2 usage error, 75 stopped by a signal (run again to go on).
+
+    ``stop_after(number)`` is asked after attempt ``number`` when the budget would relaunch: a reason ends the
+    job there, as failed (a reference run has one attempt; a chaos run ends when its schedule does)."""
 
     def __init__(
         self,
@@ -142,6 +89,7 @@ class Supervisor:
         clock: Callable[[], float] = time.time,
         events: EventSink | None = None,
         metrics: Metrics | None = None,
+        stop_after: Callable[[int], str | None] | None = None,
     ) -> None:
         self.config = config
         self.say = say
@@ -155,18 +103,17 @@ class Supervisor:
         self._oom = oom_kills or oom_kill_counter()
         self._steps = steps
         self._output = output
+        self._stop_after = stop_after
         self._stop_signal: int | None = None
-        self._job: Handle | None = None
-        self._told = False
+        self._running: RunningAttempt | None = None
         self._events_file = events_file(config)
 
     # -- signals --------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         first = self._stop_signal is None
         self._stop_signal = signum
-        if self._job is not None:
-            self._job.signal(signal.SIGTERM)  # the job saves and exits 75; a second signal is forwarded too
-            self._told = True
+        if self._running is not None:
+            self._running.stop()  # the job saves and exits 75; a second signal is forwarded too
         if first:
             self.say(f"got {signal.Signals(signum).name}: stopping the job (SIGKILL after {self.config.grace_s:g} s)")
 
@@ -193,7 +140,7 @@ class Supervisor:
         store.open_job(config.name, config.command, config.url)
         self._recover(store)
         history = [(ExitClass(a.exit_class), _progressed(a)) for a in store.attempts(config.name) if a.exit_class]
-        budget = Budget.replay(config.retry, history)
+        budget = RelaunchBudget.replay(config.retry, history)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             return self._loop(store, budget)
@@ -221,11 +168,13 @@ class Supervisor:
                     )
         return health
 
-    def _loop(self, store: JobStore, budget: Budget) -> int:
+    def _loop(self, store: JobStore, budget: RelaunchBudget) -> int:
         config = self.config
         while True:
             if self._stop_signal is not None:
-                return self._finish(store, STOPPED, "the supervisor was stopped by a signal; run it again to go on")
+                return self._finish(
+                    store, JobState.STOPPED, "the supervisor was stopped by a signal; run it again to go on"
+                )
             now = self._clock()
             health = self._health(store, now)
             before = self._steps(config.url)
@@ -320,13 +269,15 @@ class Supervisor:
                 f"checkpoint step {before} -> {after}; ${cost:.4f}"
             )
             if self._stop_signal is not None:
-                return self._finish(store, STOPPED, f"stopped by a signal during attempt {number}")
+                return self._finish(store, JobState.STOPPED, f"stopped by a signal during attempt {number}")
             verdict = budget.after(exit_class, progressed=progressed, rng=self._rng)
+            if verdict.relaunch and self._stop_after is not None and (enough := self._stop_after(number)):
+                verdict = dataclasses.replace(verdict, relaunch=False, delay_s=0.0, reason=enough)
             self._emit(ev.RetryDecided, relaunch=verdict.relaunch, delay_s=verdict.delay_s, reason=verdict.reason)
             if not verdict.relaunch:
-                state = SUCCEEDED if exit_class is ExitClass.SUCCEEDED else FAILED
+                state = JobState.SUCCEEDED if exit_class is ExitClass.SUCCEEDED else JobState.FAILED
                 self._finish(store, state, verdict.reason)
-                if state == SUCCEEDED:
+                if state is JobState.SUCCEEDED:
                     return EXIT_SUCCESS
                 if exit_class is ExitClass.NO_USABLE_CHECKPOINT:
                     return EXIT_NO_USABLE_CHECKPOINT
@@ -334,7 +285,7 @@ class Supervisor:
             self.say(f"{verdict.reason}; next attempt in {verdict.delay_s:.1f} s")
             self._pause(verdict.delay_s)
 
-    def _finish(self, store: JobStore, state: str, reason: str) -> int:
+    def _finish(self, store: JobStore, state: JobState, reason: str) -> int:
         store.finish_job(self.config.name, state, reason)
         self._emit(ev.JobFinished, state=state, reason=reason)
         self.say(f"job {self.config.name}: {state}: {reason}")
@@ -349,15 +300,10 @@ class Supervisor:
         self, store: JobStore, number: int, pool: Pool, exclude: tuple[str, ...]
     ) -> tuple[int, ExitClass, str | None]:
         config = self.config
-        env = {
-            "SPOTSAFE_CHECKPOINT_URL": config.url,
-            "SPOTSAFE_RUN_ID": config.name,
-            "SPOTSAFE_ATTEMPT": str(number),
-            "SPOTSAFE_JOB_STORE": str(config.store),
-            "SPOTSAFE_POOL": pool.name,
-        }
-        if protocol_of(config.url) != "file":
-            env["SPOTSAFE_EVENTS_FILE"] = str(self._events_file)
+        spool = self._events_file if protocol_of(config.url) != "file" else None
+        env = attempt_env(
+            url=config.url, job=config.name, number=number, store=config.store, pool=pool.name, events_file=spool
+        )
         tail = EventTail(self._events_file)
         tail.poll()  # only what this attempt writes counts as its progress
         oom_before = self._oom()
@@ -371,51 +317,37 @@ class Supervisor:
             exclude=exclude,
             output=self._output,
         )
-        job = self._launcher.start(spec)
-        self._told = False
-        self._job = job
-        if job.pid is not None:
-            store.set_pid(config.name, number, job.pid)
-        machine = job.machine
-        stalled = False
-        last_sign = self._clock()
-        kill_at: float | None = None
+        attempt = RunningAttempt(
+            self._launcher.start(spec),
+            job=config.name,
+            number=number,
+            tail=tail,
+            clock=self._clock,
+            sleep=self._sleep,
+            say=self.say,
+        )
+        self._running = attempt
+        if attempt.handle.pid is not None:
+            store.set_pid(config.name, number, attempt.handle.pid)
         try:
-            while (code := job.poll()) is None:
-                now = self._clock()
-                for logged in tail.poll():
-                    if logged.run_id == config.name and logged.attempt == number:
-                        last_sign = now
-                        if machine is None and isinstance(logged.event, ev.RunStarted):
-                            machine = logged.event.host
-                if self._stop_signal is not None and kill_at is None:
-                    if not self._told:  # the signal came before the job was known
-                        job.signal(signal.SIGTERM)
-                    kill_at = now + config.grace_s
-                timeout = config.stall_timeout_s
-                if timeout is not None and kill_at is None and now - last_sign > timeout:
-                    stalled = True
-                    self.say(f"attempt {number}: no progress for {timeout:g} s; stopping it")
-                    job.signal(signal.SIGTERM)
-                    kill_at = now + config.grace_s
-                if kill_at is not None and now >= kill_at:
-                    job.signal(signal.SIGKILL, group=True)
-                self._sleep(POLL_S)
+            code, stalled = attempt.wait(
+                stopping=lambda: self._stop_signal is not None,
+                grace_s=config.grace_s,
+                stall_timeout_s=config.stall_timeout_s,
+            )
         finally:
-            self._job = None
-            job.reap_group()
-        if not stalled and self._stop_signal is None and code != 0 and job.no_capacity(code):
-            return code, ExitClass.NO_CAPACITY, machine
-        return code, classify(code, oom_kills=self._oom() - oom_before, stalled=stalled), machine
+            self._running = None
+        stopped = self._stop_signal is not None
+        exit_class = attempt.exit_class(code, stalled=stalled, stopped=stopped, oom_kills=self._oom() - oom_before)
+        return code, exit_class, attempt.machine
 
     def _recover(self, store: JobStore) -> None:
         """Attempts a dead supervisor left without an end: wait for (or stop) their process, record them."""
         for attempt in store.unfinished(self.config.name):
-            alive = attempt.pid is not None and _alive(attempt.pid)
-            if alive and attempt.pid is not None:
+            if attempt.pid is not None and alive(attempt.pid):
                 self.say(f"attempt {attempt.number} (pid {attempt.pid}) outlived its supervisor: stopping it")
-                _stop_group(attempt.pid, self.config.grace_s, self._sleep)
-            exit_class = _recorded_exit(self._events_file, attempt)
+                stop_session(attempt.pid, self.config.grace_s, self._sleep)
+            exit_class = recorded_exit(self._events_file, attempt.pid)
             store.end_attempt(
                 self.config.name,
                 attempt.number,
@@ -436,40 +368,6 @@ def _progressed(attempt: AttemptRecord) -> bool:
     return after > before
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-        if handle.read().rsplit(")", 1)[-1].split()[0] == "Z":
-            return False  # a zombie is dead
-    return True
-
-
-def _stop_group(pid: int, grace_s: float, sleep: Callable[[float], None]) -> None:
-    """SIGTERM the job's main process, SIGKILL its session after ``grace_s`` (the job leads its own session)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while _alive(pid) and time.monotonic() < deadline:
-        sleep(POLL_S)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def _recorded_exit(events_file: Path, attempt: AttemptRecord) -> ExitClass:
-    """How an unsupervised attempt ended, from its own ``run_exited`` event (killed when it has none)."""
-    for logged in EventTail(events_file).poll():
-        event = logged.event
-        if event.type == "run_exited" and logged.pid == attempt.pid:
-            reason = getattr(event, "reason", "")
-            return ExitClass.SUCCEEDED if reason == "finished" else ExitClass.PREEMPTED
-    return ExitClass.KILLED
-
-
 def run_config(config: RunConfig, *, metrics_port: int | None = None, metrics_addr: str = "0.0.0.0") -> int:
     """What ``spotsafe run`` does once its configuration is known: supervise, return the exit code.
     ``metrics_port``: serve the supervisor's Prometheus metrics there while it runs."""
@@ -488,3 +386,6 @@ def run_config(config: RunConfig, *, metrics_port: int | None = None, metrics_ad
     finally:
         if metrics is not None:
             metrics.close()
+
+
+__all__ = ["RunConfig", "Supervisor", "events_file", "newest_step", "on_demand_per_hour", "run_config"]

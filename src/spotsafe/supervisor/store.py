@@ -5,7 +5,7 @@ One row per job (its name, command, checkpoint URL, state) and one per attempt
 before and after, what it cost). A supervisor that is killed and started again
 for the same job reads the same rows and carries on: attempt numbers continue,
 and the budgets are replayed from the attempts
-(:meth:`spotsafe.supervisor.retry.Budget.replay`).
+(:meth:`spotsafe.supervisor.retry.RelaunchBudget.replay`).
 
 Only one supervisor may run a job at a time: :meth:`JobStore.claim` takes an
 exclusive ``flock`` on a lock file next to the database, which the kernel
@@ -24,6 +24,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,31 @@ ATTEMPT_COLUMNS = (
     "job, number, pool, host, pid, started, ended, exit_code, exit_class, step_before, step_after, cost, machine"
 )
 JOB_COLUMNS = "name, command, url, state, reason, created, updated, escalated"
-RUNNING, SUCCEEDED, FAILED, STOPPED = "running", "succeeded", "failed", "stopped"
+
+
+class JobState(StrEnum):
+    """Where a supervised job stands (the ``state`` column of ``jobs``, the ``job_finished`` event's ``state``).
+
+    Legal transitions (:meth:`JobStore.open_job` and :meth:`JobStore.finish_job`)::
+
+        (new) ---------> running        open_job: a supervisor takes the job up
+        running -------> succeeded      an attempt exited 0
+        running -------> failed         a budget (or a permanent exit: usage, no usable checkpoint) ended it
+        running -------> stopped        the supervisor was stopped by a signal; running it again goes on
+        succeeded/failed/stopped -> running   open_job again: the same job is supervised once more
+
+    Members equal the strings the store has always held (``JobState.FAILED == "failed"``).
+    """
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+    @property
+    def finished(self) -> bool:
+        """A state a job ends in (every one but ``running``)."""
+        return self is not JobState.RUNNING
 
 
 class JobBusyError(PermanentError):
@@ -78,7 +103,7 @@ class JobRecord:
     name: str
     command: list[str]
     url: str
-    state: str
+    state: JobState
     reason: str
     created: float
     updated: float
@@ -164,7 +189,7 @@ class JobStore:
             if row is None:
                 db.execute(
                     "INSERT INTO jobs (name, command, url, state, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
-                    (name, json.dumps(list(command)), url, RUNNING, now, now),
+                    (name, json.dumps(list(command)), url, JobState.RUNNING.value, now, now),
                 )
             else:
                 job = _job(row)
@@ -173,7 +198,10 @@ class JobStore:
                         f"job {name!r} exists with another command or checkpoint URL ({job.command!r}, {job.url}); "
                         "use another --name for a new job"
                     )
-                db.execute("UPDATE jobs SET state = ?, reason = '', updated = ? WHERE name = ?", (RUNNING, now, name))
+                db.execute(
+                    "UPDATE jobs SET state = ?, reason = '', updated = ? WHERE name = ?",
+                    (JobState.RUNNING.value, now, name),
+                )
         return self.job(name)
 
     def job(self, name: str) -> JobRecord:
@@ -190,11 +218,17 @@ class JobStore:
         with self._tx() as db:
             db.execute("UPDATE jobs SET escalated = 1, updated = ? WHERE name = ?", (self._clock(), name))
 
-    def finish_job(self, name: str, state: str, reason: str) -> None:
-        if state not in (SUCCEEDED, FAILED, STOPPED):
-            raise ValueError(f"a job ends as {SUCCEEDED}, {FAILED} or {STOPPED}, not {state!r}")
+    def finish_job(self, name: str, state: JobState, reason: str) -> None:
+        """Record that the job ended as ``state`` (one of the finished :class:`JobState` s) because of ``reason``."""
+        try:
+            end = JobState(state)
+        except ValueError:
+            end = JobState.RUNNING
+        if not end.finished:
+            ends = ", ".join(s.value for s in JobState if s.finished)
+            raise ValueError(f"a job ends as one of {ends}, not {str(state)!r}")
         with self._tx() as db:
-            values = (state, reason, self._clock(), name)
+            values = (end.value, reason, self._clock(), name)
             db.execute("UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE name = ?", values)
 
     # -- attempts -------------------------------------------------------------------------
@@ -265,7 +299,7 @@ def _safe(name: str) -> str:
 def _job(row: tuple[Any, ...]) -> JobRecord:
     name, command, url, state, reason, created, updated, escalated = row
     return JobRecord(
-        str(name), list(json.loads(command)), str(url), str(state), str(reason), created, updated, bool(escalated)
+        str(name), list(json.loads(command)), str(url), JobState(state), str(reason), created, updated, bool(escalated)
     )
 
 

@@ -1,152 +1,197 @@
-"""Prometheus metrics, derived from the typed events (opt-in, over HTTP, through prometheus-client).
+"""Prometheus metrics, read from the run model that a process's events fold into (opt-in, over HTTP).
 
-A :class:`Metrics` object listens to an event log and keeps one registry of its
-own (no process-wide globals). :meth:`Metrics.serve` exposes it on
-``addr:port``; port 0 picks a free one. The job opts in with
-``$SPOTSAFE_METRICS_PORT`` (and ``$SPOTSAFE_METRICS_ADDR``, default 0.0.0.0 so
-that a Prometheus in the cluster can scrape it), the supervisor with
-``spotsafe run --metrics-port``.
+A :class:`Metrics` object listens to an event log, folds every event into a
+:class:`~spotsafe.telemetry.runmodel.RunModel` (the same fold as the report's) and keeps one registry
+of its own (no process-wide globals) whose collector reads the model at each scrape.
+:meth:`Metrics.serve` exposes it on ``addr:port``; port 0 picks a free one. The job opts in with
+``$SPOTSAFE_METRICS_PORT`` (and ``$SPOTSAFE_METRICS_ADDR``, default 0.0.0.0 so that a Prometheus in the
+cluster can scrape it; see :mod:`spotsafe.jobenv`), the supervisor with ``spotsafe run --metrics-port``.
 
-Names follow Prometheus conventions: a ``spotsafe_`` prefix, base units in the
-name (seconds, bytes, dollars), ``_total`` on counters, histograms for durations.
+Names follow Prometheus conventions: a ``spotsafe_`` prefix, base units in the name (seconds, bytes,
+dollars), ``_total`` on counters, histograms for durations. A process's metrics count every event it
+saw, those from before its ``run_started`` too.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from spotsafe.errors import ConfigError
+from spotsafe.jobenv import ENV_METRICS_ADDR, ENV_METRICS_PORT
 from spotsafe.telemetry import events as ev
-from spotsafe.telemetry.log import EventLog
+from spotsafe.telemetry.log import EventLog, LoggedEvent
+from spotsafe.telemetry.runmodel import RunModel
 
-ENV_METRICS_PORT, ENV_METRICS_ADDR = "SPOTSAFE_METRICS_PORT", "SPOTSAFE_METRICS_ADDR"
+__all__ = ["ATTEMPT_BUCKETS", "DURATION_BUCKETS", "ENV_METRICS_ADDR", "ENV_METRICS_PORT", "Metrics", "serve_metrics"]
+
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 ATTEMPT_BUCKETS = (1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 4 * 3600.0, 12 * 3600.0, 24 * 3600.0)
+Labels = tuple[str, ...]
+
+
+def _counter(name: str, doc: str, counts: dict[Labels, float], labels: Sequence[str] = ()) -> CounterMetricFamily:
+    """A counter family; without ``labels`` it is always there (0 before anything happened)."""
+    if not labels:
+        return CounterMetricFamily(name, doc, value=counts.get((), 0.0))
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for values, count in counts.items():
+        family.add_metric(values, count)
+    return family
+
+
+def _histogram(
+    name: str, doc: str, observed: dict[Labels, list[float]], buckets: Sequence[float], labels: Sequence[str] = ()
+) -> HistogramMetricFamily:
+    """A histogram family of the ``observed`` values per label values (without labels: always there)."""
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    if not labels:
+        observed = {(): observed.get((), [])}
+    for values, points in observed.items():
+        cumulative = [(repr(float(b)), float(sum(1 for p in points if p <= b))) for b in buckets]  # le="0.25", "1.0"
+        family.add_metric(values, [*cumulative, ("+Inf", float(len(points)))], sum_value=sum(points))
+    return family
+
+
+def _by(pairs: Iterable[tuple[Labels, float]]) -> dict[Labels, list[float]]:
+    out: dict[Labels, list[float]] = {}
+    for labels, value in pairs:
+        out.setdefault(labels, []).append(value)
+    return out
+
+
+def _count(keys: Iterable[Labels]) -> dict[Labels, float]:
+    return {labels: float(n) for labels, n in Counter(keys).items()}
+
+
+def _sums(pairs: Iterable[tuple[Labels, float]]) -> dict[Labels, float]:
+    return {labels: sum(values) for labels, values in _by(pairs).items()}
 
 
 class Metrics:
-    """Event -> metric translation for one process (the job's checkpointer, or a supervisor)."""
+    """The metrics of one process (the job's checkpointer, or a supervisor): its events' run model, as Prometheus
+    families. ``registry`` is this object's own."""
 
     def __init__(self) -> None:
+        self.model = RunModel(series=False)
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.step = Gauge("spotsafe_step", "The newest training step this process reported.", registry=r)
-        self.checkpoints = Counter(
-            "spotsafe_checkpoints_total", "Checkpoints committed, by reason.", ["reason"], registry=r
-        )
-        self.checkpoint_failures = Counter(
-            "spotsafe_checkpoint_failures_total", "Checkpoint saves that failed.", registry=r
-        )
-        self.stall = Histogram(
-            "spotsafe_checkpoint_stall_seconds",
-            "Time training was paused to copy the state for a checkpoint.",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.write = Histogram(
-            "spotsafe_checkpoint_write_seconds",
-            "Time from the start of a save to its commit (durable).",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.written = Counter(
-            "spotsafe_checkpoint_written_bytes_total", "Bytes written by committed checkpoints.", registry=r
-        )
-        self.size = Gauge("spotsafe_checkpoint_size_bytes", "Size of the newest committed checkpoint.", registry=r)
-        self.restore = Histogram(
-            "spotsafe_restore_seconds", "Time to restore a checkpoint.", buckets=DURATION_BUCKETS, registry=r
-        )
-        self.replayed = Counter(
-            "spotsafe_replayed_steps_total", "Training steps done again after a restore.", registry=r
-        )
-        self.notices = Counter(
-            "spotsafe_notices_total", "Interruption notices received, by source and kind.", ["source", "kind"],
-            registry=r,
-        )  # fmt: skip
-        self.emergency = Counter(
-            "spotsafe_emergency_saves_total",
-            "Emergency saves on a stop notice, by choice and whether they committed before the deadline.",
-            ["choice", "committed"],
-            registry=r,
-        )
-        self.skipped = Counter(
-            "spotsafe_checkpoints_skipped_total", "Damaged or partial checkpoints passed over on restore.", registry=r
-        )
-        # The supervisor's.
-        self.attempts = Counter(
-            "spotsafe_attempts_total", "Attempts that ended, by pool and exit class.", ["pool", "exit_class"],
-            registry=r,
-        )  # fmt: skip
-        self.attempt_seconds = Histogram(
-            "spotsafe_attempt_duration_seconds",
-            "How long attempts ran, by pool.",
-            ["pool"],
-            buckets=ATTEMPT_BUCKETS,
-            registry=r,
-        )
-        self.cost = Counter("spotsafe_cost_dollars_total", "Money spent on attempts, by pool.", ["pool"], registry=r)
-        self.retry_delay = Histogram(
-            "spotsafe_retry_delay_seconds",
-            "Backoff before a relaunch.",
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.escalations = Counter(
-            "spotsafe_escalations_total", "Moves to on-demand capacity for a deadline.", registry=r
-        )
-        self.exclusions = Counter(
-            "spotsafe_exclusions_total", "Pools or machines excluded for a cool-down, by pool.", ["pool", "what"],
-            registry=r,
-        )  # fmt: skip
-        self.market_interruptions = Counter(
-            "spotsafe_drill_interruptions_total", "Interruptions a drill's emulated market delivered.", registry=r
-        )
         self._lock = threading.Lock()
         self._server: Any = None
         self.port: int | None = None
+        self.registry.register(self)
 
     def on_event(self, event: ev.Event) -> None:
-        """Update the metrics for ``event``. Thread-safe; never raises for an event it does not know."""
+        """Fold ``event`` into the model. Thread-safe; never raises for an event it does not know."""
         with self._lock:
-            self._on_event(event)
+            self.model.apply(LoggedEvent(event=event, run_id="", attempt=0, pid=0))
 
-    def _on_event(self, e: ev.Event) -> None:
-        if isinstance(e, ev.Progress):
-            self.step.set(e.step)
-        elif isinstance(e, ev.SaveCommitted):
-            self.checkpoints.labels(e.reason).inc()
-            self.stall.observe(e.stall_s)
-            self.write.observe(e.duration_s)
-            self.written.inc(e.written_bytes if e.written_bytes is not None else e.bytes)
-            self.size.set(e.bytes)
-        elif isinstance(e, ev.SaveFailed):
-            self.checkpoint_failures.inc()
-        elif isinstance(e, ev.RestoreCompleted):
-            self.restore.observe(e.duration_s)
-            self.replayed.inc(e.replayed_steps or 0)
-            self.step.set(e.step)
-        elif isinstance(e, ev.NoticeReceived):
-            self.notices.labels(e.source, e.kind).inc()
-        elif isinstance(e, ev.EmergencyFinished):
-            self.emergency.labels(e.choice, "true" if e.committed and e.before_deadline is not False else "false").inc()
-        elif isinstance(e, ev.CheckpointSkipped):
-            self.skipped.inc()
-        elif isinstance(e, ev.AttemptEnded):
-            self.attempts.labels(e.pool, e.exit_class).inc()
-            self.attempt_seconds.labels(e.pool).observe(e.duration_s)
-            self.cost.labels(e.pool).inc(e.cost)
-        elif isinstance(e, ev.RetryDecided) and e.relaunch:
-            self.retry_delay.observe(e.delay_s)
-        elif isinstance(e, ev.Escalated):
-            self.escalations.inc()
-        elif isinstance(e, ev.Excluded):
-            self.exclusions.labels(e.pool, "machine" if e.machine else "pool").inc()
-        elif isinstance(e, ev.MarketInterruption) and e.interrupted is not None:
-            self.market_interruptions.inc()
+    def collect(self) -> Iterator[Metric]:
+        """The families, read from the model (the registry calls this at each scrape)."""
+        with self._lock:
+            yield from self._job(self.model)
+            yield from self._supervisor(self.model)
+
+    @staticmethod
+    def _job(m: RunModel) -> Iterator[Metric]:
+        saves = [s.event for s in m.saves]
+        yield GaugeMetricFamily("spotsafe_step", "The newest training step this process reported.", value=m.step or 0)
+        yield _counter(
+            "spotsafe_checkpoints",
+            "Checkpoints committed, by reason.",
+            _count((s.reason,) for s in saves),
+            ["reason"],
+        )
+        failures = sum(1 for f in m.failures if isinstance(f.event, ev.SaveFailed))
+        yield _counter("spotsafe_checkpoint_failures", "Checkpoint saves that failed.", {(): failures})
+        yield _histogram(
+            "spotsafe_checkpoint_stall_seconds",
+            "Time training was paused to copy the state for a checkpoint.",
+            {(): [s.stall_s for s in saves]},
+            DURATION_BUCKETS,
+        )
+        yield _histogram(
+            "spotsafe_checkpoint_write_seconds",
+            "Time from the start of a save to its commit (durable).",
+            {(): [s.duration_s for s in saves]},
+            DURATION_BUCKETS,
+        )
+        written = sum(s.written_bytes if s.written_bytes is not None else s.bytes for s in saves)
+        yield _counter("spotsafe_checkpoint_written_bytes", "Bytes written by committed checkpoints.", {(): written})
+        yield GaugeMetricFamily(
+            "spotsafe_checkpoint_size_bytes",
+            "Size of the newest committed checkpoint.",
+            value=saves[-1].bytes if saves else 0,
+        )
+        yield _histogram(
+            "spotsafe_restore_seconds",
+            "Time to restore a checkpoint.",
+            {(): [r.event.duration_s for r in m.restores]},
+            DURATION_BUCKETS,
+        )
+        yield _counter("spotsafe_replayed_steps", "Training steps done again after a restore.", {(): m.replayed_total})
+        yield _counter(
+            "spotsafe_notices",
+            "Interruption notices received, by source and kind.",
+            _count((n.source, n.kind) for n in m.notices),
+            ["source", "kind"],
+        )
+        ends = _count(
+            (e.choice, "true" if e.committed and e.before_deadline is not False else "false") for e in m.emergencies
+        )
+        yield _counter(
+            "spotsafe_emergency_saves",
+            "Emergency saves on a stop notice, by choice and whether they committed before the deadline.",
+            ends,
+            ["choice", "committed"],
+        )
+        yield _counter(
+            "spotsafe_checkpoints_skipped", "Damaged or partial checkpoints passed over on restore.", {(): m.skipped}
+        )
+
+    @staticmethod
+    def _supervisor(m: RunModel) -> Iterator[Metric]:
+        yield _counter(
+            "spotsafe_attempts",
+            "Attempts that ended, by pool and exit class.",
+            _count((e.pool, e.exit_class) for e in m.ended),
+            ["pool", "exit_class"],
+        )
+        yield _histogram(
+            "spotsafe_attempt_duration_seconds",
+            "How long attempts ran, by pool.",
+            _by(((e.pool,), e.duration_s) for e in m.ended),
+            ATTEMPT_BUCKETS,
+            ["pool"],
+        )
+        yield _counter(
+            "spotsafe_cost_dollars",
+            "Money spent on attempts, by pool.",
+            _sums(((e.pool,), e.cost) for e in m.ended),
+            ["pool"],
+        )
+        yield _histogram(
+            "spotsafe_retry_delay_seconds",
+            "Backoff before a relaunch.",
+            {(): list(m.relaunch_delays)},
+            DURATION_BUCKETS,
+        )
+        yield _counter("spotsafe_escalations", "Moves to on-demand capacity for a deadline.", {(): m.escalations})
+        excluded = _count((e.pool, "machine" if e.machine else "pool") for e in m.exclusions)
+        yield _counter(
+            "spotsafe_exclusions",
+            "Pools or machines excluded for a cool-down, by pool.",
+            excluded,
+            ["pool", "what"],
+        )
+        yield _counter(
+            "spotsafe_drill_interruptions", "Interruptions a drill's emulated market delivered.", {(): len(m.market)}
+        )
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Expose ``/metrics`` on ``addr:port`` (0: a free port) from a daemon thread; returns the port."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from spotsafe.errors import ConfigError
+from spotsafe.reasons import SaveReason
 from spotsafe.telemetry.report import Report
 from spotsafe.telemetry.timeline import Timeline
 
@@ -115,8 +116,8 @@ def figure(timeline: Timeline, report: Report | None) -> Figure:
     _scatter(lane, [(m(x.time), 0.92) for x in timeline.notices], "v", COLOURS["notice"], 60)
     _scatter(lane, [(m(x.time), 0.5) for x in timeline.interruptions], "X", COLOURS["interruption"], 80)
     _scatter(lane, [(m(x.time), 1.05) for x in timeline.market], "|", COLOURS["market"], 80)
-    regular = [x for x in timeline.checkpoints if x.kind != "notice"]
-    emergency = [x for x in timeline.checkpoints if x.kind == "notice"]
+    regular = [x for x in timeline.checkpoints if x.kind != SaveReason.NOTICE]
+    emergency = [x for x in timeline.checkpoints if x.kind == SaveReason.NOTICE]
     _scatter(lane, [(m(x.time), 0.1) for x in regular], "|", COLOURS["checkpoint"], 60)
     _scatter(lane, [(m(x.time), 0.1) for x in emergency], "D", COLOURS["emergency"], 25)
     _scatter(lane, [(m(x.time), 0.1) for x in timeline.failures], "x", COLOURS["failure"], 40)

@@ -22,9 +22,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from spotsafe.errors import StorageError
-from spotsafe.storage.base import Storage
+from spotsafe.reasons import ExitReason
+from spotsafe.storage.base import Storage, local_paths
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, parse_lines, read_events
+from spotsafe.telemetry.runmodel import RunModel
 
 EVENTS_PREFIX = "events"
 _SEGMENT = re.compile(r"^a(\d{6})-p(\d{8})-([0-9a-f]{8})$")
@@ -90,22 +92,25 @@ def event_parts(storage: Storage) -> list[str]:
 
 def read_run_events(storage: Storage) -> Iterator[LoggedEvent]:
     """Every event of the run, in order: the local ``events.jsonl`` and/or uploaded parts."""
-    path_of = getattr(storage, "path_of", None)
-    if path_of is not None:
-        yield from read_events(path_of(EVENTS_FILE))
+    local = local_paths(storage)
+    if local is not None:
+        yield from read_events(local.path_of(EVENTS_FILE))
     for key in event_parts(storage):
         yield from parse_lines(storage.read(key).splitlines())
 
 
 @dataclass(frozen=True)
 class SaveSample:
-    """What one committed save cost (from a ``save_committed`` event)."""
+    """What one committed save cost (from a ``save_committed`` event), as the emergency planner keeps it."""
 
     bytes: int
+    """The checkpoint's size (shared blobs of older checkpoints included)."""
     written_bytes: int
+    """What this save wrote."""
     stall_s: float
     duration_s: float
     route: str
+    """``direct`` or ``local-then-upload``."""
     local_s: float | None = None
     upload_s: float | None = None
 
@@ -129,16 +134,6 @@ class RunHistory:
     saves: list[SaveSample] = field(default_factory=list)
 
 
-@dataclass
-class _Attempt:
-    started: float
-    last: float
-    exit_reason: str | None = None
-    exit_step: int | None = None
-    committed_steps: set[int] = field(default_factory=set)
-    restored_at: float | None = None
-
-
 def sample_of(event: ev.SaveCommitted) -> SaveSample:
     """What a committed save cost, as the cost model keeps it."""
     return SaveSample(
@@ -155,48 +150,23 @@ def sample_of(event: ev.SaveCommitted) -> SaveSample:
 def read_history(storage: Storage, *, max_saves: int = 50) -> RunHistory:
     """The run's history from its event log, read by a process about to start a new attempt
     (every attempt in the log has ended)."""
-    history = RunHistory()
-    attempts: list[_Attempt] = []
-    for logged in read_run_events(storage):
-        event = logged.event
-        if event.type in ev.SUPERVISOR_TYPES:
-            continue  # written between attempts by the supervisor: no attempt's time
-        if isinstance(event, ev.RunStarted):
-            attempts.append(_Attempt(event.time, event.time))
-            history.last_step = None
-            continue
-        if not attempts:
-            continue
-        current = attempts[-1]
-        current.last = max(current.last, event.time)
-        if isinstance(event, (ev.Progress, ev.SaveCommitted, ev.RunExited, ev.RestoreCompleted)):
-            history.last_step = max(history.last_step or 0, event.step)
-        if isinstance(event, ev.SaveCommitted):
-            current.committed_steps.add(event.step)
-            history.saves.append(sample_of(event))
-        elif isinstance(event, ev.RunExited):
-            current.exit_reason, current.exit_step = event.reason, event.step
-        if isinstance(event, ev.RestoreCompleted):
-            current.committed_steps.add(event.step)  # stopping at the restored step loses nothing
-        elif isinstance(event, ev.RestoreFresh):
-            current.committed_steps.add(0)  # nor does stopping before the first step
-        if isinstance(event, (ev.RestoreCompleted, ev.RestoreFresh)) and current.restored_at is None:
-            current.restored_at = event.time
-    history.attempts = len(attempts)
-    history.saves = history.saves[-max_saves:]
-    for i, attempt in enumerate(attempts):
-        history.run_s += attempt.last - attempt.started
-        if i > 0 and attempts[i - 1].exit_reason != "finished" and attempt.restored_at is not None:
-            history.restart_s.append(max(0.0, attempt.restored_at - attempts[i - 1].last))
-        if attempt.exit_reason == "finished":
+    return history_of(RunModel.fold(read_run_events(storage), series=False), max_saves=max_saves)
+
+
+def history_of(model: RunModel, *, max_saves: int = 50) -> RunHistory:
+    """The history of the attempts that ran (wrote events) in ``model``: each is an interruption unless the
+    job itself said it finished."""
+    worked = [a for a in model.attempts if not a.silent]
+    history = RunHistory(attempts=len(worked), last_step=worked[-1].furthest_step if worked else None)
+    history.saves = [sample_of(s) for s in model.checkpoints][-max_saves:]
+    for i, attempt in enumerate(worked):
+        history.run_s += attempt.end - attempt.start
+        before = worked[i - 1] if i > 0 else None
+        if before is not None and before.exited != ExitReason.FINISHED and attempt.first_restored_at is not None:
+            history.restart_s.append(max(0.0, attempt.first_restored_at - before.end))
+        if attempt.exited == ExitReason.FINISHED:
             continue
         history.interruptions += 1
-        if attempt.exit_reason != "preempted" or attempt.exit_step not in attempt.committed_steps:
+        if attempt.exited != ExitReason.PREEMPTED or attempt.exit_step not in attempt.committed_steps:
             history.unnoticed += 1
     return history
-
-
-def run_history(storage: Storage) -> tuple[int, int | None]:
-    """Attempts so far, and the furthest step the latest attempt reached, from the run's event log."""
-    history = read_history(storage)
-    return history.attempts, history.last_step

@@ -1,6 +1,6 @@
 """A run's timeline: attempts, interruptions, checkpoints, training progress and cost over time.
 
-Built from the run's event log alone (the same events as :mod:`spotsafe.telemetry.report`),
+Read from the run model (:mod:`spotsafe.telemetry.runmodel`, the same fold as the report's),
 so a running run's timeline is the same computation on a shorter log. The dashboard and
 ``spotsafe report --plot`` draw it; ``to_json`` gives it to anything else.
 
@@ -26,13 +26,17 @@ so a running run's timeline is the same computation on a shorter log. The dashbo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from spotsafe.reasons import ExitReason, SaveReason
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import LoggedEvent
 from spotsafe.telemetry.report import Report
+from spotsafe.telemetry.runmodel import RunModel
+from spotsafe.telemetry.runrecords import UNANNOUNCED, Gap
+
+__all__ = ["Gap", "Mark", "Span", "Timeline", "build_timeline", "timeline_of"]
 
 
 @dataclass
@@ -54,7 +58,8 @@ class Span:
 
     @property
     def interrupted(self) -> bool:
-        return not self.running and self.outcome != "finished"
+        """It ended without finishing (nor failing on its own): as :attr:`RunModel.interrupted` counts it."""
+        return not self.running and self.outcome not in (ExitReason.FINISHED, ExitReason.NO_USABLE_CHECKPOINT)
 
 
 @dataclass
@@ -66,15 +71,6 @@ class Mark:
     label: str
     step: int | None = None
     attempt: int | None = None
-
-
-@dataclass
-class Gap:
-    """Time outside attempts: launching the first, a restart, a backoff, a wait for capacity."""
-
-    start: float
-    end: float
-    label: str
 
 
 @dataclass
@@ -110,111 +106,51 @@ def build_timeline(
 ) -> Timeline:
     """The timeline of one run from its events (in log order). ``report``: the same run's report, for the
     on-demand line (its price and useful time per step). ``now``: how far a running attempt has got."""
-    times = [logged.event.time for logged in events]
-    start = min(times) if times else (now or 0.0)
-    end = max(times) if times else start
-    t = Timeline(run=run, start=start, end=end)
-    pending_pool: tuple[str, str, float, int] | None = None  # pool, market, price per hour, nodes
-    rates: dict[int, float] = {}  # attempt index -> dollars per second while it runs
-    ended_costs: list[tuple[float, float, float]] = []  # start, end, dollars
-    last_end: float | None = None
-    launched: float | None = None  # the supervisor's launch of the first attempt, before its process ran
-    wait_label: str | None = None
-    ran = {logged.attempt for logged in events if isinstance(logged.event, ev.RunStarted)}  # attempts that wrote
-    for logged in events:
-        e = logged.event
-        if isinstance(e, ev.AttemptStarted):
-            pending_pool = (e.pool, e.market, e.price_per_hour, e.nodes)
-            launched = e.time if launched is None else launched
+    return timeline_of(run, RunModel.fold(events, now=now), report)
+
+
+def timeline_of(run: str, model: RunModel, report: Report | None = None) -> Timeline:
+    """The timeline of one run from its model (folded with its series)."""
+    start = model.first if model.first is not None else (model.now or 0.0)
+    last = model.last_time
+    t = Timeline(run=run, start=start, end=last if last is not None else start, gaps=list(model.gaps))
+    for a in model.attempts:
+        running = model.running and a is model.attempts[-1]
+        t.attempts.append(
+            Span(a.number, a.start, model.end_of(a), a.pool, a.market, a.outcome, a.source, a.restored_step,
+                 running=running, silent=a.silent)
+        )  # fmt: skip
+        t.progress.append(list(a.series))
+        if a.notice is not None:
+            t.notices.append(Mark(a.notice.time, "notice", f"{a.notice.source} notice", a.notice.step, a.number))
+    for e in model.market.values():
+        t.market.append(Mark(e.time, "market", f"market interruption {e.number} ({e.mode})", None, e.interrupted))
+    for save in model.saves:
+        if save.attempt is not None:
+            s = save.event
+            what = "emergency checkpoint" if s.reason == SaveReason.NOTICE else f"checkpoint ({s.reason})"
+            t.checkpoints.append(Mark(s.time, s.reason, f"{what} at step {s.step}", s.step, save.attempt))
+    for failure in model.failures:
+        f = failure.event
+        if failure.attempt is None:
             continue
-        if isinstance(e, ev.AttemptEnded):
-            ended_costs.append((e.time - e.duration_s, e.time, e.cost))
-            if e.number not in ran:  # its process wrote nothing
-                if e.exit_class not in ("no_capacity", "succeeded"):  # stopped as it started (see the report)
-                    start = max(e.time - e.duration_s, last_end if last_end is not None else -math.inf)
-                    span = Span(len(t.attempts) + 1, min(start, e.time), e.time, outcome=e.exit_class, silent=True)
-                    if pending_pool is not None:
-                        span.pool, span.market = pending_pool[0], pending_pool[1]
-                    if last_end is not None and span.start > last_end:
-                        t.gaps.append(Gap(last_end, span.start, wait_label or "restart"))
-                    t.attempts.append(span)
-                    t.progress.append([])
-                    pending_pool, wait_label, last_end = None, None, span.end
-            elif t.attempts and t.attempts[-1].outcome is None and e.exit_class != "no_capacity":
-                t.attempts[-1].outcome = "finished" if e.exit_class == "succeeded" else e.exit_class
-            if e.exit_class == "no_capacity":
-                wait_label = f"no capacity in {e.pool}"
-            continue
-        if isinstance(e, ev.RetryDecided):
-            if e.relaunch and e.delay_s > 0 and wait_label is None:
-                wait_label = f"backoff {e.delay_s:.0f} s"
-            continue
-        if isinstance(e, ev.NoPoolAvailable):
-            wait_label = "no pool available"
-            continue
-        if isinstance(e, ev.MarketInterruption):
-            if e.interrupted is not None and e.interrupted not in {m.attempt for m in t.market}:  # once each
-                t.market.append(
-                    Mark(e.time, "market", f"market interruption {e.number} ({e.mode})", None, e.interrupted)
-                )
-            continue
-        if e.type in ev.SUPERVISOR_TYPES:
-            continue
-        if isinstance(e, ev.RunStarted):
-            span = Span(number=len(t.attempts) + 1, start=e.time, end=e.time)
-            if pending_pool is not None:
-                span.pool, span.market = pending_pool[0], pending_pool[1]
-                rates[len(t.attempts)] = pending_pool[2] * pending_pool[3] / 3600.0
-            if last_end is not None and e.time > last_end:
-                t.gaps.append(Gap(last_end, e.time, wait_label or "restart"))
-            elif last_end is None and launched is not None and e.time > launched:
-                t.gaps.append(Gap(launched, e.time, "launching"))
-            pending_pool = None
-            wait_label = None
-            t.attempts.append(span)
-            t.progress.append([])
-            last_end = e.time
-            continue
-        if not t.attempts:
-            continue
-        a = t.attempts[-1]
-        a.end = max(a.end, e.time)
-        last_end = a.end
-        series = t.progress[-1]
-        if isinstance(e, ev.Progress):
-            series.append((e.time, e.step))
-        elif isinstance(e, ev.RestoreCompleted):
-            a.restored_step = e.step
-            series.append((e.time, e.step))
-            t.restores.append(Mark(e.time, "restore", f"restored step {e.step} ({e.checkpoint})", e.step, a.number))
-        elif isinstance(e, ev.RestoreFresh):
-            series.append((e.time, 0))
-        elif isinstance(e, ev.SaveCommitted):
-            series.append((e.time, e.step))
-            what = "emergency checkpoint" if e.reason == "notice" else f"checkpoint ({e.reason})"
-            t.checkpoints.append(Mark(e.time, e.reason, f"{what} at step {e.step}", e.step, a.number))
-        elif isinstance(e, ev.SaveFailed):
-            t.failures.append(Mark(e.time, "save_failed", f"save at step {e.step} failed: {e.error}", e.step, a.number))
-        elif isinstance(e, ev.CheckpointSkipped):
-            t.failures.append(Mark(e.time, "skipped", f"skipped damaged {e.checkpoint}", e.step, a.number))
-        elif isinstance(e, ev.NoticeReceived) and e.kind == "stop":
-            if a.source is None:
-                a.source = e.source
-                t.notices.append(Mark(e.time, "notice", f"{e.source} notice", e.step, a.number))
-        elif isinstance(e, ev.RunExited):
-            a.outcome = e.reason
-            series.append((e.time, e.step))
-    if t.attempts and t.attempts[-1].outcome is None:
-        t.attempts[-1].running = True
-        if now is not None:
-            t.attempts[-1].end = max(t.attempts[-1].end, now)
-            t.end = max(t.end, now)
-    for a in t.attempts:
-        if a.interrupted:
-            series = t.progress[a.number - 1]
-            step = series[-1][1] if series else None
-            t.interruptions.append(Mark(a.end, a.source or "unannounced", _interruption_label(a), step, a.number))
-    t.cost = _cost_series(t, ended_costs, rates)
+        if isinstance(f, ev.SaveFailed):
+            label = f"save at step {f.step} failed: {f.error}"
+            t.failures.append(Mark(f.time, "save_failed", label, f.step, failure.attempt))
+        else:
+            t.failures.append(Mark(f.time, "skipped", f"skipped damaged {f.checkpoint}", f.step, failure.attempt))
+    for restore in model.restores:
+        if restore.attempt is not None:
+            r = restore.event
+            label = f"restored step {r.step} ({r.checkpoint})"
+            t.restores.append(Mark(r.time, "restore", label, r.step, restore.attempt))
+    for a in model.interrupted:
+        span = t.attempts[a.number - 1]
+        step = a.series[-1][1] if a.series else None
+        t.interruptions.append(Mark(span.end, a.source or UNANNOUNCED, _interruption_label(span), step, a.number))
+    ended = [(e.time - e.duration_s, e.time, e.cost) for e in model.ended]
+    rates = {len(model.attempts) - 1: model.attempts[-1].rate or 0.0} if model.running else {}
+    t.cost = _cost_series(t, ended, rates)
     t.on_demand = _on_demand_series(t, report)
     return t
 

@@ -1,13 +1,20 @@
-"""What a supervised job is doing right now, from its run's events: a pure state machine (no I/O, no clock)."""
+"""What a supervised job is doing right now, from its run's events: a pure state machine (no I/O, no clock).
+
+The phase and its text are this module's; the figures (interruptions so far) are the run model's
+(:mod:`spotsafe.telemetry.runmodel`), fed the same events one at a time.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from spotsafe.reasons import ExitReason, SaveReason
 from spotsafe.supervisor.process import describe_exit
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import LoggedEvent
+from spotsafe.telemetry.runmodel import RunModel
+from spotsafe.telemetry.runrecords import CAPACITY_TAKEN, NO_CAPACITY, SUCCEEDED
 
 
 class Phase(StrEnum):
@@ -25,7 +32,7 @@ class Phase(StrEnum):
     FAILED = "failed"
 
 
-INTERRUPTED = frozenset({"preempted", "killed"})
+INTERRUPTED = CAPACITY_TAKEN
 """Exit classes that are interruptions (the capacity was taken), not errors."""
 
 
@@ -47,22 +54,21 @@ class LiveState:
     """The newest step this run committed or restored, as far as the events tell."""
     done: bool = False
     ok: bool | None = None
+    model: RunModel = field(default_factory=lambda: RunModel(series=False), repr=False)
+    """Every event this state saw, folded (the figures come from it)."""
     _notice: str | None = field(default=None, init=False, repr=False)
     _background: int | None = field(default=None, init=False, repr=False)
     _last_class: str | None = field(default=None, init=False, repr=False)
-    _ended_interruptions: int = field(default=0, init=False, repr=False)
-    _market_interruptions: int | None = field(default=None, init=False, repr=False)
 
     @property
     def interruptions(self) -> int:
         """Interruptions so far: those the drill's market delivered, else attempts that ended preempted or killed."""
-        if self._market_interruptions is not None:
-            return self._market_interruptions
-        return self._ended_interruptions
+        return self.model.capacity_interruptions
 
     def apply(self, logged: LoggedEvent) -> bool:
         """Take one event; returns whether the phase or its text changed."""
         event = logged.event
+        self.model.apply(logged)
         if (
             event.type not in ev.SUPERVISOR_TYPES
             and self.attempt is not None
@@ -97,19 +103,17 @@ class LiveState:
                 if event.step_before is not None:
                     self.step = event.step_before
                 where = event.pool + (f" ({event.market})" if event.market != "spot" else "")
-                if self.phase is Phase.CAPACITY and self._last_class == "no_capacity":
+                if self.phase is Phase.CAPACITY and self._last_class == NO_CAPACITY:
                     self.text = f"waiting for capacity in {where}: trying attempt {event.number}"
                 else:
                     self._set(Phase.STARTING, f"starting attempt {event.number} on {where}")
             case ev.AttemptEnded():
                 self._last_class = event.exit_class
-                if event.exit_class in INTERRUPTED:
-                    self._ended_interruptions += 1
                 if self.step is None and event.step_after is not None:
                     self.step = event.step_after
-                if event.exit_class == "no_capacity":
+                if event.exit_class == NO_CAPACITY:
                     self._set(Phase.CAPACITY, f"waiting for capacity in {event.pool}: it has none")
-                elif event.exit_class == "succeeded":
+                elif event.exit_class == SUCCEEDED:
                     self._set(Phase.ENDED, f"attempt {event.number} succeeded")
                 else:
                     code = f"{describe_exit(event.exit_code)}, " if event.exit_code is not None else ""
@@ -132,8 +136,6 @@ class LiveState:
                     self._set(Phase.WAITING, wait + after)
             case ev.NoPoolAvailable():
                 self._set(Phase.CAPACITY, f"waiting for capacity: {event.reason}; next try in {event.wait_s:.0f} s")
-            case ev.MarketInterruption():
-                self._market_interruptions = (self._market_interruptions or 0) + (event.interrupted is not None)
             case ev.JobFinished():
                 self.done, self.ok = True, event.state == "succeeded"
                 if self.ok:
@@ -164,12 +166,12 @@ class LiveState:
                     self._set(Phase.TRAINING, self._training())
             case ev.SaveStarted():
                 self.step = event.step
-                if self.phase is Phase.STOPPING or (event.reason == "notice" and self._notice):
+                if self.phase is Phase.STOPPING or (event.reason == SaveReason.NOTICE and self._notice):
                     self._set(Phase.STOPPING, f"{self._stopping()}: saving step {event.step}")
-                elif event.reason == "final":
+                elif event.reason == SaveReason.FINAL:
                     self._set(Phase.SAVING, f"saving the final checkpoint (step {event.step})")
                 else:
-                    why = "" if event.reason == "interval" else f" ({event.reason})"
+                    why = "" if event.reason == SaveReason.INTERVAL else f" ({event.reason})"
                     self._set(Phase.SAVING, f"saving step {event.step}{why}")
             case ev.SaveStaged():
                 if event.overlapped:
@@ -186,7 +188,7 @@ class LiveState:
                     self._background = None
                 if self.phase is Phase.STOPPING:
                     self.text = f"{self._stopping()}: checkpoint step {event.step} committed"
-                elif event.reason == "final":
+                elif event.reason == SaveReason.FINAL:
                     self._set(Phase.SAVING, f"saved the final checkpoint (step {event.step})")
                 elif self.phase is Phase.SAVING:
                     self._set(Phase.TRAINING, f"training (saved step {event.step})")
@@ -230,9 +232,9 @@ class LiveState:
                 self._set(Phase.FAILED, f"none of {event.checkpoints} committed checkpoint(s) can be restored")
             case ev.RunExited():
                 self.step = event.step
-                if event.reason == "finished":
+                if event.reason == ExitReason.FINISHED:
                     self._set(Phase.EXITING, f"training finished at step {event.step}")
-                elif event.reason == "no_usable_checkpoint":
+                elif event.reason == ExitReason.NO_USABLE_CHECKPOINT:
                     pass  # restore_failed said it
                 else:
                     how = f" on a notice from {self._notice}" if self._notice else ""

@@ -23,13 +23,13 @@ def follow_run(live: LiveStatus, config: RunConfig) -> Tracker:
     """The status line of a ``spotsafe run`` job: the supervisor's log (which local jobs append to as
     well), and for a remote run with pools on other machines, the parts those jobs upload."""
     from spotsafe.storage.registry import open_storage, protocol_of
-    from spotsafe.storage.retry import RetryPolicy
+    from spotsafe.storage.retry import StorageRetry
     from spotsafe.supervisor.run import events_file
 
     sources: list[EventSource] = [FileSource(events_file(config))]
     if protocol_of(config.url) != "file" and any(not pool.local for pool in config.pools):
         try:
-            sources.append(StorageSource(open_storage(config.url, retry=RetryPolicy(budget_s=5.0))))
+            sources.append(StorageSource(open_storage(config.url, retry=StorageRetry(budget_s=5.0))))
         except Exception as err:  # noqa: BLE001 - the supervisor reports a bad location; the status goes without
             log.debug("spotsafe: live status: cannot open %s: %s", config.url, err)
     return live.follow(f"job {config.name}", sources, total=config.total_steps, idle="starting the supervisor")

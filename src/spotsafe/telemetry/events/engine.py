@@ -1,27 +1,14 @@
-"""Typed telemetry events.
+"""Events the job process writes: its checkpointer's run, saves, restores and notices, and its storage.
 
-Every event is a frozen dataclass with a ``type`` name. On disk an event is one
-JSON object per line: ``{"type": ..., "time": ..., "run_id": ..., "attempt": ...,
-"pid": ..., <fields>}``. Reports are computed from these lines alone, so field
-names are part of the format: add fields, never rename them.
+Field names are part of the log format: add fields, never rename them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-
-@dataclass(frozen=True, kw_only=True)
-class Event:
-    """Base of all events. ``time`` is Unix time in seconds (wall clock)."""
-
-    type: ClassVar[str] = "event"
-    time: float
-
-    def fields(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+from spotsafe.telemetry.events.base import CheckpointEvent, Event, SaveEvent, SaveWithCheckpoint, StepEvent
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,7 +23,7 @@ class RunStarted(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class RunExited(Event):
-    """The process is about to exit on purpose (``reason``: finished or preempted)."""
+    """The process is about to exit on purpose (``reason``: an :class:`~spotsafe.reasons.ExitReason`)."""
 
     type: ClassVar[str] = "run_exited"
     reason: str
@@ -45,31 +32,25 @@ class RunExited(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Progress(Event):
+class Progress(StepEvent):
     """The training loop completed ``step`` (throttled; see ``progress_interval``)."""
 
     type: ClassVar[str] = "progress"
-    step: int
     epoch: int
 
 
 @dataclass(frozen=True, kw_only=True)
-class SaveStarted(Event):
-    """A checkpoint save began. ``reason``: interval, notice, final or manual."""
+class SaveStarted(SaveEvent):
+    """A checkpoint save began."""
 
     type: ClassVar[str] = "save_started"
-    step: int
-    reason: str
 
 
 @dataclass(frozen=True, kw_only=True)
-class SaveCommitted(Event):
+class SaveCommitted(SaveWithCheckpoint):
     """A checkpoint is durable and visible: its manifest was committed."""
 
     type: ClassVar[str] = "save_committed"
-    step: int
-    checkpoint: str
-    reason: str
     bytes: int
     blobs: int
     stall_s: float
@@ -84,7 +65,7 @@ class SaveCommitted(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SaveStaged(Event):
+class SaveStaged(SaveWithCheckpoint):
     """The state was copied into staging memory; training goes on while it is written.
 
     ``stall_s`` is how long the training loop waited (for an overlapped save, the part
@@ -94,9 +75,6 @@ class SaveStaged(Event):
     """
 
     type: ClassVar[str] = "save_staged"
-    step: int
-    checkpoint: str
-    reason: str
     bytes: int
     stall_s: float
     copied_bytes: int | None = None
@@ -105,27 +83,23 @@ class SaveStaged(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SaveSkipped(Event):
+class SaveSkipped(SaveEvent):
     """A save the policy asked for was deferred (``why``: the previous save is still being written)."""
 
     type: ClassVar[str] = "save_skipped"
-    step: int
-    reason: str
     why: str
 
 
 @dataclass(frozen=True, kw_only=True)
-class SaveFailed(Event):
+class SaveFailed(SaveEvent):
     """A save did not commit; nothing of it is visible to readers."""
 
     type: ClassVar[str] = "save_failed"
-    step: int
-    reason: str
     error: str
 
 
 @dataclass(frozen=True, kw_only=True)
-class RestoreCompleted(Event):
+class RestoreCompleted(StepEvent):
     """State was restored from ``checkpoint``.
 
     ``replayed_steps`` is the number of steps the previous attempt had completed
@@ -135,7 +109,6 @@ class RestoreCompleted(Event):
     """
 
     type: ClassVar[str] = "restore_completed"
-    step: int
     epoch: int
     checkpoint: str
     bytes: int
@@ -165,23 +138,29 @@ class RestoreFailed(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CheckpointSkipped(Event):
-    """Restore fell back past a checkpoint; ``reason`` says what is wrong with it."""
+class CheckpointSkipped(CheckpointEvent):
+    """Restore fell back past a checkpoint; ``reason`` says what is wrong with it (``step`` None: unknown)."""
 
     type: ClassVar[str] = "checkpoint_skipped"
-    checkpoint: str
-    step: int | None
     reason: str
 
 
 @dataclass(frozen=True, kw_only=True)
-class CheckpointDeleted(Event):
+class CheckpointDeleted(CheckpointEvent):
     """Retention deleted a committed checkpoint (``reason`` says which rule)."""
 
     type: ClassVar[str] = "checkpoint_deleted"
-    checkpoint: str
     step: int
     reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageRecovered(CheckpointEvent):
+    """At start, a checkpoint committed only on ``stage_dir`` (an emergency save that ran out of
+    time to upload) was newer than the durable ones and was uploaded."""
+
+    type: ClassVar[str] = "stage_recovered"
+    step: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,7 +202,7 @@ class NoticeSourceStatus(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EmergencyPlanned(Event):
+class EmergencyPlanned(StepEvent):
     """The emergency save chosen for a stop notice, from measured save costs.
 
     ``choice``: ``incremental``, ``full`` or ``local-then-upload``, or ``none`` when nothing
@@ -233,7 +212,6 @@ class EmergencyPlanned(Event):
     """
 
     type: ClassVar[str] = "emergency_planned"
-    step: int
     source: str
     deadline: float | None
     time_left_s: float | None
@@ -244,7 +222,7 @@ class EmergencyPlanned(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
-class EmergencyFinished(Event):
+class EmergencyFinished(StepEvent):
     """How the emergency save ended: ``committed`` durable or not, and whether before the deadline.
 
     ``still_writing``: not committed when the deadline (minus the margin) came; the process
@@ -254,7 +232,6 @@ class EmergencyFinished(Event):
     """
 
     type: ClassVar[str] = "emergency_finished"
-    step: int
     choice: str
     committed: bool
     deadline: float | None
@@ -274,16 +251,6 @@ class IntervalChosen(Event):
     interval_s: float | None
     interval_steps: int | None
     reason: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class StageRecovered(Event):
-    """At start, a checkpoint committed only on ``stage_dir`` (an emergency save that ran out of
-    time to upload) was newer than the durable ones and was uploaded."""
-
-    type: ClassVar[str] = "stage_recovered"
-    checkpoint: str
-    step: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,178 +280,29 @@ class RunWarning(Event):
     message: str
 
 
-# -- the supervisor's decisions (written by ``spotsafe run`` and ``spotsafe drill``) ----------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class PoolChosen(Event):
-    """Where the next attempt runs, and why. ``spot_finish``/``on_demand_finish``: projected finish
-    times (Unix) from the measured progress, when a deadline is set and enough is measured.
-    ``on_demand_per_hour``: what the job would pay an hour in its cheapest on-demand pool (price x nodes),
-    when it has one (the report's comparison)."""
-
-    type: ClassVar[str] = "pool_chosen"
-    job: str
-    pool: str
-    market: str
-    price_per_hour: float
-    reason: str
-    escalated: bool = False
-    excluded: list[str] = dataclasses.field(default_factory=list)
-    deadline: float | None = None
-    spot_finish: float | None = None
-    on_demand_finish: float | None = None
-    on_demand_per_hour: float | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class NoPoolAvailable(Event):
-    """Every pool that may be used is cooling down: the supervisor waits ``wait_s``."""
-
-    type: ClassVar[str] = "no_pool_available"
-    job: str
-    wait_s: float
-    reason: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Excluded(Event):
-    """A pool (``machine`` None) or one machine of it is left out until ``until`` (Unix), with the reason."""
-
-    type: ClassVar[str] = "excluded"
-    job: str
-    pool: str
-    machine: str | None
-    until: float
-    score: float
-    reason: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class Escalated(Event):
-    """The job moved to on-demand capacity because the projected finish passed the deadline."""
-
-    type: ClassVar[str] = "escalated"
-    job: str
-    reason: str
-    deadline: float
-    spot_finish: float | None
-    on_demand_finish: float | None
-
-
-@dataclass(frozen=True, kw_only=True)
-class AttemptStarted(Event):
-    type: ClassVar[str] = "attempt_started"
-    job: str
-    number: int
-    pool: str
-    market: str
-    price_per_hour: float
-    step_before: int | None
-    exclude: list[str] = dataclasses.field(default_factory=list)
-    nodes: int = 1
-
-
-@dataclass(frozen=True, kw_only=True)
-class AttemptEnded(Event):
-    """One attempt's end: how it exited, the checkpoint step before and after, what it cost."""
-
-    type: ClassVar[str] = "attempt_ended"
-    job: str
-    number: int
-    pool: str
-    machine: str | None
-    exit_code: int | None
-    exit_class: str
-    step_before: int | None
-    step_after: int | None
-    duration_s: float
-    cost: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class RetryDecided(Event):
-    """After an attempt: relaunch after ``delay_s``, or end the job (``relaunch`` false)."""
-
-    type: ClassVar[str] = "retry_decided"
-    job: str
-    relaunch: bool
-    delay_s: float
-    reason: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class JobFinished(Event):
-    type: ClassVar[str] = "job_finished"
-    job: str
-    state: str
-    reason: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class MarketInterruption(Event):
-    """``spotsafe drill``: the emulated market took capacity away (``interrupted`` None: no attempt was
-    running; else that attempt's number). ``killed``: the attempt outlived the notice window and got SIGKILL."""
-
-    type: ClassVar[str] = "market_interruption"
-    number: int
-    mode: str
-    interrupted: int | None
-    window_s: float
-    capacity_back_in_s: float
-    killed: bool
-
-
-SUPERVISOR_TYPES = frozenset(
-    cls.type
-    for cls in (
-        PoolChosen,
-        NoPoolAvailable,
-        Excluded,
-        Escalated,
-        AttemptStarted,
-        AttemptEnded,
-        RetryDecided,
-        JobFinished,
-        MarketInterruption,
-    )
+ENGINE_EVENTS: tuple[type[Event], ...] = (
+    RunStarted,
+    RunExited,
+    Progress,
+    SaveStarted,
+    SaveStaged,
+    SaveSkipped,
+    SaveCommitted,
+    SaveFailed,
+    RestoreCompleted,
+    RestoreFresh,
+    RestoreFailed,
+    CheckpointSkipped,
+    CheckpointDeleted,
+    PartialRemoved,
+    NoticeReceived,
+    NoticeSourceStatus,
+    EmergencyPlanned,
+    EmergencyFinished,
+    IntervalChosen,
+    StageRecovered,
+    WriterClaimed,
+    StorageRetry,
+    RunWarning,
 )
-"""Events the supervisor (or the drill's market) writes, not the job: they belong to no attempt's timeline."""
-
-EVENT_TYPES: dict[str, type[Event]] = {
-    cls.type: cls
-    for cls in (
-        RunStarted,
-        RunExited,
-        Progress,
-        SaveStarted,
-        SaveStaged,
-        SaveSkipped,
-        SaveCommitted,
-        SaveFailed,
-        RestoreCompleted,
-        RestoreFresh,
-        RestoreFailed,
-        CheckpointSkipped,
-        CheckpointDeleted,
-        PartialRemoved,
-        NoticeReceived,
-        NoticeSourceStatus,
-        EmergencyPlanned,
-        EmergencyFinished,
-        IntervalChosen,
-        StageRecovered,
-        WriterClaimed,
-        StorageRetry,
-        RunWarning,
-        PoolChosen,
-        NoPoolAvailable,
-        Excluded,
-        Escalated,
-        AttemptStarted,
-        AttemptEnded,
-        RetryDecided,
-        JobFinished,
-        MarketInterruption,
-    )
-}
+"""Every event type of this module, in the order of the log format's reference."""

@@ -1,11 +1,14 @@
-"""Local-then-upload: commit on fast local disk first, then copy to durable storage.
+"""Local-then-upload (``stage_dir``): commit on fast local disk first, then copy to durable storage.
+
+(Not to be confused with :mod:`spotsafe.engine.staging`, the reused host memory a snapshot is copied into.)
 
 The save worker commits the checkpoint in a local stage folder, then uploads it
 from that copy (which nothing modifies) and commits it on the durable store with
 the same protocol as a direct save (blobs, then the manifest, fenced). The local
 copy alone never counts as durable: restore reads only the durable store.
 
-At start, :func:`recover_stage` looks at what the stage folder still holds: a
+At start, :func:`open_stage` claims the stage folder for the run and
+:func:`recover_stage` looks at what it still holds: a
 committed local checkpoint newer than every durable one is an emergency save
 whose upload was cut off by the stop (the disk survived: an AWS ``stop`` or
 ``hibernate``, a persistent volume, a requeue on the same node). It is uploaded,
@@ -15,16 +18,20 @@ verified on the way, before anything else; then the folder is wiped.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 
-from spotsafe.errors import CorruptCheckpointError, SpotsafeError
-from spotsafe.storage.base import ChunkSource
+from spotsafe.errors import ConfigError, CorruptCheckpointError, SpotsafeError
+from spotsafe.storage.base import ChunkSource, local_paths
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.manifest import BlobEntry, Manifest
 from spotsafe.storage.repository import CHECKPOINTS, CheckpointRef, CheckpointRepository
 
 READ_CHUNK = 8 * 1024 * 1024
+STAGE_MARKER = "stage-of.json"
+"""Names the run a stage folder belongs to: only that run's local copies may be uploaded into it."""
 log = logging.getLogger("spotsafe")
 
 
@@ -99,3 +106,33 @@ def recover_stage(
 def wipe_stage(storage: LocalStorage) -> None:
     """Remove every staged checkpoint: none of them counts for anything after a restart."""
     storage.delete_prefix(CHECKPOINTS)
+
+
+def open_stage(
+    stage_dir: str | os.PathLike[str],
+    durable: CheckpointRepository,
+    *,
+    clock: Callable[[], float],
+) -> tuple[CheckpointRepository, LocalStorage, list[CheckpointRef]]:
+    """Claim ``stage_dir`` for the run of ``durable``: the stage's repository and storage, and what was recovered.
+
+    A stage that belongs to this run has its newest local checkpoint uploaded (:func:`recover_stage`);
+    one that belongs to another run (or to none) is wiped. Then it is marked as this run's.
+    """
+    stage = LocalStorage(stage_dir)
+    local = local_paths(durable.storage)
+    if local is not None and str(stage.root_path) == str(local.root_path):
+        raise ConfigError("stage_dir must differ from the run's location")
+    repo = CheckpointRepository(stage, clock=clock)
+    owner = str(durable.storage.url)
+    try:
+        marker = json.loads(stage.read(STAGE_MARKER)).get("run")
+    except (SpotsafeError, ValueError, AttributeError):
+        marker = None
+    recovered: list[CheckpointRef] = []
+    if marker == owner:  # only this run's local copies may be uploaded into it
+        recovered = recover_stage(repo, stage, durable)
+    else:
+        wipe_stage(stage)
+    stage.write_atomic(STAGE_MARKER, json.dumps({"run": owner}).encode())
+    return repo, stage, recovered

@@ -1,0 +1,228 @@
+"""Everything a checkpointer opens, opened in one place and closed in reverse.
+
+:func:`open_effects` opens, in this order (each step may use the ones before it):
+
+1. the run's storage (retrying transient errors; every retry becomes a ``storage_retry`` event);
+2. the run's history from its event log (earlier attempts: costs, interruptions, the last step);
+3. the writer lease: the next writer generation (older writers of the run are fenced off);
+4. the event log (in the run folder, or a local spool uploaded to the run) and, when
+   ``$SPOTSAFE_METRICS_PORT`` is set, the metrics endpoint; then ``run_started`` and
+   ``writer_claimed``, and the leftovers of saves that never committed are removed;
+5. the stage folder (``stage_dir``): this run's cut-off upload is finished first;
+6. the notice sources (signal handlers: main thread only);
+7. the :class:`~spotsafe.engine.saver.Saver`, which writes checkpoints.
+
+:meth:`Effects.close` closes them in reverse: the last exchange with other ranks is collected,
+the save in flight finishes, notice sources stop (signal handlers are put back), the metrics
+endpoint and the event log close. If opening fails halfway, what was opened is closed and the
+error propagates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from spotsafe.engine.agreement import Agreement
+from spotsafe.engine.commits import AfterSave
+from spotsafe.engine.config import NoticeConfig, SaveConfig, StorageConfig
+from spotsafe.engine.emergency import SaveCosts
+from spotsafe.engine.lifecycle import SaveJob
+from spotsafe.engine.saver import Saver
+from spotsafe.engine.upload_stage import open_stage
+from spotsafe.engine.watch import NoticeHub, make_sources
+from spotsafe.jobenv import JobEnv
+from spotsafe.policy.retention import KeepLast
+from spotsafe.storage.base import Storage, local_paths, retry_reporting
+from spotsafe.storage.errors import redact
+from spotsafe.storage.fencing import WriterLease
+from spotsafe.storage.registry import open_storage
+from spotsafe.storage.repository import CheckpointRepository
+from spotsafe.telemetry import events as ev
+from spotsafe.telemetry.log import EVENTS_FILE, EventLog, EventSink, RunIdentity
+from spotsafe.telemetry.metrics import serve_metrics
+from spotsafe.telemetry.store import EventUploader, RunHistory, read_history
+
+log = logging.getLogger("spotsafe")
+
+
+class Emitter:
+    """Emits typed events stamped with the wall clock: ``emit(ev.SaveStarted, step=3, reason=...)``.
+
+    Events before the sink is set (a storage retry while the event log is not open yet) are dropped.
+    """
+
+    def __init__(self, wall: Callable[[], float]) -> None:
+        self.wall = wall
+        self.sink: EventSink | None = None
+
+    def __call__(self, cls: type[ev.Event], **fields: Any) -> None:
+        if self.sink is not None:
+            self.sink.emit(cls(time=self.wall(), **fields))
+
+    def storage_retry(self, operation: str, attempt: int, delay: float, error: Exception) -> None:
+        """The hook a retrying storage calls before each retry."""
+        self(ev.StorageRetry, operation=operation, retry=attempt, delay_s=delay, error=redact(str(error)))
+
+
+@dataclass(eq=False)
+class Effects:
+    """What :func:`open_effects` opened (see the module docstring). ``close()`` is safe to call twice."""
+
+    storage: Storage
+    history: RunHistory
+    run_id: str
+    attempt: int
+    lease: WriterLease
+    repo: CheckpointRepository
+    events: EventSink
+    emit: Emitter
+    costs: SaveCosts
+    hub: NoticeHub
+    saver: Saver
+    stack: contextlib.ExitStack = field(repr=False)
+
+    def on_close(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` first at :meth:`close` (a hook on a component registered later)."""
+        self.stack.callback(callback)
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+def open_effects(
+    storage_config: StorageConfig,
+    save_config: SaveConfig,
+    notice_config: NoticeConfig,
+    *,
+    storage: Storage | None,
+    events: EventSink | None,
+    job: JobEnv,
+    agreement: Agreement | None,
+    owned: Callable[[], set[int]],
+    clock: Callable[[], float],
+    wall: Callable[[], float],
+) -> Effects:
+    """Open everything, in the order of the module docstring; on an error, close what was opened."""
+    emit = Emitter(wall)
+    with contextlib.ExitStack() as stack:
+        if storage is None:
+            assert storage_config.url is not None
+            storage = open_storage(
+                storage_config.url,
+                storage_config.storage_options,
+                retry=storage_config.retry,
+                on_retry=emit.storage_retry,
+            )
+        else:
+            retrying = retry_reporting(storage)
+            if retrying is not None and retrying.on_retry is None:  # an injected RetryingStorage
+                retrying.on_retry = emit.storage_retry
+        history = read_history(storage)
+        run_id = job.run_id or os.path.basename(str(storage.url).rstrip("/"))
+        attempt = job.attempt or history.attempts + 1
+        lease = WriterLease.acquire(storage, run_id=run_id, attempt=attempt, clock=wall)
+        repo = CheckpointRepository(storage, clock=wall, fence=lease.check)
+        if events is None:
+            events = _open_log(stack, storage, RunIdentity(run_id, attempt, os.getpid()), job)
+        emit.sink = events
+        emit(ev.RunStarted, url=str(storage.url), host=socket.gethostname())
+        emit(ev.WriterClaimed, generation=lease.generation)
+        for key in repo.remove_leftovers():
+            emit(ev.PartialRemoved, path=key)
+        stage = None
+        if storage_config.stage_dir is not None:
+            stage_repo, stage_storage, recovered = open_stage(storage_config.stage_dir, repo, clock=wall)
+            for ref in recovered:
+                emit(ev.StageRecovered, checkpoint=ref.name, step=ref.step)
+            stage = (stage_repo, stage_storage)
+        sources, reasons = make_sources(
+            notice_config.notices,
+            signals=notice_config.signals,
+            handle_signals=notice_config.handle_signals,
+            grace_s=notice_config.grace_s,
+        )
+        hub = NoticeHub(sources, reasons, emit)
+        hub.start()
+        stack.callback(hub.close)
+        costs = SaveCosts(s for s in history.saves)
+        saver = Saver(
+            repo,
+            on_done=AfterSave(repo, KeepLast(save_config.keep), emit, measured=costs.add),
+            on_staged=lambda job: _staged(emit, job, saver),
+            budget=save_config.staging_bytes,
+            background=save_config.async_save,
+            incremental=save_config.incremental,
+            overlap=save_config.overlap,
+            stage=stage,
+            owned=owned,
+            clock=clock,
+        )
+        stack.callback(_close_saver, saver)
+        if agreement is not None:
+            # Every rank posted the last exchange, so it completes; collecting it leaves no collective in flight.
+            stack.callback(_collect_quietly, agreement)
+        return Effects(
+            storage=storage,
+            history=history,
+            run_id=run_id,
+            attempt=attempt,
+            lease=lease,
+            repo=repo,
+            events=events,
+            emit=emit,
+            costs=costs,
+            hub=hub,
+            saver=saver,
+            stack=stack.pop_all(),
+        )
+
+
+def _open_log(stack: contextlib.ExitStack, storage: Storage, identity: RunIdentity, job: JobEnv) -> EventLog:
+    """The run's event log: in the run folder when it is on this machine, else a local spool that is uploaded."""
+    local = local_paths(storage)
+    if local is not None:
+        event_log = EventLog(local.path_of(EVENTS_FILE), identity)
+    else:
+        spool = job.events_file or os.path.join(
+            tempfile.gettempdir(), "spotsafe-events", f"{identity.run_id}-{identity.attempt}-{identity.pid}.jsonl"
+        )
+        event_log = EventLog(spool, identity, uploader=EventUploader(storage, identity.attempt, identity.pid))
+    stack.callback(event_log.close)
+    if job.metrics_port is not None:
+        metrics = serve_metrics(event_log, job.metrics_port, job.metrics_addr or "0.0.0.0")
+        stack.callback(metrics.close)
+    return event_log
+
+
+def _staged(emit: Emitter, job: SaveJob, saver: Saver) -> None:
+    emit(
+        ev.SaveStaged,
+        step=job.step,
+        checkpoint=job.ref.name,
+        reason=job.reason,
+        bytes=job.stats.bytes,
+        stall_s=job.stall_s,
+        copied_bytes=job.stats.copied_bytes,
+        staging_bytes=saver.staging_bytes,
+        overlapped=bool(job.deferred),
+    )
+
+
+def _close_saver(saver: Saver) -> None:
+    """Finish the save in flight; its failure can only be logged now."""
+    saver.close()
+    failure = saver.take_failure()
+    if failure is not None:
+        log.error("spotsafe: the last save failed: %s", redact(str(failure)))
+
+
+def _collect_quietly(agreement: Agreement) -> None:
+    with contextlib.suppress(Exception):
+        agreement.collect()

@@ -1,0 +1,103 @@
+"""Writing one checkpoint: blobs streamed and checksummed, then the manifest, committed last.
+
+A save is (1) :meth:`~spotsafe.storage.repository.CheckpointRepository.begin`, (2) any
+number of :meth:`PendingCheckpoint.write_blob` (and :meth:`PendingCheckpoint.add_shared`
+for an incremental save's blobs of older checkpoints), (3) :meth:`PendingCheckpoint.commit`.
+Until (3) returns, readers do not see the checkpoint at all: on a disk the manifest
+appears by rename, on an object store by a single PUT. Every save gets a folder of its
+own, so a save never writes into a committed checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from spotsafe.errors import CorruptCheckpointError
+from spotsafe.storage.base import BlobNotFoundError, Chunk, ChunkSource, Storage
+from spotsafe.storage.layout import CHECKPOINTS, CheckpointRef, blob_key
+from spotsafe.storage.manifest import MANIFEST_NAME, BlobEntry, Manifest, check_blob_name, new_hasher
+
+FenceCheck = Callable[[], None]
+"""Called right before a step that publishes or deletes; raises to stop a stale writer (see fencing)."""
+
+
+class PendingCheckpoint:
+    """A save in progress. Not visible to readers until :meth:`commit` returns."""
+
+    def __init__(self, storage: Storage, ref: CheckpointRef, clock: Callable[[], float], fence: FenceCheck) -> None:
+        self._storage = storage
+        self._clock = clock
+        self._fence = fence
+        self.ref = ref
+        self.blobs: list[BlobEntry] = []
+        self.committed = False
+
+    def add_shared(self, entry: BlobEntry) -> None:
+        """List a blob of an older checkpoint that this one uses without writing it again."""
+        if entry.checkpoint is None or entry.checkpoint == self.ref.name:
+            raise ValueError(f"a shared blob must live in another checkpoint, got {entry!r}")
+        if any(b.ref == entry.ref for b in self.blobs):
+            return
+        self.blobs.append(entry)
+
+    def write_blob(self, name: str, source: ChunkSource) -> BlobEntry:
+        """Stream one blob to storage, computing its size and checksum on the way.
+
+        ``source()`` must yield the same bytes every time it is called (a retry calls it again).
+        """
+        check_blob_name(name)
+        if any(b.ref == name for b in self.blobs):
+            raise ValueError(f"blob {name!r} written twice in one checkpoint")
+        hashers: list[object] = []
+
+        def hashed() -> Iterator[Chunk]:
+            hasher = new_hasher()
+            hashers.append(hasher)
+            for chunk in source():
+                hasher.update(chunk)
+                yield chunk
+
+        size = self._storage.write_stream(f"{self.ref.key}/{name}", hashed)
+        entry = BlobEntry(path=name, size=size, checksum=hashers[-1].hexdigest())  # type: ignore[attr-defined]
+        self.blobs.append(entry)
+        return entry
+
+    def commit(self, *, metadata: dict[str, object], writer: dict[str, object], verify_shared: bool = True) -> Manifest:
+        """Make the checkpoint exist. Every blob is durable before the manifest is written.
+
+        Shared blobs are checked to still exist with their recorded size (``verify_shared``;
+        off only for a local staging copy, whose shared blobs live on the durable store).
+        Raises :class:`~spotsafe.storage.fencing.FencedError` (and commits nothing)
+        if a newer writer has taken over the run.
+        """
+        if any(b.checkpoint is None for b in self.blobs):
+            self._storage.sync_prefix(self.ref.key)
+        for entry in self.blobs:
+            if entry.checkpoint is not None and verify_shared:
+                try:
+                    size = self._storage.size(blob_key(self.ref, entry))
+                except BlobNotFoundError:
+                    size = -1
+                if size != entry.size:
+                    raise CorruptCheckpointError(
+                        f"shared blob {entry.ref} is gone or changed; not committing a checkpoint that needs it",
+                        checkpoint=self.ref.name,
+                    )
+        manifest = Manifest(
+            step=self.ref.step,
+            created_at=self._clock(),
+            blobs=tuple(self.blobs),
+            metadata=dict(metadata),
+            writer=dict(writer),
+        )
+        self._fence()
+        self._storage.write_atomic(f"{self.ref.key}/{MANIFEST_NAME}", manifest.to_bytes())
+        self._storage.sync_prefix(CHECKPOINTS)
+        self.committed = True
+        return manifest
+
+    def abort(self) -> None:
+        """Remove what was written. Never called after :meth:`commit`."""
+        if self.committed:
+            raise RuntimeError("refusing to abort a committed checkpoint")
+        self._storage.delete_prefix(self.ref.key)

@@ -1,0 +1,156 @@
+"""Reference runs: the job once, uninterrupted, and the bit-for-bit comparison of an interrupted run with it.
+
+The demo and the drill prove the same thing: a job interrupted again and again ends with exactly the
+state it ends with uninterrupted. Both run the reference the same way, here: through the supervisor's
+loop (:class:`~spotsafe.supervisor.run.Supervisor`) with one attempt and no relaunch, in a scratch job
+store, the job's output discarded (its stderr kept), its checkpoints in the reference folder.
+
+:func:`ensure_reference` (the drill) keeps a finished reference, marked with :data:`REFERENCE_MARKER`,
+and reuses it for the same command; :func:`run_reference` (the demo) always runs it.
+:func:`compare_final` compares the newest valid checkpoint of two runs, component by component, and
+:func:`bit_identical` says whether that comparison found them identical.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from spotsafe.engine.reader import load_newest_valid
+from spotsafe.errors import ConfigError
+from spotsafe.exit_codes import EXIT_PREEMPTED
+from spotsafe.jobenv import JobEnv
+from spotsafe.state.compare import differences
+from spotsafe.storage.registry import open_storage
+from spotsafe.storage.repository import CheckpointRepository
+from spotsafe.supervisor.config import RunConfig
+from spotsafe.supervisor.pools import Handle, LaunchSpec, ProcessHandle
+from spotsafe.supervisor.process import describe_exit, launch
+from spotsafe.supervisor.run import Supervisor
+from spotsafe.supervisor.store import JobStore
+from spotsafe.telemetry import events as ev
+
+REFERENCE_MARKER = "drill-reference.json"
+REFERENCE_RUN_ID = "reference"
+
+
+class _Duration:
+    """The reference's supervisor events go nowhere (its folder holds the job's own events only) but for the
+    attempt's duration, from its launch to its exit."""
+
+    seconds: float | None = None
+
+    def emit(self, event: ev.Event) -> None:
+        if isinstance(event, ev.AttemptEnded):
+            self.seconds = event.duration_s
+
+
+class _ReferenceLauncher:
+    """The attempt as a local process with ``env`` added; its stdout discarded, its stderr this process's."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = dict(env)
+
+    def start(self, spec: LaunchSpec) -> Handle:
+        job = launch(
+            spec.command,
+            env={**spec.env, **self.env},
+            stdout=subprocess.DEVNULL,
+            parent_death_signal=signal.SIGTERM,
+        )
+        return ProcessHandle(job, spec.pool, socket.gethostname(), None)
+
+
+def run_reference(command: Sequence[str], folder: str | Path, *, notices: str | None = None) -> float:
+    """Run ``command`` once, uninterrupted, with its checkpoints in ``folder``; return its wall time (seconds,
+    from its launch to its exit).
+
+    ``notices``: the job's ``$SPOTSAFE_NOTICES`` (``None``: unset, the job detects its own). Raises
+    :class:`~spotsafe.errors.ConfigError` when the run does not exit 0 (it is never relaunched).
+    """
+    with tempfile.TemporaryDirectory(prefix="spotsafe-reference-") as scratch:
+        store = Path(scratch) / "jobs.sqlite"
+        duration = _Duration()
+        config = RunConfig(name=REFERENCE_RUN_ID, command=tuple(command), url=str(folder), store=store)
+        code = Supervisor(
+            config,
+            launcher=_ReferenceLauncher(JobEnv(notices=notices).to_env()),
+            events=duration,
+            say=lambda line: None,
+            stop_after=lambda number: "a reference run has one attempt",
+        ).run()
+        with JobStore(store) as jobs:
+            attempts = jobs.attempts(REFERENCE_RUN_ID)
+    last = attempts[-1] if attempts else None
+    exit_code = last.exit_code if last is not None else None
+    if exit_code == 0 and duration.seconds is not None:
+        return duration.seconds
+    if code == EXIT_PREEMPTED and exit_code is not None:
+        raise ConfigError(f"the reference run was stopped ({describe_exit(exit_code)}); run it again to go on")
+    what = describe_exit(exit_code) if exit_code is not None else "no exit code"
+    raise ConfigError(f"the reference run failed ({what}); run the command by hand to see why")
+
+
+def ensure_reference(
+    command: Sequence[str],
+    folder: Path,
+    log: Callable[[str], None],
+    started: Callable[[], None] | None = None,
+) -> tuple[float, bool]:
+    """The reference run's wall time, running it unless ``folder`` holds a finished run of ``command``.
+    ``started`` is called just before the reference run starts."""
+    marker = folder / REFERENCE_MARKER
+    try:
+        doc = json.loads(marker.read_text(encoding="utf-8"))
+        if doc.get("command") == list(command) and load_newest_valid(CheckpointRepository(open_storage(folder))):
+            log(f"reusing the reference run in {folder} ({doc['seconds']:.1f} s)")
+            return float(doc["seconds"]), True
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if folder.exists():
+        if any(folder.iterdir()) and not marker.exists():
+            raise ConfigError(
+                f"{folder} is not empty and holds no drill reference ({REFERENCE_MARKER}); spotsafe drill will not "
+                "delete it: pass another --reference, or empty it"
+            )
+        shutil.rmtree(folder)
+    log(f"reference run (uninterrupted): {' '.join(command)}")
+    if started is not None:
+        started()
+    seconds = run_reference(command, folder, notices="signals")
+    if load_newest_valid(CheckpointRepository(open_storage(folder))) is None:
+        raise ConfigError(
+            f"the reference run finished without a checkpoint in {folder}: the command must use spotsafe's "
+            "Checkpointer with the location from $SPOTSAFE_CHECKPOINT_URL (and call finish())"
+        )
+    marker.write_text(json.dumps({"command": list(command), "seconds": seconds}), encoding="utf-8")
+    log(f"reference run finished in {seconds:.1f} s")
+    return seconds, False
+
+
+def compare_final(reference: str | Path, other: str | Path) -> tuple[int | None, int | None, dict[str, list[str]]]:
+    """Final step of each run (folders or URLs) and, per component, the differences (empty list: identical)."""
+    a = load_newest_valid(CheckpointRepository(open_storage(reference)))
+    b = load_newest_valid(CheckpointRepository(open_storage(other)))
+    if a is None or b is None:
+        return (a.step if a else None), (b.step if b else None), {}
+    names = list(dict.fromkeys([*a.components, *b.components]))
+    diffs: dict[str, list[str]] = {}
+    for name in names:
+        if name not in a.components or name not in b.components:
+            diffs[name] = [f"{name}: present in only one run"]
+        else:
+            diffs[name] = differences(a.components[name], b.components[name], name)
+    return a.step, b.step, diffs
+
+
+def bit_identical(reference_step: int | None, other_step: int | None, diffs: Mapping[str, list[str]]) -> bool:
+    """What :func:`compare_final`'s answer says: both runs ended at the same step, with components compared,
+    and none of them differs."""
+    return reference_step is not None and reference_step == other_step and bool(diffs) and not any(diffs.values())
