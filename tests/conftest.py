@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -464,3 +465,29 @@ def object_store(request: pytest.FixtureRequest) -> ObjectStore:
         return ObjectStore("gcs", "gs", gcs.endpoint)
     azure: AzureServer = request.getfixturevalue("azure_server")
     return ObjectStore("azure", "az", azure.endpoint)
+
+
+# -- a real run with checkpoints at steps 7, 14, 21 and 28, shared by the CLI and inventory tests ----------
+RUN_METADATA = {"experiment": "cli-test", "lr": 0.01}
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run with committed checkpoints at steps 7, 14, 21 and 28, built once by a real training job."""
+    path = tmp_path_factory.mktemp("pristine")
+    job = make_job(path, keep=10, metadata=RUN_METADATA)
+    job.train(28)
+    job.ckpt.close()
+    return path
+
+
+@pytest.fixture
+def run_dir(pristine: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "run"
+    shutil.copytree(pristine, path)
+    return path
+
+
+def folder(run_dir: Path, step: int) -> Path:
+    (found,) = (run_dir / "checkpoints").glob(f"*-step-{step:012d}-*")
+    return found

@@ -12,17 +12,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
 from torch import nn
 
 from spotsafe.state.snapshot import Snapshot
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.repository import CheckpointRepository
 
-from .conftest import PROCESS_HANG_S, S3Server, make_job
+from .conftest import PROCESS_HANG_S, RUN_METADATA, S3Server, folder
 
 SPOTSAFE = str(Path(sys.executable).with_name("spotsafe"))
-METADATA = {"experiment": "cli-test", "lr": 0.01}
 STEPS = (7, 14, 21, 28)
 
 
@@ -53,28 +51,6 @@ def run_all(*commands: Sequence[str], env: dict[str, str] | None = None) -> list
                 proc.kill()
                 proc.wait()
     return done
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run with committed checkpoints at steps 7, 14, 21 and 28, built once by a real training job."""
-    path = tmp_path_factory.mktemp("pristine")
-    job = make_job(path, keep=10, metadata=METADATA)
-    job.train(28)
-    job.ckpt.close()
-    return path
-
-
-@pytest.fixture
-def run_dir(pristine: Path, tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    shutil.copytree(pristine, path)
-    return path
-
-
-def folder(run_dir: Path, step: int) -> Path:
-    (found,) = (run_dir / "checkpoints").glob(f"*-step-{step:012d}-*")
-    return found
 
 
 def flip_byte(path: Path, offset: int = 10) -> None:
@@ -263,7 +239,7 @@ def test_inspect_shows_metadata_blobs_and_model_parameters(run_dir: Path) -> Non
     assert as_json.returncode == 0, as_json.stderr
     doc = json.loads(as_json.stdout)
     assert doc["step"] == 28 and doc["name"] == folder(run_dir, 28).name  # default: the newest
-    assert doc["metadata"] == METADATA and doc["writer"]
+    assert doc["metadata"] == RUN_METADATA and doc["writer"]
     components = {c["name"]: c for c in doc["components"]}
     assert {"model", "optimizer", "scheduler", "loader", "progress", "rng"} <= set(components)
     params = {p["name"]: (p["dtype"], p["shape"]) for p in components["model"]["parameters"]}

@@ -4,7 +4,6 @@ the per-command Redactor, used directly (the command line itself is tested in te
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -29,31 +28,9 @@ from spotsafe.storage.redactor import Redactor
 from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRef
 
-from .conftest import S3Server, make_job
+from .conftest import S3Server, folder
 
 STEPS = (7, 14, 21, 28)
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run with committed checkpoints at steps 7, 14, 21 and 28."""
-    path = tmp_path_factory.mktemp("pristine")
-    job = make_job(path, keep=10)
-    job.train(28)
-    job.ckpt.close()
-    return path
-
-
-@pytest.fixture
-def run_dir(pristine: Path, tmp_path: Path) -> Path:
-    path = tmp_path / "run"
-    shutil.copytree(pristine, path)
-    return path
-
-
-def folder(run_dir: Path, step: int) -> Path:
-    (found,) = (run_dir / "checkpoints").glob(f"*-step-{step:012d}-*")
-    return found
 
 
 def leftover_name(run_dir: Path, step: int, named_at: float) -> str:
