@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1585,3 +1586,23 @@ def test_detected_sources_watch_the_emulator(tmp_path: Path, emulator: ProviderE
             source.stop()
     assert sorted(n.source for n in seen.pump().notices) == ["aws", "azure", "gcp"]
     assert all(n.kind == STOP for n in seen.notices)
+
+
+def test_the_emulator_is_quiet_when_a_killed_job_resets_its_connection(capfd: pytest.CaptureFixture[str]) -> None:
+    """A drill kills jobs mid-request; the emulator's server must not print a traceback for the reset."""
+    emu = ProviderEmulator().start()
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", emu.port)) as client:
+                client.sendall(b"GET /latest/meta-data/spot/instance-action HTTP/1.1\r\nHost: x\r\n")  # unfinished
+                # SO_LINGER 0: close() sends a reset, as the kernel does for a process killed with SIGKILL.
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # The server answers a well-formed request after the resets (it handled them and lives on).
+        connection = http.client.HTTPConnection("127.0.0.1", emu.port, timeout=30)
+        connection.request("PUT", "/latest/api/token", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"})
+        assert connection.getresponse().status == 200
+        connection.close()
+    finally:
+        emu.stop()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ConnectionResetError" not in err, err

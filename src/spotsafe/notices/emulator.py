@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -101,7 +102,7 @@ class ProviderEmulator:
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> ProviderEmulator:
         handler = type("Handler", (_Handler,), {"emulator": self})
-        self._server = ThreadingHTTPServer((self.host, self.port), handler)
+        self._server = _Server((self.host, self.port), handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="provider-emulator", daemon=True)
@@ -339,6 +340,15 @@ class ProviderEmulator:
     def _log(self, request: Request) -> None:
         with self._changed:
             self._state.requests.append(request)
+
+
+class _Server(ThreadingHTTPServer):
+    """Drills kill jobs mid-request on purpose: a client gone away is not an error worth a traceback."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
