@@ -21,7 +21,7 @@ from rich.table import Table
 
 from spotsafe.cli.output import console as stdout_console
 from spotsafe.exit_codes import EXIT_PREEMPTED
-from spotsafe.notices.base import NoticeBoard, NoticeSource
+from spotsafe.notices.base import Describes, NoticeBoard, NoticeSource
 from spotsafe.notices.detect import Detection, build_sources, detect
 
 
@@ -37,15 +37,7 @@ def describe_sources(detection: Detection, sources: list[NoticeSource]) -> Table
     table.add_column("why")
     table.add_column("watches")
     for source in sources:
-        what = getattr(source, "describe", None)
-        if callable(what):
-            watches = str(what())
-        elif hasattr(source, "watchers"):
-            watches = "; ".join(w.describe() for w in source.watchers)
-        else:
-            signals = ", ".join(s.name for s in getattr(source, "signals", ()))
-            grace = getattr(source, "grace_seconds", None)
-            watches = f"signals {signals}" + (f", deadline {grace:g} s after the signal" if grace else "")
+        watches = source.describe() if isinstance(source, Describes) else source.name
         table.add_row(source.name, detection.reasons.get(source.name, "signals"), escape(watches))
     return table
 

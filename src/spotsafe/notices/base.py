@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 _T = TypeVar("_T")
 
@@ -157,3 +157,10 @@ class NoticeSource(Protocol):
     def after_stop(self, committed: bool) -> None: ...
 
     def stop(self) -> None: ...
+
+
+@runtime_checkable
+class Describes(Protocol):
+    """A notice source that can say, for people, what it watches (``spotsafe notices``)."""
+
+    def describe(self) -> str: ...

@@ -149,6 +149,10 @@ class GcpNotices:
         elif value == "MIGRATE_ON_HOST_MAINTENANCE":
             watcher._post(Notice("gcp", now, None, WARNING, value, key=f"gcp:maintenance:{value}:{etag}"))
 
+    def describe(self) -> str:
+        """What each of its watchers watches, for people."""
+        return "; ".join(w.describe() for w in self.watchers)
+
     def start(self, board: NoticeBoard) -> None:
         for watcher in self.watchers:
             watcher.start(board)

@@ -76,6 +76,12 @@ class SignalNotices:
         self._previous: dict[int, Any] = {}
         self._board: NoticeBoard | None = None
 
+    def describe(self) -> str:
+        """The signals watched and the deadline a signal sets, for people."""
+        names = ", ".join(s.name for s in self.signals)
+        grace = f", deadline {self.grace_seconds:g} s after the signal" if self.grace_seconds else ""
+        return f"signals {names}{grace}"
+
     def deadline_after(self, signum: int) -> float | None:
         """Seconds from the signal to the hard stop, or ``None`` when unknown."""
         return self.grace.get(signal.Signals(signum), self.grace_seconds)
