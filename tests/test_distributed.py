@@ -25,7 +25,7 @@ from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.telemetry.events import Event
 from spotsafe.telemetry.log import EVENTS_FILE, read_events
 
-from .conftest import EXAMPLE
+from .conftest import EXAMPLE, PROCESS_HANG_S
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +58,7 @@ def torchrun(run: Path, env: dict[str, str] | None = None) -> subprocess.Popen[b
     )
 
 
-def finish(proc: subprocess.Popen[bytes], timeout: float = 300) -> int:
+def finish(proc: subprocess.Popen[bytes], timeout: float = PROCESS_HANG_S) -> int:
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
