@@ -60,6 +60,12 @@ class StepLoop:
         self._started_wall = started_wall
         self._last_progress = -float("inf")
         self._choices: dict[str, Choice | None] = {}
+        # Fixed for the process, so worked out once rather than at every step:
+        # each policy part keyed by repr (not describe(): two parts may describe themselves alike) ...
+        self._keyed_parts = [(repr(part), part) for part in self.policy.parts()]
+        # ... and the median restart time of earlier attempts (the history is read once, at start).
+        restarts = sorted(effects.history.restart_s)
+        self._restart_s = restarts[len(restarts) // 2] if restarts else None
 
     def step_done(self) -> bool:
         """One step completed (see :meth:`~spotsafe.Checkpointer.step_done`); whether a save went through."""
@@ -123,7 +129,6 @@ class StepLoop:
         """What the save policy sees now: counters, measured save and restart costs, the run's interruptions."""
         now = self._clock() if now is None else now
         history, saves = self.history, self.saves
-        restarts = sorted(history.restart_s)
         last = saves.last_step if saves.last_step is not None else saves.failed_step
         return SaveContext(
             step=self.counters.step,
@@ -131,7 +136,7 @@ class StepLoop:
             seconds_since_save=now - saves.last_time,
             stall_s=self.costs.stall_s,
             commit_s=self.costs.commit_s,
-            restart_s=restarts[len(restarts) // 2] if restarts else None,
+            restart_s=self._restart_s,
             run_s=history.run_s + max(0.0, self._wall() - self._started_wall),
             interruptions=history.interruptions,
             unnoticed=history.unnoticed,
@@ -139,8 +144,7 @@ class StepLoop:
 
     def _note_choices(self, ctx: SaveContext) -> None:
         """An ``interval_chosen`` event for each policy whose interval is new (or changed by >25%)."""
-        for part in self.policy.parts():
-            key = repr(part)  # not describe(): two parts may describe themselves alike
+        for key, part in self._keyed_parts:
             choice = part.choose(ctx)
             if choice is not None and choice.differs(self._choices.get(key)):
                 self._choices[key] = choice
