@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,10 +45,12 @@ from spotsafe.supervisor.market import (
 )
 from spotsafe.supervisor.pools import LaunchSpec, Pool
 from spotsafe.supervisor.reference import REFERENCE_MARKER, compare_final, ensure_reference
-from spotsafe.supervisor.store import AttemptRecord, JobState, JobStore
+from spotsafe.supervisor.store import AttemptRecord, JobState, JobStore, read_store
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, read_events
 from spotsafe.telemetry.report import build_report
+
+from .conftest import PROCESS_HANG_S, TINY_JOB
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_lm.py"
@@ -315,6 +318,70 @@ class FakeClock:
     def set(self, drill_s: float) -> None:
         """Move to ``drill_s`` drill seconds after the market opened (it opens at 1000)."""
         self.t = 1000.0 + drill_s
+
+
+class MarketWatch:
+    """Hands the test the drill's market as the drill starts."""
+
+    def __init__(self) -> None:
+        self.market: Market | None = None
+
+    def reference_started(self, folder: Path) -> None:
+        pass
+
+    def reference_finished(self, folder: Path, seconds: float, reused: bool) -> None:
+        pass
+
+    def drill_started(self, run: Path, market: Market) -> None:
+        self.market = market
+
+    def drill_finished(self, code: int) -> None:
+        pass
+
+
+class Drill:
+    """A drill whose market runs on a fake clock that a driver (on a thread) moves; the drill itself runs on the
+    main thread (the supervisor installs signal handlers)."""
+
+    def __init__(self, config: DrillConfig) -> None:
+        self.config = config
+        self.clock = FakeClock()
+        self.watch = MarketWatch()
+        self.lines: list[str] = []
+
+    @property
+    def market(self) -> Market:
+        wait_for(lambda: self.watch.market is not None, "the drill to start", timeout=120)
+        assert self.watch.market is not None
+        return self.watch.market
+
+    def wait_events(self, count: int) -> None:
+        wait_for(lambda: len(self.market.interruptions) == count, f"{count} outages", timeout=60)
+
+    def run(self, driver: Callable[[Drill], None]) -> DrillReport:
+        failure: list[BaseException] = []
+
+        def drive() -> None:
+            try:
+                driver(self)
+            except BaseException as err:  # noqa: BLE001 - raised again on the test's thread
+                failure.append(err)
+                self.clock.set(1e9)  # let the schedule play out, so that the job ends
+
+        thread = threading.Thread(target=drive, daemon=True)
+        thread.start()
+        try:
+            report = run_drill(self.config, log=self.lines.append, watch=self.watch, clock=self.clock)
+        finally:
+            thread.join(timeout=60)
+        if failure:
+            raise failure[0]
+        return report
+
+
+def launched(store: Path, after: int) -> bool:
+    """The supervisor has started a process for an attempt numbered above ``after``."""
+    return any(a.number > after and a.pid is not None for _, attempts in read_store(store) for a in attempts)
 
 
 class FakeHandle:
@@ -863,16 +930,28 @@ def tiny_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, floa
     return folder, seconds
 
 
-def market_trace(path: Path, reference_s: float) -> tuple[Path, float]:
-    """A trace, and its time scale, whose outages land at 0.5, 0.9, 1.3 and 1.7 reference run times.
+HELD = (sys.executable, str(TINY_JOB), "60", "--hold-fresh", "20")
+"""A job that, started from scratch under a drill, holds after step 20 until the market stops it: however fast
+the machine, the market's outage finds it running."""
+HELD_STEPS = 60
 
-    One tick is a tenth of the reference run. Whatever the machine's speed, the job is still running at
-    the first two outages: by 0.9 of the reference time, two attempts (each restarting Python and torch)
-    cannot have done the whole run's work.
-    """
-    data = [1] * 5 + [0] + ([1] * 3 + [0]) * 3 + [1] * 40
-    write_trace(path, data, gap_seconds=60)
-    return path, 60.0 / (0.1 * reference_s)
+
+@pytest.fixture(scope="module")
+def held_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
+    """:data:`HELD`'s reference run (which does not hold: nothing would stop it)."""
+    folder = tmp_path_factory.mktemp("drill-held") / "reference"
+    seconds, reused = ensure_reference(HELD, folder, lambda line: None)
+    assert not reused and seconds > 0
+    return folder, seconds
+
+
+def saved_in(run: Path, attempt: int) -> bool:
+    """The job's attempt ``attempt`` has committed a checkpoint (it is past its start, training)."""
+    return any(isinstance(e.event, ev.SaveCommitted) and e.attempt == attempt for e in events_of(run))
+
+
+def ended(store: Path, attempt: int) -> bool:
+    return any(a.number == attempt and a.ended is not None for _, attempts in read_store(store) for a in attempts)
 
 
 def events_of(run: Path) -> list[LoggedEvent]:
@@ -940,34 +1019,51 @@ def check_report_against_records(report: DrillReport, workdir: Path, config: Dri
 
 @pytest.mark.e2e
 def test_drill_of_the_example_job_through_aws_notices(tmp_path: Path, tiny_reference: tuple[Path, float]) -> None:
+    """Two interruptions on the market's fake clock, each moved once the job is where it should be: the first while
+    attempt 1 trains (it has committed a checkpoint), the second as attempt 2 starts (the notice is on the endpoint
+    before the job asks). The notice window never ends on that clock: each attempt stops on its own."""
     reference, reference_s = tiny_reference
-    trace, time_scale = market_trace(tmp_path / "zone-a.json", reference_s)
+    # One tick per drill second: outages at 1 (capacity back at 2) and 3 (back at 4).
+    trace = write_trace(tmp_path / "zone-a.json", [1, 0, 1, 0] + [1] * 20)
     workdir = tmp_path / "drill"
+    run, store = workdir / "run", workdir / "jobs.sqlite"
     config = DrillConfig(
         command=TINY,
         workdir=workdir,
         reference=reference,
         trace=str(trace),
         trace_start_s=0,
-        time_scale=time_scale,
+        time_scale=60.0,
         mode="aws",
         window_s=5.0,
         max_interruptions=3,
         spot_price=1.25,
         on_demand_price=4.0,
     )
-    lines: list[str] = []
-    report = run_drill(config, log=lines.append)
+
+    def driver(drill: Drill) -> None:
+        wait_for(lambda: saved_in(run, 1), "attempt 1's first checkpoint", timeout=PROCESS_HANG_S)
+        drill.clock.set(1.0)
+        drill.wait_events(1)
+        wait_for(lambda: ended(store, 1), "attempt 1 to stop", timeout=PROCESS_HANG_S)
+        drill.clock.set(2.0)  # capacity is back: the supervisor relaunches
+        wait_for(lambda: launched(store, after=1), "the next attempt's process", timeout=PROCESS_HANG_S)
+        drill.clock.set(3.0)
+        drill.wait_events(2)
+        drill.clock.set(4.0)
+
+    drill = Drill(config)
+    report = drill.run(driver)
+    lines = drill.lines
 
     assert report.ok and report.identical, (report, lines)
     assert report.exit_code == 0
     assert report.final_step_reference == report.final_step_drill == TINY_STEPS
     assert report.component_diffs and not any(report.component_diffs.values())
     assert {"model", "optimizer"} <= set(report.component_diffs)
-    assert report.interruptions >= 2, (report, lines)
-    assert report.interruptions <= 3
-    assert report.exit_classes.get("preempted", 0) >= 1
-    assert report.emergency_saves >= 1
+    assert report.interruptions == 2, (report, lines)
+    assert report.exit_classes.get("preempted", 0) == 2, (report, lines)
+    assert report.emergency_saves >= 1  # attempt 2 may stop before its first step: nothing new to save
     assert report.reference_reused and report.reference_seconds == reference_s
     assert report.mode == "aws" and report.window_s == 5.0
     assert "trace zone-a" in report.schedule and "'available'" in report.schedule and CITATION in report.schedule
@@ -989,26 +1085,28 @@ def test_drill_of_the_example_job_through_aws_notices(tmp_path: Path, tiny_refer
 
 
 @pytest.mark.e2e
-def test_cli_drill_of_the_example_job_through_azure_notices(tmp_path: Path, tiny_reference: tuple[Path, float]) -> None:
-    reference, reference_s = tiny_reference
+def test_cli_drill_through_azure_notices(tmp_path: Path, held_reference: tuple[Path, float]) -> None:
+    reference, reference_s = held_reference
     marker = json.loads((reference / REFERENCE_MARKER).read_text(encoding="utf-8"))
-    assert marker == {"command": list(TINY), "seconds": reference_s}
-    trace, time_scale = market_trace(tmp_path / "zone-b.json", reference_s)
+    assert marker == {"command": list(HELD), "seconds": reference_s}
+    # One tick per drill second: one outage, at 5 s. The job holds at step 20 until it comes; if it comes first (a
+    # slow start), the notice waits on the endpoint, well inside the 20 s window, and the job stops at its first step.
+    trace = write_trace(tmp_path / "zone-b.json", [1] * 5 + [0] + [1] * 20)
     workdir = tmp_path / "drill"
     args = ["--workdir", str(workdir), "--reference", str(reference), "--trace", str(trace), "--trace-start", "0"]
-    args += ["--time-scale", repr(time_scale), "--notice", "azure", "--window", "8", "--max-interruptions", "3"]
+    args += ["--time-scale", "60", "--notice", "azure", "--window", "20", "--max-interruptions", "3"]
     done = subprocess.run(
-        [str(SPOTSAFE), "drill", *args, "--json", "--", *TINY], capture_output=True, text=True, timeout=400
+        [str(SPOTSAFE), "drill", *args, "--json", "--", *HELD], capture_output=True, text=True, timeout=PROCESS_HANG_S
     )
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert doc["ok"] is True and doc["identical"] is True
     assert doc["exit_code"] == 0 and doc["job_state"] == "succeeded"
     assert doc["reference_reused"] is True and doc["reference_seconds"] == pytest.approx(reference_s)
-    assert doc["mode"] == "azure" and doc["window_s"] == 8.0
-    assert doc["interruptions"] >= 2, doc
-    assert doc["final_step_reference"] == doc["final_step_drill"] == TINY_STEPS
-    assert doc["exit_classes"].get("preempted", 0) >= 1
+    assert doc["mode"] == "azure" and doc["window_s"] == 20.0
+    assert doc["interruptions"] == 1, doc
+    assert doc["final_step_reference"] == doc["final_step_drill"] == HELD_STEPS
+    assert doc["exit_classes"].get("preempted", 0) == 1, doc
     assert doc["emergency_saves"] >= 1
     assert 0 < doc["goodput"] <= 1
     assert doc["spot_price"] == 0.918 and doc["on_demand_price"] == 3.06  # the defaults

@@ -11,8 +11,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,17 +19,16 @@ from rich.console import Console
 from spotsafe.cli.drill_report import print_drill
 from spotsafe.dashboard.catalog import Catalog
 from spotsafe.dashboard.server import Dashboard
-from spotsafe.supervisor.drill import JOB_NAME, DrillConfig, DrillReport, run_drill
-from spotsafe.supervisor.market import Market
+from spotsafe.supervisor.drill import JOB_NAME, DrillConfig, DrillReport
 from spotsafe.supervisor.reference import ensure_reference
-from spotsafe.supervisor.store import JobStore, read_store
+from spotsafe.supervisor.store import JobStore
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, read_events
 from spotsafe.telemetry.report import build_report
 from spotsafe.telemetry.rows import report_rows
 from spotsafe.telemetry.timeline import build_timeline
 
-from .test_drill import SPOTSAFE, FakeClock, wait_for, write_trace
+from .test_drill import SPOTSAFE, Drill, launched, wait_for, write_trace
 
 STEPS = 40
 HOLD_AT = 10
@@ -72,70 +69,6 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[tuple[str, ...], Path
     command = (sys.executable, str(script))
     ensure_reference(command, folder / "reference", lambda line: None)
     return command, folder / "reference"
-
-
-class MarketWatch:
-    """Hands the test the drill's market as the drill starts."""
-
-    def __init__(self) -> None:
-        self.market: Market | None = None
-
-    def reference_started(self, folder: Path) -> None:
-        pass
-
-    def reference_finished(self, folder: Path, seconds: float, reused: bool) -> None:
-        pass
-
-    def drill_started(self, run: Path, market: Market) -> None:
-        self.market = market
-
-    def drill_finished(self, code: int) -> None:
-        pass
-
-
-class Drill:
-    """A drill whose market runs on a fake clock that a driver (on a thread) moves; the drill itself runs on the
-    main thread (the supervisor installs signal handlers)."""
-
-    def __init__(self, config: DrillConfig) -> None:
-        self.config = config
-        self.clock = FakeClock()
-        self.watch = MarketWatch()
-        self.lines: list[str] = []
-
-    @property
-    def market(self) -> Market:
-        wait_for(lambda: self.watch.market is not None, "the drill to start", timeout=120)
-        assert self.watch.market is not None
-        return self.watch.market
-
-    def wait_events(self, count: int) -> None:
-        wait_for(lambda: len(self.market.interruptions) == count, f"{count} outages", timeout=60)
-
-    def run(self, driver: Callable[[Drill], None]) -> DrillReport:
-        failure: list[BaseException] = []
-
-        def drive() -> None:
-            try:
-                driver(self)
-            except BaseException as err:  # noqa: BLE001 - raised again on the test's thread
-                failure.append(err)
-                self.clock.set(1e9)  # let the schedule play out, so that the job ends
-
-        thread = threading.Thread(target=drive, daemon=True)
-        thread.start()
-        try:
-            report = run_drill(self.config, log=self.lines.append, watch=self.watch, clock=self.clock)
-        finally:
-            thread.join(timeout=60)
-        if failure:
-            raise failure[0]
-        return report
-
-
-def launched(store: Path, after: int) -> bool:
-    """The supervisor has started a process for an attempt numbered above ``after``."""
-    return any(a.number > after and a.pid is not None for _, attempts in read_store(store) for a in attempts)
 
 
 def market_events(run: Path) -> list[ev.MarketInterruption]:
