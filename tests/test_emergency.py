@@ -33,8 +33,9 @@ from spotsafe.policy.interval import SavePolicy
 from spotsafe.storage.faults import FaultyStorage, SlowStorage
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.repository import CheckpointRepository
+from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, read_events
-from spotsafe.telemetry.store import SaveSample, read_history
+from spotsafe.telemetry.store import read_history
 
 from .conftest import Exited, Job, fake_exit, make_job, wait_until
 
@@ -79,8 +80,13 @@ def sample(
     route: str = DIRECT,
     local: float | None = None,
     upload: float | None = None,
-) -> SaveSample:
-    return SaveSample(
+) -> ev.SaveCommitted:
+    return ev.SaveCommitted(
+        time=0.0,
+        step=1,
+        checkpoint="step-000000001",
+        reason="interval",
+        blobs=1,
         bytes=nbytes,
         written_bytes=nbytes if written is None else written,
         stall_s=stall,

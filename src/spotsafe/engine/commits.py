@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from spotsafe.engine.lifecycle import SaveOutcome
 from spotsafe.errors import CorruptCheckpointError, SpotsafeError
@@ -16,7 +17,6 @@ from spotsafe.storage.errors import redact
 from spotsafe.storage.fencing import FencedError
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
 from spotsafe.telemetry import events as ev
-from spotsafe.telemetry.store import SaveSample, sample_of
 
 log = logging.getLogger("spotsafe")
 
@@ -31,7 +31,7 @@ class AfterSave:
         repo: CheckpointRepository,
         retention: KeepLast,
         emit: Emit,
-        measured: Callable[[SaveSample], None] | None = None,
+        measured: Callable[[ev.SaveCommitted], None] | None = None,
     ) -> None:
         self.repo = repo
         self.retention = retention
@@ -48,7 +48,7 @@ class AfterSave:
             )
             return
         manifest = outcome.manifest
-        fields = dict(
+        fields: dict[str, Any] = dict(
             step=job.step,
             checkpoint=job.ref.name,
             reason=job.reason,
@@ -63,7 +63,7 @@ class AfterSave:
         )
         self._emit(ev.SaveCommitted, **fields)
         if self._measured is not None:
-            self._measured(sample_of(ev.SaveCommitted(time=0.0, **fields)))  # type: ignore[arg-type]
+            self._measured(ev.SaveCommitted(time=0.0, **fields))  # the cost model reads the sizes and times only
         # The new checkpoint is committed; failing to update the hint or delete old ones must not undo that.
         # A hint that could not be written (a full disk) does not stop retention, which may free the space.
         for action in (self.repo.write_latest, self.apply_retention):

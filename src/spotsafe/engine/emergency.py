@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from spotsafe.telemetry.store import SaveSample
+from spotsafe.telemetry import events as ev
 
 DIRECT = "direct"
 STAGED = "local-then-upload"
@@ -48,18 +48,24 @@ def _recent_high(estimates: list[float]) -> float | None:
     return max(estimates[-RECENT:]) if estimates else None
 
 
-class SaveCosts:
-    """Recent save costs. Thread-safe: the save worker adds, the training thread estimates."""
+def _written(save: ev.SaveCommitted) -> int:
+    """What the save wrote (an event from before ``written_bytes`` was recorded: all of it)."""
+    return save.written_bytes if save.written_bytes is not None else save.bytes
 
-    def __init__(self, samples: Iterable[SaveSample] = (), keep: int = 20) -> None:
-        self._samples: deque[SaveSample] = deque(samples, maxlen=keep)
+
+class SaveCosts:
+    """Recent save costs, from the saves' ``save_committed`` events. Thread-safe: the save worker adds, the
+    training thread estimates."""
+
+    def __init__(self, samples: Iterable[ev.SaveCommitted] = (), keep: int = 20) -> None:
+        self._samples: deque[ev.SaveCommitted] = deque(samples, maxlen=keep)
         self._lock = threading.Lock()
 
-    def add(self, sample: SaveSample) -> None:
+    def add(self, sample: ev.SaveCommitted) -> None:
         with self._lock:
             self._samples.append(sample)
 
-    def _all(self) -> list[SaveSample]:
+    def _all(self) -> list[ev.SaveCommitted]:
         with self._lock:
             return list(self._samples)
 
@@ -84,7 +90,7 @@ class SaveCosts:
         samples = self._all()
         if not samples or samples[-1].bytes <= 0:
             return None
-        return min(1.0, samples[-1].written_bytes / samples[-1].bytes)
+        return min(1.0, _written(samples[-1]) / samples[-1].bytes)
 
     def stall_for(self, nbytes: int) -> float | None:
         """Estimated stall for a state of ``nbytes`` (compare and copy scale with the state)."""
@@ -97,11 +103,11 @@ class SaveCosts:
         estimates: list[float] = []
         fallback: list[float] = []
         for s in self._all():
-            scale = max(1.0, nbytes / max(s.written_bytes, 1))
+            scale = max(1.0, nbytes / max(_written(s), 1))
             if s.route == STAGED and s.local_s is not None and s.upload_s is not None:
                 seconds = {"local": s.local_s, "upload": s.upload_s, "direct": s.upload_s}[leg]
                 (estimates if leg != "direct" else fallback).append(seconds * scale)
-            elif s.route == DIRECT and leg in ("direct", "upload"):
+            elif (s.route or DIRECT) == DIRECT and leg in ("direct", "upload"):
                 (estimates if leg == "direct" else fallback).append(max(0.0, s.duration_s - s.stall_s) * scale)
         return _recent_high(estimates or fallback)
 

@@ -99,22 +99,6 @@ def read_run_events(storage: Storage) -> Iterator[LoggedEvent]:
         yield from parse_lines(storage.read(key).splitlines())
 
 
-@dataclass(frozen=True)
-class SaveSample:
-    """What one committed save cost (from a ``save_committed`` event), as the emergency planner keeps it."""
-
-    bytes: int
-    """The checkpoint's size (shared blobs of older checkpoints included)."""
-    written_bytes: int
-    """What this save wrote."""
-    stall_s: float
-    duration_s: float
-    route: str
-    """``direct`` or ``local-then-upload``."""
-    local_s: float | None = None
-    upload_s: float | None = None
-
-
 @dataclass
 class RunHistory:
     """What the run's event log says about earlier attempts (see :func:`read_history`).
@@ -131,20 +115,7 @@ class RunHistory:
     interruptions: int = 0
     unnoticed: int = 0
     restart_s: list[float] = field(default_factory=list)
-    saves: list[SaveSample] = field(default_factory=list)
-
-
-def sample_of(event: ev.SaveCommitted) -> SaveSample:
-    """What a committed save cost, as the cost model keeps it."""
-    return SaveSample(
-        bytes=event.bytes,
-        written_bytes=event.written_bytes if event.written_bytes is not None else event.bytes,
-        stall_s=event.stall_s,
-        duration_s=event.duration_s,
-        route=event.route or "direct",
-        local_s=event.local_s,
-        upload_s=event.upload_s,
-    )
+    saves: list[ev.SaveCommitted] = field(default_factory=list)
 
 
 def read_history(storage: Storage, *, max_saves: int = 50) -> RunHistory:
@@ -158,7 +129,7 @@ def history_of(model: RunModel, *, max_saves: int = 50) -> RunHistory:
     job itself said it finished."""
     worked = [a for a in model.attempts if not a.silent]
     history = RunHistory(attempts=len(worked), last_step=worked[-1].furthest_step if worked else None)
-    history.saves = [sample_of(s) for s in model.checkpoints][-max_saves:]
+    history.saves = list(model.checkpoints[-max_saves:])
     for i, attempt in enumerate(worked):
         history.run_s += attempt.end - attempt.start
         before = worked[i - 1] if i > 0 else None
