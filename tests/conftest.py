@@ -159,6 +159,16 @@ def _no_inherited_run_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPOTSAFE_NOTICES", "signals")
 
 
+@pytest.fixture(autouse=True)
+def _no_startup_guard_left() -> Iterator[None]:
+    """A test that armed spotsafe.protect_startup() (directly or through a framework callback) in this process and
+    created no Checkpointer leaves it to later tests no more: its held signals are dropped."""
+    yield
+    from spotsafe import startup
+
+    startup.release()
+
+
 @dataclass(frozen=True)
 class S3Server:
     """moto's standalone S3 server, a real HTTP server on 127.0.0.1, in its own process."""

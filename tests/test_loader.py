@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset, IterableDataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler, SequentialSampler
 
 import spotsafe
 from spotsafe import CheckpointMismatchError, ConfigError, ResumableLoader
+from spotsafe.state.codec import decode, encode
 
 
 class Indexed(Dataset[torch.Tensor]):
@@ -77,10 +78,17 @@ def same_batches(a: list[Any], b: list[Any]) -> bool:
     return True
 
 
+def through_checkpoint(state: Any) -> Any:
+    """``state`` as it comes back from a checkpoint: tensors as raw copies, the rest through JSON."""
+    tensors: list[torch.Tensor] = []
+    doc = json.loads(json.dumps(encode(state, tensors)))
+    return decode(doc, lambda i: tensors[i].clone())
+
+
 def resumed(make: Callable[[], ResumableLoader], k: int, total: int) -> tuple[list[Any], dict[str, Any]]:
     first = make()
     head = take(first, k)
-    state = json.loads(json.dumps(first.state_dict()))  # as it travels through a checkpoint
+    state = through_checkpoint(first.state_dict())
     del first
     second = make()
     second.load_state_dict(state)
@@ -236,7 +244,10 @@ def test_missing_keys_raise_mismatch() -> None:
         {"batch_size": 0},
         {"batch_size": -2},
         {"batch_size": 2.0},
-        {"sampler": SequentialSampler(range(10))},
+        {"sampler": SequentialSampler(range(10)), "shuffle": True},
+        {"sampler": SequentialSampler(range(10)), "shuffle": False},
+        {"sampler": 5},
+        {"sampler": iter(range(10))},
         {"batch_sampler": [[0, 1]]},
         {"generator": torch.Generator()},
         {"dataset": Indexed(3), "batch_size": 4, "drop_last": True},
@@ -285,6 +296,99 @@ def test_drop_last_skips_the_partial_batch_and_serves_distinct_samples() -> None
     assert [len(b) for b in batches] == [3, 3, 3]
     served = torch.cat(batches).tolist()
     assert len(set(served)) == 9
+
+
+# -- a user's sampler ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_a_distributed_sampler_gives_each_rank_what_a_plain_dataloader_gives_it(drop_last: bool) -> None:
+    served: list[int] = []
+    for rank in (0, 1):
+        ours = ResumableLoader(
+            Indexed(11), batch_size=2, drop_last=drop_last, sampler=DistributedSampler(range(11), 2, rank, seed=3)
+        )
+        sampler = DistributedSampler(range(11), 2, rank, seed=3)
+        plain = DataLoader(Indexed(11), batch_size=2, drop_last=drop_last, sampler=sampler)
+        for epoch in range(3):
+            sampler.set_epoch(epoch)  # what users write; ResumableLoader does it itself
+            expected = list(plain)
+            assert same_batches(list(ours), expected), f"rank {rank} epoch {epoch}"
+            if epoch == 0:
+                served += torch.cat(expected).tolist()
+        assert ours.epoch == 3
+    if not drop_last:
+        assert set(served) == set(range(11))  # the two ranks cover the dataset
+
+
+def resumed_with_rng(make: Callable[[], ResumableLoader], k: int, total: int) -> list[Any]:
+    """Like resumed(), with the global RNG saved and restored as a checkpoint does (for samplers that draw from it)."""
+    first = make()
+    head = take(first, k)
+    state = through_checkpoint(first.state_dict())
+    rng = torch.get_rng_state()
+    del first
+    torch.manual_seed(99)
+    second = make()
+    second.load_state_dict(state)
+    torch.set_rng_state(rng)
+    return head + take(second, total - k)
+
+
+@pytest.mark.parametrize("generator", [True, False], ids=["sampler-generator", "global-rng"])
+@pytest.mark.parametrize("case", K_CASES)
+def test_resume_anywhere_with_a_users_sampler(generator: bool, case: str) -> None:
+    def make() -> ResumableLoader:
+        g = torch.Generator().manual_seed(4) if generator else None
+        return ResumableLoader(Indexed(10), batch_size=3, sampler=RandomSampler(range(10), generator=g))
+
+    length = len(make())
+    total = 3 * length
+    torch.manual_seed(0)
+    expected = take(make(), total)
+    assert torch.cat(expected[:length]).tolist() != torch.cat(expected[length : 2 * length]).tolist()
+    torch.manual_seed(0)
+    assert same_batches(resumed_with_rng(make, _k(case, length), total), expected)
+
+
+def test_a_users_sampler_with_workers_resumes_bit_identically() -> None:
+    def make() -> ResumableLoader:
+        sampler = DistributedSampler(range(10), num_replicas=1, rank=0, seed=5)
+        return ResumableLoader(Augmented(10), batch_size=3, seed=9, num_workers=2, sampler=sampler)
+
+    total = 2 * len(make()) + 1
+    expected = take(make(), total)
+    got, state = resumed(make, 5, total)
+    assert same_batches(got, expected)
+    assert sorted(state["order"].tolist()) == list(range(10))  # the epoch's order is saved
+
+
+def test_a_users_sampler_state_must_match() -> None:
+    source = ResumableLoader(Indexed(10), batch_size=3, sampler=RandomSampler(range(10)))
+    take(source, 2)
+    state = source.state_dict()
+    assert state["sampler"] == "RandomSampler" and state["order"] is not None
+    with pytest.raises(CheckpointMismatchError, match="sampler"):
+        ResumableLoader(Indexed(10), batch_size=3, sampler=SequentialSampler(range(10))).load_state_dict(state)
+    with pytest.raises(CheckpointMismatchError, match="sampler=None"):
+        ResumableLoader(Indexed(10), batch_size=3).load_state_dict(state)
+    short = ResumableLoader(Indexed(10), batch_size=3, sampler=RandomSampler(range(10), num_samples=9))
+    with pytest.raises(CheckpointMismatchError, match="9 per epoch"):
+        short.load_state_dict(state)
+    with pytest.raises(CheckpointMismatchError):
+        ResumableLoader(Indexed(10), batch_size=3, sampler=RandomSampler(range(10))).load_state_dict(
+            {**state, "order": torch.arange(10) + 5}
+        )
+
+
+def test_a_sampler_that_yields_other_than_its_len_is_reported() -> None:
+    class Liar(SequentialSampler):
+        def __len__(self) -> int:
+            return 4
+
+    loader = ResumableLoader(Indexed(10), batch_size=2, sampler=Liar(range(10)))
+    with pytest.raises(spotsafe.errors.StateError, match="len"):
+        list(loader)
 
 
 EXIT_SCRIPT = """

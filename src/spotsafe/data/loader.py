@@ -7,6 +7,11 @@ batches it has handed to the training loop: that count, not how far worker
 processes have prefetched, is the position saved in a checkpoint. On resume,
 iteration restarts at the saved epoch and skips exactly the consumed batches.
 
+With ``sampler=`` (a ``DistributedSampler``, a ``WeightedRandomSampler``, any sampler of integer indices with
+``len()``) the sampler decides each epoch's order instead: the loader calls its ``set_epoch(epoch)`` when it
+has one, reads the epoch's order from it when the epoch begins, and saves that order with the position, so a
+resume serves exactly the rest of it (at the index level: no sample is loaded to skip one).
+
 Randomness inside ``dataset[i]`` stays reproducible too:
 
 * with ``num_workers=0`` the dataset runs in the main process and draws from the
@@ -30,7 +35,7 @@ import atexit
 import random
 import signal
 import weakref
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 import numpy as np
@@ -38,11 +43,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from spotsafe.checks import check_bool, check_callable, check_int, check_signals, given
-from spotsafe.errors import CheckpointMismatchError, ConfigError
+from spotsafe.data.order import generators_at, indices_of, set_generator_states
+from spotsafe.errors import CheckpointMismatchError, ConfigError, StateError
 
 _MASK64 = (1 << 64) - 1
 DEFAULT_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-_RESERVED = ("sampler", "batch_sampler", "shuffle", "generator")
+_RESERVED = {
+    "batch_sampler": "ResumableLoader makes the batches from sampler= and batch_size=; to keep a batch sampler, "
+    "make your DataLoader resumable in place with spotsafe.data.LoaderPosition",
+    "generator": "ResumableLoader seeds its workers from seed=; give your sampler a generator of its own",
+}
 
 
 def mix(*values: int) -> int:
@@ -75,7 +85,7 @@ class _EpochSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         owner = self.owner
-        order = epoch_order(owner.dataset_length, owner.seed, owner.epoch, owner.shuffle)
+        order = owner.epoch_order()
         start = owner.position * owner.batch_size
         stop = owner.batches_per_epoch * owner.batch_size if owner.drop_last else len(order)
         epoch = owner.epoch
@@ -134,8 +144,11 @@ class ResumableLoader:
     Use it like a DataLoader; ``for batch in loader`` runs the rest of the
     current epoch. Pass it to :class:`~spotsafe.Checkpointer` as ``loader=`` so
     its ``state_dict()`` (seed, epoch, batches consumed) is saved and restored.
-    Any other keyword is passed to :class:`torch.utils.data.DataLoader`
-    (``num_workers``, ``collate_fn``, ``pin_memory``, ``persistent_workers``...).
+    The order is its own seeded shuffle (``shuffle=True``, the default), the
+    dataset's order (``shuffle=False``), or a ``sampler``'s (see the module
+    docstring; ``shuffle`` is then left out). Any other keyword is passed to
+    :class:`torch.utils.data.DataLoader` (``num_workers``, ``collate_fn``,
+    ``pin_memory``, ``persistent_workers``...).
 
     Contract: one iteration at a time, from the thread that owns the training loop.
     """
@@ -145,8 +158,9 @@ class ResumableLoader:
         dataset: Dataset[Any],
         batch_size: int = 1,
         *,
-        shuffle: bool = True,
+        shuffle: bool | None = None,
         seed: int = 0,
+        sampler: Sampler[int] | Iterable[int] | None = None,
         drop_last: bool = False,
         reseed_workers: bool = True,
         ignore_signals: tuple[int, ...] = DEFAULT_IGNORED_SIGNALS,
@@ -164,27 +178,43 @@ class ResumableLoader:
                 "as an extra"
             )
         check_int("batch_size", batch_size, at_least=1)
-        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last), ("reseed_workers", reseed_workers)):
+        check_bool("shuffle", shuffle, allow_none=True)
+        for name, flag in (("drop_last", drop_last), ("reseed_workers", reseed_workers)):
             check_bool(name, flag)
         check_int("seed", seed, integral=True)
         ignored = check_signals("ignore_signals", ignore_signals)
         check_callable("worker_init_fn", worker_init_fn, allow_none=True)
-        bad = [k for k in _RESERVED if k in dataloader_kwargs]
-        if bad:
-            raise ConfigError(f"ResumableLoader chooses {', '.join(bad)} itself; use shuffle= and seed= instead")
+        for key, why in _RESERVED.items():
+            if key in dataloader_kwargs:
+                raise ConfigError(f"ResumableLoader does not take {key}=: {why}")
+        if sampler is not None:
+            if not isinstance(sampler, Sized) or not isinstance(sampler, Iterable):
+                raise ConfigError(
+                    f"sampler must be a sampler of dataset indices with len() (such as DistributedSampler(dataset)), "
+                    f"got {given(sampler)}"
+                )
+            if shuffle is not None:
+                raise ConfigError(
+                    "give either sampler= or shuffle=, not both: the sampler decides the order "
+                    "(DistributedSampler(dataset, shuffle=...))"
+                )
         self.dataset = dataset
         self.dataset_length = len(dataset)
+        self.sampler = sampler
+        self.epoch_length = len(sampler) if sampler is not None else self.dataset_length
         self.batch_size = batch_size
-        self.shuffle = shuffle
+        self.shuffle = sampler is None and shuffle is not False
         self.seed = int(seed)
         self.drop_last = drop_last
         if self.batches_per_epoch == 0:
             raise ConfigError(
-                f"the dataset has {self.dataset_length} samples, fewer than one batch of {batch_size} "
+                f"an epoch has {self.epoch_length} samples, fewer than one batch of {batch_size} "
                 "with drop_last=True: lower batch_size or keep the last partial batch"
             )
         self.epoch = 0
         self.position = 0
+        self._order: torch.Tensor | None = None  # with a sampler: the order of epoch self._order_epoch
+        self._order_epoch = -1
         self._active: Any = None
         self._generator = torch.Generator()
         self._loader = DataLoader(
@@ -203,8 +233,31 @@ class ResumableLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        full, rest = divmod(self.dataset_length, self.batch_size)
+        full, rest = divmod(self.epoch_length, self.batch_size)
         return full if self.drop_last or not rest else full + 1
+
+    @property
+    def sampler_name(self) -> str | None:
+        """The sampler's class (saved, and checked on resume), or ``None`` for the loader's own order."""
+        return None if self.sampler is None else type(self.sampler).__qualname__
+
+    def epoch_order(self) -> torch.Tensor:
+        """The current epoch's sample order; with a sampler, read from it once when the epoch begins."""
+        if self.sampler is None:
+            return epoch_order(self.dataset_length, self.seed, self.epoch, self.shuffle)
+        if self._order_epoch != self.epoch:
+            set_epoch = getattr(self.sampler, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(self.epoch)
+            order = indices_of(list(self.sampler))
+            if len(order) != self.epoch_length:
+                raise StateError(
+                    f"the sampler yielded {len(order)} indices in epoch {self.epoch} but its len() is "
+                    f"{self.epoch_length}; ResumableLoader needs a sampler whose len() is what it yields"
+                )
+            self._order, self._order_epoch = order, self.epoch
+        assert self._order is not None
+        return self._order
 
     def __len__(self) -> int:
         """Batches in one whole epoch."""
@@ -243,14 +296,24 @@ class ResumableLoader:
             "dataset_length": self.dataset_length,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
+            "sampler": self.sampler_name,
+            "order": self._order if self._order_epoch == self.epoch else None,
+            "generators": {name: g.get_state() for name, g in self._sampler_generators().items()},
         }
 
+    def _sampler_generators(self) -> dict[str, torch.Generator]:
+        return generators_at({"sampler": getattr(self.sampler, "generator", None)})
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "batch_size", "dataset_length", "shuffle", "drop_last"):
-            if state.get(key) != getattr(self, key):
+        mine = {"sampler": self.sampler_name}
+        mine.update(
+            (key, getattr(self, key)) for key in ("seed", "batch_size", "dataset_length", "shuffle", "drop_last")
+        )
+        for key, value in mine.items():
+            if state.get(key) != value:
                 raise CheckpointMismatchError(
                     f"the checkpoint's data loader had {key}={state.get(key)!r}, this one has "
-                    f"{key}={getattr(self, key)!r}: resuming would feed different batches. "
+                    f"{key}={value!r}: resuming would feed different batches. "
                     "Use the same data settings, or start a new run."
                 )
         epoch, position = state.get("epoch"), state.get("position")
@@ -263,5 +326,24 @@ class ResumableLoader:
             or not 0 <= position < self.batches_per_epoch
         ):
             raise CheckpointMismatchError(f"the checkpoint's loader position {epoch!r}/{position!r} is invalid")
+        order = state.get("order")
+        if order is not None:
+            self._check_order(order)
+        set_generator_states(self._sampler_generators(), state.get("generators", {}))
         self.epoch = epoch
         self.position = position
+        self._order, self._order_epoch = (order.clone(), epoch) if order is not None else (None, -1)
+
+    def _check_order(self, order: object) -> None:
+        ok = isinstance(order, torch.Tensor) and order.dtype == torch.int64 and order.dim() == 1
+        if self.sampler is None or not ok:
+            raise CheckpointMismatchError(f"the checkpoint's loader order {given(order)} does not fit this loader")
+        assert isinstance(order, torch.Tensor)
+        if len(order) != self.epoch_length or (
+            len(order) and (int(order.min()) < 0 or int(order.max()) >= self.dataset_length)
+        ):
+            raise CheckpointMismatchError(
+                f"the checkpoint's epoch order has {len(order)} indices and this loader's sampler makes "
+                f"{self.epoch_length} per epoch over {self.dataset_length} samples: resuming would feed different "
+                "batches. Use the same sampler and dataset, or start a new run."
+            )

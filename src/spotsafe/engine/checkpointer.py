@@ -66,7 +66,9 @@ class Checkpointer:
 
     Args:
         model, optimizer, scheduler, scaler, loader: registered as components of those names
-            (any may be ``None``); ``loader`` is normally a :class:`~spotsafe.ResumableLoader`.
+            (any may be ``None``); ``loader`` may be a ``torch.utils.data.DataLoader`` (made resumable in
+            place, keeping its order: :class:`~spotsafe.LoaderPosition`), a :class:`~spotsafe.ResumableLoader`,
+            a ``LoaderPosition``, or any object with ``state_dict``/``load_state_dict``.
         extra: more named components: objects with ``state_dict``/``load_state_dict``, or
             ``torch.Generator`` / ``numpy.random.Generator`` objects. See :meth:`register`.
         distributed: decide together with the other ranks of ``process_group`` (torch.distributed):

@@ -4,8 +4,10 @@ Anything behind the :class:`Stateful` protocol (``state_dict``/``load_state_dict
 ``torch``/``numpy`` generator, is a component. The model, optimizer, scheduler, scaler and
 loader are components like any other, with one thing each that the checkpointer reads by
 name: the ``optimizer``'s parameters (copied last with ``overlap``) and the ``loader``'s
-``epoch``. Two components are always there, last: ``progress`` (:class:`LoopCounters`) and
-``rng`` (the global random generators).
+``epoch``. A plain ``torch.utils.data.DataLoader`` registered as ``loader`` is made resumable in
+place by a :class:`~spotsafe.data.position.LoaderPosition` (``count="yield"``), which is what is
+saved. Two components are always there, last: ``progress`` (:class:`LoopCounters`) and ``rng``
+(the global random generators).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch.utils.data import DataLoader
 
 from spotsafe.errors import CheckpointMismatchError, ConfigError, StateError
 from spotsafe.state.rng import GlobalRNG, as_stateful
@@ -80,7 +83,7 @@ class Components:
         if name == OPTIMIZER and not isinstance(obj, torch.optim.Optimizer):
             raise ConfigError(f"the component 'optimizer' must be a torch.optim.Optimizer, got {type(obj).__name__}")
         try:
-            stateful = as_stateful(obj, name)
+            stateful = loader_stateful(obj) if name == LOADER else as_stateful(obj, name)
         except StateError as err:
             raise ConfigError(f"component {name!r} is not Stateful: {err}") from err
         self._registered[name] = obj
@@ -111,8 +114,8 @@ class Components:
         return {p.data_ptr() for group in optimizer.param_groups for p in group["params"] if p.numel()}
 
     def loader_epoch(self) -> int | None:
-        """The registered loader's ``epoch``, if it has one."""
-        loader = self._registered.get(LOADER)
+        """The registered loader's ``epoch`` (its LoaderPosition's for a plain DataLoader), if it has one."""
+        loader = self._stateful.get(LOADER)
         return int(loader.epoch) if loader is not None and hasattr(loader, "epoch") else None
 
     def epoch(self) -> int:
@@ -123,6 +126,17 @@ class Components:
     def apply(self, states: Mapping[str, Any], *, strict: bool, where: str, warn: Callable[[str], None]) -> None:
         """Load restored ``states`` (see :func:`apply_states`)."""
         apply_states(dict(self.items()), states, strict=strict, where=where, warn=warn)
+
+
+def loader_stateful(obj: object) -> Any:
+    """What is saved for the ``loader`` component: a plain DataLoader's LoaderPosition (attached here unless it
+    has one), else the object itself (a ResumableLoader, a DataLoader with its own ``state_dict()``...)."""
+    from spotsafe.data.position import LoaderPosition, needs_position
+
+    if needs_position(obj):
+        assert isinstance(obj, DataLoader)
+        return LoaderPosition.of(obj) or LoaderPosition(obj, count="yield")
+    return as_stateful(obj, LOADER)
 
 
 def apply_states(

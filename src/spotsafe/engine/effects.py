@@ -10,7 +10,9 @@
    ``writer_claimed``, and the leftovers of saves that never committed are removed;
 5. the stage folder (``stage_dir``): this run's cut-off upload is finished first;
 6. the notice sources (signal handlers: main thread only);
-7. the :class:`~spotsafe.engine.saver.Saver`, which writes checkpoints.
+7. the :class:`~spotsafe.engine.saver.Saver`, which writes checkpoints;
+8. last, once nothing can fail: the stops that start-up protection (:func:`spotsafe.protect_startup`)
+   held are handed over as pending notices (``restore()`` then stops at once: no new checkpoint, exit 75).
 
 :meth:`Effects.close` closes them in reverse: the last exchange with other ranks is collected,
 the save in flight finishes, notice sources stop (signal handlers are put back), the metrics
@@ -39,6 +41,7 @@ from spotsafe.engine.upload_stage import open_stage
 from spotsafe.engine.watch import NoticeHub, make_sources
 from spotsafe.jobenv import JobEnv
 from spotsafe.policy.retention import KeepLast
+from spotsafe.startup import hand_over
 from spotsafe.storage.base import Storage, local_paths, retry_reporting
 from spotsafe.storage.errors import redact
 from spotsafe.storage.fencing import WriterLease
@@ -168,6 +171,7 @@ def open_effects(
         if agreement is not None:
             # Every rank posted the last exchange, so it completes; collecting it leaves no collective in flight.
             stack.callback(_collect_quietly, agreement)
+        hand_over(hub.sources, hub.board)
         return Effects(
             storage=storage,
             history=history,

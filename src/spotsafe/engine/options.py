@@ -102,6 +102,20 @@ def check_stateful(name: str, value: object, *, allow_none: bool = False) -> Non
         fail(name, STATEFUL + (" or None" if allow_none else ""), value)
 
 
+def check_loader(value: object) -> None:
+    """``loader=``: a ``torch.utils.data.DataLoader`` (made resumable in place), or anything savable, or None."""
+    if value is None:
+        return
+    from spotsafe.data.position import needs_position
+
+    if needs_position(value):
+        return
+    try:
+        as_stateful(value, "loader")
+    except StateError:
+        fail("loader", "a torch DataLoader, a spotsafe.ResumableLoader, " + STATEFUL + " or None", value)
+
+
 def check_extra(extra: object, named: Mapping[str, object]) -> None:
     """A mapping of free component names to savable objects."""
     check_mapping("extra", extra, keys="str", allow_none=True)
@@ -163,8 +177,9 @@ def check_components(named: Mapping[str, object], extra: object, *, overlap: boo
     (``None``: absent); ``extra`` maps more names to objects. ``overlap`` needs an optimizer."""
     check_instance("model", named["model"], torch.nn.Module, "a torch.nn.Module", allow_none=True, hint=_EXTRA_HINT)
     check_instance("optimizer", named["optimizer"], torch.optim.Optimizer, "a torch.optim.Optimizer", allow_none=True)
-    for name in ("scheduler", "scaler", "loader"):
+    for name in ("scheduler", "scaler"):
         check_stateful(name, named[name], allow_none=True)
+    check_loader(named["loader"])
     check_extra(extra, named)
     if overlap and named["optimizer"] is None:
         raise ConfigError(OVERLAP_NEEDS)

@@ -1,6 +1,7 @@
 """Framework integrations: one callback each, bit-exact and non-invasive.
 
-* :mod:`spotsafe.integrations.lightning`: ``SpotsafeCallback`` for Lightning (``lightning`` or ``pytorch_lightning`` 2.x);
+* :mod:`spotsafe.integrations.lightning`: ``SpotsafeCallback`` for Lightning (``lightning`` or
+  ``pytorch_lightning`` 2.x);
 * :mod:`spotsafe.integrations.transformers`: ``SpotsafeCallback``, a ``TrainerCallback`` for the Hugging Face Trainer;
 * :mod:`spotsafe.integrations.keras`: ``SpotsafeCallback`` for Keras 3 (torch and TensorFlow backends).
 

@@ -11,6 +11,11 @@ one: Kubernetes' ``terminationGracePeriodSeconds``, Slurm's ``--signal=SIG@N``.
 
 Installing a handler is what makes this work when the training script is PID 1
 in a container: the kernel drops signals to PID 1 that have no handler.
+
+A signal that came before the source started (during start-up, held by
+:func:`spotsafe.protect_startup`) is posted by :meth:`SignalNotices.post_early` as if
+it had come then; :meth:`SignalNotices.stop` then puts back the handlers from before
+start-up protection.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
 from typing import Any
 
+from spotsafe import startup
 from spotsafe.checks import check_callable, check_mapping, check_number, check_signal, check_signals, check_str
 from spotsafe.notices.base import STOP, Notice, NoticeBoard
-
-DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+from spotsafe.startup import DEFAULT_SIGNALS
 
 InstallFn = Callable[[int, Any], Any]
 
@@ -87,11 +92,20 @@ class SignalNotices:
         return self.grace.get(signal.Signals(signum), self.grace_seconds)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._post(signum, self._clock())
+
+    def post_early(self, signum: int, received_at: float) -> None:
+        """Post ``signum``, received at ``received_at`` (Unix time) before this source started, as if it had
+        come then (its deadline counts from then). Between :meth:`start` and :meth:`stop` only."""
+        if self._board is None:
+            raise RuntimeError("post_early() before start() or after stop(): there is no notice board")
+        self._post(signum, received_at)
+
+    def _post(self, signum: int, now: float) -> None:
         board = self._board
         if board is None:
             return
         self.fired = True
-        now = self._clock()
         grace = self.deadline_after(signum)
         deadline = now + grace if grace is not None else None
         name = signal.Signals(signum).name
@@ -116,6 +130,10 @@ class SignalNotices:
 
     def stop(self) -> None:
         for sig, previous in self._previous.items():
+            previous = startup.GUARD.original(sig, previous)  # start-up protection that is over: what it replaced
             self._install(sig, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
         self._board = None
+
+
+__all__ = ["DEFAULT_SIGNALS", "InstallFn", "SignalNotices"]

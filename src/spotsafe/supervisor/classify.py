@@ -4,8 +4,13 @@
 class              when                                                      counts against
 =================  ========================================================  ===============
 ``succeeded``      exit 0                                                    (done)
-``preempted``      exit 75 (a notice: saved or kept a verified checkpoint)   preemptions
-``killed``         killed by a signal from outside (a lost machine, SIGKILL) preemptions
+``preempted``      exit 75 (a notice: saved or kept a verified checkpoint,   preemptions
+                   or a stop held during start-up: nothing new to save)
+``killed``         killed by a signal from outside: a lost machine           preemptions
+                   (SIGKILL), or a stop signal before it could react
+                   (:data:`STOP_SIGNALS`, e.g. in start-up without
+                   ``protect_startup()``); as the signal, or as 128 + N
+                   through a shell (137, 143)
 ``out_of_memory``  killed while the cgroup's ``oom_kill`` counter went up    errors
 ``no_progress``    stopped by the supervisor: no progress for too long       errors
 ``crashed``        any other exit (an exception: 1, a native crash: SIGSEGV) errors
@@ -29,6 +34,10 @@ import signal
 from collections.abc import Callable
 
 from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT, EXIT_PREEMPTED, EXIT_SUCCESS, EXIT_USAGE
+
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1})
+"""Signals that stop a job from outside, not a fault: a shutdown or a pod deletion, Ctrl-C, a closed terminal,
+Slurm's warning (``--signal=USR1@N``)."""
 
 
 class ExitClass(enum.Enum):
@@ -71,8 +80,8 @@ def classify(code: int, *, oom_kills: int = 0, stalled: bool = False) -> ExitCla
         return ExitClass.NO_USABLE_CHECKPOINT
     if code == -signal.SIGKILL or code == 128 + signal.SIGKILL:
         return ExitClass.OUT_OF_MEMORY if oom_kills > 0 else ExitClass.KILLED
-    if code < 0 and -code in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        return ExitClass.KILLED  # stopped from outside before it could react
+    if (code < 0 and -code in STOP_SIGNALS) or code - 128 in STOP_SIGNALS:
+        return ExitClass.KILLED  # stopped from outside before it could react (128 + N: through a shell)
     return ExitClass.CRASHED
 
 
