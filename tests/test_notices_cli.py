@@ -10,6 +10,8 @@ from pathlib import Path
 
 from spotsafe.notices.emulator import ProviderEmulator
 
+from .conftest import PROCESS_HANG_S
+
 SPOTSAFE = str(Path(sys.executable).with_name("spotsafe"))
 
 
@@ -41,7 +43,7 @@ def test_watch_prints_notices_and_exits_75_on_a_stop_notice() -> None:
     with ProviderEmulator() as market:
         env = {**market.env(), "SPOTSAFE_NOTICES": "aws,azure", "SPOTSAFE_NOTICE_POLL_SECONDS": "0.1"}
         proc = subprocess.Popen(
-            [SPOTSAFE, "notices", "--watch", "--seconds", "60"],
+            [SPOTSAFE, "notices", "--watch", "--seconds", "600"],  # ended by the stop notice, not the time
             env={**os.environ, "COLUMNS": "200", **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -51,12 +53,18 @@ def test_watch_prints_notices_and_exits_75_on_a_stop_notice() -> None:
             assert proc.poll() is None
             time.sleep(0.05)
         market.aws_rebalance()
-        while not any(r.path.endswith("/rebalance") and r.status == 200 for r in market.requests):
-            time.sleep(0.05)
+        # The warning is printed before the stop is posted: a stop ends the watch, and a warning still on its way
+        # from the aws poller's thread would not be printed.
+        assert proc.stdout is not None
+        seen = ""
+        while "warning notice from aws (rebalance recommendation)" not in seen:
+            line = proc.stdout.readline()
+            assert line, f"the watch ended before printing the warning: {seen!r}"
+            seen += line
         event_id = market.azure_event("Preempt", in_s=30)
-        out, err = proc.communicate(timeout=60)
+        rest, err = proc.communicate(timeout=PROCESS_HANG_S)
+        out = seen + rest
     assert proc.returncode == 75, err
-    assert "warning notice from aws (rebalance recommendation)" in out
     assert f"stop notice from azure (Preempt {event_id}" in out
     assert "azure: watching" in out
 
