@@ -50,6 +50,8 @@ def machine() -> list[str]:
         f"cpu: {cpu}, {os.cpu_count()} logical CPUs (torch uses {torch.get_num_threads()} threads)",
         f"memory: {memory:.1f} GiB",
         f"python {platform.python_version()}, torch {torch.__version__}, spotsafe {spotsafe.__version__}",
+        "load average when the results were written: {:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min; a busy machine "
+        "slows every row, so compare the ratios)".format(*os.getloadavg()),
     ]
 
 
