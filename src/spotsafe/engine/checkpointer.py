@@ -240,6 +240,13 @@ class Checkpointer:
         """True once an interruption notice arrived; the loop must stop taking work."""
         return self._stop_requested or self._effects.hub.pending()
 
+    @property
+    def stopped(self) -> bool:
+        """True once the stop path ran: the emergency save is done and, with ``exit_on_notice=False``, the loop must
+        end now. (``stop_requested`` is true earlier, while a notice is pending; with several ranks the stop comes
+        at the step the ranks agree on.)"""
+        return self._stop_requested
+
     # -- restore -------------------------------------------------------------
     def restore(self, *, strict: bool = True, on_damaged: str | None = None) -> int:
         """Load the newest verified checkpoint; return its step (0 when starting fresh).
