@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +27,14 @@ import pytest
 from spotsafe.engine.reader import load_newest_valid
 from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRepository
-from spotsafe.supervisor.drill import DrillConfig, DrillReport, run_drill
-from spotsafe.supervisor.market import Market
+from spotsafe.supervisor.drill import DrillConfig, DrillReport
 from spotsafe.supervisor.reference import REFERENCE_MARKER, bit_identical, compare_final, ensure_reference
 from spotsafe.supervisor.store import read_store
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, read_events
 
 from .conftest import PROCESS_HANG_S, ROOT, wait_until
+from .test_drill import Drill, FakeClock
 
 EXAMPLE = ROOT / "examples" / "keras_mlp.py"
 BACKENDS = ("torch", "tensorflow")
@@ -233,55 +232,13 @@ def test_interrupted_fits_end_bit_identical(runs: Runs, tmp_path: Path) -> None:
 # -- 3. a drill --------------------------------------------------------------------------------------------------------
 
 
-class FakeClock:
-    """The market's clock: drill seconds after it opened, moved by the test."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def set(self, drill_s: float) -> None:
-        self.t = 1000.0 + drill_s
-
-
-class Watch:
-    """The drill's watch: hands nothing over; the test follows the job store and the run's files."""
-
-    def reference_started(self, folder: Path) -> None: ...
-
-    def reference_finished(self, folder: Path, seconds: float, reused: bool) -> None: ...
-
-    def drill_started(self, run: Path, market: Market) -> None: ...
-
-    def drill_finished(self, code: int) -> None: ...
-
-
 def attempt(store: Path, number: int, what: Callable[[Any], bool]) -> bool:
     return any(a.number == number and what(a) for _, attempts in read_store(store) for a in attempts)
 
 
 def drill(config: DrillConfig, driver: Callable[[FakeClock], None]) -> DrillReport:
     """``run_drill`` (what ``spotsafe drill`` runs) on the main thread, its market's clock moved by ``driver``."""
-    clock, failure = FakeClock(), []
-
-    def drive() -> None:
-        try:
-            driver(clock)
-        except BaseException as err:  # noqa: BLE001 - raised again on the test's thread
-            failure.append(err)
-            clock.set(1e9)  # let the schedule play out, so that the job ends
-
-    thread = threading.Thread(target=drive, daemon=True)
-    thread.start()
-    try:
-        report = run_drill(config, log=lambda line: None, watch=Watch(), clock=clock)
-    finally:
-        thread.join(timeout=60)
-    if failure:
-        raise failure[0]
-    return report
+    return Drill(config).run(lambda running: driver(running.clock))
 
 
 @pytest.mark.parametrize("runs", ["torch"], indirect=True)  # one backend; the interrupted runs above cover both
