@@ -60,14 +60,6 @@ SUBFOLDER = "spotsafe"
 """Where checkpoints go without a ``url`` and without ``$SPOTSAFE_CHECKPOINT_URL``: ``<output_dir>/spotsafe``."""
 
 
-class _Stopped(Exception):
-    """Raised by the Checkpointer's exit hook once its stop path (emergency save, ``run_exited``, close) is done."""
-
-
-def _stopped(code: int) -> NoReturn:
-    raise _Stopped(code)
-
-
 class SpotsafeCallback(TrainerCallback):
     """Checkpoint a Hugging Face ``Trainer`` run with spotsafe; resume it by running the same command again.
 
@@ -120,12 +112,11 @@ class SpotsafeCallback(TrainerCallback):
             if not isinstance(notice_config, NoticeConfig):
                 raise ConfigError(f"notice_config must be a spotsafe.NoticeConfig, got {type(notice_config).__name__}")
             self.exit_on_notice = exit_on_notice and notice_config.exit_on_notice
-            checkpointer["notice_config"] = dataclasses.replace(notice_config, exit_on_notice=True)
+            checkpointer["notice_config"] = dataclasses.replace(notice_config, exit_on_notice=False)
         else:
-            checkpointer["exit_on_notice"] = True
-        # The Checkpointer's stop path ends by "exiting": here it raises _Stopped out of step_done() or restore(),
-        # and the callback stops Trainer's loop at that step boundary (the same one on every rank).
-        checkpointer["exit"] = _stopped
+            checkpointer["exit_on_notice"] = False
+        # The Checkpointer's stop path returns (Checkpointer.stopped): the callback stops Trainer's loop at that step
+        # boundary (the same one on every rank), then exits or returns in on_train_end.
         self._kwargs = checkpointer
         self._ckpt: Checkpointer | None = None
         self._steer: LoopSteering | None = None
@@ -206,11 +197,8 @@ class SpotsafeCallback(TrainerCallback):
         ckpt.register("trainer_state", TrainerProgress(state))
         for name, obj in self.extra.items():
             ckpt.register(name, obj)
-        try:
-            step = ckpt.restore()
-        except _Stopped:  # a stop during start-up or the restore: the restored checkpoint is the resume point
-            self._stopped = True
-            step = ckpt.step
+        step = ckpt.restore()
+        self._stopped = ckpt.stopped  # a stop in start-up or the restore: the restored checkpoint is the resume point
         if state.global_step != step:
             raise ConfigError(
                 f"the checkpoint's step ({step}) and its TrainerState's global_step ({state.global_step}) differ; "
@@ -308,10 +296,8 @@ class SpotsafeCallback(TrainerCallback):
         self._due = None
         if self._ckpt is None or self._stopped:
             return
-        try:
-            self._ckpt.step_done()
-        except _Stopped:
-            self._stopped = True
+        self._ckpt.step_done()
+        self._stopped = self._ckpt.stopped
         if self._stopped:
             # Stop at this step boundary: the emergency checkpoint is committed. Spend none of the time left on
             # Trainer's own evaluation or checkpoint of this step: the machine is going away.
@@ -328,6 +314,7 @@ class SpotsafeCallback(TrainerCallback):
         if self._ckpt is None:
             return
         if self._stopped:
+            self._ckpt.close()
             self._leave()
         else:
             self._ckpt.finish()
