@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 AZURITE_SPEC ?= azurite@3.37.0
 AZURITE := .tools/node_modules/.bin/azurite-blob
 
-.PHONY: demo chaos test lint install azurite bench bench-notices bench-resume clean
+.PHONY: demo chaos test lint install azurite bench bench-notices bench-resume bench-keras clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,9 @@ bench-notices: $(BIN)/.installed
 
 bench-resume: $(BIN)/.installed
 	$(BIN)/python bench/resume_skip.py
+
+bench-keras: $(BIN)/.installed
+	$(BIN)/python bench/keras_skip.py
 
 clean:
 	rm -rf $(VENV) .tools spotsafe-demo spotsafe-drill .spotsafe .bench .pytest_cache .mypy_cache .ruff_cache

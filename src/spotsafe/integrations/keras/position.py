@@ -33,7 +33,8 @@ class SkipBatches:
 
     Called as fit() calls its train function: with the fetched batch (torch backend) or with the data
     iterator (TensorFlow backend, whose train function takes the next batch itself: here it is taken and
-    dropped). Returns the model's current metric results, so that fit()'s logs keep their keys.
+    dropped). Returns the model's metric results (the same ones each time: nothing is trained while passing over,
+    so they do not change), so that fit()'s logs keep their keys.
     """
 
     def __init__(self, model: Any) -> None:
@@ -41,6 +42,7 @@ class SkipBatches:
         self.original = model.train_function
         self.tensorflow = keras.backend.backend() == "tensorflow"
         self.built = False
+        self.results: Any = None
         model.train_function = self
 
     def __call__(self, data: Any) -> Any:
@@ -51,7 +53,9 @@ class SkipBatches:
             # strategy, and on the torch backend before fit() begins (then this does nothing).
             self.model._symbolic_build(data_batch=batch)
             self.built = True
-        return self.model.get_metrics_result()
+        if self.results is None:  # nothing is trained while passing over: the metrics stay as they are
+            self.results = self.model.get_metrics_result()
+        return dict(self.results) if isinstance(self.results, dict) else self.results
 
     def remove(self) -> None:
         """Give ``model.train_function`` back (the very object it was: a traced tf.function stays traced)."""
