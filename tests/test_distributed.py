@@ -34,14 +34,10 @@ ARGS = ["--steps", str(STEPS), "--samples", "256", "--save-every", "20", "--prog
 RANKS = ("rank-00000", "rank-00001")
 
 
-def torchrun(run: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def torchrun(run: Path, env: dict[str, str] | None = None, ranks: int = 2) -> subprocess.Popen[bytes]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
+        *(launcher if ranks > 1 else [sys.executable]),
         str(EXAMPLE),
         "--run-dir",
         str(run),
@@ -167,6 +163,46 @@ def test_when_one_rank_has_nothing_usable_every_rank_refuses_to_start_over(refer
         assert all(e.time < failed.time for e in events(run, rank, "restore_fresh"))  # only the reference run's
     assert events(run, "rank-00001", "checkpoint_skipped")
     assert sorted(p.name for rank in RANKS for p in (run / rank / "checkpoints").iterdir()) == before
+
+
+def checkpoint_files(run: Path) -> dict[str, int]:
+    return {str(p.relative_to(run)): p.stat().st_size for p in run.rglob("checkpoints/**/*") if p.is_file()}
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_a_two_rank_run_resumed_at_another_world_size_is_refused_naming_both(
+    reference: Path, tmp_path: Path, ranks: int
+) -> None:
+    """Never a silent restart: 2 ranks' checkpoints resumed by 1 process or by 3 ranks stop every process with
+    exit 2 (torchrun's own exit is 1), saying both numbers; no checkpoint is written or removed."""
+    run = tmp_path / "ddp"
+    shutil.copytree(reference, run)
+    before = checkpoint_files(run)
+    proc = torchrun(run, ranks=ranks)
+    _, err = proc.communicate(timeout=PROCESS_HANG_S)
+    assert proc.returncode == (2 if ranks == 1 else 1), err.decode()[-2000:]
+    this_job = "one process" if ranks == 1 else f"{ranks} ranks"
+    assert f"holds checkpoints written by 2 ranks ({run}/rank-00000 .. rank-00001); this job runs {this_job}" in (
+        err.decode()
+    )
+    assert "torchrun --nproc-per-node 2" in err.decode()
+    logs = [run / f"rank-{r:05d}" for r in range(ranks)] if ranks > 1 else [run]
+    for folder in logs:
+        exits = [e.event for e in read_events(folder / EVENTS_FILE) if e.event.type == "run_exited"]
+        assert exits[-1].reason == "world_size_mismatch" and exits[-1].exit_code == 2  # type: ignore[attr-defined]
+    assert checkpoint_files(run) == before
+
+
+def test_a_one_process_run_resumed_by_two_ranks_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "single"
+    assert finish(torchrun(run, ranks=1)) == 0
+    before = checkpoint_files(run)
+    proc = torchrun(run)
+    _, err = proc.communicate(timeout=PROCESS_HANG_S)
+    assert proc.returncode == 1
+    assert f"{run} holds checkpoints written by one process ({run}); this job runs 2 ranks" in err.decode()
+    assert "To go on from the checkpoint, run it as one process" in err.decode()
+    assert checkpoint_files(run) == before
 
 
 def test_distributed_true_without_torch_distributed_is_a_config_error(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from spotsafe.errors import (
     NoUsableCheckpointError,
     SpotsafeError,
     UnsafeCheckpointError,
+    WorldSizeMismatchError,
 )
 from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT, EXIT_PREEMPTED, EXIT_SUCCESS
 from spotsafe.startup import protect_startup
@@ -75,6 +76,7 @@ __all__ = [
     "Stateful",
     "StorageConfig",
     "UnsafeCheckpointError",
+    "WorldSizeMismatchError",
     "__version__",
     "every",
     "max_loss",

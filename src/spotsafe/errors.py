@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT
+from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT, EXIT_USAGE
 
 
 class SpotsafeError(Exception):
@@ -96,3 +96,18 @@ class NoUsableCheckpointError(CheckpointError, SystemExit):
         super().__init__(message)
         self.damaged = list(damaged)
         self.code = EXIT_NO_USABLE_CHECKPOINT
+
+
+class WorldSizeMismatchError(CheckpointMismatchError, SystemExit):
+    """The run's checkpoints were written by another number of processes than this job runs.
+
+    Raised by ``restore()`` instead of starting over or resuming only some ranks (see
+    :mod:`spotsafe.engine.world`). ``saved`` is the number of processes that wrote them, ``world_size``
+    this job's. Left uncaught, the process exits with :data:`~spotsafe.exit_codes.EXIT_USAGE` (2): the
+    command must change, so ``spotsafe run`` does not relaunch it as it is.
+    """
+
+    def __init__(self, message: str, *, saved: int, world_size: int) -> None:
+        super().__init__(message)
+        self.saved, self.world_size = saved, world_size
+        self.code = EXIT_USAGE

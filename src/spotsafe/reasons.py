@@ -24,12 +24,18 @@ class ExitReason(StrEnum):
     """Why a job process ended (the ``reason`` of ``run_exited``).
 
     ``finished`` exits 0; ``preempted`` exits 75 after the emergency save (or keeping the last one);
-    ``no_usable_checkpoint`` exits 65 when committed checkpoints exist and none can be restored.
+    ``no_usable_checkpoint`` exits 65 when committed checkpoints exist and none can be restored;
+    ``world_size_mismatch`` exits 2 when they were written by another number of processes.
     """
 
     FINISHED = "finished"
     PREEMPTED = "preempted"
     NO_USABLE_CHECKPOINT = "no_usable_checkpoint"
+    WORLD_SIZE_MISMATCH = "world_size_mismatch"
 
 
-__all__ = ["ExitReason", "SaveReason"]
+NOT_STOPPED = frozenset({ExitReason.FINISHED, ExitReason.NO_USABLE_CHECKPOINT, ExitReason.WORLD_SIZE_MISMATCH})
+"""Outcomes of an attempt that was not stopped from outside: it finished, or it refused to go on by itself."""
+
+
+__all__ = ["NOT_STOPPED", "ExitReason", "SaveReason"]

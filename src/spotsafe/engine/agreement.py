@@ -156,12 +156,17 @@ class Agreement:
 
     def common_steps(self, steps: list[int]) -> list[int]:
         """The steps every rank has, newest first."""
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, sorted(set(steps)), group=self.group)
+        gathered = self.gather(sorted(set(steps)))
         common = set(gathered[0])
         for other in gathered[1:]:
             common &= set(other)
         return sorted(common, reverse=True)
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (picklable), in rank order (collective)."""
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value, group=self.group)
+        return gathered
 
     def post_flags(self, step: int, flags: ExchangeFlags) -> None:
         """:meth:`post` with the flags as one value (see :func:`~spotsafe.engine.step_decision.flags_to_post`)."""

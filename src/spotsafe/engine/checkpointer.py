@@ -38,6 +38,7 @@ from spotsafe.engine.options import NAMED, check_components, check_effects, chec
 from spotsafe.engine.reader import restore_newest
 from spotsafe.engine.saves import SaveTracker
 from spotsafe.engine.step_loop import StepLoop
+from spotsafe.engine.world import check_world
 from spotsafe.errors import ConfigError
 from spotsafe.exit_codes import EXIT_PREEMPTED
 from spotsafe.jobenv import JobEnv
@@ -127,6 +128,7 @@ class Checkpointer:
         check_components(named, extra, overlap=self.save_config.overlap)
         check_effects(keywords)
         self._agreement = agree.agreement_for(distributed, process_group)
+        self._run_location, self._injected = storage_cfg, storage is not None
         if self._agreement is not None and storage is None:
             storage_cfg = replace_url(storage_cfg, agree.rank_url(str(storage_cfg.url), self._agreement.rank))
         self.storage_config = storage_cfg
@@ -261,10 +263,13 @@ class Checkpointer:
         each one and what is wrong with it, rather than start over. ``on_damaged="start_fresh"`` (or
         ``$SPOTSAFE_ON_DAMAGED=start_fresh``) starts from step 0 instead. A storage error that outlives
         the retry budget is not damage: it is raised as it is. Components cannot be registered after it.
+        Checkpoints written by another number of processes (one, or ``N`` ranks) raise
+        :class:`~spotsafe.errors.WorldSizeMismatchError` (uncaught: exit 2), see :mod:`spotsafe.engine.world`.
         """
         check_restore_args(strict)
         self._restored = True
         fx = self._effects
+        check_world(self._run_location, fx.storage, self._agreement, injected=self._injected, emit=fx.emit)
         step = restore_newest(
             fx.repo,
             self._components,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from spotsafe.reasons import ExitReason
+from spotsafe.reasons import NOT_STOPPED
 from spotsafe.telemetry import events as ev
 
 E = TypeVar("E", bound=ev.Event)
@@ -91,7 +91,7 @@ class Attempt:
     @property
     def stopped(self) -> bool:
         """It did not finish (nor fail on its own). Only meaningful once it ended."""
-        return self.outcome not in (ExitReason.FINISHED, ExitReason.NO_USABLE_CHECKPOINT)
+        return self.outcome not in NOT_STOPPED
 
     @property
     def step_time_s(self) -> float | None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from spotsafe.reasons import ExitReason, SaveReason
+from spotsafe.reasons import NOT_STOPPED, SaveReason
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import LoggedEvent
 from spotsafe.telemetry.report import Report
@@ -59,7 +59,7 @@ class Span:
     @property
     def interrupted(self) -> bool:
         """It ended without finishing (nor failing on its own): as :attr:`RunModel.interrupted` counts it."""
-        return not self.running and self.outcome not in (ExitReason.FINISHED, ExitReason.NO_USABLE_CHECKPOINT)
+        return not self.running and self.outcome not in NOT_STOPPED
 
 
 @dataclass

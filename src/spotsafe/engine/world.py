@@ -1,0 +1,139 @@
+"""How many processes wrote a run's checkpoints, and the refusal to resume them at another world size.
+
+One process saves under ``<url>``; the ranks of a distributed job each save under ``<url>/rank-<r>``
+(:func:`~spotsafe.engine.agreement.rank_url`). A checkpoint cannot yet be resumed at another number of
+ranks: each rank's state (its data shard's position, its random streams) belongs to that rank. Without a
+check, a job restarted with fewer or more ranks would look in folders that do not hold its state and start
+over from step 0, or resume some ranks and drop the others' data positions, without a word. So ``restore()``
+looks first at what the run's location holds (:func:`saved_layout`) and raises
+:class:`~spotsafe.errors.WorldSizeMismatchError` (exit 2: the command must change) naming both numbers.
+
+The rule, for a job of ``M`` processes (1: not distributed):
+
+* ``M == 1``: its own checkpoints (under ``<url>``) are used when there are any; otherwise rank folders with
+  committed checkpoints mean the run was written by ``N = highest rank + 1`` processes: refused.
+* ``M > 1``: rank folders with committed checkpoints: ``N = highest rank + 1`` must equal ``M``. None, but
+  checkpoints under ``<url>`` itself: written by one process: refused. A rank folder missing below ``N``
+  (its checkpoints lost) is the restore's own business: every rank refuses to start over (exit 65).
+
+Every rank decides on what all ranks saw (a node's local disk holds only its own ranks' folders): the
+layouts are combined with one ``all_gather_object`` before any rank decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from spotsafe.engine.agreement import Agreement
+from spotsafe.engine.config import StorageConfig
+from spotsafe.errors import WorldSizeMismatchError
+from spotsafe.exit_codes import EXIT_USAGE
+from spotsafe.reasons import ExitReason
+from spotsafe.storage.base import Storage
+from spotsafe.storage.layout import CHECKPOINTS, CheckpointRef
+from spotsafe.storage.manifest import MANIFEST_NAME
+from spotsafe.storage.registry import open_storage
+from spotsafe.telemetry import events as ev
+
+log = logging.getLogger("spotsafe")
+
+RANK_FOLDER = re.compile(r"rank-(\d{5})")
+
+
+@dataclass(frozen=True)
+class SavedLayout:
+    """What a run's location holds: committed checkpoints of one process (``single``), and the ranks whose
+    folders hold committed checkpoints."""
+
+    single: bool = False
+    ranks: frozenset[int] = frozenset()
+
+    @property
+    def world_size(self) -> int | None:
+        """How many processes wrote it (``None``: nothing committed)."""
+        if self.ranks:
+            return max(self.ranks) + 1
+        return 1 if self.single else None
+
+    @staticmethod
+    def union(layouts: Iterable[SavedLayout]) -> SavedLayout:
+        listed = list(layouts)
+        return SavedLayout(single=any(x.single for x in listed), ranks=frozenset(r for x in listed for r in x.ranks))
+
+
+def _committed(storage: Storage, folder: str) -> bool:
+    """Whether ``folder`` (``""``: the location itself) holds a committed checkpoint (one listing)."""
+    prefix = f"{folder}/{CHECKPOINTS}" if folder else CHECKPOINTS
+    depth = prefix.count("/") + 3
+    for key in storage.find(prefix):
+        parts = key.split("/")
+        if len(parts) == depth and parts[-1] == MANIFEST_NAME and CheckpointRef.parse(parts[-2]) is not None:
+            return True
+    return False
+
+
+def saved_layout(base: Storage) -> SavedLayout:
+    """What ``base`` (a run's location, not a rank's folder) holds; one listing per rank folder."""
+    ranks = frozenset(
+        int(match[1])
+        for name in base.list_dirs("")
+        if (match := RANK_FOLDER.fullmatch(name)) is not None and _committed(base, name)
+    )
+    return SavedLayout(single=_committed(base, ""), ranks=ranks)
+
+
+def mismatch(layout: SavedLayout, world_size: int) -> int | None:
+    """The world size that wrote ``layout`` when a job of ``world_size`` processes must not resume it, else
+    ``None`` (see the module docstring)."""
+    if world_size == 1:
+        return None if layout.single or not layout.ranks else layout.world_size
+    saved = layout.world_size
+    return saved if saved is not None and saved != world_size else None
+
+
+def mismatch_error(url: str, saved: int, world_size: int) -> WorldSizeMismatchError:
+    def processes(n: int) -> str:
+        return "one process" if n == 1 else f"{n} ranks"
+
+    where = f"{url}/rank-00000 .. rank-{saved - 1:05d}" if saved > 1 else url
+    launch = "run it as one process" if saved == 1 else f"run it with {saved} ranks (torchrun --nproc-per-node {saved})"
+    return WorldSizeMismatchError(
+        f"{url} holds checkpoints written by {processes(saved)} ({where}); this job runs {processes(world_size)}. "
+        f"spotsafe cannot resume a checkpoint at another world size yet: each rank's data position and random "
+        f"streams belong to that rank. To go on from the checkpoint, {launch}; to start over, give the job "
+        "another checkpoint location. Nothing was deleted.",
+        saved=saved,
+        world_size=world_size,
+    )
+
+
+def check_world(
+    config: StorageConfig, own: Storage, agreement: Agreement | None, *, injected: bool, emit: Callable[..., None]
+) -> None:
+    """Before a restore: raise :class:`~spotsafe.errors.WorldSizeMismatchError` (after ``restore_failed`` and
+    ``run_exited``) when this job (one process, or ``agreement``'s ranks) must not resume what its location
+    holds. ``config`` is the run's location (not a rank's folder) and ``own`` this process's storage.
+    Collective with ``agreement``: every rank must call it. An ``injected`` storage of a distributed job has
+    no known run location: nothing is checked."""
+    if agreement is None:
+        layout, world_size, url = saved_layout(own), 1, own.url
+    elif injected or config.url is None:
+        return
+    else:
+        url = str(config.url)
+        base = open_storage(url, config.storage_options, retry=config.retry)
+        layout, world_size = SavedLayout.union(agreement.gather(saved_layout(base))), agreement.world_size
+    saved = mismatch(layout, world_size)
+    if saved is None:
+        return
+    error = mismatch_error(url, saved, world_size)
+    emit(ev.RestoreFailed, checkpoints=0, reason=str(error))
+    emit(ev.RunExited, reason=ExitReason.WORLD_SIZE_MISMATCH, step=0, exit_code=EXIT_USAGE)
+    log.error("spotsafe: %s", error)
+    raise error
+
+
+__all__ = ["SavedLayout", "check_world", "mismatch", "saved_layout"]
