@@ -6,6 +6,7 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,11 @@ import torch
 from torch import nn
 
 import spotsafe
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    # Started in the background by a shell (`make test &`), this process and so every job a test starts would
+    # ignore SIGINT. The tests press Ctrl-C as a user at a terminal does: give the jobs SIGINT's default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_lm.py"

@@ -549,10 +549,14 @@ def test_ddp_ranks_stop_at_the_same_step_and_resume_bit_identical(
     # Rank 1 is rank 0's child process: it stops on its own, at the step the ranks agreed on.
     wait_until(lambda: bool(of(url / RANKS[1], ev.RunExited, attempt=1)), "rank 1 to exit", timeout=PROCESS_HANG_S)
     saved = [[(s.step, s.reason) for s in of(url / rank, ev.SaveCommitted, attempt=1)] for rank in RANKS]
-    stops = [[step for step, reason in ranks if reason == "notice"] for ranks in saved]
-    assert len(stops[0]) == 1 and stops[0] == stops[1], saved
-    stop = stops[0][0]
+    exits = [[x.step for x in of(url / rank, ev.RunExited, attempt=1)] for rank in RANKS]
+    assert len(exits[0]) == 1 and exits[0] == exits[1], exits
+    stop = exits[0][0]
     assert 10 <= stop < DDP_STEPS
+    # Each rank committed a checkpoint at the stop step: the emergency save ("notice"), or an interval save that
+    # was due at that very step (a loaded machine can put the agreed stop on one), which the stop then keeps.
+    for ranks in saved:
+        assert [reason for step, reason in ranks if step == stop] in (["notice"], ["interval"]), saved
     assert [(x.reason, x.exit_code, x.step) for x in of(url / RANKS[1], ev.RunExited)] == [("preempted", 75, stop)]
     assert [n.step for n in of(url / RANKS[0], ev.NoticeReceived)] == [10]
     assert not of(url / RANKS[1], ev.NoticeReceived)  # rank 1 stopped on the agreement alone

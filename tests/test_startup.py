@@ -345,6 +345,18 @@ def test_the_guard_holds_stops_and_hands_them_over_once() -> None:
     assert guard.take() == []
 
 
+def test_a_signal_the_process_ignores_stays_ignored() -> None:
+    """``cmd &`` in a shell script starts the job with SIGINT ignored: the guard leaves it so."""
+    fake = FakeSignals()
+    fake.table[signal.SIGINT] = signal.SIG_IGN
+    guard = fake.guard()
+    assert guard.protect(exit_after_s=None)
+    assert fake.table[signal.SIGINT] == signal.SIG_IGN and guard.is_handler(fake.table[signal.SIGTERM])
+    assert signal.SIGINT not in guard.signals
+    guard.take()
+    assert fake.table[signal.SIGINT] == signal.SIG_IGN and fake.table[signal.SIGTERM] == signal.SIG_DFL
+
+
 def test_the_guard_is_main_thread_only() -> None:
     guard = FakeSignals().guard()
     errors: list[BaseException] = []

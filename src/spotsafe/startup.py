@@ -25,6 +25,9 @@ Call sequence:
    default) a watchdog thread ends the process with 75, and a process that ends sooner (a crash
    in set-up, ``sys.exit``) ends with 75 too (an ``atexit`` hook). A line on stderr says why.
 
+A signal the process was started with ignored (``SIG_IGN``: a shell starts a background job, ``cmd &``,
+with SIGINT ignored) stays ignored: the guard does not take it over.
+
 Ctrl-C pressed twice during start-up is not held the second time: it raises ``KeyboardInterrupt``
 as usual (the exit status is then 75, as for any held stop). A signal that arrives while the main
 thread is inside a long C call (an extension module's import) runs its handler as soon as the
@@ -149,8 +152,9 @@ class StartupGuard:
     ) -> bool:
         """Hold ``signals`` until a Checkpointer takes them; whether they are held now (by this guard or by an
         open Checkpointer's handlers). Idempotent: a second call adds the signals not yet held and changes
-        nothing else. Off the main thread it raises :class:`RuntimeError`, or with ``strict=False`` returns
-        ``False`` and does nothing. ``exit_after_s=None``: no watchdog (the ``atexit`` hook remains)."""
+        nothing else. A signal that is ignored (``SIG_IGN``) stays ignored. Off the main thread it raises
+        :class:`RuntimeError`, or with ``strict=False`` returns ``False`` and does nothing.
+        ``exit_after_s=None``: no watchdog (the ``atexit`` hook remains)."""
         wanted = check_signals("signals", signals)
         check_number("exit_after_s", exit_after_s, above=0, unit="seconds", allow_none=True)
         check_bool("strict", strict)
@@ -162,7 +166,10 @@ class StartupGuard:
                 )
             return False
         watched = _checkpointer_signals(self._getsignal, wanted)  # an open Checkpointer holds these already
-        taken = [s for s in wanted if s not in watched and (s not in self._originals or not self._armed)]
+        ignored = {s for s in wanted if self._getsignal(s) == signal.SIG_IGN}  # the process was told to ignore them
+        taken = [
+            s for s in wanted if s not in watched and s not in ignored and (s not in self._originals or not self._armed)
+        ]
         if not self._armed and not taken:
             return True
         if not self._armed:  # a new start-up (an earlier one was handed over)
