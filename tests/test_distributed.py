@@ -22,10 +22,14 @@ from spotsafe.cli.demo import compare_final
 from spotsafe.notices.emulator import ProviderEmulator
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.repository import CheckpointRepository
+from spotsafe.supervisor.drill import DrillConfig
+from spotsafe.supervisor.reference import ensure_reference
+from spotsafe.supervisor.store import JobStore
 from spotsafe.telemetry.events import Event
 from spotsafe.telemetry.log import EVENTS_FILE, read_events
 
-from .conftest import EXAMPLE, PROCESS_HANG_S
+from .conftest import EXAMPLE, PROCESS_HANG_S, wait_until
+from .test_drill import Drill, ended, write_trace
 
 pytestmark = pytest.mark.e2e
 
@@ -219,3 +223,53 @@ def test_each_rank_saves_under_its_own_folder() -> None:
 
     assert rank_url("s3://bucket/runs/lm/", 3) == "s3://bucket/runs/lm/rank-00003"
     assert rank_url("runs/lm", 0) == "runs/lm/rank-00000"
+
+
+TORCHRUN_JOB = (
+    *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"),
+    *(str(EXAMPLE), "--workers", "1", *ARGS),
+)
+"""The example under torchrun, as ``spotsafe drill -- ...`` runs it (its location from $SPOTSAFE_CHECKPOINT_URL)."""
+
+
+def test_a_drill_of_a_torchrun_job_preempts_every_rank_and_proves_each_identical(tmp_path: Path) -> None:
+    """The market's SIGTERM goes to torchrun, which passes it to its workers: both save at the same step and exit
+    75, torchrun exits 1 (its SignalException), and the supervisor counts a preemption, not a crash. The drill
+    finds the reference's checkpoints in its rank folders and compares the two runs rank by rank."""
+    reference = tmp_path / "reference"
+    ensure_reference(TORCHRUN_JOB, reference, lambda line: None)
+    trace = write_trace(tmp_path / "zone.json", [1, 0] + [1] * 20)  # one outage at 1 s, capacity back at 2 s
+    workdir = tmp_path / "drill"
+    run, store = workdir / "run", workdir / "jobs.sqlite"
+    config = DrillConfig(
+        command=TORCHRUN_JOB,
+        workdir=workdir,
+        reference=reference,
+        trace=str(trace),
+        trace_start_s=0,
+        time_scale=60.0,
+        mode="sigterm",
+        window_s=60.0,
+        max_interruptions=2,
+    )
+
+    def driver(drill: Drill) -> None:
+        wait_until(lambda: events(run, "rank-00000", "save_committed"), "a first checkpoint", timeout=PROCESS_HANG_S)
+        drill.clock.set(1.0)
+        drill.wait_events(1)
+        wait_until(lambda: ended(store, 1), "attempt 1 to stop", timeout=PROCESS_HANG_S)
+        drill.clock.set(2.0)  # capacity is back: the supervisor relaunches
+
+    drill = Drill(config)
+    report = drill.run(driver)
+    assert report.ok and report.identical, (report, drill.lines)
+    assert report.final_step_reference == report.final_step_drill == STEPS
+    ranked = {f"{rank}/{name}" for rank in RANKS for name in ("model", "optimizer", "scheduler", "loader", "rng")}
+    assert ranked <= set(report.component_diffs) and not any(report.component_diffs.values())
+    assert report.interruptions == 1
+    with JobStore(store) as jobs:
+        attempts = [a for a in jobs.attempts("drill") if a.exit_class != "no_capacity"]
+    assert [(a.exit_code, a.exit_class) for a in attempts] == [(1, "preempted"), (0, "succeeded")]
+    stopped = stop_steps(run, 1)
+    assert stopped["rank-00000"] == stopped["rank-00001"] == attempts[0].step_after
+    assert report.emergency_saves == 1 and report.checkpoints_committed >= 2  # rank 0's events stand for the run

@@ -23,7 +23,6 @@ layouts are combined with one ``all_gather_object`` before any rank decides.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -33,14 +32,12 @@ from spotsafe.errors import WorldSizeMismatchError
 from spotsafe.exit_codes import EXIT_USAGE
 from spotsafe.reasons import ExitReason
 from spotsafe.storage.base import Storage
-from spotsafe.storage.layout import CHECKPOINTS, CheckpointRef
+from spotsafe.storage.layout import CHECKPOINTS, CheckpointRef, rank_folders
 from spotsafe.storage.manifest import MANIFEST_NAME
 from spotsafe.storage.registry import open_storage
 from spotsafe.telemetry import events as ev
 
 log = logging.getLogger("spotsafe")
-
-RANK_FOLDER = re.compile(r"rank-(\d{5})")
 
 
 @dataclass(frozen=True)
@@ -77,11 +74,7 @@ def _committed(storage: Storage, folder: str) -> bool:
 
 def saved_layout(base: Storage) -> SavedLayout:
     """What ``base`` (a run's location, not a rank's folder) holds; one listing per rank folder."""
-    ranks = frozenset(
-        int(match[1])
-        for name in base.list_dirs("")
-        if (match := RANK_FOLDER.fullmatch(name)) is not None and _committed(base, name)
-    )
+    ranks = frozenset(int(name[len("rank-") :]) for name in rank_folders(base) if _committed(base, name))
     return SavedLayout(single=_committed(base, ""), ranks=ranks)
 
 

@@ -9,6 +9,8 @@ Layout under the run's location::
         model.bin  optimizer.bin  state.json ...        blobs, written and made durable first
         manifest.json                                   written last, atomically: the commit
 
+A job of several ranks keeps one such layout per rank, under ``rank-<r>/`` (five digits) at the run's location.
+
 Folder names sort by writer generation, then step, then creation time (milliseconds),
 then four random hex digits, so :class:`CheckpointRef` orders oldest to newest.
 A blob of an incremental checkpoint may live in an older checkpoint's folder
@@ -20,9 +22,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from spotsafe.storage.base import Storage
 from spotsafe.storage.manifest import BlobEntry
 
 CHECKPOINTS = "checkpoints"
+RANK_FOLDER = re.compile(r"rank-(\d{5})")
+"""A rank's folder at a run's location (see :func:`spotsafe.engine.agreement.rank_url`)."""
 LATEST = "latest.json"
 _NAME = re.compile(r"^g(\d{6})-step-(\d{12})-(\d{13})-([0-9a-f]{4})$")
 
@@ -51,3 +56,8 @@ class CheckpointRef:
 def blob_key(ref: CheckpointRef, entry: BlobEntry) -> str:
     """Where ``entry`` of checkpoint ``ref`` is stored (its own folder, or the folder it shares)."""
     return f"{CHECKPOINTS}/{entry.checkpoint or ref.name}/{entry.path}"
+
+
+def rank_folders(base: Storage) -> list[str]:
+    """The rank folders (``rank-<r>``) at ``base``, a run's location, in rank order."""
+    return sorted(name for name in base.list_dirs("") if RANK_FOLDER.fullmatch(name))

@@ -9,6 +9,11 @@ The supervisor's loop (:mod:`spotsafe.supervisor.run`) runs each attempt in this
     code, stalled = attempt.wait(...)        # poll; SIGTERM on a stop or a stall, SIGKILL to the group after grace
     attempt.exit_class(code, ...)            # succeeded, preempted, killed, ..., no_capacity
 
+An attempt may be a launcher standing for several job processes (torchrun and its ranks): torchrun exits 1
+when its workers exit 75 after a notice, or 2 on a usage error. Its exit code then says less than the
+processes' own ``run_exited`` events, which :meth:`RunningAttempt.exit_class` reads instead (see
+:meth:`RunningAttempt.told_by_processes`).
+
 A launcher that must inspect what an attempt left before the next one starts (the chaos run looks for a
 half-written save) hands back a :class:`CheckedHandle`, whose exit shows once that inspection is done.
 
@@ -32,7 +37,7 @@ from spotsafe.reasons import ExitReason
 from spotsafe.supervisor.classify import ExitClass, classify
 from spotsafe.supervisor.pools import Handle
 from spotsafe.telemetry import events as ev
-from spotsafe.telemetry.log import EventTail
+from spotsafe.telemetry.log import EventTail, RunTail
 
 POLL_S = 0.2
 
@@ -64,7 +69,7 @@ class RunningAttempt:
         *,
         job: str,
         number: int,
-        tail: EventTail,
+        tail: EventTail | RunTail,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         say: Callable[[str], None] = lambda line: None,
@@ -75,6 +80,8 @@ class RunningAttempt:
         self._tail = tail
         self._clock, self._sleep, self._say = clock, sleep, say
         self._told = False
+        self._processes: dict[int, str | None] = {}
+        """This attempt's job processes (their ``run_started`` events) and their ``run_exited`` reasons."""
 
     def stop(self) -> None:
         """Forward a stop to the job now: SIGTERM to its main process (a second call sends another)."""
@@ -95,11 +102,8 @@ class RunningAttempt:
         try:
             while (code := handle.poll()) is None:
                 now = self._clock()
-                for logged in self._tail.poll():
-                    if logged.run_id == self._job and logged.attempt == self._number:
-                        last_sign = now
-                        if self.machine is None and isinstance(logged.event, ev.RunStarted):
-                            self.machine = logged.event.host
+                if self._read():
+                    last_sign = now
                 if stopping() and kill_at is None:
                     if not self._told:  # the stop came before the job was known
                         handle.signal(signal.SIGTERM)
@@ -114,7 +118,40 @@ class RunningAttempt:
                 self._sleep(POLL_S)
         finally:
             handle.reap_group()
+        self._read()  # what the processes wrote as they exited
         return code, stalled
+
+    def _read(self) -> bool:
+        """Read this attempt's new events; whether there were any."""
+        seen = False
+        for logged in self._tail.poll():
+            if logged.run_id != self._job or logged.attempt != self._number:
+                continue
+            seen = True
+            event = logged.event
+            if isinstance(event, ev.RunStarted):
+                self._processes.setdefault(logged.pid, None)
+                if self.machine is None:
+                    self.machine = event.host
+            elif isinstance(event, ev.RunExited):
+                self._processes[logged.pid] = event.reason
+        return seen
+
+    def told_by_processes(self) -> ExitClass | None:
+        """What the job's processes said of their own exits, when the attempt's main process is not one of them
+        (a launcher such as torchrun) and every one that started has exited on purpose: a usage error or an
+        unusable checkpoint on any of them, preempted on all. ``None`` otherwise (one crashed, or was killed:
+        the launcher's exit code stands)."""
+        processes = self._processes
+        if not processes or self.handle.pid in processes or None in processes.values():
+            return None
+        reasons = set(processes.values())
+        if ExitReason.WORLD_SIZE_MISMATCH in reasons:
+            return ExitClass.USAGE
+        if ExitReason.NO_USABLE_CHECKPOINT in reasons:
+            return ExitClass.NO_USABLE_CHECKPOINT
+        # All finished and still a failed exit: something failed after finish() (the launcher's code stands).
+        return ExitClass.PREEMPTED if reasons == {ExitReason.PREEMPTED} else None
 
     def exit_class(self, code: int, *, stalled: bool, stopped: bool, oom_kills: int) -> ExitClass:
         """What exit ``code`` means; ``stopped``: the supervisor stopped the job itself (a signal it was sent);
@@ -122,7 +159,10 @@ class RunningAttempt:
         exit counts only when nothing stopped the attempt."""
         if not stalled and not stopped and code != 0 and self.handle.no_capacity(code):
             return ExitClass.NO_CAPACITY
-        return classify(code, oom_kills=oom_kills, stalled=stalled)
+        exit_class = classify(code, oom_kills=oom_kills, stalled=stalled)
+        if exit_class is ExitClass.CRASHED:
+            return self.told_by_processes() or exit_class
+        return exit_class
 
 
 class CheckedHandle:

@@ -7,8 +7,9 @@ store, the job's output discarded (its stderr kept), its checkpoints in the refe
 
 :func:`ensure_reference` (the drill) keeps a finished reference, marked with :data:`REFERENCE_MARKER`,
 and reuses it for the same command; :func:`run_reference` (the demo) always runs it.
-:func:`compare_final` compares the newest valid checkpoint of two runs, component by component, and
-:func:`bit_identical` says whether that comparison found them identical.
+:func:`compare_final` compares the newest valid checkpoint of two runs, component by component (rank by rank for
+a job of several ranks, each saving under ``rank-<r>``), and :func:`bit_identical` says whether that comparison
+found them identical.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from spotsafe.engine.reader import load_newest_valid
+from spotsafe.engine.reader import RestoredState, load_newest_valid
 from spotsafe.errors import ConfigError
 from spotsafe.exit_codes import EXIT_PREEMPTED
 from spotsafe.jobenv import JobEnv
 from spotsafe.state.compare import differences
+from spotsafe.storage.layout import rank_folders
 from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.supervisor.config import RunConfig
@@ -108,7 +110,7 @@ def ensure_reference(
     marker = folder / REFERENCE_MARKER
     try:
         doc = json.loads(marker.read_text(encoding="utf-8"))
-        if doc.get("command") == list(command) and load_newest_valid(CheckpointRepository(open_storage(folder))):
+        if doc.get("command") == list(command) and _final_step(final_states(folder)) is not None:
             log(f"reusing the reference run in {folder} ({doc['seconds']:.1f} s)")
             return float(doc["seconds"]), True
     except (OSError, ValueError, KeyError, TypeError):
@@ -124,30 +126,57 @@ def ensure_reference(
     if started is not None:
         started()
     seconds = run_reference(command, folder, notices="signals")
-    if load_newest_valid(CheckpointRepository(open_storage(folder))) is None:
+    if _final_step(final_states(folder)) is None:
         raise ConfigError(
-            f"the reference run finished without a checkpoint in {folder}: the command must use spotsafe's "
-            "Checkpointer with the location from $SPOTSAFE_CHECKPOINT_URL (and call finish())"
+            f"the reference run finished without a checkpoint in {folder} (or, with several ranks, without one "
+            "at the same step in each rank-<r> folder): the command must use spotsafe's Checkpointer with the "
+            "location from $SPOTSAFE_CHECKPOINT_URL (and call finish())"
         )
     marker.write_text(json.dumps({"command": list(command), "seconds": seconds}), encoding="utf-8")
     log(f"reference run finished in {seconds:.1f} s")
     return seconds, False
 
 
+def final_states(url: str | Path) -> dict[str, RestoredState | None]:
+    """The newest valid checkpoint of each process of a run: ``{"": state}`` for one process (its checkpoints
+    under ``url``), ``{"rank-00000": state, ...}`` for a job of several ranks (``None``: none valid)."""
+    storage = open_storage(url)
+    own = load_newest_valid(CheckpointRepository(storage))
+    folders = rank_folders(storage) if own is None else []
+    if not folders:
+        return {"": own}
+    base = str(url).rstrip("/")
+    return {name: load_newest_valid(CheckpointRepository(open_storage(f"{base}/{name}"))) for name in folders}
+
+
+def _final_step(states: Mapping[str, RestoredState | None]) -> int | None:
+    """The run's final step: every process's newest valid checkpoint is at it (``None``: none, or they differ)."""
+    steps = {state.step if state is not None else None for state in states.values()}
+    return steps.pop() if len(steps) == 1 else None
+
+
 def compare_final(reference: str | Path, other: str | Path) -> tuple[int | None, int | None, dict[str, list[str]]]:
-    """Final step of each run (folders or URLs) and, per component, the differences (empty list: identical)."""
-    a = load_newest_valid(CheckpointRepository(open_storage(reference)))
-    b = load_newest_valid(CheckpointRepository(open_storage(other)))
-    if a is None or b is None:
-        return (a.step if a else None), (b.step if b else None), {}
-    names = list(dict.fromkeys([*a.components, *b.components]))
+    """Final step of each run (folders or URLs) and, per component, the differences (empty list: identical).
+
+    A run of several ranks is compared rank by rank: its components are named ``rank-<r>/<component>``, and its
+    final step is the one every rank ended at (``None`` when they differ)."""
+    a, b = final_states(reference), final_states(other)
+    a_step, b_step = _final_step(a), _final_step(b)
+    if a_step is None or b_step is None:
+        return a_step, b_step, {}
     diffs: dict[str, list[str]] = {}
-    for name in names:
-        if name not in a.components or name not in b.components:
-            diffs[name] = [f"{name}: present in only one run"]
-        else:
-            diffs[name] = differences(a.components[name], b.components[name], name)
-    return a.step, b.step, diffs
+    for process in dict.fromkeys([*a, *b]):
+        left, right = a.get(process), b.get(process)
+        if left is None or right is None:
+            diffs[process] = [f"{process}: present in only one run"]
+            continue
+        for name in dict.fromkeys([*left.components, *right.components]):
+            shown = f"{process}/{name}" if process else name
+            if name not in left.components or name not in right.components:
+                diffs[shown] = [f"{shown}: present in only one run"]
+            else:
+                diffs[shown] = differences(left.components[name], right.components[name], shown)
+    return a_step, b_step, diffs
 
 
 def bit_identical(reference_step: int | None, other_step: int | None, diffs: Mapping[str, list[str]]) -> bool:

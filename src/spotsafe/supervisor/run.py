@@ -44,6 +44,7 @@ from types import FrameType
 
 from spotsafe.errors import ConfigError, SpotsafeError
 from spotsafe.exit_codes import EXIT_CRASH, EXIT_NO_USABLE_CHECKPOINT, EXIT_PREEMPTED, EXIT_SUCCESS, EXIT_USAGE
+from spotsafe.storage.layout import rank_folders
 from spotsafe.storage.registry import open_storage, protocol_of
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.supervisor.attempt import POLL_S, RunningAttempt, alive, attempt_env, recorded_exit, stop_session
@@ -56,16 +57,24 @@ from spotsafe.supervisor.process import describe_exit
 from spotsafe.supervisor.retry import RelaunchBudget
 from spotsafe.supervisor.store import AttemptRecord, JobState, JobStore
 from spotsafe.telemetry import events as ev
-from spotsafe.telemetry.log import EventLog, EventSink, EventTail, RunIdentity
+from spotsafe.telemetry.log import EventLog, EventSink, RunIdentity, RunTail
 from spotsafe.telemetry.metrics import Metrics
 
 log = logging.getLogger("spotsafe")
 
 
 def newest_step(url: str) -> int | None:
-    """The newest committed checkpoint's step at ``url`` (``None``: none yet)."""
-    refs = CheckpointRepository(open_storage(url)).committed()
-    return max(refs).step if refs else None
+    """The newest committed checkpoint's step at ``url`` (``None``: none yet); for a job of several ranks (each
+    saving under ``rank-<r>``), the newest step that every rank has committed."""
+    storage = open_storage(url)
+    refs = CheckpointRepository(storage).committed()
+    if refs:
+        return max(refs).step
+    common: set[int] | None = None
+    for name in rank_folders(storage):
+        steps = {ref.step for ref in CheckpointRepository(open_storage(f"{url.rstrip('/')}/{name}")).committed()}
+        common = steps if common is None else common & steps
+    return max(common) if common else None
 
 
 class Supervisor:
@@ -304,7 +313,7 @@ class Supervisor:
         env = attempt_env(
             url=config.url, job=config.name, number=number, store=config.store, pool=pool.name, events_file=spool
         )
-        tail = EventTail(self._events_file)
+        tail = RunTail(self._events_file)
         tail.poll()  # only what this attempt writes counts as its progress
         oom_before = self._oom()
         spec = LaunchSpec(

@@ -274,6 +274,25 @@ class EventTail:
         return out
 
 
+RANK_LOGS = "rank-[0-9][0-9][0-9][0-9][0-9]"
+"""The folders of a run's ranks (``<url>/rank-<r>``, see :func:`spotsafe.engine.agreement.rank_url`)."""
+
+
+class RunTail:
+    """Follows a run's event log and, for a run of several ranks on local disk, each rank folder's log beside
+    it (``rank-<r>/events.jsonl``), picked up as they appear. The first :meth:`poll` reads what is there
+    already; a rank log that appears later is read from its beginning (it was created since)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._tails = {self.path: EventTail(self.path)}
+
+    def poll(self) -> list[LoggedEvent]:
+        for rank_log in sorted(self.path.parent.glob(f"{RANK_LOGS}/{self.path.name}")):
+            self._tails.setdefault(rank_log, EventTail(rank_log))
+        return [logged for tail in self._tails.values() for logged in tail.poll()]
+
+
 def parse_lines(lines: Iterable[bytes]) -> Iterator[LoggedEvent]:
     """Typed events from raw JSON lines; damaged or unknown lines are skipped."""
     for raw in lines:

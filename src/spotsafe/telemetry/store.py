@@ -14,6 +14,7 @@ A process killed without warning loses only the events since its last upload
 
 from __future__ import annotations
 
+import heapq
 import logging
 import re
 import secrets
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from spotsafe.errors import StorageError
 from spotsafe.reasons import ExitReason
 from spotsafe.storage.base import Storage, local_paths
+from spotsafe.storage.layout import rank_folders
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, parse_lines, read_events
 from spotsafe.telemetry.runmodel import RunModel
@@ -80,23 +82,38 @@ def _segment_order(name: str) -> tuple[int, int, str]:
     return (int(match.group(1)), int(match.group(2)), name) if match else (-1, -1, name)
 
 
-def event_parts(storage: Storage) -> list[str]:
-    """The keys of the run's uploaded event parts, in order: by attempt, process, then part number."""
+def event_parts(storage: Storage, folder: str = "") -> list[str]:
+    """The keys of the run's uploaded event parts (under ``folder``: a rank's), in order: by attempt, process,
+    then part number."""
     parts: dict[str, list[tuple[int, str]]] = {}
-    for key in storage.find(EVENTS_PREFIX):
+    prefix = f"{folder}/{EVENTS_PREFIX}" if folder else EVENTS_PREFIX
+    depth = prefix.count("/") + 3
+    for key in storage.find(prefix):
         pieces = key.split("/")
-        if len(pieces) == 3 and _SEGMENT.match(pieces[1]) and (match := _PART.match(pieces[2])):
-            parts.setdefault(pieces[1], []).append((int(match.group(1)), key))
+        if len(pieces) == depth and _SEGMENT.match(pieces[-2]) and (match := _PART.match(pieces[-1])):
+            parts.setdefault(pieces[-2], []).append((int(match.group(1)), key))
     return [key for segment in sorted(parts, key=_segment_order) for _, key in sorted(parts[segment])]
 
 
-def read_run_events(storage: Storage) -> Iterator[LoggedEvent]:
-    """Every event of the run, in order: the local ``events.jsonl`` and/or uploaded parts."""
+def _folder_events(storage: Storage, folder: str) -> Iterator[LoggedEvent]:
     local = local_paths(storage)
     if local is not None:
-        yield from read_events(local.path_of(EVENTS_FILE))
-    for key in event_parts(storage):
+        yield from read_events(local.path_of(f"{folder}/{EVENTS_FILE}" if folder else EVENTS_FILE))
+    for key in event_parts(storage, folder):
         yield from parse_lines(storage.read(key).splitlines())
+
+
+def read_run_events(storage: Storage) -> Iterator[LoggedEvent]:
+    """Every event of the run, in order: the local ``events.jsonl`` and/or uploaded parts. For a job of several
+    ranks (each with its own events under ``rank-<r>/``), rank 0's events too, merged in time order: the ranks
+    save, stop and restore at the same steps, so rank 0's stand for all of them."""
+    folders = rank_folders(storage)
+    if not folders or folders[0] != "rank-00000":
+        yield from _folder_events(storage, "")
+        return
+    yield from heapq.merge(
+        _folder_events(storage, ""), _folder_events(storage, folders[0]), key=lambda logged: logged.event.time
+    )
 
 
 @dataclass
