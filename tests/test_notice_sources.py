@@ -1503,6 +1503,18 @@ def test_build_sources_kubernetes_grace(env: dict[str, str], grace_s: float | No
     assert k8s.signals == (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
+def test_a_torchrun_worker_gives_sigterm_torchruns_shutdown_timeout(tmp_path: Path) -> None:
+    """torchrun sends its workers SIGTERM, then SIGKILL after --shutdown-timeout (30 s unless changed)."""
+    env = {"TORCHELASTIC_RUN_ID": "none", "SPOTSAFE_NOTICES": "auto"}
+    found = machine(tmp_path).detect(env)
+    assert found == ("torchrun", "signals")
+    (worker,) = build_sources(found, env=env)
+    assert isinstance(worker, SignalNotices)
+    assert (worker.name, worker.source, worker.grace_seconds) == ("torchrun", "torchrun", 30.0)
+    (worker,) = build_sources(found, env={**env, "SPOTSAFE_GRACE_SECONDS": "50"})
+    assert isinstance(worker, SignalNotices) and worker.grace_seconds == 50.0
+
+
 def test_build_sources_plain_signals_take_the_grace_setting() -> None:
     (plain,) = build_sources(["signals"], env={"SPOTSAFE_GRACE_SECONDS": "20"})
     assert isinstance(plain, SignalNotices) and plain.grace_seconds == 20.0

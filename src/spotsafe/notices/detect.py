@@ -8,6 +8,8 @@ aws        ``$AWS_EC2_METADATA_SERVICE_ENDPOINT`` set, or DMI vendor ``Amazon EC
 gcp        ``$GCE_METADATA_HOST`` set, or DMI product ``Google Compute Engine``
 azure      ``$SPOTSAFE_AZURE_METADATA_ENDPOINT`` set, or Azure's DMI chassis asset tag
 kubernetes ``$KUBERNETES_SERVICE_HOST`` set (SIGTERM with ``$SPOTSAFE_GRACE_SECONDS``, default 30 s)
+torchrun   ``$TORCHELASTIC_RUN_ID`` set: a torchrun worker, whose SIGTERM from torchrun is followed by SIGKILL
+           after torchrun's ``--shutdown-timeout`` (default 30 s; ``$SPOTSAFE_GRACE_SECONDS`` if set otherwise)
 slurm      ``$SLURM_JOB_ID`` set (``SIGUSR1`` with ``$SPOTSAFE_SLURM_SIGNAL_LEAD`` seconds;
            ``$SPOTSAFE_SLURM_REQUEUE=1`` runs ``scontrol requeue`` after the emergency save)
 ========== ==========================================================================================
@@ -41,10 +43,12 @@ ENV_GRACE = "SPOTSAFE_GRACE_SECONDS"
 ENV_SLURM_LEAD = "SPOTSAFE_SLURM_SIGNAL_LEAD"
 ENV_SLURM_REQUEUE = "SPOTSAFE_SLURM_REQUEUE"
 ENV_AZURE_ACK = "SPOTSAFE_AZURE_ACKNOWLEDGE"
-KNOWN = ("aws", "gcp", "azure", "kubernetes", "slurm", "signals")
+KNOWN = ("aws", "gcp", "azure", "kubernetes", "torchrun", "slurm", "signals")
 PROVIDERS = ("aws", "gcp", "azure")
 AZURE_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"
 KUBERNETES_GRACE_S = 30.0
+TORCHRUN_GRACE_S = 30.0
+"""torchrun's default ``--shutdown-timeout``: from its SIGTERM to its workers to its SIGKILL."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,8 @@ def detect(
         reasons["azure"] = "Azure chassis asset tag"
     if env.get("KUBERNETES_SERVICE_HOST"):
         reasons["kubernetes"] = "$KUBERNETES_SERVICE_HOST"
+    if env.get("TORCHELASTIC_RUN_ID"):
+        reasons["torchrun"] = "$TORCHELASTIC_RUN_ID"
     if env.get("SLURM_JOB_ID"):
         reasons["slurm"] = "$SLURM_JOB_ID"
     reasons["signals"] = "always"
@@ -145,8 +151,8 @@ def build_sources(
     """Notice sources for ``names`` (from :func:`detect`), configured from ``env``.
 
     Signal handling is one source: the Slurm warning signal goes to :class:`SlurmNotices`,
-    the others to a :class:`SignalNotices` named ``kubernetes`` (deadline: the grace
-    period) or after the signal. Signals are always handled (``signals`` in ``names`` or not);
+    the others to a :class:`SignalNotices` named ``kubernetes`` or ``torchrun`` (deadline: the grace
+    period, 30 s unless set) or after the signal. Signals are always handled (``signals`` in ``names`` or not);
     ``handle_signals=False`` drops them.
     """
     env = os.environ if env is None else env
@@ -173,12 +179,13 @@ def build_sources(
             )
         )
     if wanted:
-        if "kubernetes" in names:
-            sources.append(
-                SignalNotices(
-                    wanted, grace_seconds=grace if grace is not None else KUBERNETES_GRACE_S, source="kubernetes"
-                )
+        if "kubernetes" in names or "torchrun" in names:
+            # Under both, the pod's SIGTERM reaches the workers through torchrun at once: the shorter grace counts.
+            default = min(
+                g for n, g in (("kubernetes", KUBERNETES_GRACE_S), ("torchrun", TORCHRUN_GRACE_S)) if n in names
             )
+            source = "kubernetes" if "kubernetes" in names else "torchrun"
+            sources.append(SignalNotices(wanted, grace_seconds=grace if grace is not None else default, source=source))
         else:
             sources.append(SignalNotices(wanted, grace_seconds=grace))
     return sources
