@@ -6,6 +6,9 @@ rule itself and the one-process side, on real folders.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,10 @@ import spotsafe
 from spotsafe.engine.world import SavedLayout, mismatch, saved_layout
 from spotsafe.exit_codes import EXIT_USAGE
 from spotsafe.storage.local import LocalStorage
+from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.telemetry.log import EVENTS_FILE, read_events
+
+from .conftest import PROCESS_HANG_S
 
 
 def save_one(url: Path, steps: int = 1) -> None:
@@ -84,3 +90,34 @@ def test_one_process_with_checkpoints_of_its_own_resumes_them(tmp_path: Path) ->
     ckpt = spotsafe.Checkpointer(tmp_path, model=torch.nn.Linear(2, 2), handle_signals=False, notices=[])
     assert ckpt.restore() == 4
     ckpt.close()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [str(Path(sys.executable).with_name("spotsafe")), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=PROCESS_HANG_S)
+
+
+def test_ls_verify_inspect_and_gc_go_rank_by_rank(tmp_path: Path) -> None:
+    for rank in (0, 1):
+        for steps in (2, 3):
+            save_one(tmp_path / f"rank-{rank:05d}", steps=steps)
+    listed = cli("ls", str(tmp_path))
+    assert listed.returncode == 0, listed.stderr
+    assert "rank-00000 (rank 0; 2 rank folders)" in listed.stdout and f"checkpoints in {tmp_path}/rank-00001" in (
+        listed.stdout
+    )
+    doc = json.loads(cli("ls", "--json", str(tmp_path)).stdout)
+    assert sorted(doc["ranks"]) == ["rank-00000", "rank-00001"]
+    assert [row["step"] for row in doc["ranks"]["rank-00001"]] == [5, 2]
+    assert json.loads(cli("inspect", "--json", str(tmp_path)).stdout)["ranks"]["rank-00000"]["step"] == 5
+    assert cli("verify", str(tmp_path)).returncode == 0
+
+    newest = CheckpointRepository(LocalStorage(tmp_path / "rank-00001")).committed()[0]
+    blob = tmp_path / "rank-00001" / newest.key / "state.json"
+    blob.write_bytes(b"garbage" + blob.read_bytes()[7:])
+    damaged = cli("verify", str(tmp_path))
+    assert damaged.returncode == 1 and "OK" in damaged.stdout  # rank 0's is fine; rank 1's is not
+    assert cli("gc", "--keep", "1", str(tmp_path)).returncode == 0  # each rank's plan, deleting nothing
+    refused = cli("gc", "--keep", "1", "--apply", str(tmp_path))
+    assert refused.returncode == 2 and "is a job of 2 ranks; gc --apply does not yet" in refused.stderr
+    assert len(CheckpointRepository(LocalStorage(tmp_path / "rank-00001")).committed()) == 2

@@ -1,18 +1,58 @@
 """``spotsafe ls / verify / inspect / gc``: the options of the run-management commands.
 
 Each command opens the run (:func:`~spotsafe.cli.options.open_folder`) and hands it to its printer in
-:mod:`spotsafe.cli.manage`, whose return value is the exit code.
+:mod:`spotsafe.cli.manage`, whose return value is the exit code. A job of several ranks keeps one run per rank
+under ``rank-<r>``: given its location, each command does its work rank by rank (:func:`per_rank`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import sys
+from collections.abc import Callable
 
 import click
 
 from spotsafe.cli import manage
 from spotsafe.cli.options import command_redactor, float_option, open_folder, run_options
-from spotsafe.cli.output import Bars
+from spotsafe.cli.output import EXIT_DAMAGED, EXIT_NOTHING, Bars, out, print_json
+from spotsafe.exit_codes import EXIT_SUCCESS
+from spotsafe.storage.inventory import RunFolder
+from spotsafe.storage.layout import rank_folders
+
+WORST_FIRST = (EXIT_DAMAGED, EXIT_NOTHING)
+
+
+def per_rank(
+    url: str,
+    storage_options: tuple[str, ...],
+    retry_budget: float,
+    command: Callable[[RunFolder], int],
+    *,
+    as_json: bool = False,
+) -> int:
+    """``command`` on the run at ``url``; for a job of several ranks (no checkpoint folder of its own, ``rank-<r>``
+    folders in it), on each rank's run in turn, under a heading (with ``as_json``: one JSON object,
+    ``{"ranks": {"rank-00000": ..., ...}}``). The exit code is the worst: damaged, then nothing found, then 0."""
+    run = open_folder(url, storage_options, retry_budget)
+    ranks = [] if run.repo.folders() else rank_folders(run.repo.storage)
+    if not ranks:
+        return command(run)
+    codes, docs = [], {}
+    for name in ranks:
+        rank = open_folder(f"{url.rstrip('/')}/{name}", storage_options, retry_budget)
+        if not as_json:
+            out.print(f"[bold]{name}[/] (rank {int(name[len('rank-') :])}; {len(ranks)} rank folders)")
+            codes.append(command(rank))
+            continue
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            codes.append(command(rank))
+        docs[name] = json.loads(printed.getvalue())
+    if as_json:
+        print_json({"ranks": docs})
+    return next((code for code in WORST_FIRST if code in codes), max(codes, default=EXIT_SUCCESS))
 
 
 @click.command("ls")
@@ -30,10 +70,18 @@ def ls(
 ) -> None:
     """List the checkpoint folders at URL (a run folder or s3://, gs://, az:// URL), newest first.
 
-    Each committed checkpoint gets a cheap check (manifest and blob sizes); --verify checks every checksum.
+    Each committed checkpoint gets a cheap check (manifest and blob sizes); --verify checks every checksum. A job
+    of several ranks is listed rank by rank (its rank-<r> folders).
     """
-    run = open_folder(url, storage_options, retry_budget)
-    sys.exit(manage.ls(run, Bars(progress), command_redactor(), verify=verify, as_json=as_json))
+    bars, redactor = Bars(progress), command_redactor()
+    code = per_rank(
+        url,
+        storage_options,
+        retry_budget,
+        lambda run: manage.ls(run, bars, redactor, verify=verify, as_json=as_json),
+        as_json=as_json,
+    )
+    sys.exit(code)
 
 
 @click.command("verify")
@@ -55,8 +103,12 @@ def verify(
     """
     if step is not None and every:
         raise click.UsageError("give --step or --all, not both")
-    run = open_folder(url, storage_options, retry_budget)
-    sys.exit(manage.verify(run, Bars(progress), command_redactor(), step=step, every=every))
+    bars, redactor = Bars(progress), command_redactor()
+    sys.exit(
+        per_rank(
+            url, storage_options, retry_budget, lambda run: manage.verify(run, bars, redactor, step=step, every=every)
+        )
+    )
 
 
 @click.command("inspect")
@@ -80,8 +132,15 @@ def inspect(
     """
     if step is not None and name is not None:
         raise click.UsageError("give --step or --name, not both")
-    run = open_folder(url, storage_options, retry_budget)
-    sys.exit(manage.inspect(run, Bars(progress), command_redactor(), step=step, name=name, as_json=as_json))
+    bars, redactor = Bars(progress), command_redactor()
+    code = per_rank(
+        url,
+        storage_options,
+        retry_budget,
+        lambda run: manage.inspect(run, bars, redactor, step=step, name=name, as_json=as_json),
+        as_json=as_json,
+    )
+    sys.exit(code)
 
 
 @click.command("gc")
@@ -110,10 +169,21 @@ def gc(
     progress: bool | None,
 ) -> None:
     """Delete old checkpoints and stale uncommitted folders at URL. A dry run unless --apply is given."""
+    bars, redactor = Bars(progress), command_redactor()
     run = open_folder(url, storage_options, retry_budget)
+    if apply and not run.repo.folders() and (ranks := rank_folders(run.repo.storage)):
+        # Each rank's plan alone could delete a step another rank still needs as its newest intact one.
+        raise click.UsageError(
+            f"{url} is a job of {len(ranks)} ranks; gc --apply does not yet plan their retention together. "
+            "Run it without --apply to see each rank's plan; the ranks' own retention (keep=) removes old "
+            "checkpoints as they save."
+        )
     sys.exit(
-        manage.gc(
-            run, Bars(progress), command_redactor(), keep=keep, apply=apply, partial_older_than=partial_older_than
+        per_rank(
+            url,
+            storage_options,
+            retry_budget,
+            lambda run: manage.gc(run, bars, redactor, keep=keep, apply=apply, partial_older_than=partial_older_than),
         )
     )
 
