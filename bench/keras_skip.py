@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run import machine, markdown, write_between
+from run import machine, markdown, section, write_between
 
 START = "<!-- keras-skip: written by bench/keras_skip.py -->"
 END = "<!-- end of keras-skip -->"
@@ -148,23 +148,18 @@ def main() -> None:
         print(backend, r, flush=True)
     import keras  # noqa: F401  (its version, for the record)
 
-    text = "\n".join(
+    text = section(
+        START,
+        END,
+        [*machine(), f"keras {sys.modules['keras'].__version__}"],
         [
-            START,
-            "",
-            "Machine:",
-            "",
-            *[f"- {line}" for line in machine()],
-            f"- keras {sys.modules['keras'].__version__}",
-            "",
             f"Keras `fit()` on NumPy arrays ({args.skip + TAIL:,} x {FEATURES} float32, batches of {BATCH}, "
             f"shuffled), a checkpoint at sample {args.skip:,} of epoch 0 (batch {args.skip // BATCH:,}); the "
             "last column compares the resume with Keras' `BackupAndRestore`, which trains the epoch's batches again:",
             "",
             markdown(table),
             "",
-            END,
-        ]
+        ],
     )
     print(text)
     if args.out:

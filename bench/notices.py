@@ -35,7 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
 import cases
-from run import disk_description, machine, markdown, write_between
+from run import disk_description, machine, markdown, section, write_between
 
 import spotsafe
 from spotsafe.notices import AwsSpotNotices
@@ -228,21 +228,17 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    text = "\n".join(
+    text = section(
+        START,
+        END,
+        [*machine(), disk_description(base)],
         [
-            START,
-            "",
-            "Machine:",
-            "",
-            *[f"- {line}" for line in [*machine(), disk_description(base)]],
-            "",
             f"### Per-step cost of watching for notices\n\n{markdown(rows)}\n",
             "### Emergency save: estimate against what it took\n",
             "The estimate is what the plan compared with the time left (before the safety factor); the "
             "actual time runs from the start of the notice handling to the commit.\n",
             f"{markdown(est_rows)}\n",
-            END,
-        ]
+        ],
     )
     if args.out:
         write_between(Path(args.out), START, END, text, heading="## Notices\n\n")

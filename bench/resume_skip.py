@@ -33,7 +33,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run import machine, markdown, write_between
+from run import machine, markdown, section, write_between
 
 from spotsafe.data import LoaderPosition
 from spotsafe.state.codec import decode, encode
@@ -165,22 +165,18 @@ def main() -> None:
                     f"{seconds / ours:.1f}x",
                 ]
             )
-    text = "\n".join(
+    text = section(
+        START,
+        END,
+        machine(),
         [
-            START,
-            "",
-            "Machine:",
-            "",
-            *[f"- {line}" for line in machine()],
-            "",
             f"Resume at sample {args.skip:,} of a shuffled epoch over a map-style dataset of {args.skip + TAIL:,} "
             "samples (each read decompresses a 1 KiB tensor), DataLoader in the main process; best of "
             f"{args.repeats} fresh loaders (iterate and discard: one run):",
             "",
             markdown(table),
             "",
-            END,
-        ]
+        ],
     )
     print(text)
     if args.out:

@@ -319,21 +319,15 @@ def main() -> None:
     for title, body in sections.items():
         if title != "Training stall per checkpoint":
             console.print(f"\n[bold]{title}[/]\n{body}")
-    text = "\n".join(
-        [
-            START,
-            "",
-            "Machine:",
-            "",
-            *[f"- {line}" for line in description],
-            "",
-            *[f"### {title}\n\n{body}\n" for title, body in sections.items()],
-            END,
-        ]
-    )
+    text = section(START, END, description, [f"### {title}\n\n{body}\n" for title, body in sections.items()])
     if args.out:
         write_between(Path(args.out), START, END, text)
         console.print(f"\nwrote {args.out}")
+
+
+def section(start: str, end: str, machine_lines: list[str], body: list[str]) -> str:
+    """One results section of BENCHMARKS.md: its start marker, the machine (a line each), ``body``, its end marker."""
+    return "\n".join([start, "", "Machine:", "", *[f"- {line}" for line in machine_lines], "", *body, end])
 
 
 def write_between(path: Path, start: str, end: str, text: str, heading: str = "") -> None:
