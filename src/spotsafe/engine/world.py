@@ -112,6 +112,8 @@ def check_world(
     Collective with ``agreement``: every rank must call it. An ``injected`` storage of a distributed job has
     no known run location: nothing is checked."""
     if agreement is None:
+        if _committed(own, ""):
+            return  # one process's own checkpoints: its own to resume, whatever else is there
         layout, world_size, url = saved_layout(own), 1, own.url
     elif injected or config.url is None:
         return
