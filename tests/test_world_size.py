@@ -99,7 +99,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_ls_verify_inspect_and_gc_go_rank_by_rank(tmp_path: Path) -> None:
     for rank in (0, 1):
-        for steps in (2, 3):
+        for steps in (2, 3, 4, 5):  # checkpoints at steps 2, 5, 9 and 14
             save_one(tmp_path / f"rank-{rank:05d}", steps=steps)
     listed = cli("ls", str(tmp_path))
     assert listed.returncode == 0, listed.stderr
@@ -108,16 +108,21 @@ def test_ls_verify_inspect_and_gc_go_rank_by_rank(tmp_path: Path) -> None:
     )
     doc = json.loads(cli("ls", "--json", str(tmp_path)).stdout)
     assert sorted(doc["ranks"]) == ["rank-00000", "rank-00001"]
-    assert [row["step"] for row in doc["ranks"]["rank-00001"]] == [5, 2]
-    assert json.loads(cli("inspect", "--json", str(tmp_path)).stdout)["ranks"]["rank-00000"]["step"] == 5
+    assert [row["step"] for row in doc["ranks"]["rank-00001"]] == [14, 9, 5, 2]
+    assert json.loads(cli("inspect", "--json", str(tmp_path)).stdout)["ranks"]["rank-00000"]["step"] == 14
     assert cli("verify", str(tmp_path)).returncode == 0
 
-    newest = CheckpointRepository(LocalStorage(tmp_path / "rank-00001")).committed()[0]
-    blob = tmp_path / "rank-00001" / newest.key / "state.json"
-    blob.write_bytes(b"garbage" + blob.read_bytes()[7:])
+    rank1 = CheckpointRepository(LocalStorage(tmp_path / "rank-00001"))
+    for newest in rank1.committed()[:2]:  # rank 1's steps 14 and 9 damaged: its newest intact is step 5
+        blob = tmp_path / "rank-00001" / newest.key / "state.json"
+        blob.write_bytes(b"garbage" + blob.read_bytes()[7:])
     damaged = cli("verify", str(tmp_path))
     assert damaged.returncode == 1 and "OK" in damaged.stdout  # rank 0's is fine; rank 1's is not
-    assert cli("gc", "--keep", "1", str(tmp_path)).returncode == 0  # each rank's plan, deleting nothing
-    refused = cli("gc", "--keep", "1", "--apply", str(tmp_path))
-    assert refused.returncode == 2 and "is a job of 2 ranks; gc --apply does not yet" in refused.stderr
-    assert len(CheckpointRepository(LocalStorage(tmp_path / "rank-00001")).committed()) == 2
+    # Alone, rank 0 would keep step 14 only; rank 1 keeps 14 (the newest) down to 5 (its newest intact). Together,
+    # rank 0 keeps 9 and 5 too: step 5 is the one a restore of both ranks can use.
+    done = cli("gc", "--keep", "1", "--apply", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "another rank keeps step 5" in done.stdout
+    for rank in (0, 1):
+        steps = [r.step for r in CheckpointRepository(LocalStorage(tmp_path / f"rank-{rank:05d}")).committed()]
+        assert steps == [14, 9, 5], (rank, steps)

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import sys
+import time
 from collections.abc import Callable
 
 import click
@@ -19,6 +20,7 @@ from spotsafe.cli import manage
 from spotsafe.cli.options import command_redactor, float_option, open_folder, run_options
 from spotsafe.cli.output import EXIT_DAMAGED, EXIT_NOTHING, Bars, out, print_json
 from spotsafe.exit_codes import EXIT_SUCCESS
+from spotsafe.storage.gc import GcPlan, keep_common, plan_gc
 from spotsafe.storage.inventory import RunFolder
 from spotsafe.storage.layout import rank_folders
 
@@ -171,19 +173,28 @@ def gc(
     """Delete old checkpoints and stale uncommitted folders at URL. A dry run unless --apply is given."""
     bars, redactor = Bars(progress), command_redactor()
     run = open_folder(url, storage_options, retry_budget)
-    if apply and not run.repo.folders() and (ranks := rank_folders(run.repo.storage)):
-        # Each rank's plan alone could delete a step another rank still needs as its newest intact one.
-        raise click.UsageError(
-            f"{url} is a job of {len(ranks)} ranks; gc --apply does not yet plan their retention together. "
-            "Run it without --apply to see each rank's plan; the ranks' own retention (keep=) removes old "
-            "checkpoints as they save."
-        )
+    plans: dict[str, GcPlan] = {}
+    if not run.repo.folders() and (ranks := rank_folders(run.repo.storage)):
+        # The ranks plan together: each rank alone could delete a step that another still needs.
+        now = time.time()
+        for name in ranks:
+            rank = open_folder(f"{url.rstrip('/')}/{name}", storage_options, retry_budget)
+            plans[rank.url] = plan_gc(rank.repo, redactor, keep=keep, partial_older_than=partial_older_than, now=now)
+        plans = keep_common(plans)
     sys.exit(
         per_rank(
             url,
             storage_options,
             retry_budget,
-            lambda run: manage.gc(run, bars, redactor, keep=keep, apply=apply, partial_older_than=partial_older_than),
+            lambda run: manage.gc(
+                run,
+                bars,
+                redactor,
+                keep=keep,
+                apply=apply,
+                partial_older_than=partial_older_than,
+                plan=plans.get(run.url),
+            ),
         )
     )
 

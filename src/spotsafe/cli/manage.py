@@ -22,7 +22,7 @@ from spotsafe.errors import CorruptCheckpointError
 from spotsafe.exit_codes import EXIT_CRASH, EXIT_SUCCESS
 from spotsafe.state.describe import describe_component
 from spotsafe.state.snapshot import decode_state
-from spotsafe.storage.gc import apply_gc, plan_gc
+from spotsafe.storage.gc import GcPlan, apply_gc, plan_gc
 from spotsafe.storage.inventory import (
     FolderState,
     FolderStatus,
@@ -273,8 +273,19 @@ def _print_inspect(doc: Mapping[str, Any]) -> None:
 # -- gc ------------------------------------------------------------------------
 
 
-def gc(folder: RunFolder, bars: Bars, redactor: Redactor, *, keep: int, apply: bool, partial_older_than: float) -> int:
-    plan = plan_gc(folder.repo, redactor, keep=keep, partial_older_than=partial_older_than, now=time.time())
+def gc(
+    folder: RunFolder,
+    bars: Bars,
+    redactor: Redactor,
+    *,
+    keep: int,
+    apply: bool,
+    partial_older_than: float,
+    plan: GcPlan | None = None,
+) -> int:
+    """``spotsafe gc`` of one run; ``plan``: one made already (a job's ranks plan together)."""
+    if plan is None:
+        plan = plan_gc(folder.repo, redactor, keep=keep, partial_older_than=partial_older_than, now=time.time())
     items = plan.items
     if not items:
         out.print(f"no checkpoints in {escape(folder.shown)}: nothing to do")

@@ -11,7 +11,8 @@ Call sequence: :func:`plan_gc`, then (to delete) :func:`apply_gc` with the plann
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from spotsafe.errors import CorruptCheckpointError, SpotsafeError
@@ -66,6 +67,27 @@ def newest_write(storage: Storage, ref: CheckpointRef) -> float | None:
         return stat.modified(ref.key)
     except SpotsafeError:
         return None
+
+
+def keep_common(plans: Mapping[str, GcPlan]) -> dict[str, GcPlan]:
+    """The plans of one job's ranks (each made by :func:`plan_gc`), made to agree: a committed checkpoint that
+    any rank keeps is kept at the same step on every rank, since a restore needs every rank's checkpoint at one
+    step (a rank whose newest are damaged keeps an older intact one; the others must keep that step too)."""
+    kept = {item.ref.step for plan in plans.values() for item in plan.items if item.committed and not item.delete}
+    agreed: dict[str, GcPlan] = {}
+    for key, plan in plans.items():
+        items = [
+            dataclasses.replace(
+                item,
+                delete=False,
+                reason=f"another rank keeps step {item.ref.step}: a restore needs every rank's checkpoint at one step",
+            )
+            if item.committed and item.delete and item.ref.step in kept
+            else item
+            for item in plan.items
+        ]
+        agreed[key] = GcPlan(items=items, newest_intact=plan.newest_intact)
+    return agreed
 
 
 def plan_gc(
