@@ -25,6 +25,7 @@ from spotsafe.cli.live import (
     LiveState,
     LiveStatus,
     Phase,
+    RankZeroSource,
     StorageSource,
     bar_console,
     market_outlook,
@@ -404,6 +405,22 @@ def test_a_file_source_starts_at_the_end_and_survives_damage_and_replacement(tmp
         fresh.emit(ev.Progress(time=4.0, step=4, epoch=0))
     assert [e.event.step for e in source.poll()] == [4]  # type: ignore[attr-defined]
     assert [e.event.step for e in FileSource(tmp_path / "none.jsonl", from_end=False).poll()] == []  # type: ignore[attr-defined]
+
+
+def test_a_rank_zero_source_follows_rank_0s_log_once_it_appears(tmp_path: Path) -> None:
+    """A job of several ranks writes its events in rank-<r>/; the status follows rank 0's (they stop together)."""
+    source = RankZeroSource(tmp_path)
+    assert source.poll() == []  # no rank log yet: nothing, and no error
+    with log_to(tmp_path / "rank-00001" / EVENTS_FILE) as other:
+        other.emit(ev.Progress(time=1.0, step=1, epoch=0))
+    with log_to(tmp_path / "rank-00000" / EVENTS_FILE) as rank0:
+        rank0.emit(ev.Progress(time=1.0, step=1, epoch=0))  # it appeared after the source started: read it all
+        rank0.emit(ev.Progress(time=2.0, step=2, epoch=0))
+    assert [e.event.step for e in source.poll()] == [1, 2]  # type: ignore[attr-defined]
+    later = RankZeroSource(tmp_path)  # a log already there is an earlier run's: from its end
+    with log_to(tmp_path / "rank-00000" / EVENTS_FILE) as rank0:
+        rank0.emit(ev.Progress(time=3.0, step=3, epoch=0))
+    assert [e.event.step for e in later.poll()] == [3]  # type: ignore[attr-defined]
 
 
 def test_a_storage_source_reads_only_parts_uploaded_since_it_started(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ runs and the output is exactly what it was.
 
 from spotsafe.cli.live.capture import LineSplitter, OutputCapture
 from spotsafe.cli.live.display import LiveStatus, Tracker, bar_console, wants_progress
-from spotsafe.cli.live.follow import EventFollower, EventSource, FileSource, StorageSource
+from spotsafe.cli.live.follow import EventFollower, EventSource, FileSource, RankZeroSource, StorageSource
 from spotsafe.cli.live.state import INTERRUPTED, LiveState, Phase
 from spotsafe.cli.live.supervised import DrillLive, follow_run, market_outlook, reference_step
 
@@ -29,6 +29,7 @@ __all__ = [
     "EventFollower",
     "EventSource",
     "FileSource",
+    "RankZeroSource",
     "LineSplitter",
     "LiveState",
     "LiveStatus",

@@ -68,6 +68,28 @@ class FileSource:
         return list(parse_lines(lines))
 
 
+class RankZeroSource:
+    """Rank 0's event log of a job of several ranks on local disk (``rank-00000/events.jsonl`` in ``folder``, the
+    run's location), once it appears: the ranks save and stop together, so rank 0's events stand for all of them.
+    A log there already is followed from its end (an earlier run's); one that appears later, from its start."""
+
+    final = True
+
+    def __init__(self, folder: str | os.PathLike[str], *, interval_s: float = 0.25) -> None:
+        from spotsafe.telemetry.log import EVENTS_FILE
+
+        self.path = Path(folder) / "rank-00000" / EVENTS_FILE
+        self.interval_s = interval_s
+        self._file = FileSource(self.path, interval_s=interval_s) if self.path.exists() else None
+
+    def poll(self) -> list[LoggedEvent]:
+        if self._file is None:
+            if not self.path.exists():
+                return []
+            self._file = FileSource(self.path, from_end=False, interval_s=self.interval_s)
+        return self._file.poll()
+
+
 class StorageSource:
     """The event parts jobs upload to the run's storage (jobs on other machines write no local log).
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spotsafe.cli.live.display import LiveStatus, Tracker
-from spotsafe.cli.live.follow import EventSource, FileSource, StorageSource
+from spotsafe.cli.live.follow import EventSource, FileSource, RankZeroSource, StorageSource
 from spotsafe.cli.live.state import LiveState, Phase
 from spotsafe.telemetry.log import EVENTS_FILE
 
@@ -26,7 +26,8 @@ def follow_run(live: LiveStatus, config: RunConfig) -> Tracker:
     from spotsafe.storage.retry import StorageRetry
     from spotsafe.supervisor.run import events_file
 
-    sources: list[EventSource] = [FileSource(events_file(config))]
+    log_file = events_file(config)
+    sources: list[EventSource] = [FileSource(log_file), RankZeroSource(log_file.parent)]
     if protocol_of(config.url) != "file" and any(not pool.local for pool in config.pools):
         try:
             sources.append(StorageSource(open_storage(config.url, retry=StorageRetry(budget_s=5.0))))
@@ -76,7 +77,7 @@ class DrillLive:
     def reference_started(self, folder: Path) -> None:
         self.reference = self.live.follow(
             "reference",
-            [FileSource(folder / EVENTS_FILE)],
+            [FileSource(folder / EVENTS_FILE), RankZeroSource(folder)],
             idle="starting the uninterrupted reference run",
             interruptions=False,
         )
@@ -94,7 +95,7 @@ class DrillLive:
     def drill_started(self, run: Path, market: Market) -> None:
         self.drill = self.live.follow(
             "drill",
-            [FileSource(run / EVENTS_FILE)],
+            [FileSource(run / EVENTS_FILE), RankZeroSource(run)],
             total=self.total,
             idle="starting the job under the supervisor",
             extra=lambda state: market_outlook(market, state),
