@@ -20,33 +20,36 @@ from spotsafe.cli import manage
 from spotsafe.cli.options import command_redactor, float_option, open_folder, run_options
 from spotsafe.cli.output import EXIT_DAMAGED, EXIT_NOTHING, Bars, out, print_json
 from spotsafe.exit_codes import EXIT_SUCCESS
-from spotsafe.storage.gc import GcPlan, keep_common, plan_gc
+from spotsafe.storage.gc import keep_common, plan_gc
 from spotsafe.storage.inventory import RunFolder
-from spotsafe.storage.layout import rank_folders
+from spotsafe.storage.layout import rank_folders, rank_of
 
 WORST_FIRST = (EXIT_DAMAGED, EXIT_NOTHING)
 
 
-def per_rank(
-    url: str,
-    storage_options: tuple[str, ...],
-    retry_budget: float,
-    command: Callable[[RunFolder], int],
-    *,
-    as_json: bool = False,
-) -> int:
-    """``command`` on the run at ``url``; for a job of several ranks (no checkpoint folder of its own, ``rank-<r>``
-    folders in it), on each rank's run in turn, under a heading (with ``as_json``: one JSON object,
-    ``{"ranks": {"rank-00000": ..., ...}}``). The exit code is the worst: damaged, then nothing found, then 0."""
+def open_runs(
+    url: str, storage_options: tuple[str, ...], retry_budget: float
+) -> tuple[RunFolder, dict[str, RunFolder]]:
+    """The run at ``url`` and, for a job of several ranks (no checkpoint folder of its own, ``rank-<r>`` folders
+    in it), each rank's run by folder name (empty otherwise)."""
     run = open_folder(url, storage_options, retry_budget)
-    ranks = [] if run.repo.folders() else rank_folders(run.repo.storage)
+    names = [] if run.repo.folders() else rank_folders(run.repo.storage)
+    return run, {name: open_folder(f"{url.rstrip('/')}/{name}", storage_options, retry_budget) for name in names}
+
+
+def per_rank(
+    runs: tuple[RunFolder, dict[str, RunFolder]], command: Callable[[RunFolder], int], *, as_json: bool = False
+) -> int:
+    """``command`` on the run (:func:`open_runs`); for a job of several ranks, on each rank's run in turn, under a
+    heading (with ``as_json``: one JSON object, ``{"ranks": {"rank-00000": ..., ...}}``). The exit code is the
+    worst: damaged, then nothing found, then 0."""
+    run, ranks = runs
     if not ranks:
         return command(run)
     codes, docs = [], {}
-    for name in ranks:
-        rank = open_folder(f"{url.rstrip('/')}/{name}", storage_options, retry_budget)
+    for name, rank in ranks.items():
         if not as_json:
-            out.print(f"[bold]{name}[/] (rank {int(name[len('rank-') :])}; {len(ranks)} rank folders)")
+            out.print(f"[bold]{name}[/] (rank {rank_of(name)}; {len(ranks)} rank folders)")
             codes.append(command(rank))
             continue
         with contextlib.redirect_stdout(io.StringIO()) as printed:
@@ -77,9 +80,7 @@ def ls(
     """
     bars, redactor = Bars(progress), command_redactor()
     code = per_rank(
-        url,
-        storage_options,
-        retry_budget,
+        open_runs(url, storage_options, retry_budget),
         lambda run: manage.ls(run, bars, redactor, verify=verify, as_json=as_json),
         as_json=as_json,
     )
@@ -108,7 +109,8 @@ def verify(
     bars, redactor = Bars(progress), command_redactor()
     sys.exit(
         per_rank(
-            url, storage_options, retry_budget, lambda run: manage.verify(run, bars, redactor, step=step, every=every)
+            open_runs(url, storage_options, retry_budget),
+            lambda run: manage.verify(run, bars, redactor, step=step, every=every),
         )
     )
 
@@ -136,9 +138,7 @@ def inspect(
         raise click.UsageError("give --step or --name, not both")
     bars, redactor = Bars(progress), command_redactor()
     code = per_rank(
-        url,
-        storage_options,
-        retry_budget,
+        open_runs(url, storage_options, retry_budget),
         lambda run: manage.inspect(run, bars, redactor, step=step, name=name, as_json=as_json),
         as_json=as_json,
     )
@@ -172,20 +172,18 @@ def gc(
 ) -> None:
     """Delete old checkpoints and stale uncommitted folders at URL. A dry run unless --apply is given."""
     bars, redactor = Bars(progress), command_redactor()
-    run = open_folder(url, storage_options, retry_budget)
-    plans: dict[str, GcPlan] = {}
-    if not run.repo.folders() and (ranks := rank_folders(run.repo.storage)):
-        # The ranks plan together: each rank alone could delete a step that another still needs.
-        now = time.time()
-        for name in ranks:
-            rank = open_folder(f"{url.rstrip('/')}/{name}", storage_options, retry_budget)
-            plans[rank.url] = plan_gc(rank.repo, redactor, keep=keep, partial_older_than=partial_older_than, now=now)
-        plans = keep_common(plans)
+    runs = open_runs(url, storage_options, retry_budget)
+    now = time.time()
+    # The ranks plan together: each rank alone could delete a step that another still needs.
+    plans = keep_common(
+        {
+            rank.url: plan_gc(rank.repo, redactor, keep=keep, partial_older_than=partial_older_than, now=now)
+            for rank in runs[1].values()
+        }
+    )
     sys.exit(
         per_rank(
-            url,
-            storage_options,
-            retry_budget,
+            runs,
             lambda run: manage.gc(
                 run,
                 bars,

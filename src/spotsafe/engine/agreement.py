@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from spotsafe.errors import ConfigError
+from spotsafe.storage.layout import rank_folder
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +70,7 @@ def _decode(values: torch.Tensor) -> ExchangeFlags:
 
 def rank_url(url: str, rank: int) -> str:
     """Where one rank's checkpoints live: ``<url>/rank-<r>`` (each rank saves its own state)."""
-    return f"{url.rstrip('/')}/rank-{rank:05d}"
+    return f"{url.rstrip('/')}/{rank_folder(rank)}"
 
 
 def active(group: Any = None) -> bool:

@@ -32,7 +32,7 @@ from spotsafe.errors import WorldSizeMismatchError
 from spotsafe.exit_codes import EXIT_USAGE
 from spotsafe.reasons import ExitReason
 from spotsafe.storage.base import Storage
-from spotsafe.storage.layout import CHECKPOINTS, CheckpointRef, rank_folders
+from spotsafe.storage.layout import CHECKPOINTS, CheckpointRef, rank_folder, rank_folders, rank_of
 from spotsafe.storage.manifest import MANIFEST_NAME
 from spotsafe.storage.registry import open_storage
 from spotsafe.telemetry import events as ev
@@ -74,7 +74,9 @@ def _committed(storage: Storage, folder: str) -> bool:
 
 def saved_layout(base: Storage) -> SavedLayout:
     """What ``base`` (a run's location, not a rank's folder) holds; one listing per rank folder."""
-    ranks = frozenset(int(name[len("rank-") :]) for name in rank_folders(base) if _committed(base, name))
+    ranks = frozenset(
+        rank for name in rank_folders(base) if (rank := rank_of(name)) is not None and _committed(base, name)
+    )
     return SavedLayout(single=_committed(base, ""), ranks=ranks)
 
 
@@ -91,7 +93,7 @@ def mismatch_error(url: str, saved: int, world_size: int) -> WorldSizeMismatchEr
     def processes(n: int) -> str:
         return "one process" if n == 1 else f"{n} ranks"
 
-    where = f"{url}/rank-00000 .. rank-{saved - 1:05d}" if saved > 1 else url
+    where = f"{url}/{rank_folder(0)} .. {rank_folder(saved - 1)}" if saved > 1 else url
     launch = "run it as one process" if saved == 1 else f"run it with {saved} ranks (torchrun --nproc-per-node {saved})"
     return WorldSizeMismatchError(
         f"{url} holds checkpoints written by {processes(saved)} ({where}); this job runs {processes(world_size)}. "

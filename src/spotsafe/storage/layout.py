@@ -27,7 +27,7 @@ from spotsafe.storage.manifest import BlobEntry
 
 CHECKPOINTS = "checkpoints"
 RANK_FOLDER = re.compile(r"rank-(\d{5})")
-"""A rank's folder at a run's location (see :func:`spotsafe.engine.agreement.rank_url`)."""
+"""A rank's folder at a run's location (see :func:`rank_folder`)."""
 LATEST = "latest.json"
 _NAME = re.compile(r"^g(\d{6})-step-(\d{12})-(\d{13})-([0-9a-f]{4})$")
 
@@ -58,6 +58,17 @@ def blob_key(ref: CheckpointRef, entry: BlobEntry) -> str:
     return f"{CHECKPOINTS}/{entry.checkpoint or ref.name}/{entry.path}"
 
 
+def rank_folder(rank: int) -> str:
+    """The name of rank ``rank``'s folder at a run's location: ``rank-00003``."""
+    return f"rank-{rank:05d}"
+
+
+def rank_of(name: str) -> int | None:
+    """The rank whose folder ``name`` is (``None``: not a rank folder's name)."""
+    match = RANK_FOLDER.fullmatch(name)
+    return int(match[1]) if match is not None else None
+
+
 def rank_folders(base: Storage) -> list[str]:
     """The rank folders (``rank-<r>``) at ``base``, a run's location, in rank order."""
-    return sorted(name for name in base.list_dirs("") if RANK_FOLDER.fullmatch(name))
+    return sorted(name for name in base.list_dirs("") if rank_of(name) is not None)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from spotsafe.storage.base import UnsafePathError
+from spotsafe.storage.layout import rank_of
 from spotsafe.telemetry.events import EVENT_TYPES, Event, RunWarning
 
 EVENTS_FILE = "events.jsonl"
@@ -274,10 +275,6 @@ class EventTail:
         return out
 
 
-RANK_LOGS = "rank-[0-9][0-9][0-9][0-9][0-9]"
-"""The folders of a run's ranks (``<url>/rank-<r>``, see :func:`spotsafe.engine.agreement.rank_url`)."""
-
-
 class RunTail:
     """Follows a run's event log and, for a run of several ranks on local disk, each rank folder's log beside
     it (``rank-<r>/events.jsonl``), picked up as they appear. The first :meth:`poll` reads what is there
@@ -288,8 +285,11 @@ class RunTail:
         self._tails = {self.path: EventTail(self.path)}
 
     def poll(self) -> list[LoggedEvent]:
-        for rank_log in sorted(self.path.parent.glob(f"{RANK_LOGS}/{self.path.name}")):
-            self._tails.setdefault(rank_log, EventTail(rank_log))
+        folder = self.path.parent
+        names = sorted(p.name for p in folder.iterdir() if rank_of(p.name) is not None) if folder.is_dir() else []
+        for rank_log in (folder / name / self.path.name for name in names):
+            if rank_log.exists():
+                self._tails.setdefault(rank_log, EventTail(rank_log))
         return [logged for tail in self._tails.values() for logged in tail.poll()]
 
 

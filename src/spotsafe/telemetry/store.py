@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from spotsafe.errors import StorageError
 from spotsafe.reasons import ExitReason
 from spotsafe.storage.base import Storage, local_paths
-from spotsafe.storage.layout import rank_folders
+from spotsafe.storage.layout import rank_folder, rank_folders
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, LoggedEvent, parse_lines, read_events
 from spotsafe.telemetry.runmodel import RunModel
@@ -108,7 +108,7 @@ def read_run_events(storage: Storage) -> Iterator[LoggedEvent]:
     ranks (each with its own events under ``rank-<r>/``), rank 0's events too, merged in time order: the ranks
     save, stop and restore at the same steps, so rank 0's stand for all of them."""
     folders = rank_folders(storage)
-    if not folders or folders[0] != "rank-00000":
+    if not folders or folders[0] != rank_folder(0):
         yield from _folder_events(storage, "")
         return
     yield from heapq.merge(

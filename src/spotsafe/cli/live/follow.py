@@ -76,9 +76,10 @@ class RankZeroSource:
     final = True
 
     def __init__(self, folder: str | os.PathLike[str], *, interval_s: float = 0.25) -> None:
+        from spotsafe.storage.layout import rank_folder
         from spotsafe.telemetry.log import EVENTS_FILE
 
-        self.path = Path(folder) / "rank-00000" / EVENTS_FILE
+        self.path = Path(folder) / rank_folder(0) / EVENTS_FILE
         self.interval_s = interval_s
         self._file = FileSource(self.path, interval_s=interval_s) if self.path.exists() else None
 
