@@ -40,6 +40,28 @@ class PendingCheckpoint:
             return
         self.blobs.append(entry)
 
+    def add_written(self, entry: BlobEntry, *, writer: str) -> None:
+        """List a blob that another process (``writer``, for messages) wrote into this folder.
+
+        Checked to be there with its size: processes on several machines that write one checkpoint
+        must write to storage they all see."""
+        check_blob_name(entry.path)
+        if entry.checkpoint is not None or any(b.ref == entry.ref for b in self.blobs):
+            raise ValueError(f"{entry!r} is not a new blob of this checkpoint")
+        try:
+            size = self._storage.size(f"{self.ref.key}/{entry.path}")
+        except BlobNotFoundError:
+            size = -1
+        if size != entry.size:
+            raise CorruptCheckpointError(
+                f"{writer} wrote {entry.path} ({entry.size} bytes), but {self._storage.url} shows "
+                + ("no such blob" if size < 0 else f"{size} bytes")
+                + " to the process that commits: every process must save to storage they all share "
+                "(object storage, or a file system mounted on every machine)",
+                checkpoint=self.ref.name,
+            )
+        self.blobs.append(entry)
+
     def write_blob(self, name: str, source: ChunkSource) -> BlobEntry:
         """Stream one blob to storage, computing its size and checksum on the way.
 

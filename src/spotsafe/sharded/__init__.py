@@ -1,0 +1,8 @@
+"""One checkpoint for all ranks of a distributed job, through torch.distributed.checkpoint.
+
+See :mod:`spotsafe.sharded.api` for the layout and the rules; :func:`save` and :func:`load` are collective.
+"""
+
+from spotsafe.sharded.api import LAYOUT, Restored, is_sharded, load, save, world_size_of
+
+__all__ = ["LAYOUT", "Restored", "is_sharded", "load", "save", "world_size_of"]
