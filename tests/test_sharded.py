@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from spotsafe.sharded.layout import consolidate
 from spotsafe.sharded.storage import rank_blob
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.manifest import Manifest
@@ -194,3 +195,26 @@ def test_a_damaged_rank_blob_falls_back_to_the_older_checkpoint_on_every_rank(tm
     reports = [json.loads((loaded / f"rank-{r}.json").read_text()) for r in range(3)]
     assert {r["checkpoint"] for r in reports} == {older}
     assert all(r["step"] == 2 for r in reports)
+
+
+def test_ls_verify_and_inspect_read_one_checkpoint_of_all_ranks(saves: Any) -> None:
+    """The CLI sees one committed checkpoint; inspect assembles each whole tensor from the ranks' shards."""
+    url, saved = saves("fsdp", 3)
+    spotsafe = str(Path(sys.executable).with_name("spotsafe"))
+    listed, verified, inspected = (
+        subprocess.run([spotsafe, *args, str(url)], capture_output=True, text=True, timeout=PROCESS_HANG_S)
+        for args in (["ls"], ["verify"], ["inspect", "--json"])
+    )
+    assert listed.returncode == 0 and "1 committed" in listed.stdout, listed.stdout + listed.stderr
+    assert verified.returncode == 0 and "1 of 1 verified" in verified.stdout, verified.stdout + verified.stderr
+    assert inspected.returncode == 0, inspected.stderr
+    components = {c["name"]: c for c in json.loads(inspected.stdout)["components"]}
+    assert set(components) == {"model", "optim", "scheduler", "rank-00000", "rank-00001", "rank-00002"}
+    # The whole tensors, assembled in one process from 3 ranks' chunks, equal the gathered saved state.
+    repo = CheckpointRepository(LocalStorage(url))
+    [ref] = repo.committed()
+    loaded = repo.load(ref)
+    whole = consolidate(loaded.blobs.__getitem__, loaded.manifest, ref.name)
+    expected = full(saved)
+    assert_equal_trees(expected["model"], dict(whole["model"]))
+    assert_equal_trees(expected["optim"], whole["optim"])

@@ -18,8 +18,9 @@ from rich.table import Table
 
 from spotsafe.cli.output import EXIT_DAMAGED, EXIT_NOTHING, Bars, err, human_bytes, out, print_json, utc_iso
 from spotsafe.engine.reader import RestoredState
-from spotsafe.errors import CorruptCheckpointError
+from spotsafe.errors import CorruptCheckpointError, UnsafeCheckpointError
 from spotsafe.exit_codes import EXIT_CRASH, EXIT_SUCCESS
+from spotsafe.sharded.layout import consolidate, is_sharded
 from spotsafe.state.describe import describe_component
 from spotsafe.state.snapshot import decode_state
 from spotsafe.storage.gc import GcPlan, apply_gc, plan_gc
@@ -187,11 +188,14 @@ def inspect(
         with bars.bar() as bar:
             task = bar.add_task(f"verifying and loading {ref.name}", total=total)
             loaded = folder.repo.load(ref, lambda n: bar.advance(task, n))
-        restored = RestoredState(checkpoint=loaded, decoded=decode_state(loaded.blobs, ref.name))
-    except CorruptCheckpointError as error:
+        if is_sharded(loaded.manifest):  # all ranks' chunks, assembled into whole tensors
+            components = consolidate(loaded.blobs.__getitem__, loaded.manifest, ref.name)
+        else:
+            components = RestoredState(checkpoint=loaded, decoded=decode_state(loaded.blobs, ref.name)).components
+    except (CorruptCheckpointError, UnsafeCheckpointError) as error:
         err.print(f"[red]DAMAGED[/] {escape(ref.name)}: {escape(redactor.reason(error))}")
         return EXIT_DAMAGED
-    manifest = restored.checkpoint.manifest
+    manifest = loaded.manifest
     doc: dict[str, Any] = {
         "url": folder.shown,
         "name": ref.name,
@@ -204,7 +208,7 @@ def inspect(
         "writer": manifest.writer,
         "metadata": manifest.metadata,
         "blobs": [b.to_json() for b in manifest.blobs],
-        "components": [describe_component(n, s) for n, s in restored.components.items()],
+        "components": [describe_component(n, s) for n, s in components.items()],
     }
     if as_json:
         print_json(doc)

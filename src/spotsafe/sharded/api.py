@@ -24,7 +24,6 @@ Both functions are collective: every rank of ``process_group`` calls them with t
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import warnings
@@ -46,11 +45,19 @@ from spotsafe.errors import CheckpointMismatchError, CorruptCheckpointError, Sta
 from spotsafe.policy.retention import KeepLast
 from spotsafe.sharded import metadata as dcp_json
 from spotsafe.sharded.group import Group
+from spotsafe.sharded.layout import (
+    GLOBAL_BLOB,
+    LAYOUT,
+    blob_reader,
+    is_sharded,
+    read_global_doc,
+    read_rank_state,
+    to_json,
+    world_size_of,
+    write_rank_state,
+)
 from spotsafe.sharded.storage import Previous, SpotsafeReader, SpotsafeWriter
-from spotsafe.sharded.tree import join, split, tensor_keys
-from spotsafe.state import codec
-from spotsafe.state.tensors import TensorEntry, pack, plan, unpack
-from spotsafe.storage import json_limits
+from spotsafe.sharded.tree import join, split
 from spotsafe.storage.base import Storage
 from spotsafe.storage.manifest import BlobEntry, Manifest
 from spotsafe.storage.pending import PendingCheckpoint
@@ -58,20 +65,6 @@ from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
 
 log = logging.getLogger("spotsafe")
-
-LAYOUT = "sharded"
-GLOBAL_BLOB = "state.json"
-
-
-def _json(doc: Any) -> bytes:
-    data = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
-    json_limits.check_shape(data, json_limits.STATE_LIMITS, "state")
-    return data
-
-
-def rank_state_blobs(rank: int) -> tuple[str, str]:
-    """The blobs of rank ``rank``'s own state: its JSON document and its tensors."""
-    return f"r{rank:05d}.state.json", f"r{rank:05d}.state.bin"
 
 
 @dataclass(frozen=True)
@@ -96,17 +89,6 @@ def repository(target: str | os.PathLike[str] | Storage | CheckpointRepository, 
     if isinstance(target, (str, os.PathLike)):
         return CheckpointRepository(open_storage(target, options or None))
     return CheckpointRepository(target)
-
-
-def is_sharded(manifest: Manifest) -> bool:
-    return manifest.metadata.get("layout") == LAYOUT
-
-
-def world_size_of(manifest: Manifest) -> int:
-    value = manifest.metadata.get("world_size")
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CorruptCheckpointError("a sharded checkpoint's manifest has no valid world_size")
-    return value
 
 
 # -- saving ------------------------------------------------------------------------------------------
@@ -144,9 +126,9 @@ def save(
     own: list[BlobEntry] = []
     try:
         if rank_state is not None:
-            own = _write_rank_state(pending, group.rank, rank_state)
+            own = write_rank_state(pending, group.rank, rank_state)
         if group.rank == 0:
-            own.append(pending.write_blob(GLOBAL_BLOB, lambda: [_json({"state": doc})]))
+            own.append(pending.write_blob(GLOBAL_BLOB, lambda: [to_json({"state": doc})]))
     except Exception as err:  # noqa: BLE001 - every rank must learn of it before DCP's collectives start
         failed = err
     if not group.all_true(failed is None):
@@ -219,26 +201,13 @@ def _previous(repo: CheckpointRepository, name: str | None) -> Previous | None:
 def _check_same_everywhere(group: Group, doc: Any) -> None:
     if group.world_size == 1:
         return
-    digests = group.gather(xxhash.xxh3_128(_json(doc)).hexdigest())
+    digests = group.gather(xxhash.xxh3_128(to_json(doc)).hexdigest())
     differing = [r for r, d in enumerate(digests) if d != digests[0]]
     if differing:
         raise StateError(
             f"the global state's non-tensor values differ between rank 0 and rank(s) {differing}: a sharded "
             "checkpoint keeps one copy of them. Pass what differs between ranks as rank_state."
         )
-
-
-def _write_rank_state(pending: PendingCheckpoint, rank: int, value: Any) -> list[BlobEntry]:
-    tensors: list[torch.Tensor] = []
-    doc = codec.encode(value, tensors)
-    doc_name, bin_name = rank_state_blobs(rank)
-    entries, _ = plan(tensors, bin_name)
-    written = []
-    if tensors:
-        written.append(pending.write_blob(bin_name, lambda: pack(tensors, entries)))
-    index = {"state": doc, "tensors": [e.to_json() for e in entries]}
-    written.append(pending.write_blob(doc_name, lambda: [_json(index)]))
-    return written
 
 
 def _abort_if_coordinator(group: Group, pending: PendingCheckpoint) -> None:
@@ -330,39 +299,13 @@ def _read_candidate(repo: CheckpointRepository, ref: CheckpointRef, rank: int) -
         if not is_sharded(manifest):
             return None, "not sharded"
         saved_world = world_size_of(manifest)
-        where = ref.name
-        md, stored = dcp_json.decode(repo.read_blob(ref, manifest.blob(dcp_json.BLOB)), f"{where}/{dcp_json.BLOB}")
-        doc = _read_doc(repo, ref, manifest, GLOBAL_BLOB)["state"]
-        codec.decode(doc, lambda i: torch.empty(0), f"{where}/{GLOBAL_BLOB}")  # every tag known, before DCP runs
-        if sorted(tensor_keys(doc)) != sorted(md.state_dict_metadata):
-            raise CorruptCheckpointError(f"{GLOBAL_BLOB} and {dcp_json.BLOB} name different tensors", checkpoint=where)
-        rank_state = _read_rank_state(repo, ref, manifest, rank) if rank < saved_world else None
+        blob, where = blob_reader(repo, ref, manifest), ref.name
+        md, stored = dcp_json.decode(blob(dcp_json.BLOB), f"{where}/{dcp_json.BLOB}")
+        doc = read_global_doc(blob, list(md.state_dict_metadata), where)
+        rank_state = read_rank_state(blob, manifest, rank, where) if rank < saved_world else None
     except (CorruptCheckpointError, UnsafeCheckpointError) as err:
         return None, str(err)
     return _Candidate(ref, manifest, md, stored, doc, rank_state), None
-
-
-def _read_doc(repo: CheckpointRepository, ref: CheckpointRef, manifest: Manifest, blob: str) -> dict[str, Any]:
-    doc = json_limits.load(repo.read_blob(ref, manifest.blob(blob)), json_limits.STATE_LIMITS, f"{ref.name}/{blob}")
-    if not isinstance(doc, dict) or "state" not in doc:
-        raise CorruptCheckpointError(f"{blob} holds no state", checkpoint=ref.name)
-    return doc
-
-
-def _read_rank_state(repo: CheckpointRepository, ref: CheckpointRef, manifest: Manifest, rank: int) -> Any:
-    doc_name, bin_name = rank_state_blobs(rank)
-    if not any(b.ref == doc_name for b in manifest.blobs):
-        return None
-    doc = _read_doc(repo, ref, manifest, doc_name)
-    raw = doc.get("tensors")
-    if not isinstance(raw, list):
-        raise CorruptCheckpointError(f"{doc_name} lists no tensors", checkpoint=ref.name)
-    entries = [TensorEntry.from_json(e) for e in raw]
-    blobs = {bin_name: repo.read_blob(ref, manifest.blob(bin_name))} if entries else {}
-    for entry in entries:
-        if any(seg.blob != bin_name for seg in entry.segments):
-            raise UnsafeCheckpointError(f"{doc_name}: a tensor lives outside {bin_name}")
-    return codec.decode(doc["state"], lambda i: unpack(blobs, entries[i]).clone(), f"{ref.name}/{doc_name}")
 
 
 def _check_fits(candidate: _Candidate, template: dict[str, torch.Tensor], group: Group) -> None:
