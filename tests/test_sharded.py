@@ -218,3 +218,14 @@ def test_ls_verify_and_inspect_read_one_checkpoint_of_all_ranks(saves: Any) -> N
     expected = full(saved)
     assert_equal_trees(expected["model"], dict(whole["model"]))
     assert_equal_trees(expected["optim"], whole["optim"])
+
+
+def test_a_background_save_holds_the_state_of_when_it_was_called(tmp_path: Path) -> None:
+    """save(blocking=False) returns once DCP copied the tensors; the ranks train on (the parameters and
+    the optimizer state change) while it is written; the checkpoint holds the state at the call."""
+    url, out, loaded = tmp_path / "ck", tmp_path / "out", tmp_path / "loaded"
+    out.mkdir(), loaded.mkdir()
+    opts = dict(kind="fsdp", url=str(url), steps=3)
+    assert launch(2, "save", out=str(out), **opts, **{"async": True}) == [0, 0]
+    assert launch(3, "load", kind="fsdp", url=str(url), out=str(loaded)) == [0, 0, 0]
+    assert_equal_trees(full(out / "saved.pt"), full(loaded / "loaded.pt"))

@@ -130,3 +130,17 @@ def test_state_that_spotsafe_cannot_encode_fails_before_anything_is_committed(tm
     with pytest.raises(StateError):
         sharded.save({"x": object()}, tmp_path, step=1)
     assert CheckpointRepository(LocalStorage(tmp_path)).committed() == []
+
+
+def test_a_background_save_is_not_changed_by_training_on(tmp_path: Path) -> None:
+    saved = state(0)
+    expected = {k: v.clone() for k, v in saved["model"].items()}
+    in_flight = sharded.save(saved, tmp_path, step=1, blocking=False)
+    assert isinstance(in_flight, sharded.SaveInFlight)
+    for tensor in saved["model"].values():
+        tensor.add_(1.0)  # training goes on
+    ref = in_flight.wait()
+    restored = sharded.load(state(1), tmp_path)
+    assert restored is not None and restored.ref == ref
+    for key, tensor in expected.items():
+        assert torch.equal(restored.state["model"][key], tensor)

@@ -14,6 +14,7 @@ document of options. Modes:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -96,6 +97,8 @@ def main() -> None:
             msd, osd = get_state_dict(model, optimizer)
             state = {"model": msd, "optim": osd, "scheduler": scheduler.state_dict()}
             rng = torch.Generator().manual_seed(1000 + rank)
+            if options.get("async"):
+                at_save = copy.deepcopy(full_state(model, optimizer))  # plain CPU tensors come back live
             try:
                 ref = sharded.save(
                     state,
@@ -104,15 +107,22 @@ def main() -> None:
                     rank_state={"rank": rank, "rng": rng.get_state()},
                     keep=options.get("keep", 3),
                     incremental=options.get("incremental", True),
+                    blocking=not options.get("async", False),
                 )
+                if isinstance(ref, sharded.SaveInFlight):  # train on while it is written, then wait
+                    scheduler_at_save = copy.deepcopy(scheduler.state_dict())
+                    train(model, optimizer, scheduler, 2, rank)
+                    ref = ref.wait()
             except BaseException as err:  # noqa: BLE001 - reported to the test
                 (out / f"error-{rank}.txt").write_text(f"{type(err).__name__}: {err}")
                 dist.barrier()
                 dist.destroy_process_group()
                 os._exit(3)
         full = full_state(model, optimizer)
+        if options.get("async"):  # what the checkpoint must hold: the state when save() was called
+            full = {**at_save, "scheduler": scheduler_at_save}
         if rank == 0:
-            torch.save({**full, "scheduler": scheduler.state_dict(), "checkpoint": ref.name}, out / "saved.pt")
+            torch.save({"scheduler": scheduler.state_dict(), **full, "checkpoint": ref.name}, out / "saved.pt")
     else:
         template = {"model": msd, "optim": osd, "scheduler": scheduler.state_dict()}
         restored = sharded.load(template, options["url"])

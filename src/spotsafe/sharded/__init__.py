@@ -3,6 +3,6 @@
 See :mod:`spotsafe.sharded.api` for the layout and the rules; :func:`save` and :func:`load` are collective.
 """
 
-from spotsafe.sharded.api import LAYOUT, Restored, is_sharded, load, save, world_size_of
+from spotsafe.sharded.api import LAYOUT, Restored, SaveInFlight, is_sharded, load, save, world_size_of
 
-__all__ = ["LAYOUT", "Restored", "is_sharded", "load", "save", "world_size_of"]
+__all__ = ["LAYOUT", "Restored", "SaveInFlight", "is_sharded", "load", "save", "world_size_of"]

@@ -27,7 +27,8 @@ import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from spotsafe.engine.commits import AfterSave
@@ -105,13 +107,23 @@ def save(
     incremental: bool = True,
     generation: int = 0,
     metadata: Mapping[str, Any] | None = None,
-) -> CheckpointRef:
+    blocking: bool = True,
+) -> CheckpointRef | SaveInFlight:
     """Save ``state`` (every rank's view of the global state) and each rank's ``rank_state`` as one
     checkpoint; return it once it is committed (collective; see the module docstring).
 
     ``keep``: rank 0 then deletes all but the newest ``keep`` checkpoints (``None``: none). ``incremental``:
     chunks whose bytes did not change since the newest checkpoint are shared with it, not written again.
-    Raises on every rank when any rank fails; nothing is committed then."""
+    Raises on every rank when any rank fails; nothing is committed then.
+
+    ``blocking=False``: return a :class:`SaveInFlight` as soon as the tensors are copied to host memory
+    (DCP's ``async_save``; training may then change them) and write in a background thread, on a gloo
+    group of its own. One save is in flight at a time: the next ``save`` waits for it first (and raises
+    its error if nobody called :meth:`SaveInFlight.wait`)."""
+    global _in_flight
+    if _in_flight is not None:
+        previous_save, _in_flight = _in_flight, None
+        previous_save.settle()
     repo = repository(target)
     group = Group(process_group)
     doc, tensors = split(state)
@@ -151,15 +163,66 @@ def save(
 
     others = [e for entries in group.gather(own) for e in entries]
     writer = SpotsafeWriter(pending, rank=group.rank, previous=previous, finish=finish)
+    planner = DefaultSavePlanner()
     try:
         with _quiet(group):
-            dcp_save(tensors, storage_writer=writer, planner=DefaultSavePlanner(), process_group=group.dcp_group)
+            if not blocking:
+                future = dcp_async_save(
+                    tensors, storage_writer=writer, planner=planner, process_group=group.background_group()
+                )
+                assert isinstance(future, Future)
+                _in_flight = SaveInFlight(ref, future, lambda ok: _after(group, repo, pending, keep, ok))
+                return _in_flight
+            dcp_save(tensors, storage_writer=writer, planner=planner, process_group=group.dcp_group)
     except BaseException:
         _abort_if_coordinator(group, pending)
         raise
-    if group.rank == 0 and keep is not None:
-        _retain(repo, ref, keep)
+    _after(group, repo, pending, keep, True)
     return ref
+
+
+class SaveInFlight:
+    """A save written in the background (``save(blocking=False)``); ``ref`` is its checkpoint's name."""
+
+    def __init__(self, ref: CheckpointRef, future: Future[Any], after: Callable[[bool], None]) -> None:
+        self.ref = ref
+        self._future = future
+        self._after = after
+        self._settled = False
+
+    def done(self) -> bool:
+        """Whether it has ended (committed or failed)."""
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> CheckpointRef:
+        """Block until it is committed; raise its error if it failed (on every rank)."""
+        try:
+            self._future.result(timeout)
+        finally:
+            if self._future.done() and not self._settled:
+                self._settled = True
+                self._after(self._future.exception() is None)
+        return self.ref
+
+    def settle(self) -> None:
+        """Wait, raising its error only if nobody has seen it yet."""
+        seen = self._settled
+        try:
+            self.wait()
+        except BaseException:
+            if not seen:
+                raise
+
+
+_in_flight: SaveInFlight | None = None
+
+
+def _after(group: Group, repo: CheckpointRepository, pending: PendingCheckpoint, keep: int | None, ok: bool) -> None:
+    """After a save ended: rank 0 removes a failed one's folder, or applies retention to a committed one."""
+    if not ok:
+        _abort_if_coordinator(group, pending)
+    elif group.rank == 0 and keep is not None:
+        _retain(repo, pending.ref, keep)
 
 
 @contextlib.contextmanager

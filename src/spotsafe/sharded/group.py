@@ -38,6 +38,17 @@ class Group:
             self._gloo = _GLOO[key]
         self._root = 0 if process_group is None else dist.get_global_rank(process_group, 0)
 
+    def background_group(self) -> Any:
+        """A gloo group of these ranks for DCP's background saves, apart from the training's own
+        collectives and from this group's (created collectively on first use, then reused)."""
+        if not self.active:
+            return None
+        key = -1 - id(self.dcp_group)
+        if key not in _GLOO:
+            ranks = None if self.dcp_group is None else dist.get_process_group_ranks(self.dcp_group)
+            _GLOO[key] = dist.new_group(ranks=ranks, backend="gloo")
+        return _GLOO[key]
+
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order."""
         if not self.active or self.world_size == 1:
