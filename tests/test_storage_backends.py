@@ -255,6 +255,10 @@ def test_read_into_size_exists(run_url: str) -> None:
     assert storage.read_into("d/obj", smaller) == 4 and smaller == b"0123"
     view = memoryview(bytearray(20))[5:15]
     assert storage.read_into("d/obj", view) == 10 and bytes(view) == b"0123456789"
+    middle = bytearray(3)  # a ranged read (a sharded checkpoint reads one chunk of a blob)
+    assert storage.read_into("d/obj", middle, offset=4) == 3 and middle == b"456"
+    tail = bytearray(5)
+    assert storage.read_into("d/obj", tail, offset=8) == 2 and tail[:2] == b"89"
     assert storage.size("d/obj") == 10
     storage.write_atomic("d/empty", b"")
     assert storage.size("d/empty") == 0 and storage.read("d/empty") == b""

@@ -13,7 +13,8 @@ that overlap its own). spotsafe keeps all of that and replaces only where bytes 
   the storage), writes ``dcp.json`` (the metadata, :mod:`spotsafe.sharded.metadata`) and commits the one
   manifest that lists every rank's blobs. Until then no reader sees the checkpoint; a save that fails on
   any rank commits nothing.
-* The reader verifies each blob it needs against the manifest (size and checksum) before using a byte of
+* The reader reads only the chunks its rank needs (ranged reads of the blobs), checks each against its
+  own checksum (recorded in ``dcp.json``, which the manifest's checksum covers) before using a byte of
   it, builds tensors from raw bytes (no pickle), and refuses non-tensor items.
 """
 
@@ -233,20 +234,13 @@ class SpotsafeReader(StorageReader):
         return False
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        chunks: list[tuple[Any, StoredChunk]] = []
+        pieces: dict[MetadataIndex, torch.Tensor] = {}
         for req in plan.items:
             if req.type == LoadItemType.BYTE_IO:
                 raise UnsafeCheckpointError(f"{req.storage_index.fqn!r}: spotsafe never saves non-tensor items via DCP")
-            chunk = self.stored.get(req.storage_index)
-            if chunk is None:
-                raise CorruptCheckpointError(
-                    f"no stored chunk for {req.storage_index.fqn!r} at {req.storage_index.offset}",
-                    checkpoint=self.ref.name,
-                )
-            chunks.append((req, chunk))
-        blobs = self._blobs({seg.blob for _, chunk in chunks for seg in chunk.tensor.segments})
-        for req, chunk in chunks:
-            saved = _narrow(unpack(blobs, chunk.tensor), req.storage_offsets, req.lengths)
+            if req.storage_index not in pieces:
+                pieces[req.storage_index] = self._chunk(req.storage_index)
+            saved = _narrow(pieces[req.storage_index], req.storage_offsets, req.lengths)
             target = planner.resolve_tensor(req).detach()
             if target.size() != saved.size():
                 raise CorruptCheckpointError(
@@ -260,14 +254,29 @@ class SpotsafeReader(StorageReader):
         future.set_result(None)
         return future
 
-    def _blobs(self, refs: Sequence[str] | set[str]) -> dict[str, Buffer]:
-        """Read and verify each blob named (``<blob>`` or ``<checkpoint>/<blob>``), once."""
-        out: dict[str, Buffer] = {}
-        for ref in sorted(refs):
-            entry = self.manifest.blob(ref)  # CorruptCheckpointError when the manifest does not list it
-            out[ref] = self.repo.read_blob(self.ref, entry)
-            self.read_bytes += entry.size
-        return out
+    def _chunk(self, index: MetadataIndex) -> torch.Tensor:
+        """One saved chunk, read alone (a ranged read of its blob) and checked against its own checksum."""
+        chunk = self.stored.get(index)
+        if chunk is None:
+            raise CorruptCheckpointError(
+                f"no stored chunk for {index.fqn!r} at {index.offset}", checkpoint=self.ref.name
+            )
+        blobs: dict[str, Buffer] = {}
+        hasher = xxhash.xxh3_128()
+        segments = []
+        for seg in chunk.tensor.segments:
+            data = self.repo.read_range(self.ref, self.manifest.blob(seg.blob), seg.offset, seg.length)
+            hasher.update(data)
+            name = f"{len(blobs)}"
+            blobs[name] = data
+            segments.append(Segment(name, 0, seg.length))
+            self.read_bytes += seg.length
+        if hasher.hexdigest() != chunk.checksum:
+            raise CorruptCheckpointError(
+                f"a chunk of {index.fqn!r} in {chunk.tensor.segments[0].blob if segments else '?'} fails its checksum",
+                checkpoint=self.ref.name,
+            )
+        return unpack(blobs, dataclasses.replace(chunk.tensor, segments=tuple(segments)))
 
 
 __all__ = ["Previous", "SpotsafeReader", "SpotsafeWriter", "rank_blob"]

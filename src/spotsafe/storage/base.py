@@ -84,8 +84,10 @@ class Storage(Protocol):
         """Return the whole object. Raises :class:`BlobNotFoundError`."""
         ...
 
-    def read_into(self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None) -> int:
-        """Read the object into ``buffer`` (sized by the caller), returning bytes read.
+    def read_into(
+        self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None, *, offset: int = 0
+    ) -> int:
+        """Read the object, from byte ``offset`` on, into ``buffer`` (sized by the caller), returning bytes read.
 
         ``progress(n)``, if given, is called as bytes arrive with how many are in ``buffer`` so
         far (so a caller can checksum while the rest is read); a retried read starts again at 0.

@@ -213,12 +213,16 @@ class FsspecStorage:
         data = self._call(key, lambda: self.fs.cat_file(path))
         return bytes(data)
 
-    def read_into(self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None) -> int:
+    def read_into(
+        self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None, *, offset: int = 0
+    ) -> int:
         path = self._path(key)
         view = memoryview(buffer)
 
         def run() -> int:
             with self.fs.open(path, "rb", block_size=self.block_size) as handle:
+                if offset:
+                    handle.seek(offset)  # object stores: the reads that follow are ranged requests
                 return read_fully(handle, view, progress)
 
         return self._call(key, run)

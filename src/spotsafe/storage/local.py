@@ -245,10 +245,14 @@ class LocalStorage(FsspecStorage):
         except OSError as err:
             raise translate(err, key, self.url) from err
 
-    def read_into(self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None) -> int:
+    def read_into(
+        self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None, *, offset: int = 0
+    ) -> int:
         view = memoryview(buffer)
         try:
             with self.open_read(key) as handle:
+                if offset:
+                    handle.seek(offset)
                 return read_fully(handle, view, progress)
         except OSError as err:
             raise translate(err, key, self.url) from err

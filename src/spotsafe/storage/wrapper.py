@@ -46,8 +46,12 @@ class StorageWrapper:
     def read(self, key: str) -> bytes:
         return self._around(f"read {key}", lambda: self.inner.read(key))
 
-    def read_into(self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None) -> int:
-        return self._around(f"read {key}", lambda: self.inner.read_into(key, buffer, progress))
+    def read_into(
+        self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None, *, offset: int = 0
+    ) -> int:
+        if offset == 0:  # as any Storage can, also one written before ranged reads
+            return self._around(f"read {key}", lambda: self.inner.read_into(key, buffer, progress))
+        return self._around(f"read {key}", lambda: self.inner.read_into(key, buffer, progress, offset=offset))
 
     def size(self, key: str) -> int:
         return self._around(f"stat {key}", lambda: self.inner.size(key))
