@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 AZURITE_SPEC ?= azurite@3.37.0
 AZURITE := .tools/node_modules/.bin/azurite-blob
 
-.PHONY: demo chaos test lint install azurite bench bench-notices bench-resume bench-keras clean
+.PHONY: demo chaos test lint install azurite bench bench-notices bench-resume bench-keras bench-sharded clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,9 @@ bench-resume: $(BIN)/.installed
 
 bench-keras: $(BIN)/.installed
 	$(BIN)/python bench/keras_skip.py
+
+bench-sharded: $(BIN)/.installed
+	$(BIN)/python bench/sharded.py
 
 clean:
 	rm -rf $(VENV) .tools spotsafe-demo spotsafe-drill .spotsafe .bench .pytest_cache .mypy_cache .ruff_cache

@@ -229,3 +229,13 @@ def test_a_background_save_holds_the_state_of_when_it_was_called(tmp_path: Path)
     assert launch(2, "save", out=str(out), **opts, **{"async": True}) == [0, 0]
     assert launch(3, "load", kind="fsdp", url=str(url), out=str(loaded)) == [0, 0, 0]
     assert_equal_trees(full(out / "saved.pt"), full(loaded / "loaded.pt"))
+
+
+def test_global_values_that_differ_between_ranks_are_refused_on_every_rank(tmp_path: Path) -> None:
+    url, out = tmp_path / "ck", tmp_path / "out"
+    out.mkdir()
+    assert launch(2, "save", kind="ddp", url=str(url), out=str(out), steps=1, diverge=True) == [3, 3]
+    for rank in (0, 1):
+        error = (out / f"error-{rank}.txt").read_text()
+        assert error.startswith("StateError") and "rank_state" in error and "rank(s) [1]" in error
+    assert not (url / "checkpoints").exists() or manifests(url) == []

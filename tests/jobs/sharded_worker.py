@@ -96,6 +96,8 @@ def main() -> None:
             train(model, optimizer, scheduler, options["steps"], rank)
             msd, osd = get_state_dict(model, optimizer)
             state = {"model": msd, "optim": osd, "scheduler": scheduler.state_dict()}
+            if options.get("diverge"):  # a value that differs between ranks, wrongly in the global state
+                state["seen_by"] = rank
             rng = torch.Generator().manual_seed(1000 + rank)
             if options.get("async"):
                 at_save = copy.deepcopy(full_state(model, optimizer))  # plain CPU tensors come back live
