@@ -239,3 +239,21 @@ def test_global_values_that_differ_between_ranks_are_refused_on_every_rank(tmp_p
         error = (out / f"error-{rank}.txt").read_text()
         assert error.startswith("StateError") and "rank_state" in error and "rank(s) [1]" in error
     assert not (url / "checkpoints").exists() or manifests(url) == []
+
+
+def test_a_run_through_2_then_1_then_3_ranks_trains_on_every_sample_of_the_epoch_once(tmp_path: Path) -> None:
+    """Real ranks (DDP, gloo), an ElasticLoader in the sharded checkpoint's global state: the job is stopped
+    and resumed at another world size twice; the sample ids the ranks were served cover the epoch once."""
+    url, out = tmp_path / "ck", tmp_path / "out"
+    out.mkdir()
+    for launch_no, (world, batches) in enumerate([(2, 3), (1, 6), (3, None)]):
+        opts = dict(url=str(url), out=str(out), n=60, batches=batches, launch=launch_no)
+        assert launch(world, "elastic", **opts) == [0] * world
+    served = [
+        [json.loads((out / f"ids-{n}-{r}.json").read_text()) for r in range(world)] for n, world in enumerate([2, 1, 3])
+    ]
+    assert [sum(len(ids) for ids in launch_ids) for launch_ids in served] == [12, 12, 36]
+    everything = sorted(i for launch_ids in served for ids in launch_ids for i in ids)
+    assert everything == list(range(60))
+    (_, manifest), *_ = manifests(url)
+    assert manifest.metadata["world_size"] == 3 and manifest.step == 3 + 6 + 6

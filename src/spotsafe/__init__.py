@@ -36,6 +36,7 @@ from spotsafe.startup import protect_startup
 from spotsafe.version import __version__
 
 if TYPE_CHECKING:  # what type checkers see; at run time these come from __getattr__ below
+    from spotsafe.data.elastic import ElasticLoader
     from spotsafe.data.loader import ResumableLoader
     from spotsafe.data.position import LoaderPosition
     from spotsafe.engine.checkpointer import Checkpointer
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # what type checkers see; at run time these come from __getat
 
 _LAZY: dict[str, str] = {
     "Checkpointer": "spotsafe.engine.checkpointer",
+    "ElasticLoader": "spotsafe.data.elastic",
     "LoaderPosition": "spotsafe.data.position",
     "NoticeConfig": "spotsafe.engine.config",
     "ResumableLoader": "spotsafe.data.loader",
@@ -67,6 +69,7 @@ __all__ = [
     "Checkpointer",
     "ConfigError",
     "CorruptCheckpointError",
+    "ElasticLoader",
     "LoaderPosition",
     "NoUsableCheckpointError",
     "NoticeConfig",

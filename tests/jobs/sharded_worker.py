@@ -28,6 +28,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from spotsafe import sharded
+from spotsafe.data.elastic import ElasticLoader
 from spotsafe.errors import PermanentStorageError
 from spotsafe.storage.base import ChunkSource
 from spotsafe.storage.local import LocalStorage
@@ -80,11 +81,57 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
     return {"model": msd, "optim": osd}
 
 
+class Ids(torch.utils.data.Dataset[int]):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def elastic(options: dict[str, Any], rank: int, out: Path) -> None:
+    """Resume (if there is a checkpoint) at this world size, train ``batches`` DDP steps (``None``: to the end
+    of the epoch) on ElasticLoader batches, log the sample ids served to this rank, save."""
+    model, optimizer, _ = build("ddp", seed=0)
+    loader = ElasticLoader(Ids(options["n"]), batch_size=2, seed=1)
+    msd, osd = get_state_dict(model, optimizer)
+    template = {"model": msd, "optim": osd, "loader": loader.state_dict()}
+    restored = sharded.load(template, options["url"])
+    step = 0
+    if restored is not None:
+        set_state_dict(
+            model, optimizer, model_state_dict=restored.state["model"], optim_state_dict=restored.state["optim"]
+        )
+        loader.load_state_dict(restored.state["loader"])
+        step = restored.step
+    seen: list[int] = []
+    for batch in loader:
+        seen += batch.tolist()
+        x = batch.float().unsqueeze(1).expand(-1, 8) / options["n"]
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+        step += 1
+        if options["batches"] is not None and len(seen) >= options["batches"] * 2:
+            break
+    (out / f"ids-{options['launch']}-{rank}.json").write_text(json.dumps(seen))
+    msd, osd = get_state_dict(model, optimizer)
+    sharded.save({"model": msd, "optim": osd, "loader": loader.state_dict()}, options["url"], step=step)
+
+
 def main() -> None:
     mode, options = sys.argv[1], json.loads(sys.argv[2])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     out = Path(options["out"])
+    if mode == "elastic":
+        elastic(options, rank, out)
+        dist.barrier()
+        dist.destroy_process_group()
+        os._exit(0)
     freeze = options.get("freeze", False)
     model, optimizer, scheduler = build(options["kind"], seed=0 if mode == "save" else 1 + rank, freeze=freeze)
     target: Any = options["url"]
