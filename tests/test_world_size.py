@@ -126,3 +126,16 @@ def test_ls_verify_inspect_and_gc_go_rank_by_rank(tmp_path: Path) -> None:
     for rank in (0, 1):
         steps = [r.step for r in CheckpointRepository(LocalStorage(tmp_path / f"rank-{rank:05d}")).committed()]
         assert steps == [14, 9, 5], (rank, steps)
+
+
+def test_a_checkpointer_refuses_a_sharded_checkpoint_naming_what_reads_it(tmp_path: Path) -> None:
+    from spotsafe import sharded
+
+    sharded.save({"model": torch.nn.Linear(2, 2).state_dict()}, tmp_path, step=5)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    ckpt = spotsafe.Checkpointer(tmp_path, model=torch.nn.Linear(2, 2), handle_signals=False, notices=[])
+    with pytest.raises(spotsafe.WorldSizeMismatchError) as raised:
+        ckpt.restore()
+    ckpt.close()
+    assert raised.value.code == EXIT_USAGE and "spotsafe.sharded.load" in str(raised.value)
+    assert all(p in sorted(q.relative_to(tmp_path) for q in tmp_path.rglob("*")) for p in before)  # nothing deleted

@@ -28,13 +28,15 @@ from dataclasses import dataclass
 
 from spotsafe.engine.agreement import Agreement
 from spotsafe.engine.config import StorageConfig
-from spotsafe.errors import WorldSizeMismatchError
+from spotsafe.errors import CorruptCheckpointError, WorldSizeMismatchError
 from spotsafe.exit_codes import EXIT_USAGE
 from spotsafe.reasons import ExitReason
+from spotsafe.sharded.layout import is_sharded, world_size_of
 from spotsafe.storage.base import Storage
 from spotsafe.storage.layout import CHECKPOINTS, CheckpointRef, rank_folder, rank_folders, rank_of
 from spotsafe.storage.manifest import MANIFEST_NAME
 from spotsafe.storage.registry import open_storage
+from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.telemetry import events as ev
 
 log = logging.getLogger("spotsafe")
@@ -113,6 +115,14 @@ def check_world(
     holds. ``config`` is the run's location (not a rank's folder) and ``own`` this process's storage.
     Collective with ``agreement``: every rank must call it. An ``injected`` storage of a distributed job has
     no known run location: nothing is checked."""
+    location = own if agreement is None or injected or config.url is None else None
+    if location is None:
+        location = open_storage(str(config.url), config.storage_options, retry=config.retry)
+    sharded = sharded_world_size(location)
+    if agreement is not None:  # every rank decides on what all saw
+        sharded = max((n for n in agreement.gather(sharded) if n is not None), default=None)
+    if sharded is not None:
+        raise _sharded_error(location.url, sharded, 1 if agreement is None else agreement.world_size, emit)
     if agreement is None:
         if _committed(own, ""):
             return  # one process's own checkpoints: its own to resume, whatever else is there
@@ -120,8 +130,7 @@ def check_world(
     elif injected or config.url is None:
         return
     else:
-        url = str(config.url)
-        base = open_storage(url, config.storage_options, retry=config.retry)
+        url, base = str(config.url), location
         layout, world_size = SavedLayout.union(agreement.gather(saved_layout(base))), agreement.world_size
     saved = mismatch(layout, world_size)
     if saved is None:
@@ -133,4 +142,32 @@ def check_world(
     raise error
 
 
-__all__ = ["SavedLayout", "check_world", "mismatch", "saved_layout"]
+def sharded_world_size(storage: Storage) -> int | None:
+    """How many ranks wrote the newest committed checkpoint at ``storage`` when ``spotsafe.sharded`` wrote
+    it (one checkpoint for all ranks), else ``None``. One listing and one manifest read."""
+    repo = CheckpointRepository(storage)
+    for ref in repo.committed():
+        try:
+            manifest = repo.read_manifest(ref)
+            return world_size_of(manifest) if is_sharded(manifest) else None
+        except CorruptCheckpointError:
+            continue  # the restore's fallback decides about damaged ones
+    return None
+
+
+def _sharded_error(url: str, saved: int, world_size: int, emit: Callable[..., None]) -> WorldSizeMismatchError:
+    error = WorldSizeMismatchError(
+        f"{url} holds checkpoints that spotsafe.sharded wrote (one checkpoint for all {saved} rank(s)); the "
+        "Checkpointer keeps each rank's state in its own folder and does not resume them. Load them with "
+        "spotsafe.sharded.load (at any number of ranks), or give this job another checkpoint location. "
+        "Nothing was deleted.",
+        saved=saved,
+        world_size=world_size,
+    )
+    emit(ev.RestoreFailed, checkpoints=0, reason=str(error))
+    emit(ev.RunExited, reason=ExitReason.WORLD_SIZE_MISMATCH, step=0, exit_code=EXIT_USAGE)
+    log.error("spotsafe: %s", error)
+    return error
+
+
+__all__ = ["SavedLayout", "sharded_world_size", "check_world", "mismatch", "saved_layout"]
