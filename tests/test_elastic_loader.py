@@ -12,21 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 from spotsafe.data.elastic import ElasticLoader
 from spotsafe.errors import CheckpointMismatchError
 
-
-class Ids(Dataset[int]):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> int:
-        return index
+from .jobs.ids import Ids
 
 
 def ranks(n: int, world: int, **kwargs: Any) -> list[ElasticLoader]:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from ids import Ids  # this script's folder is on sys.path
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -79,17 +80,6 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd, osd = get_state_dict(model, optimizer, options=options)
     return {"model": msd, "optim": osd}
-
-
-class Ids(torch.utils.data.Dataset[int]):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> int:
-        return index
 
 
 def elastic(options: dict[str, Any], rank: int, out: Path) -> None:
