@@ -144,3 +144,18 @@ def test_a_background_save_is_not_changed_by_training_on(tmp_path: Path) -> None
     assert restored is not None and restored.ref == ref
     for key, tensor in expected.items():
         assert torch.equal(restored.state["model"][key], tensor)
+
+
+@pytest.mark.parametrize("reshape", [False, True], ids=["straight-into-the-tensor", "through-a-buffer"])
+def test_a_flipped_bit_in_a_chunk_is_caught_by_its_own_checksum(tmp_path: Path, reshape: bool) -> None:
+    """A chunk read straight into its tensor, or read into a buffer first (the target is another view), is
+    checked against its checksum; with the only checkpoint damaged the load refuses it, naming the chunk."""
+    sharded.save({"w": torch.arange(64, dtype=torch.float32)}, tmp_path, step=1)
+    [folder] = (tmp_path / "checkpoints").iterdir()
+    blob = folder / "r00000.distcp"
+    data = bytearray(blob.read_bytes())
+    data[7] ^= 0x01
+    blob.write_bytes(bytes(data))
+    target = torch.zeros(128)[::2] if reshape else torch.zeros(64)  # a strided view cannot be read into
+    with pytest.raises(NoUsableCheckpointError, match="fails its checksum"):
+        sharded.load({"w": target}, tmp_path)

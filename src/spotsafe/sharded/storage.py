@@ -21,6 +21,7 @@ that overlap its own). spotsafe keeps all of that and replaces only where bytes 
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -40,7 +41,7 @@ from torch.futures import Future
 
 from spotsafe.errors import CorruptCheckpointError, StateError, UnsafeCheckpointError
 from spotsafe.sharded.metadata import StoredChunk
-from spotsafe.state.tensors import Segment, entry_for, pack, tensor_bytes, unpack
+from spotsafe.state.tensors import Segment, dtype_name, entry_for, pack, tensor_bytes, unpack
 from spotsafe.state.tensors import plan as place
 from spotsafe.storage.base import Buffer
 from spotsafe.storage.manifest import BlobEntry, Manifest
@@ -234,14 +235,21 @@ class SpotsafeReader(StorageReader):
         return False
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        uses = Counter(req.storage_index for req in plan.items)
         pieces: dict[MetadataIndex, torch.Tensor] = {}
         for req in plan.items:
             if req.type == LoadItemType.BYTE_IO:
                 raise UnsafeCheckpointError(f"{req.storage_index.fqn!r}: spotsafe never saves non-tensor items via DCP")
+            target = planner.resolve_tensor(req).detach()
+            if uses[req.storage_index] == 1 and self._read_into(req, target):
+                planner.commit_tensor(req, target)
+                continue
             if req.storage_index not in pieces:
                 pieces[req.storage_index] = self._chunk(req.storage_index)
             saved = _narrow(pieces[req.storage_index], req.storage_offsets, req.lengths)
-            target = planner.resolve_tensor(req).detach()
+            uses[req.storage_index] -= 1
+            if not uses[req.storage_index]:
+                del pieces[req.storage_index]  # memory: only the chunks still to be used
             if target.size() != saved.size():
                 raise CorruptCheckpointError(
                     f"{req.storage_index.fqn!r}: the saved piece has shape {list(saved.size())}, "
@@ -253,6 +261,33 @@ class SpotsafeReader(StorageReader):
         future: Future[None] = Future()
         future.set_result(None)
         return future
+
+    def _read_into(self, req: Any, target: torch.Tensor) -> bool:
+        """Read a whole saved chunk straight into ``target`` when it is exactly that chunk (same dtype and
+        shape, contiguous host memory): no staging buffer, no copy. Its checksum is checked in place."""
+        chunk = self.stored.get(req.storage_index)
+        if (
+            chunk is None
+            or len(chunk.tensor.segments) != 1
+            or any(req.storage_offsets)
+            or tuple(req.lengths) != chunk.tensor.shape
+            or tuple(target.shape) != chunk.tensor.shape
+            or target.device.type != "cpu"
+            or not target.is_contiguous()
+            or dtype_name(target.dtype) != chunk.tensor.dtype
+            or target.numel() * target.element_size() != chunk.tensor.nbytes
+            or not chunk.tensor.nbytes
+        ):
+            return False
+        seg = chunk.tensor.segments[0]
+        view = memoryview(target.reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
+        self.repo.read_range_into(self.ref, self.manifest.blob(seg.blob), seg.offset, view)
+        self.read_bytes += seg.length
+        if xxhash.xxh3_128(view).hexdigest() != chunk.checksum:
+            raise CorruptCheckpointError(
+                f"a chunk of {req.storage_index.fqn!r} in {seg.blob} fails its checksum", checkpoint=self.ref.name
+            )
+        return True
 
     def _chunk(self, index: MetadataIndex) -> torch.Tensor:
         """One saved chunk, read alone (a ranged read of its blob) and checked against its own checksum."""

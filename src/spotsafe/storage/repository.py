@@ -205,19 +205,24 @@ class CheckpointRepository:
     def read_range(self, ref: CheckpointRef, entry: BlobEntry, offset: int, length: int) -> Buffer:
         """``length`` bytes of a blob from ``offset`` on, *not* verified: the caller checks them against a
         checksum of their own (a sharded checkpoint's chunks have one each). Bounds are the manifest's."""
-        if offset < 0 or length < 0 or offset + length > entry.size:
+        buffer = new_buffer(length)
+        self.read_range_into(ref, entry, offset, buffer)
+        return buffer
+
+    def read_range_into(self, ref: CheckpointRef, entry: BlobEntry, offset: int, buffer: Buffer) -> None:
+        """Fill ``buffer`` from byte ``offset`` of a blob (see :meth:`read_range`)."""
+        length = memoryview(buffer).nbytes
+        if offset < 0 or offset + length > entry.size:
             raise CorruptCheckpointError(
                 f"a range of {length} bytes at {offset} lies outside blob {entry.ref} ({entry.size} bytes)",
                 checkpoint=ref.name,
             )
-        buffer = new_buffer(length)
         try:
             got = self.storage.read_into(blob_key(ref, entry), buffer, offset=offset) if length else 0
         except BlobNotFoundError as err:
             raise CorruptCheckpointError(f"blob {entry.ref} is missing", checkpoint=ref.name) from err
         if got != length:
             raise CorruptCheckpointError(f"blob {entry.ref} ended before {offset + length} bytes", checkpoint=ref.name)
-        return buffer
 
     def load(self, ref: CheckpointRef, progress: ProgressFn | None = None) -> LoadedCheckpoint:
         """Read and verify every blob of ``ref``. Raises :class:`CorruptCheckpointError`."""
