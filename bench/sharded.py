@@ -191,7 +191,7 @@ def main() -> None:
     state_mib = result["local_bytes"] * 2 / MiB
     body = [
         f"2 ranks (gloo, CPU), FSDP2 state of {state_mib:.0f} MiB in all ({state_mib / 2:.0f} MiB per rank), "
-        f"median of {args.rounds} rounds, each figure the slower rank's. Disk: {disk}.",
+        f"median of {args.rounds} rounds, each figure the slower rank's. {disk}.",
         "",
         markdown(table),
         "",
