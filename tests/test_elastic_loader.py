@@ -114,3 +114,13 @@ def test_state_is_checked() -> None:
     other = ElasticLoader(Ids(10), 5, seed=3, num_replicas=2, rank=1)  # batch size and world size may differ
     other.load_state_dict({**good, "consumed": 4})
     assert other.consumed == 4 and torch.equal(other.share(), other.share())
+
+
+def test_iterating_does_not_draw_from_the_global_rng() -> None:
+    """A DataLoader draws its workers' base seed when an iteration starts; a resumed run starts one at
+    another moment, so the draw must not come from the global RNG that the checkpoint restores."""
+    loader = ElasticLoader(Ids(10), 2, seed=3)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from spotsafe.checks import check_bool, check_int, given
-from spotsafe.data.loader import DEFAULT_IGNORED_SIGNALS, _SeededDataset, _WorkerInit
+from spotsafe.data.loader import DEFAULT_IGNORED_SIGNALS, _SeededDataset, _WorkerInit, mix
 from spotsafe.errors import CheckpointMismatchError, ConfigError
 
 FORMAT = "spotsafe-elastic-cursor"
@@ -126,10 +126,14 @@ class ElasticLoader:
         self.start = 0  # the global cursor where this segment began
         self.batches = 0  # batches this rank has consumed in this segment
         self._share: tuple[tuple[int, int, int], torch.Tensor, int] | None = None
+        # The DataLoader draws its workers' base seed when an iteration starts: from this private generator,
+        # seeded from the position, never from the global RNG (a resumed run would draw at another moment).
+        self._generator = torch.Generator()
         self._loader = DataLoader(
             _SeededDataset(dataset, self.seed, reseed_workers),
             batch_size=batch_size,
             sampler=_SegmentSampler(self),
+            generator=self._generator,
             worker_init_fn=_WorkerInit(DEFAULT_IGNORED_SIGNALS, dataloader_kwargs.pop("worker_init_fn", None)),
             **dataloader_kwargs,
         )
@@ -171,6 +175,7 @@ class ElasticLoader:
     def __iter__(self) -> Iterator[Any]:
         """Yield this rank's remaining batches of the current epoch, counting each one as consumed."""
         epoch = self.epoch
+        self._generator.manual_seed(mix(self.seed, epoch, self.consumed, 0xB45E) & ((1 << 63) - 1))
         for batch in self._loader:
             if self.epoch != epoch:
                 raise RuntimeError("ElasticLoader was iterated twice at once or restored mid-iteration")

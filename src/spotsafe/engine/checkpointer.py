@@ -21,6 +21,7 @@ has committed. A background failure is raised by the next call (and is a ``save_
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -37,6 +38,9 @@ from spotsafe.engine.emergency_save import EmergencySave
 from spotsafe.engine.options import NAMED, check_components, check_effects, check_restore_args, check_save_args
 from spotsafe.engine.reader import restore_newest
 from spotsafe.engine.saves import SaveTracker
+from spotsafe.engine.sharded_restore import restore_sharded
+from spotsafe.engine.sharded_saver import ShardedSaver
+from spotsafe.engine.sharded_state import sharded_states
 from spotsafe.engine.step_loop import StepLoop
 from spotsafe.engine.world import check_world
 from spotsafe.errors import ConfigError
@@ -60,7 +64,7 @@ class Checkpointer:
     ``url`` and most keywords are fields of one settings group each, documented there:
     :class:`~spotsafe.engine.config.StorageConfig` (``url``, ``stage_dir``, ``storage_options``, ``retry``),
     :class:`~spotsafe.engine.config.SaveConfig` (``policy``, ``keep``, ``async_save``, ``incremental``,
-    ``overlap``, ``staging_budget``, ``when_busy``, ``metadata``, ``progress_interval``) and
+    ``overlap``, ``staging_budget``, ``when_busy``, ``metadata``, ``progress_interval``, ``sharded``) and
     :class:`~spotsafe.engine.config.NoticeConfig` (``notices``, ``handle_signals``, ``signals``, ``grace_s``,
     ``exit_on_notice``). ``storage_config=``, ``save_config=``, ``notice_config=`` pass a group whole
     (then leave its keywords out); the groups are attributes of the same names.
@@ -75,7 +79,8 @@ class Checkpointer:
         distributed: decide together with the other ranks of ``process_group`` (torch.distributed):
             every rank stops, saves and restores at the same step. ``None``: when torch.distributed
             is initialised with more than one rank. Each rank saves its own state; with a ``url``,
-            under ``<url>/rank-<r>``.
+            under ``<url>/rank-<r>``; with ``sharded=True``, all ranks save one checkpoint at ``<url>``,
+            resumable at another number of ranks (:mod:`spotsafe.engine.sharded_state`).
         storage, events, clock, wall_clock, exit: injectable effects for tests.
     """
 
@@ -105,6 +110,7 @@ class Checkpointer:
         exit_on_notice: bool = True,
         progress_interval: float = 1.0,
         metadata: Mapping[str, Any] | None = None,
+        sharded: bool = False,
         notices: Iterable[NoticeSource] | str = "auto",
         distributed: bool | None = None,
         process_group: Any = None,
@@ -143,11 +149,16 @@ class Checkpointer:
             events=events,
             job=job,
             agreement=self._agreement,
+            run_location=self._run_location,
+            process_group=process_group,
             owned=self._components.optimizer_owned,
             clock=clock,
             wall=wall_clock,
         )
         self._closed = self._restored = self._stop_requested = False
+        self._states: Callable[[], dict[str, Any]] = (
+            (lambda: sharded_states(self._components)) if self.save_config.sharded else self._components.states
+        )
         self.storage, self.repo, self.lease, self.events = fx.storage, fx.repo, fx.lease, fx.events
         self.run_id, self.attempt, self.generation = fx.run_id, fx.attempt, fx.lease.generation
         self.costs, self.board = fx.costs, fx.hub.board
@@ -269,12 +280,15 @@ class Checkpointer:
         check_restore_args(strict)
         self._restored = True
         fx = self._effects
-        check_world(self._run_location, fx.storage, self._agreement, injected=self._injected, emit=fx.emit)
-        step = restore_newest(
-            fx.repo,
+        if isinstance(fx.saver, ShardedSaver):  # one checkpoint for all ranks, at the run's location
+            load, repo = functools.partial(restore_sharded, saver=fx.saver), fx.saver.repo
+        else:
+            check_world(self._run_location, fx.storage, self._agreement, injected=self._injected, emit=fx.emit)
+            load, repo = functools.partial(restore_newest, saver=fx.saver), fx.repo
+        step = load(
+            repo,
             self._components,
             agreement=self._agreement,
-            saver=fx.saver,
             strict=strict,
             on_damaged=on_damaged,
             env_on_damaged=JobEnv.from_env().on_damaged,
@@ -302,7 +316,7 @@ class Checkpointer:
     def _stop(self, deadline: float | None) -> None:
         """The stop path: the emergency save that fits before ``deadline`` (Unix time), then exit 75."""
         self._stop_requested = True
-        self._emergency.run(self.step, self._components.states, deadline)
+        self._emergency.run(self.step, self._states, deadline)
         self._effects.emit(ev.RunExited, reason=ExitReason.PREEMPTED, step=self.step, exit_code=EXIT_PREEMPTED)
         if self.notice_config.exit_on_notice:
             self.close()
@@ -351,7 +365,7 @@ class Checkpointer:
         check_save_args(reason, full, via_stage)
         if self._closed:
             raise RuntimeError("this Checkpointer is closed")
-        return self._saves.save(self.step, reason, self._components.states, full=full, via_stage=via_stage)
+        return self._saves.save(self.step, reason, self._states, full=full, via_stage=via_stage)
 
     def finish(self) -> None:
         """Save the final state (unless the last save was at this step), wait until it is durable, close."""

@@ -32,7 +32,10 @@ class AfterSave:
         retention: KeepLast,
         emit: Emit,
         measured: Callable[[ev.SaveCommitted], None] | None = None,
+        *,
+        publish: bool = True,
     ) -> None:
+        self.publish = publish  # False: another process (a sharded save's rank 0) writes the hint and retains
         self.repo = repo
         self.retention = retention
         self._emit = emit
@@ -64,6 +67,8 @@ class AfterSave:
         self._emit(ev.SaveCommitted, **fields)
         if self._measured is not None:
             self._measured(ev.SaveCommitted(time=0.0, **fields))  # the cost model reads the sizes and times only
+        if not self.publish:
+            return
         # The new checkpoint is committed; failing to update the hint or delete old ones must not undo that.
         # A hint that could not be written (a full disk) does not stop retention, which may free the space.
         for action in (self.repo.write_latest, self.apply_retention):

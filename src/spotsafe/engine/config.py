@@ -61,6 +61,9 @@ class SaveConfig:
         when_busy: an interval save while the previous one is still written: ``"wait"`` or ``"skip"``.
         metadata: JSON values stored in every manifest (kept as a copy).
         progress_interval: seconds between ``progress`` events (0: every step).
+        sharded: one checkpoint for all ranks through torch.distributed.checkpoint (see
+            :mod:`spotsafe.engine.sharded_state`): resumable at another number of ranks. ``False``: each
+            rank saves its whole state under ``<url>/rank-<r>``.
     """
 
     policy: SavePolicy = DEFAULT_POLICY
@@ -72,6 +75,7 @@ class SaveConfig:
     when_busy: str = "wait"
     metadata: Mapping[str, Any] | None = None
     progress_interval: float = 1.0
+    sharded: bool = False
     staging_bytes: int | None = field(init=False, default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -81,10 +85,12 @@ class SaveConfig:
         if self.policy is None:
             object.__setattr__(self, "policy", DEFAULT_POLICY)
         check_int("keep", self.keep, at_least=1)
-        for name in ("async_save", "incremental", "overlap"):
+        for name in ("async_save", "incremental", "overlap", "sharded"):
             check_bool(name, getattr(self, name))
         if self.overlap and not self.async_save:
             raise ConfigError(OVERLAP_NEEDS)
+        if self.overlap and self.sharded:
+            raise ConfigError("overlap=True is not available with sharded=True (DCP copies the state at once)")
         object.__setattr__(self, "staging_bytes", check_budget(self.staging_budget))
         check_choice("when_busy", self.when_busy, WHEN_BUSY)
         object.__setattr__(self, "metadata", check_metadata(self.metadata))

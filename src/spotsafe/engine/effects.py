@@ -37,8 +37,10 @@ from spotsafe.engine.config import NoticeConfig, SaveConfig, StorageConfig
 from spotsafe.engine.emergency import SaveCosts
 from spotsafe.engine.lifecycle import SaveJob
 from spotsafe.engine.saver import Saver
+from spotsafe.engine.sharded_saver import ShardedSaver
 from spotsafe.engine.upload_stage import open_stage
 from spotsafe.engine.watch import NoticeHub, make_sources
+from spotsafe.errors import ConfigError
 from spotsafe.jobenv import JobEnv
 from spotsafe.policy.retention import KeepLast
 from spotsafe.startup import hand_over
@@ -88,7 +90,7 @@ class Effects:
     emit: Emitter
     costs: SaveCosts
     hub: NoticeHub
-    saver: Saver
+    saver: Saver | ShardedSaver
     stack: contextlib.ExitStack = field(repr=False)
 
     def on_close(self, callback: Callable[[], object]) -> None:
@@ -108,6 +110,8 @@ def open_effects(
     events: EventSink | None,
     job: JobEnv,
     agreement: Agreement | None,
+    run_location: StorageConfig | None = None,
+    process_group: Any = None,
     owned: Callable[[], set[int]],
     clock: Callable[[], float],
     wall: Callable[[], float],
@@ -155,18 +159,33 @@ def open_effects(
         hub.start()
         stack.callback(hub.close)
         costs = SaveCosts(s for s in history.saves)
-        saver = Saver(
-            repo,
-            on_done=AfterSave(repo, KeepLast(save_config.keep), emit, measured=costs.add),
-            on_staged=lambda job: _staged(emit, job, saver),
-            budget=save_config.staging_bytes,
-            background=save_config.async_save,
-            incremental=save_config.incremental,
-            overlap=save_config.overlap,
-            stage=stage,
-            owned=owned,
-            clock=clock,
-        )
+        saver: Saver | ShardedSaver
+        if save_config.sharded:
+            base = _base_repo(run_location, repo, agreement, emit, run_id, attempt, wall)
+            saver = ShardedSaver(
+                base,
+                on_done=AfterSave(
+                    base, KeepLast(save_config.keep), emit, measured=costs.add, publish=_coordinates(agreement)
+                ),
+                on_staged=lambda job: _staged(emit, job, saver),
+                background=save_config.async_save,
+                incremental=save_config.incremental,
+                process_group=process_group,
+                clock=clock,
+            )
+        else:
+            saver = Saver(
+                repo,
+                on_done=AfterSave(repo, KeepLast(save_config.keep), emit, measured=costs.add),
+                on_staged=lambda job: _staged(emit, job, saver),
+                budget=save_config.staging_bytes,
+                background=save_config.async_save,
+                incremental=save_config.incremental,
+                overlap=save_config.overlap,
+                stage=stage,
+                owned=owned,
+                clock=clock,
+            )
         stack.callback(_close_saver, saver)
         if agreement is not None:
             # Every rank posted the last exchange, so it completes; collecting it leaves no collective in flight.
@@ -188,6 +207,41 @@ def open_effects(
         )
 
 
+def _coordinates(agreement: Agreement | None) -> bool:
+    return agreement is None or agreement.rank == 0
+
+
+def _base_repo(
+    run_location: StorageConfig | None,
+    repo: CheckpointRepository,
+    agreement: Agreement | None,
+    emit: Emitter,
+    run_id: str,
+    attempt: int,
+    wall: Callable[[], float],
+) -> CheckpointRepository:
+    """Where a sharded save's one checkpoint for all ranks goes: the run's location. One process: its own
+    repository. Several ranks: rank 0 claims the location (the fence of every commit and deletion, all of
+    them rank 0's) and removes what unfinished saves left there; the other ranks only write blobs."""
+    if agreement is None:
+        return repo
+    if run_location is None or run_location.url is None:
+        raise ConfigError(
+            "sharded=True with several ranks needs the run's checkpoint url (all ranks write one checkpoint "
+            "there), not an injected storage"
+        )
+    base = open_storage(
+        run_location.url, run_location.storage_options, retry=run_location.retry, on_retry=emit.storage_retry
+    )
+    if agreement.rank != 0:
+        return CheckpointRepository(base, clock=wall)
+    lease = WriterLease.acquire(base, run_id=run_id, attempt=attempt, clock=wall)
+    shared = CheckpointRepository(base, clock=wall, fence=lease.check)
+    for key in shared.remove_leftovers():
+        emit(ev.PartialRemoved, path=key)
+    return shared
+
+
 def _open_log(stack: contextlib.ExitStack, storage: Storage, identity: RunIdentity, job: JobEnv) -> EventLog:
     """The run's event log: in the run folder when it is on this machine, else a local spool that is uploaded."""
     local = local_paths(storage)
@@ -205,7 +259,7 @@ def _open_log(stack: contextlib.ExitStack, storage: Storage, identity: RunIdenti
     return event_log
 
 
-def _staged(emit: Emitter, job: SaveJob, saver: Saver) -> None:
+def _staged(emit: Emitter, job: SaveJob, saver: Saver | ShardedSaver) -> None:
     emit(
         ev.SaveStaged,
         step=job.step,
@@ -219,7 +273,7 @@ def _staged(emit: Emitter, job: SaveJob, saver: Saver) -> None:
     )
 
 
-def _close_saver(saver: Saver) -> None:
+def _close_saver(saver: Saver | ShardedSaver) -> None:
     """Finish the save in flight; its failure can only be logged now."""
     saver.close()
     failure = saver.take_failure()

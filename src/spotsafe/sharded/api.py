@@ -107,6 +107,7 @@ def save(
     incremental: bool = True,
     generation: int = 0,
     metadata: Mapping[str, Any] | None = None,
+    writer: Mapping[str, Any] | None = None,
     blocking: bool = True,
 ) -> CheckpointRef | SaveInFlight:
     """Save ``state`` (every rank's view of the global state) and each rank's ``rank_state`` as one
@@ -158,22 +159,22 @@ def save(
                 pending.add_written(entry, writer="a rank")
         pending.commit(
             metadata={**dict(metadata or {}), "layout": LAYOUT, "world_size": group.world_size},
-            writer={"rank": 0, "world_size": group.world_size},
+            writer={**dict(writer or {}), "rank": 0, "world_size": group.world_size},
         )
 
     others = [e for entries in group.gather(own) for e in entries]
-    writer = SpotsafeWriter(pending, rank=group.rank, previous=previous, finish=finish)
+    storage_writer = SpotsafeWriter(pending, rank=group.rank, previous=previous, finish=finish)
     planner = DefaultSavePlanner()
     try:
         with _quiet(group):
             if not blocking:
                 future = dcp_async_save(
-                    tensors, storage_writer=writer, planner=planner, process_group=group.background_group()
+                    tensors, storage_writer=storage_writer, planner=planner, process_group=group.background_group()
                 )
                 assert isinstance(future, Future)
                 _in_flight = SaveInFlight(ref, future, lambda ok: _after(group, repo, pending, keep, ok))
                 return _in_flight
-            dcp_save(tensors, storage_writer=writer, planner=planner, process_group=group.dcp_group)
+            dcp_save(tensors, storage_writer=storage_writer, planner=planner, process_group=group.dcp_group)
     except BaseException:
         _abort_if_coordinator(group, pending)
         raise
@@ -193,6 +194,10 @@ class SaveInFlight:
     def done(self) -> bool:
         """Whether it has ended (committed or failed)."""
         return self._future.done()
+
+    def add_done_callback(self, fn: Callable[[SaveInFlight], object]) -> None:
+        """Call ``fn(self)`` when it ends (on the thread that ends it, or now if it has)."""
+        self._future.add_done_callback(lambda _: fn(self))
 
     def wait(self, timeout: float | None = None) -> CheckpointRef:
         """Block until it is committed; raise its error if it failed (on every rank)."""
