@@ -153,3 +153,9 @@ def test_sharded_true_refuses_checkpoints_written_rank_by_rank(tmp_path: Path) -
         ckpt.restore()
     ckpt.close()
     assert raised.value.code == EXIT_USAGE and "sharded=False and 2 ranks" in str(raised.value)
+
+
+def test_what_sharded_true_does_not_do_yet_is_refused_at_construction(tmp_path: Path) -> None:
+    for options in ({"overlap": True}, {"stage_dir": tmp_path / "stage"}):
+        with pytest.raises(spotsafe.ConfigError, match="sharded=True"):
+            spotsafe.Checkpointer(tmp_path / "run", model=torch.nn.Linear(2, 2), sharded=True, **options)

@@ -130,6 +130,8 @@ class Checkpointer:
         storage_cfg = located(settings(StorageConfig, storage_config, keywords), storage, job.checkpoint_url)
         self.save_config = settings(SaveConfig, save_config, keywords)
         self.notice_config = settings(NoticeConfig, notice_config, keywords)
+        if self.save_config.sharded and storage_cfg.stage_dir is not None:
+            raise ConfigError("stage_dir is not available with sharded=True yet: leave it out")
         named = {name: keywords[name] for name in NAMED}
         check_components(named, extra, overlap=self.save_config.overlap)
         check_effects(keywords)

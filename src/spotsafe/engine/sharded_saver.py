@@ -19,7 +19,7 @@ from spotsafe.engine.sharded_state import split_states
 from spotsafe.reasons import SaveReason
 from spotsafe.sharded import api as sharded
 from spotsafe.state.snapshot import Snapshot
-from spotsafe.storage.repository import CheckpointRepository
+from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
 
 
 class ShardedSaver:
@@ -107,8 +107,21 @@ class ShardedSaver:
         self._ended.clear()
         try:
             result = sharded.save(shared, self.repo, blocking=not background, **options)
-        except BaseException:
-            self._ended.set()
+        except BaseException as err:
+            failed = SaveJob(
+                step=step,
+                reason=save_reason(reason),
+                ref=CheckpointRef(generation, step, int(started * 1000), ""),  # nothing was committed under it
+                snapshot=Snapshot(step=step, components=[]),
+                started=started,
+                metadata=metadata,
+                writer=writer,
+            )
+            failed.to(SaveState.FAILED)
+            try:
+                self.on_done(SaveOutcome(failed, None, err, self._clock() - started))
+            finally:
+                self._ended.set()
             raise
         ref = result.ref if isinstance(result, sharded.SaveInFlight) else result
         job = SaveJob(
