@@ -38,19 +38,23 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(world: int, mode: str, **options: Any) -> list[int]:
-    """Run ``world`` ranks of the worker to the end; their exit codes."""
+def start(script: Path, world: int, *args: str) -> list[subprocess.Popen[bytes]]:
+    """``world`` ranks of ``script`` (gloo on 127.0.0.1), each given ``args``."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()), "WORLD_SIZE": str(world)}
     env["OMP_NUM_THREADS"] = "1"
-    procs = [
+    return [
         subprocess.Popen(
-            [sys.executable, str(WORKER), mode, json.dumps(options)],
+            [sys.executable, str(script), *args],
             env={**env, "RANK": str(rank)},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         for rank in range(world)
     ]
+
+
+def finish(procs: list[subprocess.Popen[bytes]], ok: tuple[int, ...] = (0, 3)) -> list[int]:
+    """Wait for every rank; their exit codes (one outside ``ok`` fails the test, with its stderr)."""
     codes = []
     for proc in procs:
         try:
@@ -60,9 +64,14 @@ def launch(world: int, mode: str, **options: Any) -> list[int]:
                 p.kill()
             raise
         codes.append(proc.returncode)
-        if proc.returncode not in (0, 3):
-            raise AssertionError(f"a {mode} rank exited {proc.returncode}: {err.decode()[-3000:]}")
+        if proc.returncode not in ok:
+            raise AssertionError(f"a rank exited {proc.returncode}: {err.decode()[-3000:]}")
     return codes
+
+
+def launch(world: int, mode: str, **options: Any) -> list[int]:
+    """Run ``world`` ranks of the worker to the end; their exit codes."""
+    return finish(start(WORKER, world, mode, json.dumps(options)))
 
 
 def assert_equal_trees(saved: Any, loaded: Any, path: str = "") -> int:

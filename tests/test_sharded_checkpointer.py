@@ -9,10 +9,8 @@ epoch once.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,10 @@ from spotsafe.exit_codes import EXIT_PREEMPTED, EXIT_USAGE
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.repository import CheckpointRepository
 
-from .conftest import PROCESS_HANG_S, wait_until
-from .test_sharded import _port, assert_equal_trees
+from .conftest import wait_until
+from .test_sharded import assert_equal_trees
+from .test_sharded import finish as finish_ranks
+from .test_sharded import start as start_ranks
 from .test_world_size import save_one
 
 JOB = Path(__file__).parent / "jobs" / "sharded_job.py"
@@ -35,32 +35,11 @@ pytestmark = pytest.mark.e2e
 
 
 def start(world: int, **options: Any) -> list[subprocess.Popen[bytes]]:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()), "WORLD_SIZE": str(world)}
-    env["OMP_NUM_THREADS"] = "1"
-    return [
-        subprocess.Popen(
-            [sys.executable, str(JOB), json.dumps(options)],
-            env={**env, "RANK": str(rank)},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for rank in range(world)
-    ]
+    return start_ranks(JOB, world, json.dumps(options))
 
 
 def finish(procs: list[subprocess.Popen[bytes]]) -> list[int]:
-    codes = []
-    for proc in procs:
-        try:
-            _, err = proc.communicate(timeout=PROCESS_HANG_S)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        if proc.returncode not in (0, EXIT_PREEMPTED):
-            raise AssertionError(f"a rank exited {proc.returncode}: {err.decode()[-3000:]}")
-        codes.append(proc.returncode)
-    return codes
+    return finish_ranks(procs, ok=(0, EXIT_PREEMPTED))
 
 
 def run(world: int, **options: Any) -> list[int]:

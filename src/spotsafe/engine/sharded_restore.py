@@ -18,9 +18,9 @@ from spotsafe.engine.components import Components
 from spotsafe.engine.reader import FAIL, START_FRESH, on_damaged_setting
 from spotsafe.engine.sharded_saver import ShardedSaver
 from spotsafe.engine.sharded_state import apply_restored, sharded_states, split_states
-from spotsafe.engine.world import saved_layout
+from spotsafe.engine.world import refusal, saved_layout
 from spotsafe.errors import NoUsableCheckpointError, WorldSizeMismatchError
-from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT, EXIT_USAGE
+from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT
 from spotsafe.reasons import ExitReason
 from spotsafe.sharded import api as sharded
 from spotsafe.storage.repository import CheckpointRepository
@@ -45,10 +45,7 @@ def refuse_rank_folders(repo: CheckpointRepository, agreement: Agreement | None,
         saved=saved,
         world_size=world_size,
     )
-    emit(ev.RestoreFailed, checkpoints=0, reason=str(error))
-    emit(ev.RunExited, reason=ExitReason.WORLD_SIZE_MISMATCH, step=0, exit_code=EXIT_USAGE)
-    log.error("spotsafe: %s", error)
-    raise error
+    raise refusal(error, emit)
 
 
 def _manifests(repo: CheckpointRepository) -> list[Any]:

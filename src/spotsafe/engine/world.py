@@ -135,11 +135,7 @@ def check_world(
     saved = mismatch(layout, world_size)
     if saved is None:
         return
-    error = mismatch_error(url, saved, world_size)
-    emit(ev.RestoreFailed, checkpoints=0, reason=str(error))
-    emit(ev.RunExited, reason=ExitReason.WORLD_SIZE_MISMATCH, step=0, exit_code=EXIT_USAGE)
-    log.error("spotsafe: %s", error)
-    raise error
+    raise refusal(mismatch_error(url, saved, world_size), emit)
 
 
 def sharded_world_size(storage: Storage) -> int | None:
@@ -164,10 +160,15 @@ def _sharded_error(url: str, saved: int, world_size: int, emit: Callable[..., No
         saved=saved,
         world_size=world_size,
     )
+    return refusal(error, emit)
+
+
+def refusal(error: WorldSizeMismatchError, emit: Callable[..., None]) -> WorldSizeMismatchError:
+    """``error``, once the run's events (``restore_failed``, ``run_exited``) and log say why the run stops."""
     emit(ev.RestoreFailed, checkpoints=0, reason=str(error))
     emit(ev.RunExited, reason=ExitReason.WORLD_SIZE_MISMATCH, step=0, exit_code=EXIT_USAGE)
     log.error("spotsafe: %s", error)
     return error
 
 
-__all__ = ["SavedLayout", "sharded_world_size", "check_world", "mismatch", "saved_layout"]
+__all__ = ["SavedLayout", "check_world", "mismatch", "refusal", "saved_layout", "sharded_world_size"]
