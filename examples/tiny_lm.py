@@ -107,6 +107,9 @@ def main() -> None:
     parser.add_argument("--storage-latency", type=float, default=0.0, help="emulate a slower store (s per write)")
     parser.add_argument("--stage-dir", default=None, help="local-then-upload: commit here first, upload after")
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument(
+        "--sharded", action="store_true", help="several ranks: one checkpoint for all (resumable at another world size)"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -125,9 +128,15 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps // 10, args.steps))
     data: torch.utils.data.Dataset[torch.Tensor] = MarkovText(args.samples)
-    if world > 1:
-        data = torch.utils.data.Subset(data, range(rank, args.samples, world))
-    loader = spotsafe.ResumableLoader(data, batch_size=args.batch_size, shuffle=True, seed=7, num_workers=args.workers)
+    loader: spotsafe.ResumableLoader | spotsafe.ElasticLoader
+    if args.sharded:  # a global data position: the rest of an epoch is split among however many ranks resume
+        loader = spotsafe.ElasticLoader(data, batch_size=args.batch_size, seed=7, num_workers=args.workers)
+    else:
+        if world > 1:
+            data = torch.utils.data.Subset(data, range(rank, args.samples, world))
+        loader = spotsafe.ResumableLoader(
+            data, batch_size=args.batch_size, shuffle=True, seed=7, num_workers=args.workers
+        )
     storage = None
     if args.storage_latency > 0:
         url = args.run_dir or os.environ["SPOTSAFE_CHECKPOINT_URL"]
@@ -145,6 +154,7 @@ def main() -> None:
         metadata={"example": "tiny_lm", "steps": args.steps},
         storage=storage,
         stage_dir=args.stage_dir,
+        sharded=args.sharded,
     )
     start = ckpt.restore()
     say = print if rank == 0 else (lambda *a, **k: None)

@@ -273,3 +273,43 @@ def test_a_drill_of_a_torchrun_job_preempts_every_rank_and_proves_each_identical
     stopped = stop_steps(run, 1)
     assert stopped["rank-00000"] == stopped["rank-00001"] == attempts[0].step_after
     assert report.emergency_saves == 1 and report.checkpoints_committed >= 2  # rank 0's events stand for the run
+
+
+def test_a_drill_of_a_sharded_torchrun_job_compares_the_one_checkpoint_of_all_ranks(tmp_path: Path) -> None:
+    """With sharded=True the ranks save one checkpoint at the run's location; the drill compares the
+    reference's and the drilled run's final checkpoints whole (tensors assembled from both ranks' chunks)."""
+    command = (*TORCHRUN_JOB, "--sharded")
+    reference = tmp_path / "reference"
+    ensure_reference(command, reference, lambda line: None)
+    trace = write_trace(tmp_path / "zone.json", [1, 0] + [1] * 20)
+    workdir = tmp_path / "drill"
+    run, store = workdir / "run", workdir / "jobs.sqlite"
+    config = DrillConfig(
+        command=command,
+        workdir=workdir,
+        reference=reference,
+        trace=str(trace),
+        trace_start_s=0,
+        time_scale=60.0,
+        mode="sigterm",
+        window_s=60.0,
+        max_interruptions=2,
+    )
+
+    def driver(drill: Drill) -> None:
+        wait_until(lambda: events(run, "rank-00000", "save_committed"), "a first checkpoint", timeout=PROCESS_HANG_S)
+        drill.clock.set(1.0)
+        drill.wait_events(1)
+        wait_until(lambda: ended(store, 1), "attempt 1 to stop", timeout=PROCESS_HANG_S)
+        drill.clock.set(2.0)
+
+    drill = Drill(config)
+    report = drill.run(driver)
+    assert report.ok and report.identical, (report, drill.lines)
+    assert report.final_step_reference == report.final_step_drill == STEPS
+    assert {"model", "optimizer", "scheduler", "loader", "progress", "rank-00000", "rank-00001"} <= set(
+        report.component_diffs
+    )
+    assert report.interruptions == 1 and report.emergency_saves == 1
+    repo = CheckpointRepository(LocalStorage(run))
+    assert repo.read_manifest(repo.committed()[0]).metadata["world_size"] == 2

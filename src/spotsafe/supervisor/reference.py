@@ -21,12 +21,15 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from spotsafe.engine.reader import RestoredState, load_newest_valid
-from spotsafe.errors import ConfigError
+from spotsafe.errors import ConfigError, CorruptCheckpointError
 from spotsafe.exit_codes import EXIT_PREEMPTED
 from spotsafe.jobenv import JobEnv
+from spotsafe.sharded.layout import consolidate, is_sharded
 from spotsafe.state.compare import differences
 from spotsafe.storage.layout import rank_folders
 from spotsafe.storage.registry import open_storage
@@ -137,19 +140,50 @@ def ensure_reference(
     return seconds, False
 
 
-def final_states(url: str | Path) -> dict[str, RestoredState | None]:
+@dataclass(frozen=True)
+class FinalState:
+    """A run's newest valid checkpoint: its step and its components."""
+
+    step: int
+    components: dict[str, Any]
+
+
+def _final(state: RestoredState | None) -> FinalState | None:
+    return None if state is None else FinalState(state.step, state.components)
+
+
+def final_states(url: str | Path) -> dict[str, FinalState | None]:
     """The newest valid checkpoint of each process of a run: ``{"": state}`` for one process (its checkpoints
-    under ``url``), ``{"rank-00000": state, ...}`` for a job of several ranks (``None``: none valid)."""
+    under ``url``) and for a job whose ranks save one checkpoint together (``sharded=True``: whole tensors,
+    assembled from every rank's chunks, and each rank's own state as ``rank-<r>``), ``{"rank-00000": state,
+    ...}`` for a job of several ranks that save rank by rank (``None``: none valid)."""
     storage = open_storage(url)
-    own = load_newest_valid(CheckpointRepository(storage))
+    repo = CheckpointRepository(storage)
+    together = _newest_sharded(repo)
+    if together is not None:
+        return {"": together}
+    own = load_newest_valid(repo)
     folders = rank_folders(storage) if own is None else []
     if not folders:
-        return {"": own}
+        return {"": _final(own)}
     base = str(url).rstrip("/")
-    return {name: load_newest_valid(CheckpointRepository(open_storage(f"{base}/{name}"))) for name in folders}
+    return {name: _final(load_newest_valid(CheckpointRepository(open_storage(f"{base}/{name}")))) for name in folders}
 
 
-def _final_step(states: Mapping[str, RestoredState | None]) -> int | None:
+def _newest_sharded(repo: CheckpointRepository) -> FinalState | None:
+    """The newest valid checkpoint written by all ranks together, consolidated (``None``: there is none)."""
+    for ref in repo.candidates():
+        try:
+            if not is_sharded(repo.read_manifest(ref)):
+                return None
+            loaded = repo.load(ref)
+            return FinalState(ref.step, consolidate(loaded.blobs.__getitem__, loaded.manifest, ref.name))
+        except CorruptCheckpointError:
+            continue
+    return None
+
+
+def _final_step(states: Mapping[str, FinalState | None]) -> int | None:
     """The run's final step: every process's newest valid checkpoint is at it (``None``: none, or they differ)."""
     steps = {state.step if state is not None else None for state in states.values()}
     return steps.pop() if len(steps) == 1 else None
