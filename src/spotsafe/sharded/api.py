@@ -27,7 +27,7 @@ import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +47,7 @@ from spotsafe.errors import CheckpointMismatchError, CorruptCheckpointError, Sta
 from spotsafe.policy.retention import KeepLast
 from spotsafe.sharded import metadata as dcp_json
 from spotsafe.sharded.group import Group
+from spotsafe.sharded.inflight import SaveInFlight
 from spotsafe.sharded.layout import (
     GLOBAL_BLOB,
     LAYOUT,
@@ -180,43 +181,6 @@ def save(
         raise
     _after(group, repo, pending, keep, True)
     return ref
-
-
-class SaveInFlight:
-    """A save written in the background (``save(blocking=False)``); ``ref`` is its checkpoint's name."""
-
-    def __init__(self, ref: CheckpointRef, future: Future[Any], after: Callable[[bool], None]) -> None:
-        self.ref = ref
-        self._future = future
-        self._after = after
-        self._settled = False
-
-    def done(self) -> bool:
-        """Whether it has ended (committed or failed)."""
-        return self._future.done()
-
-    def add_done_callback(self, fn: Callable[[SaveInFlight], object]) -> None:
-        """Call ``fn(self)`` when it ends (on the thread that ends it, or now if it has)."""
-        self._future.add_done_callback(lambda _: fn(self))
-
-    def wait(self, timeout: float | None = None) -> CheckpointRef:
-        """Block until it is committed; raise its error if it failed (on every rank)."""
-        try:
-            self._future.result(timeout)
-        finally:
-            if self._future.done() and not self._settled:
-                self._settled = True
-                self._after(self._future.exception() is None)
-        return self.ref
-
-    def settle(self) -> None:
-        """Wait, raising its error only if nobody has seen it yet."""
-        seen = self._settled
-        try:
-            self.wait()
-        except BaseException:
-            if not seen:
-                raise
 
 
 _in_flight: SaveInFlight | None = None
@@ -405,4 +369,4 @@ def _damage(err: CheckpointException) -> str | None:
     return reasons[0] if reasons else None
 
 
-__all__ = ["LAYOUT", "Restored", "is_sharded", "load", "save", "world_size_of"]
+__all__ = ["LAYOUT", "Restored", "SaveInFlight", "is_sharded", "load", "save", "world_size_of"]
