@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -232,17 +233,16 @@ TORCHRUN_JOB = (
 """The example under torchrun, as ``spotsafe drill -- ...`` runs it (its location from $SPOTSAFE_CHECKPOINT_URL)."""
 
 
-def test_a_drill_of_a_torchrun_job_preempts_every_rank_and_proves_each_identical(tmp_path: Path) -> None:
-    """The market's SIGTERM goes to torchrun, which passes it to its workers: both save at the same step and exit
-    75, torchrun exits 1 (its SignalException), and the supervisor counts a preemption, not a crash. The drill
-    finds the reference's checkpoints in its rank folders and compares the two runs rank by rank."""
+def drill_one_outage(tmp_path: Path, command: tuple[str, ...]) -> tuple[Drill, Any, Path, Path]:
+    """``spotsafe drill`` of a torchrun ``command``: a reference run, then one outage (SIGTERM to torchrun at
+    1 s, once a first checkpoint is committed; capacity back at 2 s). The drill, its report, run and store."""
     reference = tmp_path / "reference"
-    ensure_reference(TORCHRUN_JOB, reference, lambda line: None)
+    ensure_reference(command, reference, lambda line: None)
     trace = write_trace(tmp_path / "zone.json", [1, 0] + [1] * 20)  # one outage at 1 s, capacity back at 2 s
     workdir = tmp_path / "drill"
     run, store = workdir / "run", workdir / "jobs.sqlite"
     config = DrillConfig(
-        command=TORCHRUN_JOB,
+        command=command,
         workdir=workdir,
         reference=reference,
         trace=str(trace),
@@ -264,52 +264,30 @@ def test_a_drill_of_a_torchrun_job_preempts_every_rank_and_proves_each_identical
     report = drill.run(driver)
     assert report.ok and report.identical, (report, drill.lines)
     assert report.final_step_reference == report.final_step_drill == STEPS
+    assert report.interruptions == 1 and report.emergency_saves == 1
+    return drill, report, run, store
+
+
+def test_a_drill_of_a_torchrun_job_preempts_every_rank_and_proves_each_identical(tmp_path: Path) -> None:
+    """The market's SIGTERM goes to torchrun, which passes it to its workers: both save at the same step and exit
+    75, torchrun exits 1 (its SignalException), and the supervisor counts a preemption, not a crash. The drill
+    finds the reference's checkpoints in its rank folders and compares the two runs rank by rank."""
+    _, report, run, store = drill_one_outage(tmp_path, TORCHRUN_JOB)
     ranked = {f"{rank}/{name}" for rank in RANKS for name in ("model", "optimizer", "scheduler", "loader", "rng")}
     assert ranked <= set(report.component_diffs) and not any(report.component_diffs.values())
-    assert report.interruptions == 1
     with JobStore(store) as jobs:
         attempts = [a for a in jobs.attempts("drill") if a.exit_class != "no_capacity"]
     assert [(a.exit_code, a.exit_class) for a in attempts] == [(1, "preempted"), (0, "succeeded")]
     stopped = stop_steps(run, 1)
     assert stopped["rank-00000"] == stopped["rank-00001"] == attempts[0].step_after
-    assert report.emergency_saves == 1 and report.checkpoints_committed >= 2  # rank 0's events stand for the run
+    assert report.checkpoints_committed >= 2  # rank 0's events stand for the run
 
 
 def test_a_drill_of_a_sharded_torchrun_job_compares_the_one_checkpoint_of_all_ranks(tmp_path: Path) -> None:
     """With sharded=True the ranks save one checkpoint at the run's location; the drill compares the
     reference's and the drilled run's final checkpoints whole (tensors assembled from both ranks' chunks)."""
-    command = (*TORCHRUN_JOB, "--sharded")
-    reference = tmp_path / "reference"
-    ensure_reference(command, reference, lambda line: None)
-    trace = write_trace(tmp_path / "zone.json", [1, 0] + [1] * 20)
-    workdir = tmp_path / "drill"
-    run, store = workdir / "run", workdir / "jobs.sqlite"
-    config = DrillConfig(
-        command=command,
-        workdir=workdir,
-        reference=reference,
-        trace=str(trace),
-        trace_start_s=0,
-        time_scale=60.0,
-        mode="sigterm",
-        window_s=60.0,
-        max_interruptions=2,
-    )
-
-    def driver(drill: Drill) -> None:
-        wait_until(lambda: events(run, "rank-00000", "save_committed"), "a first checkpoint", timeout=PROCESS_HANG_S)
-        drill.clock.set(1.0)
-        drill.wait_events(1)
-        wait_until(lambda: ended(store, 1), "attempt 1 to stop", timeout=PROCESS_HANG_S)
-        drill.clock.set(2.0)
-
-    drill = Drill(config)
-    report = drill.run(driver)
-    assert report.ok and report.identical, (report, drill.lines)
-    assert report.final_step_reference == report.final_step_drill == STEPS
-    assert {"model", "optimizer", "scheduler", "loader", "progress", "rank-00000", "rank-00001"} <= set(
-        report.component_diffs
-    )
-    assert report.interruptions == 1 and report.emergency_saves == 1
+    _, report, run, _ = drill_one_outage(tmp_path, (*TORCHRUN_JOB, "--sharded"))
+    whole = {"model", "optimizer", "scheduler", "loader", "progress", "rank-00000", "rank-00001"}
+    assert whole <= set(report.component_diffs) and not any(report.component_diffs.values())
     repo = CheckpointRepository(LocalStorage(run))
     assert repo.read_manifest(repo.committed()[0]).metadata["world_size"] == 2
