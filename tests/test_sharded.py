@@ -106,42 +106,48 @@ def manifests(url: Path) -> list[tuple[str, Manifest]]:
     return [(ref.name, repo.read_manifest(ref)) for ref in repo.committed()]
 
 
+KINDS = ("fsdp", "ddp")
+
+
 @pytest.fixture(scope="module")
 def saves(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A save at ``world`` ranks of model ``kind``, made once per module: (checkpoint location, saved.pt)."""
-    made: dict[tuple[str, int], tuple[Path, Path]] = {}
+    """A save at ``world`` ranks of each model kind, made once per module (one launch for both kinds):
+    ``{kind: (checkpoint location, saved.pt)}``."""
+    made: dict[int, dict[str, tuple[Path, Path]]] = {}
 
-    def get(kind: str, world: int) -> tuple[Path, Path]:
-        if (kind, world) not in made:
-            base = tmp_path_factory.mktemp(f"{kind}-{world}")
+    def get(world: int) -> dict[str, tuple[Path, Path]]:
+        if world not in made:
+            base = tmp_path_factory.mktemp(f"saved-at-{world}")
             (base / "out").mkdir()
-            assert launch(world, "save", kind=kind, url=str(base / "ck"), out=str(base / "out"), steps=3) == [0] * world
-            made[kind, world] = base / "ck", base / "out" / "saved.pt"
-        return made[kind, world]
+            options = dict(kinds=list(KINDS), url=str(base / "ck"), out=str(base / "out"), steps=3)
+            assert launch(world, "save", **options) == [0] * world
+            made[world] = {kind: (base / "ck" / kind, base / "out" / kind / "saved.pt") for kind in KINDS}
+        return made[world]
 
     return get
 
 
-@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
 @pytest.mark.parametrize(("saved_at", "loaded_at"), [(2, 1), (1, 2), (2, 3), (3, 2)])
-def test_resume_at_another_world_size_is_bit_equal(
-    saves: Any, tmp_path: Path, kind: str, saved_at: int, loaded_at: int
-) -> None:
-    url, saved = saves(kind, saved_at)
-    assert launch(loaded_at, "load", kind=kind, url=str(url), out=str(tmp_path)) == [0] * loaded_at
-    count = assert_equal_trees(full(saved), full(tmp_path / "loaded.pt"))
-    assert count >= 4 * 3  # 7 parameters, and AdamW's exp_avg, exp_avg_sq and step for each
-    for rank in range(loaded_at):
-        report = json.loads((tmp_path / f"rank-{rank}.json").read_text())
-        assert (report["step"], report["world_size"]) == (3, saved_at)
-        if rank < saved_at:  # its own saved state, bit for bit
-            assert (report["rank_state_of"], report["rng_equal"]) == (rank, True)
-        else:  # a rank that did not exist at the save gets none (the caller's rule applies)
-            assert report["rank_state_of"] is None
+def test_resume_at_another_world_size_is_bit_equal(saves: Any, tmp_path: Path, saved_at: int, loaded_at: int) -> None:
+    """FSDP2 (DTensor shards) and DDP (replicated), saved at one world size and loaded at another."""
+    saved = saves(saved_at)
+    base = saved["fsdp"][0].parent
+    assert launch(loaded_at, "load", kinds=list(KINDS), url=str(base), out=str(tmp_path)) == [0] * loaded_at
+    for kind in KINDS:
+        out = tmp_path / kind
+        count = assert_equal_trees(full(saved[kind][1]), full(out / "loaded.pt"))
+        assert count >= 4 * 3, kind  # 7 parameters, and AdamW's exp_avg, exp_avg_sq and step for each
+        for rank in range(loaded_at):
+            report = json.loads((out / f"rank-{rank}.json").read_text())
+            assert (report["step"], report["world_size"]) == (3, saved_at), kind
+            if rank < saved_at:  # its own saved state, bit for bit
+                assert (report["rank_state_of"], report["rng_equal"]) == (rank, True), kind
+            else:  # a rank that did not exist at the save gets none (the caller's rule applies)
+                assert report["rank_state_of"] is None, kind
 
 
 def test_one_manifest_lists_every_ranks_blobs_and_replicated_state_is_written_once(saves: Any) -> None:
-    url, saved = saves("ddp", 2)
+    url, saved = saves(2)["ddp"]
     (_, manifest), *older = manifests(url)
     assert not older
     assert manifest.metadata["layout"] == "sharded" and manifest.metadata["world_size"] == 2
@@ -208,7 +214,7 @@ def test_a_damaged_rank_blob_falls_back_to_the_older_checkpoint_on_every_rank(tm
 
 def test_ls_verify_and_inspect_read_one_checkpoint_of_all_ranks(saves: Any) -> None:
     """The CLI sees one committed checkpoint; inspect assembles each whole tensor from the ranks' shards."""
-    url, saved = saves("fsdp", 3)
+    url, saved = saves(3)["fsdp"]
     spotsafe = str(Path(sys.executable).with_name("spotsafe"))
     listed, verified, inspected = (
         subprocess.run([spotsafe, *args, str(url)], capture_output=True, text=True, timeout=PROCESS_HANG_S)

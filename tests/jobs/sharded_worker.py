@@ -10,6 +10,9 @@ document of options. Modes:
 * ``load``: build the same model differently initialised, load through ``spotsafe.sharded.load``, and
   (rank 0) write the full state, gathered, to ``<out>/loaded.pt``; every rank writes what it restored
   (step, world size, whether it got a rank state and whose) to ``<out>/rank-<r>.json``.
+
+With ``kinds`` (a list) instead of ``kind``, one launch does each kind in turn, under ``<url>/<kind>`` and
+``<out>/<kind>``.
 """
 
 from __future__ import annotations
@@ -112,16 +115,8 @@ def elastic(options: dict[str, Any], rank: int, out: Path) -> None:
     sharded.save({"model": msd, "optim": osd, "loader": loader.state_dict()}, options["url"], step=step)
 
 
-def main() -> None:
-    mode, options = sys.argv[1], json.loads(sys.argv[2])
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    out = Path(options["out"])
-    if mode == "elastic":
-        elastic(options, rank, out)
-        dist.barrier()
-        dist.destroy_process_group()
-        os._exit(0)
+def one(mode: str, options: dict[str, Any], rank: int, out: Path) -> None:
+    """Save or load one model kind (see the module docstring)."""
     freeze = options.get("freeze", False)
     model, optimizer, scheduler = build(options["kind"], seed=0 if mode == "save" else 1 + rank, freeze=freeze)
     target: Any = options["url"]
@@ -186,6 +181,25 @@ def main() -> None:
             else torch.equal(got["rng"], torch.Generator().manual_seed(1000 + rank).get_state()),
         }
         (out / f"rank-{rank}.json").write_text(json.dumps(report))
+
+
+def main() -> None:
+    mode, options = sys.argv[1], json.loads(sys.argv[2])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    out = Path(options["out"])
+    if mode == "elastic":
+        elastic(options, rank, out)
+        dist.barrier()
+        dist.destroy_process_group()
+        os._exit(0)
+    for kind in options.get("kinds", [options.get("kind")]):
+        if "kinds" in options:  # one launch for several models: each in its own location and output folder
+            mine = {**options, "kind": kind, "url": f"{options['url']}/{kind}", "out": str(out / kind)}
+            Path(mine["out"]).mkdir(parents=True, exist_ok=True)
+        else:
+            mine = options
+        one(mode, mine, rank, Path(mine["out"]))
     dist.barrier()
     dist.destroy_process_group()
     os._exit(0)
