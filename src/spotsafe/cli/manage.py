@@ -20,7 +20,6 @@ from spotsafe.cli.output import EXIT_DAMAGED, EXIT_NOTHING, Bars, err, human_byt
 from spotsafe.engine.reader import RestoredState
 from spotsafe.errors import CorruptCheckpointError, UnsafeCheckpointError
 from spotsafe.exit_codes import EXIT_CRASH, EXIT_SUCCESS
-from spotsafe.sharded.layout import consolidate, is_sharded
 from spotsafe.state.describe import describe_component
 from spotsafe.state.snapshot import decode_state
 from spotsafe.storage.gc import GcPlan, apply_gc, plan_gc
@@ -188,6 +187,8 @@ def inspect(
         with bars.bar() as bar:
             task = bar.add_task(f"verifying and loading {ref.name}", total=total)
             loaded = folder.repo.load(ref, lambda n: bar.advance(task, n))
+        from spotsafe.sharded.layout import consolidate, is_sharded  # DCP is slow to import: only here
+
         if is_sharded(loaded.manifest):  # all ranks' chunks, assembled into whole tensors
             components = consolidate(loaded.blobs.__getitem__, loaded.manifest, ref.name)
         else:

@@ -37,10 +37,8 @@ from spotsafe.engine.effects import open_effects
 from spotsafe.engine.emergency_save import EmergencySave
 from spotsafe.engine.options import NAMED, check_components, check_effects, check_restore_args, check_save_args
 from spotsafe.engine.reader import restore_newest
+from spotsafe.engine.saver import Saver
 from spotsafe.engine.saves import SaveTracker
-from spotsafe.engine.sharded_restore import restore_sharded
-from spotsafe.engine.sharded_saver import ShardedSaver
-from spotsafe.engine.sharded_state import sharded_states
 from spotsafe.engine.step_loop import StepLoop
 from spotsafe.engine.world import check_world
 from spotsafe.errors import ConfigError
@@ -158,9 +156,11 @@ class Checkpointer:
             wall=wall_clock,
         )
         self._closed = self._restored = self._stop_requested = False
-        self._states: Callable[[], dict[str, Any]] = (
-            (lambda: sharded_states(self._components)) if self.save_config.sharded else self._components.states
-        )
+        self._states: Callable[[], dict[str, Any]] = self._components.states
+        if self.save_config.sharded:  # imported only when used: torch.distributed.checkpoint is slow to import
+            from spotsafe.engine.sharded_state import sharded_states
+
+            self._states = lambda: sharded_states(self._components)
         self.storage, self.repo, self.lease, self.events = fx.storage, fx.repo, fx.lease, fx.events
         self.run_id, self.attempt, self.generation = fx.run_id, fx.attempt, fx.lease.generation
         self.costs, self.board = fx.costs, fx.hub.board
@@ -282,9 +282,14 @@ class Checkpointer:
         check_restore_args(strict)
         self._restored = True
         fx = self._effects
-        if isinstance(fx.saver, ShardedSaver):  # one checkpoint for all ranks, at the run's location
+        if self.save_config.sharded:  # one checkpoint for all ranks, at the run's location
+            from spotsafe.engine.sharded_restore import restore_sharded
+            from spotsafe.engine.sharded_saver import ShardedSaver
+
+            assert isinstance(fx.saver, ShardedSaver)
             load, repo = functools.partial(restore_sharded, saver=fx.saver), fx.saver.repo
         else:
+            assert isinstance(fx.saver, Saver)
             check_world(self._run_location, fx.storage, self._agreement, injected=self._injected, emit=fx.emit)
             load, repo = functools.partial(restore_newest, saver=fx.saver), fx.repo
         step = load(

@@ -29,7 +29,7 @@ import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spotsafe.engine.agreement import Agreement
 from spotsafe.engine.commits import AfterSave
@@ -37,7 +37,9 @@ from spotsafe.engine.config import NoticeConfig, SaveConfig, StorageConfig
 from spotsafe.engine.emergency import SaveCosts
 from spotsafe.engine.lifecycle import SaveJob
 from spotsafe.engine.saver import Saver
-from spotsafe.engine.sharded_saver import ShardedSaver
+
+if TYPE_CHECKING:
+    from spotsafe.engine.sharded_saver import ShardedSaver
 from spotsafe.engine.upload_stage import open_stage
 from spotsafe.engine.watch import NoticeHub, make_sources
 from spotsafe.errors import ConfigError
@@ -161,6 +163,8 @@ def open_effects(
         costs = SaveCosts(s for s in history.saves)
         saver: Saver | ShardedSaver
         if save_config.sharded:
+            from spotsafe.engine.sharded_saver import ShardedSaver  # DCP is slow to import: only when used
+
             base = _base_repo(run_location, repo, agreement, emit, run_id, attempt, wall)
             saver = ShardedSaver(
                 base,

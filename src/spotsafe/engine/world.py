@@ -31,7 +31,6 @@ from spotsafe.engine.config import StorageConfig
 from spotsafe.errors import CorruptCheckpointError, WorldSizeMismatchError
 from spotsafe.exit_codes import EXIT_USAGE
 from spotsafe.reasons import ExitReason
-from spotsafe.sharded.layout import is_sharded, world_size_of
 from spotsafe.storage.base import Storage
 from spotsafe.storage.layout import CHECKPOINTS, CheckpointRef, rank_folder, rank_folders, rank_of
 from spotsafe.storage.manifest import MANIFEST_NAME
@@ -145,9 +144,13 @@ def sharded_world_size(storage: Storage) -> int | None:
     for ref in repo.committed():
         try:
             manifest = repo.read_manifest(ref)
-            return world_size_of(manifest) if is_sharded(manifest) else None
         except CorruptCheckpointError:
             continue  # the restore's fallback decides about damaged ones
+        # spotsafe.sharded.layout's LAYOUT and world_size_of, read here without importing DCP at start-up
+        world = manifest.metadata.get("world_size")
+        if manifest.metadata.get("layout") != "sharded":
+            return None
+        return world if isinstance(world, int) and not isinstance(world, bool) and world >= 1 else 1
     return None
 
 

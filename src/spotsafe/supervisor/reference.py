@@ -29,7 +29,6 @@ from spotsafe.engine.reader import RestoredState, load_newest_valid
 from spotsafe.errors import ConfigError, CorruptCheckpointError
 from spotsafe.exit_codes import EXIT_PREEMPTED
 from spotsafe.jobenv import JobEnv
-from spotsafe.sharded.layout import consolidate, is_sharded
 from spotsafe.state.compare import differences
 from spotsafe.storage.layout import rank_folders
 from spotsafe.storage.registry import open_storage
@@ -172,6 +171,8 @@ def final_states(url: str | Path) -> dict[str, FinalState | None]:
 
 def _newest_sharded(repo: CheckpointRepository) -> FinalState | None:
     """The newest valid checkpoint written by all ranks together, consolidated (``None``: there is none)."""
+    from spotsafe.sharded.layout import consolidate, is_sharded  # DCP is slow to import: only here
+
     for ref in repo.candidates():
         try:
             if not is_sharded(repo.read_manifest(ref)):
