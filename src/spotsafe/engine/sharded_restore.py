@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from spotsafe.engine.agreement import Agreement
 from spotsafe.engine.components import Components
 from spotsafe.engine.reader import FAIL, START_FRESH, on_damaged_setting
 from spotsafe.engine.sharded_saver import ShardedSaver
 from spotsafe.engine.sharded_state import apply_restored, sharded_states, split_states
-from spotsafe.engine.world import refusal, saved_layout
+from spotsafe.engine.world import refusal, saved_layout, sharded_world_size
 from spotsafe.errors import NoUsableCheckpointError, WorldSizeMismatchError
 from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT
 from spotsafe.reasons import ExitReason
@@ -35,7 +34,7 @@ def refuse_rank_folders(repo: CheckpointRepository, agreement: Agreement | None,
     saved = layout.world_size if layout.ranks else None
     if agreement is not None:
         saved = max((n for n in agreement.gather(saved) if n is not None), default=None)
-    if saved is None or any(sharded.is_sharded(m) for m in _manifests(repo)):
+    if saved is None or sharded_world_size(repo.storage) is not None:
         return
     world_size = 1 if agreement is None else agreement.world_size
     error = WorldSizeMismatchError(
@@ -46,16 +45,6 @@ def refuse_rank_folders(repo: CheckpointRepository, agreement: Agreement | None,
         world_size=world_size,
     )
     raise refusal(error, emit)
-
-
-def _manifests(repo: CheckpointRepository) -> list[Any]:
-    found = []
-    for ref in repo.committed()[:1]:
-        try:
-            found.append(repo.read_manifest(ref))
-        except Exception:  # noqa: BLE001 - damaged: the restore's fallback decides
-            continue
-    return found
 
 
 def restore_sharded(
