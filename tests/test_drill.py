@@ -43,6 +43,7 @@ from spotsafe.supervisor.market import (
     outages_from_trace,
     trace_names,
 )
+from spotsafe.supervisor.nodemarket import NodeMarket
 from spotsafe.supervisor.pools import LaunchSpec, Pool
 from spotsafe.supervisor.reference import REFERENCE_MARKER, compare_final, ensure_reference
 from spotsafe.supervisor.store import AttemptRecord, JobState, JobStore, read_store
@@ -324,7 +325,7 @@ class MarketWatch:
     """Hands the test the drill's market as the drill starts."""
 
     def __init__(self) -> None:
-        self.market: Market | None = None
+        self.market: Market | NodeMarket | None = None
 
     def reference_started(self, folder: Path) -> None:
         pass
@@ -332,7 +333,7 @@ class MarketWatch:
     def reference_finished(self, folder: Path, seconds: float, reused: bool) -> None:
         pass
 
-    def drill_started(self, run: Path, market: Market) -> None:
+    def drill_started(self, run: Path, market: Market | NodeMarket) -> None:
         self.market = market
 
     def drill_finished(self, code: int) -> None:
@@ -350,7 +351,7 @@ class Drill:
         self.lines: list[str] = []
 
     @property
-    def market(self) -> Market:
+    def market(self) -> Market | NodeMarket:
         wait_for(lambda: self.watch.market is not None, "the drill to start", timeout=120)
         assert self.watch.market is not None
         return self.watch.market

@@ -47,7 +47,7 @@ GOLDEN = """\
 {"type":"attempt_ended","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"job":"job-v","number":12,"pool":"pool-v","machine":"machine-v","exit_code":15,"exit_class":"exit_class-v","step_before":17,"step_after":18,"duration_s":9.5,"cost":10.5}
 {"type":"retry_decided","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"job":"job-v","relaunch":true,"delay_s":3.5,"reason":"reason-v"}
 {"type":"job_finished","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"job":"job-v","state":"state-v","reason":"reason-v"}
-{"type":"market_interruption","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"number":11,"mode":"mode-v","interrupted":13,"window_s":4.5,"capacity_back_in_s":5.5,"killed":true}
+{"type":"market_interruption","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"number":11,"mode":"mode-v","interrupted":13,"window_s":4.5,"capacity_back_in_s":5.5,"killed":true,"nodes_taken":2,"nodes_left":1}
 """
 
 LINES = GOLDEN.encode().splitlines(keepends=True)

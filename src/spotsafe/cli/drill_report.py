@@ -40,11 +40,20 @@ def print_drill(r: DrillReport, console: Console) -> None:
         f"spot ${r.spot_cost:.4f} (at ${r.spot_price:g}/h, machine time) vs on-demand ${r.on_demand_cost:.4f} "
         f"(at ${r.on_demand_price:g}/h, uninterrupted): {r.saving:.0%} saved",
     )
+    if r.node_counts:
+        counts = ", ".join(map(str, r.node_counts))
+        table.add_row("nodes", f"reference {r.nodes}; drill attempts on {counts} (in order)")
     table.add_row("final step", f"reference {r.final_step_reference}, drill {r.final_step_drill}")
     for name, diffs in r.component_diffs.items():
         table.add_row(f"  {name}", "[green]identical[/green]" if not diffs else f"[red]DIFFERENT[/red]: {diffs[0]}")
     if r.exit_code != 0:
         table.add_row("job", f"[red]{r.job_state} (supervisor exit {r.exit_code})[/red]")
     verdict = "[green]bit-identical to the uninterrupted run[/green]" if r.identical else "[red]NOT identical[/red]"
+    if r.resized and not r.identical:
+        verdict = (
+            f"[{'green' if r.ok else 'red'}]{'finished' if r.ok else 'did not finish'} at the reference's final "
+            "step[/]; not bit-identical, as expected: part of the run had fewer nodes, another world size (each "
+            "batch split another way, gradients summed in another order); bit-identity holds at a fixed size"
+        )
     table.add_row("result", verdict)
     console.print(table)

@@ -173,8 +173,9 @@ def run_cmd(
 @click.option(
     "--trace",
     default=None,
-    help="A shipped spot trace (aws-us-east-1c, aws-us-east-1f, aws-us-west-2b, aws-us-west-2c) or a trace file "
-    "to replay [default: aws-us-west-2c, unless --rate].",
+    help="A shipped spot trace (aws-us-east-1c, aws-us-east-1f, aws-us-west-2b, aws-us-west-2c; 4 nodes: "
+    "aws-4node-us-east-1f, aws-4node-us-east-2a, aws-4node-us-west-2c) or a trace file to replay "
+    "[default: aws-us-west-2c, unless --rate].",
 )
 @float_option("--trace-start", 16.8, "Where to begin (trace hours).")
 @click.option(
@@ -198,6 +199,14 @@ def run_cmd(
 @float_option("--spot-price", 0.918, "Dollars per hour.")
 @float_option("--on-demand-price", 3.06, "Dollars per hour.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --rate.")
+@click.option(
+    "--nodes",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Run the job on this many nodes: the command once per node, each a torchrun agent (--nnodes MIN:MAX, "
+    "--rdzv-backend c10d); a market of several nodes takes one node at a time [default: a multi-node trace's "
+    "node count, within --nnodes; else 1].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option(
     "--progress/--no-progress",
@@ -220,6 +229,7 @@ def drill(
     spot_price: float,
     on_demand_price: float,
     seed: int,
+    nodes: int | None,
     as_json: bool,
     progress: bool | None,
     command: tuple[str, ...],
@@ -231,7 +241,8 @@ def drill(
     once). An interruption counts only when it stops a running attempt. The job runs
     under spotsafe run's supervisor. COMMAND defaults to the tiny transformer example (run from the
     repository root). Exits 0 only if the job finished and its final state is bit-identical to an
-    uninterrupted run's.
+    uninterrupted run's (a job that resumed on fewer nodes: finished at the same final step; another world size
+    cannot be bit-identical, and the report says so).
     """
     from spotsafe.cli.drill_report import print_drill
     from spotsafe.cli.live import DrillLive, LiveStatus
@@ -255,6 +266,7 @@ def drill(
         spot_price=spot_price,
         on_demand_price=on_demand_price,
         seed=seed,
+        nodes=nodes,
     )
     log: Callable[[str], None] = (
         (lambda m: print(m, file=sys.stderr)) if as_json else (lambda m: console.print(f"[dim]{escape(m)}[/dim]"))

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +31,7 @@ from spotsafe.errors import ConfigError
 from spotsafe.exit_codes import EXIT_SUCCESS
 from spotsafe.storage.registry import open_storage
 from spotsafe.supervisor.classify import ExitClass
+from spotsafe.supervisor.drill_launch import DrillLauncher, drill_market, quiet_capacity
 from spotsafe.supervisor.health import FailoverPolicy
 from spotsafe.supervisor.market import (
     CITATION,
@@ -43,8 +42,9 @@ from spotsafe.supervisor.market import (
     outages_at_rate,
     outages_from_trace,
 )
-from spotsafe.supervisor.pools import Handle, LaunchSpec, Pool, ProcessHandle
-from spotsafe.supervisor.process import launch
+from spotsafe.supervisor.nodemarket import Level, NodeMarket, levels_at_rate, levels_from_trace
+from spotsafe.supervisor.nodes import check_multinode, node_range
+from spotsafe.supervisor.pools import Pool
 from spotsafe.supervisor.reference import bit_identical, compare_final, ensure_reference
 from spotsafe.supervisor.retry import RelaunchPolicy
 from spotsafe.supervisor.run import RunConfig, Supervisor
@@ -80,6 +80,9 @@ class DrillConfig:
     spot_price: float = SPOT_PRICE
     on_demand_price: float = ON_DEMAND_PRICE
     seed: int = 0
+    nodes: int | None = None
+    """How many nodes the job runs on (``None``: a trace's node count, within the command's torchrun
+    ``--nnodes``; 1 for a job that is not torchrun). Several: see :mod:`spotsafe.supervisor.nodemarket`."""
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -96,6 +99,19 @@ class DrillConfig:
             raise ConfigError(f"the interruption mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not 0 < self.window_s < float("inf"):
             raise ConfigError(f"the notice window must be > 0 seconds, got {self.window_s!r}")
+
+    def node_count(self) -> int:
+        """How many nodes the drill starts the job on (checked: several need torchrun with a rendezvous)."""
+        found = node_range(self.command)
+        count = self.nodes
+        if count is None:
+            count = load_trace(self.trace, self.trace_reading).nodes if self.trace is not None else 1
+            count = 1 if found is None else max(found.min, min(count, found.max))
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigError(f"the drill's node count must be a whole number >= 1, got {count!r}")
+        if count > 1:
+            check_multinode(self.command, count)
+        return count
 
     @property
     def reference_dir(self) -> Path:
@@ -117,6 +133,16 @@ class DrillConfig:
             self.rate_per_hour, time_scale=self.time_scale, seed=self.seed, count=self.max_interruptions
         )
         return outages, f"{self.rate_per_hour:g} interruptions per hour, {self.time_scale:g}x faster (seed {self.seed})"
+
+    def node_schedule(self, nodes: int) -> list[Level]:
+        """The capacity levels for a job of ``nodes`` nodes (several; :mod:`~spotsafe.supervisor.nodemarket`)."""
+        if self.trace is not None:
+            trace = load_trace(self.trace, self.trace_reading)
+            return levels_from_trace(trace, start_s=self.trace_start_s, time_scale=self.time_scale, nodes=nodes)
+        assert self.rate_per_hour is not None
+        return levels_at_rate(
+            self.rate_per_hour, time_scale=self.time_scale, seed=self.seed, count=self.max_interruptions, nodes=nodes
+        )
 
 
 @dataclass
@@ -149,6 +175,10 @@ class DrillReport:
     final_step_reference: int | None
     final_step_drill: int | None
     component_diffs: dict[str, list[str]] = field(default_factory=dict)
+    nodes: int = 1
+    """The nodes the job runs on (the reference's, and each drill attempt's when the market offers them)."""
+    node_counts: list[int] = field(default_factory=list)
+    """The nodes each attempt that ran started on (a market of several nodes; empty for one)."""
     goodput: float = 0.0
     """Useful time over wall time, from the drill run's event log (as ``spotsafe report`` and the dashboard
     compute it: each attempt's time from its restore to its end, less the work the next one replayed)."""
@@ -158,8 +188,18 @@ class DrillReport:
         return bit_identical(self.final_step_reference, self.final_step_drill, self.component_diffs)
 
     @property
+    def resized(self) -> bool:
+        """Some attempt ran on fewer nodes than the reference (another world size: the run cannot be bit-identical
+        to a fixed-size one, whose sums run in another order over other splits of each batch)."""
+        return any(n != self.nodes for n in self.node_counts)
+
+    @property
     def ok(self) -> bool:
-        return self.identical and self.exit_code == EXIT_SUCCESS
+        """Finished, and bit-identical to the reference; a resized run: finished at the reference's final step."""
+        if self.exit_code != EXIT_SUCCESS:
+            return False
+        same_end = self.final_step_reference is not None and self.final_step_reference == self.final_step_drill
+        return self.identical or (self.resized and same_end)
 
     @property
     def saving(self) -> float:
@@ -167,7 +207,7 @@ class DrillReport:
 
     def to_json(self) -> dict[str, object]:
         doc = {k: v for k, v in self.__dict__.items()}
-        doc.update(identical=self.identical, ok=self.ok, saving=self.saving)
+        doc.update(identical=self.identical, ok=self.ok, saving=self.saving, resized=self.resized)
         return doc
 
 
@@ -179,65 +219,11 @@ class DrillWatch(Protocol):
 
     def reference_finished(self, folder: Path, seconds: float, reused: bool) -> None: ...
 
-    def drill_started(self, run: Path, market: Market) -> None:
+    def drill_started(self, run: Path, market: Market | NodeMarket) -> None:
         """The job is about to run under the supervisor in ``run``, against ``market``."""
 
     def drill_finished(self, code: int) -> None:
         """The supervisor returned ``code``."""
-
-
-class _NoCapacity:
-    """An attempt that found no machine: the market is between capacity."""
-
-    pid: int | None = None
-    machine: str | None = None
-
-    def poll(self) -> int | None:
-        return 1
-
-    def signal(self, sig: int, *, group: bool = False) -> None:
-        pass
-
-    def reap_group(self) -> None:
-        pass
-
-    def no_capacity(self, code: int) -> bool:
-        return True
-
-
-class DrillLauncher:
-    """Launches attempts on this machine while the market has capacity, and hands them to it."""
-
-    def __init__(self, market: Market, output: int | None) -> None:
-        self.market = market
-        self.output = output
-
-    def start(self, spec: LaunchSpec) -> Handle:
-        env = {**spec.env, **self.market.env()}
-
-        def start() -> Handle:
-            job = launch(
-                spec.command, env=env, stdout=self.output, stderr=self.output, parent_death_signal=signal.SIGTERM
-            )
-            return ProcessHandle(job, spec.pool, socket.gethostname(), None)
-
-        handle = self.market.start_if_capacity(start, spec.attempt)
-        return handle if handle is not None else _NoCapacity()
-
-
-def _quiet_capacity(say: Callable[[str], None]) -> Callable[[str], None]:
-    """``say`` with the supervisor's lines about polling for capacity collapsed: one line per wait."""
-    waiting = False
-
-    def quiet(line: str) -> None:
-        nonlocal waiting
-        polling = "no_capacity" in line or "no capacity" in line
-        if polling and waiting:
-            return
-        waiting = polling
-        say("waiting for spot capacity to come back (the market's outage)" if polling else line)
-
-    return quiet
 
 
 def run_drill(
@@ -250,11 +236,13 @@ def run_drill(
     """Run the whole drill in ``config.workdir`` (its drill folders are emptied first; the reference is kept).
     ``watch`` is told of each phase (for a live display); ``clock`` is the market's (its schedule's seconds)."""
     outages, what = config.schedule()
+    nodes = config.node_count()
+    levels = config.node_schedule(nodes) if nodes > 1 else []
     workdir = config.workdir
     workdir.mkdir(parents=True, exist_ok=True)
     folder = config.reference_dir
     ref_s, reused = ensure_reference(
-        config.command, folder, log, None if watch is None else lambda: watch.reference_started(folder)
+        config.command, folder, log, None if watch is None else lambda: watch.reference_started(folder), nodes=nodes
     )
     if watch is not None:
         watch.reference_finished(folder, ref_s, reused)
@@ -264,8 +252,12 @@ def run_drill(
         shutil.rmtree(run)
     for stale in workdir.glob("jobs.sqlite*"):
         stale.unlink()
+    if nodes > 1:
+        what += f"; the job on {nodes} nodes, capacity {len(levels) - 1} changes of node count"
     log(f"drill: {what}; interruptions by {config.mode}, window {config.window_s:g} s")
-    pool = Pool(name="drill-spot", market="spot", price_per_hour=config.spot_price, zone=config.trace or "")
+    pool = Pool(
+        name="drill-spot", market="spot", price_per_hour=config.spot_price, zone=config.trace or "", nodes=nodes
+    )
     run_config = RunConfig(
         name=JOB_NAME,
         command=config.command,
@@ -284,22 +276,14 @@ def run_drill(
     with (
         open(workdir / "attempts.log", "ab") as output,
         EventLog(run / EVENTS_FILE, identity) as events,
-        Market(
-            outages,
-            mode=config.mode,
-            window_s=config.window_s,
-            max_interruptions=config.max_interruptions,
-            log=log,
-            events=events,
-            clock=clock,
-        ) as market,
+        drill_market(config, outages, levels, nodes, log, events, clock) as market,
     ):
         supervisor = Supervisor(
             run_config,
             launcher=DrillLauncher(market, output.fileno()),
             events=events,
             output=output.fileno(),
-            say=_quiet_capacity(lambda line: log(f"supervisor: {line}")),
+            say=quiet_capacity(lambda line: log(f"supervisor: {line}")),
         )
         if watch is not None:
             watch.drill_started(run, market)
@@ -319,7 +303,7 @@ def _report(
     drill_s: float,
     run: Path,
     store_path: Path,
-    market: Market,
+    market: Market | NodeMarket,
 ) -> DrillReport:
     with JobStore(store_path) as store:
         attempts = store.attempts(JOB_NAME)
@@ -329,8 +313,12 @@ def _report(
         if a.exit_class:
             classes[a.exit_class] = classes.get(a.exit_class, 0) + 1
     model = RunModel.fold(read_run_events(open_storage(str(run))), series=False)  # the figures the report gives
-    held = sum(
-        (a.ended - a.started) for a in attempts if a.ended is not None and a.exit_class != ExitClass.NO_CAPACITY.value
+    nodes = market.nodes if isinstance(market, NodeMarket) else 1
+    started = market.started if isinstance(market, NodeMarket) else {}
+    held = sum(  # machine seconds: each attempt's time, times its nodes
+        (a.ended - a.started) * started.get(a.number, 1)
+        for a in attempts
+        if a.ended is not None and a.exit_class != ExitClass.NO_CAPACITY.value
     )
     ref_step, drill_step, diffs = compare_final(config.reference_dir, run)
     return DrillReport(
@@ -353,11 +341,13 @@ def _report(
         steps_replayed=model.replayed_total,
         machine_seconds=held,
         spot_cost=sum(a.cost or 0.0 for a in attempts),
-        on_demand_cost=config.on_demand_price * ref_s / 3600.0,
+        on_demand_cost=config.on_demand_price * nodes * ref_s / 3600.0,
         spot_price=config.spot_price,
         on_demand_price=config.on_demand_price,
         final_step_reference=ref_step,
         final_step_drill=drill_step,
         component_diffs=diffs,
+        nodes=nodes,
+        node_counts=[market.started[n] for n in sorted(market.started)] if isinstance(market, NodeMarket) else [],
         goodput=model.goodput or 0.0,
     )

@@ -24,7 +24,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -56,6 +56,13 @@ class Trace:
     gap_s: float
     up: tuple[bool, ...]
     reading: str
+    levels: tuple[int, ...] = ()
+    """The trace's values: for a trace of several nodes, how many of them run at each tick."""
+
+    @property
+    def nodes(self) -> int:
+        """How many nodes the trace follows: its largest value (1 for a trace of one instance)."""
+        return max(1, *self.levels) if self.levels else 1
 
     @property
     def duration_s(self) -> float:
@@ -96,13 +103,21 @@ def load_trace(name_or_path: str, reading: str = "available") -> Trace:
         values = doc["data"]
         if not gap > 0 or not isinstance(values, list) or not values:
             raise ValueError("empty")
-        up = tuple((int(v) >= 1) == (reading == "available") for v in values)
+        levels = tuple(int(v) for v in values)
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+            raise ValueError("every value must be a whole number >= 0")
+        up = tuple((v >= 1) == (reading == "available") for v in levels)
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(
             f"trace {name_or_path} is not in the spot-traces format "
             f'{{"metadata": {{"gap_seconds": N}}, "data": [0, 1, ...]}} ({err})'
         ) from None
-    return Trace(name, gap, up, reading)
+    if max(levels) > 1 and reading != "available":
+        raise ConfigError(
+            f"trace {name_or_path} follows {max(levels)} nodes (each value: how many run); it has only the "
+            "'available' reading"
+        )
+    return Trace(name, gap, up, reading, levels)
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,8 @@ class Outage:
 
     at_s: float
     back_s: float
+    nodes: int = 0
+    """The nodes left while it lasts (a market of several nodes; 0: none)."""
 
 
 def outages_from_trace(trace: Trace, *, start_s: float, time_scale: float) -> list[Outage]:
@@ -315,38 +332,70 @@ class Market:
         )
 
     def _deliver(self, handle: Handle, record: Interruption) -> None:
-        em = self._emulator
-        if self.mode == "kill":  # no warning: the provider takes the machine now
+        if self.mode == "kill":
             self.log(f"market: interruption {record.number} (kill) of attempt {record.attempt}: SIGKILL, no warning")
-            record.killed = True
-            handle.signal(signal.SIGKILL, group=True)
         else:
             self.log(
                 f"market: interruption {record.number} ({self.mode}) of attempt {record.attempt}, "
                 f"window {self.window_s:g} s"
             )
-            if self.mode == "aws" and em is not None:
-                em.aws_interrupt(in_s=self.window_s)
-            elif self.mode == "azure" and em is not None:
-                em.azure_event("Preempt", in_s=self.window_s)
-            elif self.mode == "gcp" and em is not None:
-                em.gcp_preempt()
-            elif self.mode == "sigterm":
-                handle.signal(signal.SIGTERM)
-            end = self.now() + self.window_s
-            while handle.poll() is None and self.now() < end and not self._closed:
-                time.sleep(0.02)
-            if handle.poll() is None:
-                record.killed = True
-                handle.signal(signal.SIGKILL, group=True)  # the provider takes the machine
-        if record.killed:  # capacity comes back only once the machine is gone
-            gone_by = time.monotonic() + self.kill_wait_s
-            while handle.poll() is None and time.monotonic() < gone_by:
-                time.sleep(0.01)
-        elif handle.poll() == 0:
+        record.killed = take_machines(
+            [handle],
+            [self._emulator],
+            mode=self.mode,
+            window_s=self.window_s,
+            now=self.now,
+            closed=lambda: self._closed,
+            kill_wait_s=self.kill_wait_s,
+        )
+        if not record.killed and handle.poll() == 0:
             self.log(f"market: attempt {record.attempt} finished its work before interruption {record.number} took it")
             record.attempt = None  # nothing was interrupted
+
+
+def take_machines(
+    handles: Sequence[Handle],
+    emulators: Sequence[ProviderEmulator | None],
+    *,
+    mode: str,
+    window_s: float,
+    now: Callable[[], float],
+    closed: Callable[[], bool],
+    kill_wait_s: float,
+) -> bool:
+    """Take the machines ``handles`` run on, the way the provider would: a notice on each one's emulated endpoint
+    (``emulators[i]``) or SIGTERM, SIGKILL to those still running when the window ends; ``kill``: SIGKILL at once.
+    Returns once they are gone (or ``kill_wait_s`` after a SIGKILL), with each endpoint cleared for the next
+    machine; whether any got SIGKILL."""
+    killed = False
+    if mode == "kill":  # no warning: the provider takes the machine now
+        killed = True
+        for handle in handles:
+            handle.signal(signal.SIGKILL, group=True)
+    else:
+        for handle, em in zip(handles, emulators, strict=True):
+            if mode == "aws" and em is not None:
+                em.aws_interrupt(in_s=window_s)
+            elif mode == "azure" and em is not None:
+                em.azure_event("Preempt", in_s=window_s)
+            elif mode == "gcp" and em is not None:
+                em.gcp_preempt()
+            elif mode == "sigterm":
+                handle.signal(signal.SIGTERM)
+        end = now() + window_s
+        while any(h.poll() is None for h in handles) and now() < end and not closed():
+            time.sleep(0.02)
+        for handle in handles:
+            if handle.poll() is None:
+                killed = True
+                handle.signal(signal.SIGKILL, group=True)  # the provider takes the machine
+    if killed:  # capacity comes back only once the machine is gone
+        gone_by = time.monotonic() + kill_wait_s
+        while any(h.poll() is None for h in handles) and time.monotonic() < gone_by:
+            time.sleep(0.01)
+    for em in emulators:
         if em is not None:  # the next attempt runs on a new machine
             em.aws_clear()
             em.azure_clear()
             em.gcp_set("preempted", "FALSE")
+    return killed

@@ -11,7 +11,8 @@ formatted with these fields::
 
     {command_line}  the job's command as one shell-quoted string
     {job} {attempt} {url}     job name, attempt number, checkpoint URL
-    {pool} {zone} {provider} {market} {nodes}
+    {pool} {zone} {provider} {market}
+    {nodes}         how many nodes this attempt asks for (the pool's, or fewer for an elastic torchrun job)
     {exclude}       machines of this pool to avoid, comma-separated ("" if none)
 
 An argument that starts with ``?`` is optional: it is dropped when any field in
@@ -127,9 +128,9 @@ class Pool:
     def local(self) -> bool:
         return not self.launch
 
-    def cost(self, seconds: float) -> float:
-        """Dollars for holding this pool's ``nodes`` for ``seconds``."""
-        return self.price_per_hour * self.nodes * max(0.0, seconds) / 3600.0
+    def cost(self, seconds: float, nodes: int | None = None) -> float:
+        """Dollars for holding ``nodes`` of this pool (``None``: its ``nodes``) for ``seconds``."""
+        return self.price_per_hour * (self.nodes if nodes is None else nodes) * max(0.0, seconds) / 3600.0
 
     def describe(self) -> str:
         where = "/".join(x for x in (self.provider, self.zone) if x)
@@ -151,6 +152,12 @@ class LaunchSpec:
     pool: Pool
     exclude: tuple[str, ...] = ()
     output: int | None = None
+    nodes: int | None = None
+    """How many nodes to start (``None``: the pool's ``nodes``; fewer for an elastic job the pool cannot fill)."""
+
+    @property
+    def node_count(self) -> int:
+        return self.pool.nodes if self.nodes is None else self.nodes
 
     def fields(self) -> dict[str, str]:
         pool = self.pool
@@ -163,7 +170,7 @@ class LaunchSpec:
             "zone": pool.zone,
             "provider": pool.provider,
             "market": pool.market,
-            "nodes": str(pool.nodes),
+            "nodes": str(self.node_count),
             "exclude": ",".join(self.exclude),
         }
 

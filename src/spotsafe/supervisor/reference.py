@@ -34,7 +34,8 @@ from spotsafe.storage.layout import rank_folders
 from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.supervisor.config import RunConfig
-from spotsafe.supervisor.pools import Handle, LaunchSpec, ProcessHandle
+from spotsafe.supervisor.nodes import start_nodes
+from spotsafe.supervisor.pools import Handle, LaunchSpec, Pool, ProcessHandle
 from spotsafe.supervisor.process import describe_exit, launch
 from spotsafe.supervisor.run import Supervisor
 from spotsafe.supervisor.store import JobStore
@@ -56,32 +57,42 @@ class _Duration:
 
 
 class _ReferenceLauncher:
-    """The attempt as a local process with ``env`` added; its stdout discarded, its stderr this process's."""
+    """The attempt as local processes (one per node) with ``env`` added; stdout discarded, stderr this process's."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = dict(env)
 
     def start(self, spec: LaunchSpec) -> Handle:
-        job = launch(
-            spec.command,
-            env={**spec.env, **self.env},
-            stdout=subprocess.DEVNULL,
-            parent_death_signal=signal.SIGTERM,
-        )
-        return ProcessHandle(job, spec.pool, socket.gethostname(), None)
+        def node(i: int) -> Handle:
+            job = launch(
+                spec.command,
+                env={**spec.env, **self.env},
+                stdout=subprocess.DEVNULL,
+                parent_death_signal=signal.SIGTERM,
+            )
+            return ProcessHandle(job, spec.pool, socket.gethostname(), None)
+
+        return start_nodes(spec.node_count, node)
 
 
-def run_reference(command: Sequence[str], folder: str | Path, *, notices: str | None = None) -> float:
+def run_reference(command: Sequence[str], folder: str | Path, *, notices: str | None = None, nodes: int = 1) -> float:
     """Run ``command`` once, uninterrupted, with its checkpoints in ``folder``; return its wall time (seconds,
     from its launch to its exit).
 
-    ``notices``: the job's ``$SPOTSAFE_NOTICES`` (``None``: unset, the job detects its own). Raises
+    ``notices``: the job's ``$SPOTSAFE_NOTICES`` (``None``: unset, the job detects its own). ``nodes``: how many
+    copies of the command run, one per node (a torchrun command whose agents meet in one rendezvous). Raises
     :class:`~spotsafe.errors.ConfigError` when the run does not exit 0 (it is never relaunched).
     """
     with tempfile.TemporaryDirectory(prefix="spotsafe-reference-") as scratch:
         store = Path(scratch) / "jobs.sqlite"
         duration = _Duration()
-        config = RunConfig(name=REFERENCE_RUN_ID, command=tuple(command), url=str(folder), store=store)
+        config = RunConfig(
+            name=REFERENCE_RUN_ID,
+            command=tuple(command),
+            url=str(folder),
+            store=store,
+            pools=(Pool(name="local", nodes=nodes),),
+        )
         code = Supervisor(
             config,
             launcher=_ReferenceLauncher(JobEnv(notices=notices).to_env()),
@@ -106,13 +117,16 @@ def ensure_reference(
     folder: Path,
     log: Callable[[str], None],
     started: Callable[[], None] | None = None,
+    *,
+    nodes: int = 1,
 ) -> tuple[float, bool]:
-    """The reference run's wall time, running it unless ``folder`` holds a finished run of ``command``.
-    ``started`` is called just before the reference run starts."""
+    """The reference run's wall time, running it unless ``folder`` holds a finished run of ``command`` on
+    ``nodes`` nodes. ``started`` is called just before the reference run starts."""
     marker = folder / REFERENCE_MARKER
     try:
         doc = json.loads(marker.read_text(encoding="utf-8"))
-        if doc.get("command") == list(command) and _final_step(final_states(folder)) is not None:
+        same = doc.get("command") == list(command) and doc.get("nodes", 1) == nodes
+        if same and _final_step(final_states(folder)) is not None:
             log(f"reusing the reference run in {folder} ({doc['seconds']:.1f} s)")
             return float(doc["seconds"]), True
     except (OSError, ValueError, KeyError, TypeError):
@@ -127,14 +141,14 @@ def ensure_reference(
     log(f"reference run (uninterrupted): {' '.join(command)}")
     if started is not None:
         started()
-    seconds = run_reference(command, folder, notices="signals")
+    seconds = run_reference(command, folder, notices="signals", nodes=nodes)
     if _final_step(final_states(folder)) is None:
         raise ConfigError(
             f"the reference run finished without a checkpoint in {folder} (or, with several ranks, without one "
             "at the same step in each rank-<r> folder): the command must use spotsafe's Checkpointer with the "
             "location from $SPOTSAFE_CHECKPOINT_URL (and call finish())"
         )
-    marker.write_text(json.dumps({"command": list(command), "seconds": seconds}), encoding="utf-8")
+    marker.write_text(json.dumps({"command": list(command), "seconds": seconds, "nodes": nodes}), encoding="utf-8")
     log(f"reference run finished in {seconds:.1f} s")
     return seconds, False
 

@@ -44,37 +44,23 @@ from types import FrameType
 
 from spotsafe.errors import ConfigError, SpotsafeError
 from spotsafe.exit_codes import EXIT_CRASH, EXIT_NO_USABLE_CHECKPOINT, EXIT_PREEMPTED, EXIT_SUCCESS, EXIT_USAGE
-from spotsafe.storage.layout import rank_folders
-from spotsafe.storage.registry import open_storage, protocol_of
-from spotsafe.storage.repository import CheckpointRepository
+from spotsafe.storage.registry import protocol_of
 from spotsafe.supervisor.attempt import POLL_S, RunningAttempt, alive, attempt_env, recorded_exit, stop_session
 from spotsafe.supervisor.classify import ExitClass, oom_kill_counter
 from spotsafe.supervisor.config import RunConfig, events_file, on_demand_per_hour
 from spotsafe.supervisor.health import Health, Outcome
+from spotsafe.supervisor.nodes import NodeSizer
 from spotsafe.supervisor.planner import choose, measure, project
 from spotsafe.supervisor.pools import Launcher, LaunchSpec, Pool, PoolLauncher
 from spotsafe.supervisor.process import describe_exit
 from spotsafe.supervisor.retry import RelaunchBudget
+from spotsafe.supervisor.steps import newest_step
 from spotsafe.supervisor.store import AttemptRecord, JobState, JobStore
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EventLog, EventSink, RunIdentity, RunTail
 from spotsafe.telemetry.metrics import Metrics
 
 log = logging.getLogger("spotsafe")
-
-
-def newest_step(url: str) -> int | None:
-    """The newest committed checkpoint's step at ``url`` (``None``: none yet); for a job of several ranks (each
-    saving under ``rank-<r>``), the newest step that every rank has committed."""
-    storage = open_storage(url)
-    refs = CheckpointRepository(storage).committed()
-    if refs:
-        return max(refs).step
-    common: set[int] | None = None
-    for name in rank_folders(storage):
-        steps = {ref.step for ref in CheckpointRepository(open_storage(f"{url.rstrip('/')}/{name}")).committed()}
-        common = steps if common is None else common & steps
-    return max(common) if common else None
 
 
 class Supervisor:
@@ -116,6 +102,7 @@ class Supervisor:
         self._stop_signal: int | None = None
         self._running: RunningAttempt | None = None
         self._events_file = events_file(config)
+        self._sizer = NodeSizer(config.command)
 
     # -- signals --------------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -163,7 +150,7 @@ class Supervisor:
         health.extend(
             Outcome(a.ended, a.pool, a.machine, ExitClass(a.exit_class))
             for a in store.attempts(self.config.name)
-            if a.ended is not None and a.exit_class
+            if a.ended is not None and a.exit_class and a.number not in self._sizer.probes
         )
         for pool in self.config.pools:
             for ex in [health.pool_exclusion(pool.name, now), *health.machine_exclusions(pool.name, now)]:
@@ -235,6 +222,7 @@ class Supervisor:
                 on_demand_per_hour=on_demand_per_hour(config),
             )
             exclude = health.excluded_machines(pool.name, now)
+            nodes = self._sizer.ask(pool)
             number = store.start_attempt(config.name, step_before=before, pool=pool.name)
             self._emit(
                 ev.AttemptStarted,
@@ -244,13 +232,13 @@ class Supervisor:
                 price_per_hour=pool.price_per_hour,
                 step_before=before,
                 exclude=list(exclude),
-                nodes=pool.nodes,
+                nodes=nodes,
             )
             started = self._clock()
-            code, exit_class, machine = self._attempt(store, number, pool, exclude)
+            code, exit_class, machine = self._attempt(store, number, pool, exclude, nodes)
             duration = self._clock() - started
             after = self._steps(config.url)
-            cost = 0.0 if exit_class is ExitClass.NO_CAPACITY else pool.cost(duration)
+            cost = 0.0 if exit_class is ExitClass.NO_CAPACITY else pool.cost(duration, nodes)
             store.end_attempt(
                 config.name,
                 number,
@@ -273,13 +261,17 @@ class Supervisor:
                 cost=cost,
             )
             progressed = (after if after is not None else -1) > (before if before is not None else -1)
+            where = pool.name if nodes == 1 else f"{pool.name} on {nodes} nodes"
             self.say(
-                f"attempt {number} in {pool.name}: {describe_exit(code)} -> {exit_class.value}; "
+                f"attempt {number} in {where}: {describe_exit(code)} -> {exit_class.value}; "
                 f"checkpoint step {before} -> {after}; ${cost:.4f}"
             )
             if self._stop_signal is not None:
                 return self._finish(store, JobState.STOPPED, f"stopped by a signal during attempt {number}")
             verdict = budget.after(exit_class, progressed=progressed, rng=self._rng)
+            fewer = self._sizer.after(pool, nodes, exit_class is ExitClass.NO_CAPACITY, number)
+            if fewer and verdict.relaunch:
+                verdict = dataclasses.replace(verdict, delay_s=0.0, reason=fewer)  # fewer nodes rather than waiting
             if verdict.relaunch and self._stop_after is not None and (enough := self._stop_after(number)):
                 verdict = dataclasses.replace(verdict, relaunch=False, delay_s=0.0, reason=enough)
             self._emit(ev.RetryDecided, relaunch=verdict.relaunch, delay_s=verdict.delay_s, reason=verdict.reason)
@@ -306,7 +298,7 @@ class Supervisor:
             self._sleep(min(POLL_S, max(0.0, deadline - self._clock())))
 
     def _attempt(
-        self, store: JobStore, number: int, pool: Pool, exclude: tuple[str, ...]
+        self, store: JobStore, number: int, pool: Pool, exclude: tuple[str, ...], nodes: int
     ) -> tuple[int, ExitClass, str | None]:
         config = self.config
         spool = self._events_file if protocol_of(config.url) != "file" else None
@@ -325,6 +317,7 @@ class Supervisor:
             pool=pool,
             exclude=exclude,
             output=self._output,
+            nodes=nodes,
         )
         attempt = RunningAttempt(
             self._launcher.start(spec),

@@ -14,6 +14,7 @@ from spotsafe.telemetry.log import EVENTS_FILE
 
 if TYPE_CHECKING:
     from spotsafe.supervisor.market import Market
+    from spotsafe.supervisor.nodemarket import NodeMarket
     from spotsafe.supervisor.run import RunConfig
 
 log = logging.getLogger("spotsafe")
@@ -50,13 +51,13 @@ def reference_step(folder: Path) -> int | None:
         return None
 
 
-def market_outlook(market: Market, state: LiveState) -> str | None:
+def market_outlook(market: Market | NodeMarket, state: LiveState) -> str | None:
     """When the market's next interruption is due, or when capacity comes back (from its schedule)."""
     done = min(len(market.interruptions), len(market.outages))  # outages begun so far
     now = market.now()
     if state.phase is Phase.CAPACITY and done:
         back = max(outage.back_s for outage in market.outages[:done]) - now  # outages may overlap
-        if back > 0:
+        if 0 < back < float("inf"):
             return f"capacity back in {back:.0f} s"
     if market.delivered >= market.max_interruptions or done >= len(market.outages):
         return "no more interruptions due"
@@ -92,7 +93,7 @@ class DrillLive:
         line.state.step = self.total
         line.finish(ok=True, text=f"reused: it ran to {at} in {seconds:.1f} s", elapsed=seconds)
 
-    def drill_started(self, run: Path, market: Market) -> None:
+    def drill_started(self, run: Path, market: Market | NodeMarket) -> None:
         self.drill = self.live.follow(
             "drill",
             [FileSource(run / EVENTS_FILE), RankZeroSource(run)],

@@ -113,7 +113,9 @@ class JobFinished(JobEvent):
 @dataclass(frozen=True, kw_only=True)
 class MarketInterruption(SupervisorEvent):
     """``spotsafe drill``: the emulated market took capacity away (``interrupted`` None: no attempt was
-    running; else that attempt's number). ``killed``: the attempt outlived the notice window and got SIGKILL."""
+    running; else that attempt's number). ``killed``: the attempt outlived the notice window and got SIGKILL.
+    A market of several nodes took ``nodes_taken`` of the attempt's nodes and offers ``nodes_left`` until the
+    capacity is back (both 0 for a market of one machine)."""
 
     type: ClassVar[str] = "market_interruption"
     number: int
@@ -122,6 +124,8 @@ class MarketInterruption(SupervisorEvent):
     window_s: float
     capacity_back_in_s: float
     killed: bool
+    nodes_taken: int = 0
+    nodes_left: int = 0
 
 
 SUPERVISOR_EVENTS: tuple[type[Event], ...] = (
