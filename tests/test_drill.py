@@ -78,9 +78,13 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) ->
 # -- traces ----------------------------------------------------------------------------------------------------------
 
 
-def test_trace_names_list_the_four_shipped_aws_traces() -> None:
+def test_trace_names_list_the_shipped_aws_traces() -> None:
     names = trace_names()
-    assert [n for n in names if n.startswith("aws-")] == SHIPPED
+    assert [n for n in names if n.startswith("aws-") and "node-" not in n] == SHIPPED
+    assert [n for n in names if "node-" in n] == [
+        *(f"aws-16node-{zone}" for zone in ("us-east-2b", "us-west-2a", "us-west-2c")),
+        *(f"aws-4node-{zone}" for zone in ("us-east-1f", "us-east-2a", "us-west-2c")),
+    ]
     assert names == sorted(names)
 
 
@@ -124,7 +128,8 @@ def test_citation_names_the_source_of_the_shipped_traces() -> None:
 def test_a_trace_file_in_the_same_format_loads_by_path(tmp_path: Path) -> None:
     path = write_trace(tmp_path / "my-zone.json", SYNTHETIC)
     trace = load_trace(str(path))
-    assert trace == Trace("my-zone", 60.0, (True, True, False, False, True, True, True, False, True), "available")
+    up = (True, True, False, False, True, True, True, False, True)
+    assert trace == Trace("my-zone", 60.0, up, "available", tuple(map(int, up)))
     assert trace.duration_s == 540.0
     assert trace.preemptions == 2
 
@@ -798,7 +803,7 @@ def test_drill_launcher_starts_real_attempts_only_while_there_is_capacity(tmp_pa
 def test_an_attempt_launched_as_an_outage_begins_does_not_run_through_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import spotsafe.supervisor.drill as drill_module
+    import spotsafe.supervisor.drill_launch as drill_module
 
     market, clock, _ = open_market([Outage(1.0, 60.0)], "sigterm", 1.0)
     real_launch = getattr(drill_module, "launch")  # noqa: B009 - not re-exported by the module
@@ -1089,7 +1094,7 @@ def test_drill_of_the_example_job_through_aws_notices(tmp_path: Path, tiny_refer
 def test_cli_drill_through_azure_notices(tmp_path: Path, held_reference: tuple[Path, float]) -> None:
     reference, reference_s = held_reference
     marker = json.loads((reference / REFERENCE_MARKER).read_text(encoding="utf-8"))
-    assert marker == {"command": list(HELD), "seconds": reference_s}
+    assert marker == {"command": list(HELD), "seconds": reference_s, "nodes": 1}
     # One tick per drill second: one outage, at 5 s. The job holds at step 20 until it comes; if it comes first (a
     # slow start), the notice waits on the endpoint, well inside the 20 s window, and the job stops at its first step.
     trace = write_trace(tmp_path / "zone-b.json", [1] * 5 + [0] + [1] * 20)

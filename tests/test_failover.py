@@ -210,6 +210,7 @@ def supervise(
     total_steps: int | None = None,
     clock: FakeClock | None = None,
     step: int | None = None,
+    command: tuple[str, ...] = ("x",),
 ) -> Result:
     """Run one job to its end in the fake world; ``deadline_in``: seconds from the clock's now."""
     clock = clock or FakeClock()
@@ -219,7 +220,7 @@ def supervise(
     lines: list[str] = []
     config = RunConfig(
         name="job",
-        command=("x",),
+        command=command,
         url=str(tmp_path / "run"),
         store=tmp_path / "jobs.sqlite",
         pools=tuple(pools),
