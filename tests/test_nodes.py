@@ -229,8 +229,8 @@ def test_a_one_node_trace_offers_all_the_nodes_or_none(tmp_path: Path) -> None:
     assert trace.nodes == 1
     assert levels_from_trace(trace, start_s=0, time_scale=60.0, nodes=3) == [
         Level(0.0, 3),
-        Level(1.0, 0),
-        Level(2.0, 3),
+        Level(2.0, 0),
+        Level(3.0, 3),
     ]
 
 
@@ -316,3 +316,15 @@ def test_a_resized_run_passes_when_it_finishes_at_the_reference_step_and_a_fixed
     assert report(node_counts=[2, 2], component_diffs={"model": []}).ok
     assert report(node_counts=[2, 1]).to_json()["resized"] is True
     assert not math.isnan(report().saving)
+
+
+def test_a_node_that_finishes_its_work_inside_the_window_was_not_interrupted() -> None:
+    market, clock, sink = open_node_market([Level(0.0, 2), Level(1.0, 1)], 2)
+    nodes = [FakeHandle(exits_on=()), FakeHandle(exits_on=())]
+    with market:
+        assert market.start_if_capacity(lambda: NodesHandle(nodes), 1, 2) is not None
+        clock.set(1.0)
+        wait_for(lambda: nodes[1].signals != [], "node 1's notice")
+        nodes[0].code = nodes[1].code = 0  # the job's last step came first: it finished
+        wait_for(lambda: len(sink.events) == 1, "the fall's event")
+        assert market.interruptions[0].attempt is None and market.delivered == 0

@@ -38,6 +38,7 @@ from spotsafe.supervisor.market import (
     MODES,
     Market,
     Outage,
+    Trace,
     load_trace,
     outages_at_rate,
     outages_from_trace,
@@ -123,7 +124,7 @@ class DrillConfig:
             trace = load_trace(self.trace, self.trace_reading)
             outages = outages_from_trace(trace, start_s=self.trace_start_s, time_scale=self.time_scale)
             what = (
-                f"trace {trace.name} ({trace.preemptions} preemptions in {trace.duration_s / 86400:.1f} days; "
+                f"trace {trace.name} ({_events_in(trace)} in {trace.duration_s / 86400:.1f} days; "
                 f"read as '{trace.reading}') from {self.trace_start_s / 3600:g} h, {self.time_scale:g}x faster; "
                 f"source: {CITATION}"
             )
@@ -143,6 +144,13 @@ class DrillConfig:
         return levels_at_rate(
             self.rate_per_hour, time_scale=self.time_scale, seed=self.seed, count=self.max_interruptions, nodes=nodes
         )
+
+
+def _events_in(trace: Trace) -> str:
+    if trace.nodes == 1:
+        return f"{trace.preemptions} preemptions"
+    falls = sum(1 for a, b in zip(trace.levels, trace.levels[1:], strict=False) if b < a)
+    return f"{falls} falls in how many of its {trace.nodes} nodes run"
 
 
 @dataclass

@@ -56,8 +56,7 @@ class Trace:
     gap_s: float
     up: tuple[bool, ...]
     reading: str
-    levels: tuple[int, ...] = ()
-    """The trace's values: for a trace of several nodes, how many of them run at each tick."""
+    levels: tuple[int, ...] = ()  # the values: for a trace of several nodes, how many of them run at each tick
 
     @property
     def nodes(self) -> int:

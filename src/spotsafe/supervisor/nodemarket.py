@@ -219,6 +219,9 @@ class NodeMarket:
                 closed=lambda: self._closed,
                 kill_wait_s=self.kill_wait_s,
             )
+            if not record.killed and all(machines[i].poll() == 0 for i in taken):
+                self.log(f"market: attempt {record.attempt} finished its work before interruption {record.number}")
+                record.attempt = None  # nothing was interrupted
         finally:
             with self._lock:
                 self._busy = False
