@@ -21,10 +21,8 @@ from __future__ import annotations
 import json
 import math
 import random
-import signal
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,6 +30,8 @@ from pathlib import Path
 from spotsafe.errors import ConfigError
 from spotsafe.jobenv import JobEnv
 from spotsafe.notices.emulator import ProviderEmulator
+from spotsafe.supervisor.market_loop import MODES as MODES
+from spotsafe.supervisor.market_loop import MarketLoop, take_machines
 from spotsafe.supervisor.pools import Handle
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EventSink
@@ -39,9 +39,6 @@ from spotsafe.telemetry.log import EventSink
 READINGS = ("available", "preempted")
 """How to read a trace value: ``available`` (the upstream README: the number of instances available,
 so 0 means preempted) or ``preempted`` (1 means preempted)."""
-MODES = ("aws", "azure", "gcp", "sigterm", "kill")
-"""How an interruption is delivered: a notice on the emulated AWS / Azure / GCP endpoint, SIGTERM
-(Kubernetes, Slurm), then SIGKILL when the window ends; or SIGKILL at once, with no warning (``kill``)."""
 CITATION = (
     'skypilot-org/spot-traces, from "Can\'t Be Late: Optimizing Spot Instance Savings under Deadlines" '
     "(Wu et al., NSDI 2024)"
@@ -188,7 +185,7 @@ class Interruption:
 
 
 @dataclass
-class Market:
+class Market(MarketLoop):
     """Runs ``outages`` against the attempts :meth:`attach` ed to it. Use as a context manager."""
 
     outages: list[Outage]
@@ -203,25 +200,16 @@ class Market:
     """How long (real seconds) to wait for an attempt sent SIGKILL to be gone before capacity comes back."""
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"the interruption mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not 0 < self.window_s < math.inf:
-            raise ConfigError(f"the notice window must be > 0 seconds, got {self.window_s!r}")
-        self._lock = threading.Condition()
+        self._open(self.mode)
         self._handle: Handle | None = None
         self._attempt: int | None = None
         self._down_until = -math.inf
         self._busy = False
         self._struck: set[int] = set()  # attempts already interrupted: never counted twice
-        self._closed = False
-        self._t0 = self.clock()
         self._emulator = ProviderEmulator() if self.mode in ("aws", "azure", "gcp") else None
-        self._thread = threading.Thread(target=self._run, name="spotsafe-market", daemon=True)
+        self._emulators = [self._emulator]
 
     # -- what the launcher asks ------------------------------------------------------------------------
-    def now(self) -> float:
-        """Drill seconds since the market opened."""
-        return self.clock() - self._t0
 
     def env(self) -> dict[str, str]:
         """Environment for an attempt: where its notices come from."""
@@ -251,28 +239,7 @@ class Market:
     def delivered(self) -> int:
         return sum(1 for i in self.interruptions if i.attempt is not None)
 
-    # -- lifecycle ---------------------------------------------------------------------------------------
-    def __enter__(self) -> Market:
-        if self._emulator is not None:
-            self._emulator.__enter__()
-        self._t0 = self.clock()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self._closed = True
-            self._lock.notify_all()
-        self._thread.join(timeout=self.window_s + 5)
-        if self._emulator is not None:
-            self._emulator.__exit__(None, None, None)
-
-    def _wait_until(self, t: float) -> bool:
-        with self._lock:
-            while not self._closed and self.now() < t:
-                self._lock.wait(timeout=min(0.05, max(0.0, t - self.now())))
-            return not self._closed
-
+    # -- the schedule ------------------------------------------------------------------------------------
     def _run(self) -> None:
         i = 0
         while i < len(self.outages):
@@ -350,51 +317,3 @@ class Market:
         if not record.killed and handle.poll() == 0:
             self.log(f"market: attempt {record.attempt} finished its work before interruption {record.number} took it")
             record.attempt = None  # nothing was interrupted
-
-
-def take_machines(
-    handles: Sequence[Handle],
-    emulators: Sequence[ProviderEmulator | None],
-    *,
-    mode: str,
-    window_s: float,
-    now: Callable[[], float],
-    closed: Callable[[], bool],
-    kill_wait_s: float,
-) -> bool:
-    """Take the machines ``handles`` run on, the way the provider would: a notice on each one's emulated endpoint
-    (``emulators[i]``) or SIGTERM, SIGKILL to those still running when the window ends; ``kill``: SIGKILL at once.
-    Returns once they are gone (or ``kill_wait_s`` after a SIGKILL), with each endpoint cleared for the next
-    machine; whether any got SIGKILL."""
-    killed = False
-    if mode == "kill":  # no warning: the provider takes the machine now
-        killed = True
-        for handle in handles:
-            handle.signal(signal.SIGKILL, group=True)
-    else:
-        for handle, em in zip(handles, emulators, strict=True):
-            if mode == "aws" and em is not None:
-                em.aws_interrupt(in_s=window_s)
-            elif mode == "azure" and em is not None:
-                em.azure_event("Preempt", in_s=window_s)
-            elif mode == "gcp" and em is not None:
-                em.gcp_preempt()
-            elif mode == "sigterm":
-                handle.signal(signal.SIGTERM)
-        end = now() + window_s
-        while any(h.poll() is None for h in handles) and now() < end and not closed():
-            time.sleep(0.02)
-        for handle in handles:
-            if handle.poll() is None:
-                killed = True
-                handle.signal(signal.SIGKILL, group=True)  # the provider takes the machine
-    if killed:  # capacity comes back only once the machine is gone
-        gone_by = time.monotonic() + kill_wait_s
-        while any(h.poll() is None for h in handles) and time.monotonic() < gone_by:
-            time.sleep(0.01)
-    for em in emulators:
-        if em is not None:  # the next attempt runs on a new machine
-            em.aws_clear()
-            em.azure_clear()
-            em.gcp_set("preempted", "FALSE")
-    return killed

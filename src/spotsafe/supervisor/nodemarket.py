@@ -22,7 +22,6 @@ many of its nodes go. While an attempt is being interrupted, no new one starts.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +29,8 @@ from dataclasses import dataclass, field
 from spotsafe.errors import ConfigError
 from spotsafe.jobenv import JobEnv
 from spotsafe.notices.emulator import ProviderEmulator
-from spotsafe.supervisor.market import MODES, Interruption, Outage, Trace, outages_at_rate, take_machines
+from spotsafe.supervisor.market import Interruption, Outage, Trace, outages_at_rate
+from spotsafe.supervisor.market_loop import MarketLoop, take_machines
 from spotsafe.supervisor.nodes import NodesHandle
 from spotsafe.supervisor.pools import Handle
 from spotsafe.telemetry import events as ev
@@ -90,7 +90,7 @@ def drops(levels: list[Level]) -> list[Outage]:
 
 
 @dataclass
-class NodeMarket:
+class NodeMarket(MarketLoop):
     """Runs ``levels`` against the attempts started through :meth:`start_if_capacity`. A context manager; the
     drill uses it as it uses :class:`~spotsafe.supervisor.market.Market`."""
 
@@ -108,25 +108,17 @@ class NodeMarket:
     """Attempt number -> the nodes it started with."""
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"the interruption mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not 0 < self.window_s < math.inf:
-            raise ConfigError(f"the notice window must be > 0 seconds, got {self.window_s!r}")
+        self._open(self.mode)
         self.outages = drops(self.levels)
-        self._lock = threading.Condition()
         self._level = self.levels[0].nodes if self.levels else self.nodes
         self._handle: Handle | None = None
         self._attempt: int | None = None
         self._held = 0
         self._busy = False
-        self._closed = False
-        self._t0 = self.clock()
         per_node = self.mode in ("aws", "azure", "gcp")
-        self._emulators = [ProviderEmulator() if per_node else None for _ in range(self.nodes)]
-        self._thread = threading.Thread(target=self._run, name="spotsafe-node-market", daemon=True)
-
-    def now(self) -> float:
-        return self.clock() - self._t0
+        self._emulators: list[ProviderEmulator | None] = [
+            ProviderEmulator() if per_node else None for _ in range(self.nodes)
+        ]
 
     def env(self, node: int = 0) -> dict[str, str]:
         """Environment for node ``node`` of an attempt: where its own notices come from."""
@@ -154,29 +146,6 @@ class NodeMarket:
     def delivered(self) -> int:
         """Attempts the market interrupted (each once, however many of its nodes it took)."""
         return len({i.attempt for i in self.interruptions if i.attempt is not None})
-
-    def __enter__(self) -> NodeMarket:
-        for em in self._emulators:
-            if em is not None:
-                em.__enter__()
-        self._t0 = self.clock()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:
-            self._closed = True
-            self._lock.notify_all()
-        self._thread.join(timeout=self.window_s + 5)
-        for em in self._emulators:
-            if em is not None:
-                em.__exit__(None, None, None)
-
-    def _wait_until(self, t: float) -> bool:
-        with self._lock:
-            while not self._closed and self.now() < t:
-                self._lock.wait(timeout=min(0.05, max(0.0, t - self.now())))
-            return not self._closed
 
     def _run(self) -> None:
         number = 0
