@@ -1,0 +1,58 @@
+"""A batch job for tests/test_batch.py: ``spotsafe.batch.map`` over ``ITEMS`` numbers, killed where told.
+
+Arguments: URL FORMAT. Environment: ``KILL_ITEM=n`` (send this process ``KILL_SIGNAL``, 9 or 15, as the n-th
+item of this run is processed) or ``KILL_WRITE=n`` (SIGKILL at this run's n-th atomic write, before it when
+``KILL_WHEN=before``, else just after it: between a part and its record, or after a record). The results are
+a deterministic function of the item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+
+import spotsafe.batch
+from spotsafe.storage.registry import open_storage
+from spotsafe.storage.wrapper import StorageWrapper
+
+ITEMS, SHARD = 1400, 7
+
+
+class KillAtWrite(StorageWrapper):
+    def __init__(self, inner: object, at: int, before: bool) -> None:
+        super().__init__(inner)  # type: ignore[arg-type]
+        self.count, self.at, self.before = 0, at, before
+
+    def write_atomic(self, key: str, data: bytes) -> None:
+        self.count += 1
+        if self.count == self.at and self.before:
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().write_atomic(key, data)
+        if self.count == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    url, fmt = sys.argv[1], sys.argv[2]
+    storage = open_storage(url)
+    if "KILL_WRITE" in os.environ:
+        storage = KillAtWrite(storage, int(os.environ["KILL_WRITE"]), os.environ.get("KILL_WHEN") == "before")
+    kill_item = int(os.environ.get("KILL_ITEM", "0"))
+    kill_signal = int(os.environ.get("KILL_SIGNAL", "9"))
+    seen = 0
+
+    def score(item: int) -> dict[str, object]:
+        nonlocal seen
+        seen += 1
+        if seen == kill_item:
+            os.kill(os.getpid(), kill_signal)
+        digest = hashlib.sha256(str(item).encode()).hexdigest()
+        return {"item": item, "digest": digest[:16], "square": item * item}
+
+    spotsafe.batch.map(score, list(range(ITEMS)), storage, shard_size=SHARD, format=fmt)
+
+
+if __name__ == "__main__":
+    main()
