@@ -278,3 +278,27 @@ def test_importing_spotsafe_batch_does_not_import_torch() -> None:
 def test_local_storage_is_accepted_as_the_location(tmp_path: Path) -> None:
     spotsafe.batch.map(row, list(range(5)), LocalStorage(tmp_path), shard_size=2, notices=[])
     assert items_in(tmp_path) == list(range(5))
+
+
+@pytest.mark.e2e
+def test_the_batch_inference_example_stopped_by_sigterm_goes_on_to_the_same_bytes(tmp_path: Path) -> None:
+    from .conftest import EXAMPLE, PROCESS_HANG_S, wait_until
+
+    example = EXAMPLE.with_name("batch_infer.py")
+    table = tmp_path / "input.parquet"
+    common = [sys.executable, str(example), "--input", str(table), "--shard-size", "40"]
+    env = {**os.environ, "SPOTSAFE_NOTICES": "signals"}
+    subprocess.run([*common, "--out", str(tmp_path / "clean"), "--rows", "400"], env=env, check=True, timeout=300)
+    assert table.exists()  # the first run made the synthetic input
+    proc = subprocess.Popen([*common, "--out", str(tmp_path / "out")], env=env, stdout=subprocess.DEVNULL)
+    wait_until(
+        lambda: (tmp_path / "out" / "done").exists() and any((tmp_path / "out" / "done").iterdir()),
+        "a first shard",
+        timeout=PROCESS_HANG_S,
+    )
+    proc.send_signal(15)
+    assert proc.wait(timeout=PROCESS_HANG_S) in (EXIT_PREEMPTED, 0)
+    subprocess.run([*common, "--out", str(tmp_path / "out")], env=env, check=True, timeout=300)
+    clean = pq.read_table(tmp_path / "clean" / "parts")
+    assert clean.num_rows == 400 and sorted(clean.column("id").to_pylist()) == list(range(400))
+    assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "clean")
