@@ -302,3 +302,51 @@ def test_the_batch_inference_example_stopped_by_sigterm_goes_on_to_the_same_byte
     clean = pq.read_table(tmp_path / "clean" / "parts")
     assert clean.num_rows == 400 and sorted(clean.column("id").to_pylist()) == list(range(400))
     assert output_bytes(tmp_path / "out") == output_bytes(tmp_path / "clean")
+
+
+@pytest.mark.e2e
+def test_a_drill_of_a_batch_job_compares_its_output_with_the_uninterrupted_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spotsafe.supervisor.drill import DrillConfig
+    from spotsafe.supervisor.reference import ensure_reference
+
+    from .conftest import PROCESS_HANG_S, wait_until
+    from .test_drill import Drill, ended, write_trace
+
+    hold = tmp_path / "go"
+    monkeypatch.setenv("HOLD_FILE", str(hold))
+    command = (sys.executable, str(JOB), "-", "jsonl")
+    hold.touch()  # the reference runs through
+    ensure_reference(command, tmp_path / "reference", lambda line: None)
+    hold.unlink()
+    workdir = tmp_path / "drill"
+    config = DrillConfig(
+        command=command,
+        workdir=workdir,
+        reference=tmp_path / "reference",
+        trace=str(write_trace(tmp_path / "zone.json", [1, 0] + [1] * 20)),
+        trace_start_s=0,
+        time_scale=60.0,
+        mode="sigterm",
+        window_s=60.0,
+        max_interruptions=2,
+    )
+
+    def driver(drill: Drill) -> None:
+        wait_until(lambda: Path(f"{hold}.waiting").exists(), "the job at item 100", timeout=PROCESS_HANG_S)
+        drill.clock.set(1.0)  # SIGTERM: the job finishes its shard once item 100 is done, and exits 75
+        drill.wait_events(1)
+        hold.touch()
+        wait_until(lambda: ended(workdir / "jobs.sqlite", 1), "attempt 1 to stop", timeout=PROCESS_HANG_S)
+        drill.clock.set(2.0)
+
+    report = Drill(config).run(driver)
+    assert report.ok and report.identical, report
+    assert report.final_step_reference == report.final_step_drill == ITEMS
+    assert set(report.component_diffs) == {"output"} and report.component_diffs["output"] == []
+    assert report.interruptions == 1 and report.emergency_saves == 1  # the shard finished on the notice
+    assert report.steps_replayed == 0
+    assert report.exit_classes == {"preempted": 1, "succeeded": 1} | (
+        {"no_capacity": report.no_capacity_attempts} if report.no_capacity_attempts else {}
+    )

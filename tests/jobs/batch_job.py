@@ -1,9 +1,13 @@
-"""A batch job for tests/test_batch.py: ``spotsafe.batch.map`` over ``ITEMS`` numbers, killed where told.
+"""A batch job for tests/test_batch.py: ``spotsafe.batch.map`` over ``ITEMS`` numbers, killed or held where told.
 
-Arguments: URL FORMAT. Environment: ``KILL_ITEM=n`` (send this process ``KILL_SIGNAL``, 9 or 15, as the n-th
-item of this run is processed) or ``KILL_WRITE=n`` (SIGKILL at this run's n-th atomic write, before it when
-``KILL_WHEN=before``, else just after it: between a part and its record, or after a record). The results are
-a deterministic function of the item.
+Arguments: URL (``-``: ``$SPOTSAFE_CHECKPOINT_URL``) FORMAT. Environment:
+
+- ``KILL_ITEM=n``: send this process ``KILL_SIGNAL`` (9 or 15) as the n-th item of this run is processed;
+- ``KILL_WRITE=n``: SIGKILL at this run's n-th atomic write, before it when ``KILL_WHEN=before``, else just after
+  it (between a part and its record, or after a record);
+- ``HOLD_FILE=path``: at item 100 of a run, while ``path`` does not exist, write ``path.waiting`` and wait.
+
+The results are a deterministic function of the item.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import hashlib
 import os
 import signal
 import sys
+import time
 
 import spotsafe.batch
 from spotsafe.storage.registry import open_storage
@@ -36,6 +41,8 @@ class KillAtWrite(StorageWrapper):
 
 def main() -> None:
     url, fmt = sys.argv[1], sys.argv[2]
+    url = os.environ["SPOTSAFE_CHECKPOINT_URL"] if url == "-" else url
+    hold = os.environ.get("HOLD_FILE")
     storage = open_storage(url)
     if "KILL_WRITE" in os.environ:
         storage = KillAtWrite(storage, int(os.environ["KILL_WRITE"]), os.environ.get("KILL_WHEN") == "before")
@@ -48,6 +55,10 @@ def main() -> None:
         seen += 1
         if seen == kill_item:
             os.kill(os.getpid(), kill_signal)
+        if seen == 100 and hold and not os.path.exists(hold):
+            open(hold + ".waiting", "w").close()
+            while not os.path.exists(hold):  # the test's driver creates it (the wait is the test's condition)
+                time.sleep(0.01)
         digest = hashlib.sha256(str(item).encode()).hexdigest()
         return {"item": item, "digest": digest[:16], "square": item * item}
 

@@ -178,6 +178,20 @@ class BatchJob:
         return (record.key for _, record in sorted(self.done().items()))
 
 
+def open_existing(storage: Storage) -> BatchJob | None:
+    """The batch job at ``storage``, as its ``batch.json`` describes it (``None``: there is none), for tools that
+    read its progress or output (the supervisor, the drill) without knowing its settings."""
+    spec = BatchSpec.read(storage)
+    if spec is None:
+        return None
+    return BatchJob(storage, items=spec.items, shard_size=spec.shard_size, format=spec.format, env={})
+
+
+def done_items(job: BatchJob) -> int:
+    """How many items the job has committed (a batch job's step, as the supervisor and the reports count)."""
+    return sum(record.end - record.start for record in job.done().values())
+
+
 def _shared(done: list[int]) -> list[int]:
     """``done`` as rank 0 read it, when torch.distributed runs (every rank then shares out the same list)."""
     dist = sys.modules.get("torch.distributed")

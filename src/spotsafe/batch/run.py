@@ -12,24 +12,35 @@ shard is finished.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from spotsafe.batch.job import BatchJob, BatchResult, Shard
+from spotsafe.batch.layout import DONE, ShardRecord
 from spotsafe.engine.emergency import Option, plan_emergency
 from spotsafe.engine.watch import NoticeHub, make_sources
 from spotsafe.exit_codes import EXIT_PREEMPTED
+from spotsafe.jobenv import JobEnv
 from spotsafe.notices.base import NoticeSource
 from spotsafe.notices.signals import DEFAULT_SIGNALS
+from spotsafe.reasons import ExitReason, SaveReason
 from spotsafe.storage.base import Storage
+from spotsafe.telemetry import events as ev
+from spotsafe.telemetry.log import RunIdentity
+from spotsafe.telemetry.runlog import Emitter, open_run_log
+from spotsafe.telemetry.store import read_history
 
 log = logging.getLogger("spotsafe")
 SAFETY = 1.5
 FINISH = "finish-shard"
+PROGRESS_S = 1.0
+SHARD, NOTICE = "shard", SaveReason.NOTICE.value
 
 
 class _Rates:
@@ -80,44 +91,121 @@ def map(
         verify=verify,
         storage_options=storage_options,
     )
-    sources, reasons = make_sources(notices, signals=DEFAULT_SIGNALS, handle_signals=True, grace_s=None)
-    hub = NoticeHub(sources, reasons, lambda cls, **fields: None)
-    hub.start()
-    before = len(job.done())
-    committed = items_committed = 0
-    rates = _Rates()
-
-    def stop(reason: str) -> NoReturn:
-        log.warning(
-            "spotsafe batch: %s; %d of %d shards done: run the same command again to go on",
-            reason,
-            before + committed,
-            job.spec.shards,
-        )
-        exit(EXIT_PREEMPTED)
-
-    try:
+    with contextlib.ExitStack() as stack:
+        run = stack.enter_context(_Run(job))
+        sources, reasons = make_sources(notices, signals=DEFAULT_SIGNALS, handle_signals=True, grace_s=None)
+        hub = NoticeHub(sources, reasons, run.emit)
+        hub.start()
+        stack.callback(hub.close)
+        rates = _Rates()
         for shard in job.todo():
             rows, finishing, t0 = [], False, time.monotonic()
             for i in shard.items:
-                if not finishing and hub.poll(i):
+                if not finishing and hub.poll(run.step):
                     finishing = _finish(hub, rates, shard, i)
                     if not finishing:
-                        stop(f"stop notice at item {i}: shard {shard.index} left for the next run")
+                        run.stop(exit, f"stop notice at item {i}: shard {shard.index} left for the next run")
                 t = time.monotonic()
                 row = fn(items[i])
                 rates.item_s.append(time.monotonic() - t)
                 if row is not None:
                     rows.append(row)
+                run.processed(1)
             t = time.monotonic()
-            job.commit(shard, rows, time.monotonic() - t0)
+            record = job.commit(shard, rows, time.monotonic() - t0)
             rates.commit_s.append(time.monotonic() - t)
-            committed, items_committed = committed + 1, items_committed + len(shard.items)
-            if finishing or hub.poll(shard.end):
-                stop(f"stop notice: stopped after committing shard {shard.index}")
-    finally:
-        hub.close()
-    return BatchResult(committed, items_committed, before, job.spec.shards, time.monotonic() - started)
+            run.committed(record, NOTICE if finishing else SHARD, time.monotonic() - t)
+            if finishing or hub.poll(run.step):
+                run.stop(exit, f"stop notice: stopped after committing shard {shard.index}")
+        run.finished()
+    return BatchResult(run.shards, run.items, run.shards_before, job.spec.shards, time.monotonic() - started)
+
+
+class _Run:
+    """One run of a batch job as its event log tells it (rank 0's; other workers log nothing), in the terms
+    ``spotsafe report`` reads for training: a step is an item; the run restores the items done before it
+    (``restore_completed``, with the items the run before processed and did not commit as ``replayed_steps``),
+    reports ``progress`` every second, and each shard committed is a ``save_committed`` at the items done."""
+
+    def __init__(self, job: BatchJob) -> None:
+        self.job = job
+        self.emit = Emitter(time.time)
+        self.shards = self.items = 0
+        self._stack = contextlib.ExitStack()
+        self._last_progress = 0.0
+        done = job.done()
+        self.shards_before = len(done)
+        self.done_before = sum(r.end - r.start for r in done.values())
+        self._sizes = sum(r.size for r in done.values())
+        self._processed = 0
+
+    @property
+    def step(self) -> int:
+        """Items done before this run and processed in it (committed or not)."""
+        return self.done_before + self._processed
+
+    def __enter__(self) -> _Run:
+        job = self.job
+        if job.rank == 0:
+            history = read_history(job.storage)
+            env = JobEnv.from_env()
+            run_id = env.run_id or os.path.basename(str(job.storage.url).rstrip("/"))
+            identity = RunIdentity(run_id, env.attempt or history.attempts + 1, os.getpid())
+            self.emit.sink = open_run_log(self._stack, job.storage, identity, env)
+            self.emit(ev.RunStarted, url=str(job.storage.url), host=socket.gethostname())
+            if self.done_before:
+                last = history.last_step
+                self.emit(
+                    ev.RestoreCompleted,
+                    step=self.done_before,
+                    epoch=0,
+                    checkpoint=DONE,
+                    bytes=self._sizes,
+                    duration_s=0.0,
+                    last_known_step=last,
+                    replayed_steps=None if last is None else max(0, last - self.done_before),
+                )
+            else:
+                self.emit(ev.RestoreFresh, skipped=0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def processed(self, count: int) -> None:
+        self._processed += count
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_S:
+            self._last_progress = now
+            self.emit(ev.Progress, step=self.step, epoch=0)
+
+    def committed(self, record: ShardRecord, reason: str, seconds: float) -> None:
+        self.shards, self.items = self.shards + 1, self.items + (record.end - record.start)
+        self.emit(
+            ev.SaveCommitted,
+            step=self.done_before + self.items,
+            checkpoint=record.key,
+            reason=reason,
+            bytes=record.size,
+            blobs=1,
+            stall_s=seconds,
+            duration_s=seconds,
+        )
+
+    def stop(self, exit: Callable[[int], NoReturn], why: str) -> NoReturn:
+        log.warning(
+            "spotsafe batch: %s; %d of %d shards done: run the same command again to go on",
+            why,
+            self.shards_before + self.shards,
+            self.job.spec.shards,
+        )
+        step = self.done_before + self.items
+        self.emit(ev.RunExited, reason=ExitReason.PREEMPTED, step=step, exit_code=EXIT_PREEMPTED)
+        exit(EXIT_PREEMPTED)
+
+    def finished(self) -> None:
+        self.emit(ev.Progress, step=self.step, epoch=0)
+        self.emit(ev.RunExited, reason=ExitReason.FINISHED, step=self.step, exit_code=0)
 
 
 def _finish(hub: NoticeHub, rates: _Rates, shard: Shard, item: int) -> bool:

@@ -26,7 +26,6 @@ import contextlib
 import logging
 import os
 import socket
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,36 +45,17 @@ from spotsafe.errors import ConfigError
 from spotsafe.jobenv import JobEnv
 from spotsafe.policy.retention import KeepLast
 from spotsafe.startup import hand_over
-from spotsafe.storage.base import Storage, local_paths, retry_reporting
+from spotsafe.storage.base import Storage, retry_reporting
 from spotsafe.storage.errors import redact
 from spotsafe.storage.fencing import WriterLease
 from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.telemetry import events as ev
-from spotsafe.telemetry.log import EVENTS_FILE, EventLog, EventSink, RunIdentity
-from spotsafe.telemetry.metrics import serve_metrics
-from spotsafe.telemetry.store import EventUploader, RunHistory, read_history
+from spotsafe.telemetry.log import EventSink, RunIdentity
+from spotsafe.telemetry.runlog import Emitter, open_run_log
+from spotsafe.telemetry.store import RunHistory, read_history
 
 log = logging.getLogger("spotsafe")
-
-
-class Emitter:
-    """Emits typed events stamped with the wall clock: ``emit(ev.SaveStarted, step=3, reason=...)``.
-
-    Events before the sink is set (a storage retry while the event log is not open yet) are dropped.
-    """
-
-    def __init__(self, wall: Callable[[], float]) -> None:
-        self.wall = wall
-        self.sink: EventSink | None = None
-
-    def __call__(self, cls: type[ev.Event], **fields: Any) -> None:
-        if self.sink is not None:
-            self.sink.emit(cls(time=self.wall(), **fields))
-
-    def storage_retry(self, operation: str, attempt: int, delay: float, error: Exception) -> None:
-        """The hook a retrying storage calls before each retry."""
-        self(ev.StorageRetry, operation=operation, retry=attempt, delay_s=delay, error=redact(str(error)))
 
 
 @dataclass(eq=False)
@@ -139,7 +119,7 @@ def open_effects(
         lease = WriterLease.acquire(storage, run_id=run_id, attempt=attempt, clock=wall)
         repo = CheckpointRepository(storage, clock=wall, fence=lease.check)
         if events is None:
-            events = _open_log(stack, storage, RunIdentity(run_id, attempt, os.getpid()), job)
+            events = open_run_log(stack, storage, RunIdentity(run_id, attempt, os.getpid()), job)
         emit.sink = events
         emit(ev.RunStarted, url=str(storage.url), host=socket.gethostname())
         emit(ev.WriterClaimed, generation=lease.generation)
@@ -244,23 +224,6 @@ def _base_repo(
     for key in shared.remove_leftovers():
         emit(ev.PartialRemoved, path=key)
     return shared
-
-
-def _open_log(stack: contextlib.ExitStack, storage: Storage, identity: RunIdentity, job: JobEnv) -> EventLog:
-    """The run's event log: in the run folder when it is on this machine, else a local spool that is uploaded."""
-    local = local_paths(storage)
-    if local is not None:
-        event_log = EventLog(local.path_of(EVENTS_FILE), identity)
-    else:
-        spool = job.events_file or os.path.join(
-            tempfile.gettempdir(), "spotsafe-events", f"{identity.run_id}-{identity.attempt}-{identity.pid}.jsonl"
-        )
-        event_log = EventLog(spool, identity, uploader=EventUploader(storage, identity.attempt, identity.pid))
-    stack.callback(event_log.close)
-    if job.metrics_port is not None:
-        metrics = serve_metrics(event_log, job.metrics_port, job.metrics_addr or "0.0.0.0")
-        stack.callback(metrics.close)
-    return event_log
 
 
 def _staged(emit: Emitter, job: SaveJob, saver: Saver | ShardedSaver) -> None:

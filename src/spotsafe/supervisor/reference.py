@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spotsafe.batch.job import done_items, open_existing
 from spotsafe.engine.reader import RestoredState, load_newest_valid
 from spotsafe.errors import ConfigError, CorruptCheckpointError
 from spotsafe.exit_codes import EXIT_PREEMPTED
@@ -167,10 +168,18 @@ def _final(state: RestoredState | None) -> FinalState | None:
 
 def final_states(url: str | Path) -> dict[str, FinalState | None]:
     """The newest valid checkpoint of each process of a run: ``{"": state}`` for one process (its checkpoints
-    under ``url``) and for a job whose ranks save one checkpoint together (``sharded=True``: whole tensors,
-    assembled from every rank's chunks, and each rank's own state as ``rank-<r>``), ``{"rank-00000": state,
-    ...}`` for a job of several ranks that save rank by rank (``None``: none valid)."""
+    under ``url``; a finished batch job: its items done and its output, ``{"output": {part: bytes}}``) and for
+    a job whose ranks save one checkpoint together (``sharded=True``: whole tensors, assembled from every
+    rank's chunks, and each rank's own state as ``rank-<r>``), ``{"rank-00000": state, ...}`` for a job of
+    several ranks that save rank by rank (``None``: none valid)."""
     storage = open_storage(url)
+    batch = open_existing(storage)
+    if batch is not None:  # a batch job: its output, part by part
+        done = batch.done()
+        if len(done) < batch.spec.shards:
+            return {"": None}
+        output = {record.key: storage.read(record.key) for _, record in sorted(done.items())}
+        return {"": FinalState(done_items(batch), {"output": output})}
     repo = CheckpointRepository(storage)
     together = _newest_sharded(repo)
     if together is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from spotsafe.batch.job import done_items, open_existing
 from spotsafe.storage.layout import rank_folders
 from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRepository
@@ -9,8 +10,12 @@ from spotsafe.storage.repository import CheckpointRepository
 
 def newest_step(url: str) -> int | None:
     """The newest committed checkpoint's step at ``url`` (``None``: none yet); for a job of several ranks (each
-    saving under ``rank-<r>``), the newest step that every rank has committed."""
+    saving under ``rank-<r>``), the newest step that every rank has committed. A batch job's step
+    (:mod:`spotsafe.batch`): the items it has committed."""
     storage = open_storage(url)
+    batch = open_existing(storage)
+    if batch is not None:
+        return done_items(batch) or None
     refs = CheckpointRepository(storage).committed()
     if refs:
         return max(refs).step
