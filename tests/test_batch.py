@@ -350,3 +350,25 @@ def test_a_drill_of_a_batch_job_compares_its_output_with_the_uninterrupted_runs(
     assert report.exit_classes == {"preempted": 1, "succeeded": 1} | (
         {"no_capacity": report.no_capacity_attempts} if report.no_capacity_attempts else {}
     )
+
+
+def test_the_report_counts_items_done_redone_and_shards_of_a_batch_run(tmp_path: Path) -> None:
+    from spotsafe.storage.registry import open_storage
+    from spotsafe.telemetry.report import build_report
+    from spotsafe.telemetry.rows import report_rows
+    from spotsafe.telemetry.store import read_run_events
+
+    out = tmp_path / "out"
+    env = {"PROGRESS_S": "0"}
+    # Killed as item 30 begins: items 28 and 29 (shard 4) were processed and not committed.
+    assert launch(out, "jsonl", {**env, "KILL_ITEM": "31", "KILL_SIGNAL": "9"}) == -9
+    assert launch(out, "jsonl", {**env, "KILL_ITEM": "10", "KILL_SIGNAL": "15"}) == EXIT_PREEMPTED
+    assert launch(out, "jsonl", env) == 0
+    report = build_report("out", read_run_events(open_storage(str(out))))
+    assert report.unit == "item" and report.final_step == ITEMS and report.attempts == 3
+    assert report.replayed_steps.max == 2 and report.replayed_steps.count == 2  # the SIGTERM lost nothing
+    assert report.checkpoints == 200 and report.emergency_checkpoints == 1  # each shard once, one on the notice
+    rows = dict(report_rows(report, None, []))
+    assert rows["state"].startswith(f"finished, {ITEMS} items done")
+    assert rows["items redone per interruption"].startswith("items: mean 1, worst 2")
+    assert rows["shards committed"].startswith("200 (1 on a notice)") and "items/s" in rows["throughput"]

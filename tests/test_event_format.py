@@ -16,7 +16,7 @@ from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EventLog, RunIdentity, parse_lines
 
 GOLDEN = """\
-{"type":"run_started","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"url":"url-v","host":"host-v"}
+{"type":"run_started","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"url":"url-v","host":"host-v","unit":"unit-v"}
 {"type":"run_exited","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"reason":"reason-v","step":12,"exit_code":13}
 {"type":"progress","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"step":11,"epoch":12}
 {"type":"save_started","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"step":11,"reason":"reason-v"}

@@ -5,7 +5,8 @@ Arguments: URL (``-``: ``$SPOTSAFE_CHECKPOINT_URL``) FORMAT. Environment:
 - ``KILL_ITEM=n``: send this process ``KILL_SIGNAL`` (9 or 15) as the n-th item of this run is processed;
 - ``KILL_WRITE=n``: SIGKILL at this run's n-th atomic write, before it when ``KILL_WHEN=before``, else just after
   it (between a part and its record, or after a record);
-- ``HOLD_FILE=path``: at item 100 of a run, while ``path`` does not exist, write ``path.waiting`` and wait.
+- ``HOLD_FILE=path``: at item 100 of a run, while ``path`` does not exist, write ``path.waiting`` and wait;
+- ``PROGRESS_S``: ``spotsafe.batch.map``'s ``progress_s``.
 
 The results are a deterministic function of the item.
 """
@@ -62,7 +63,8 @@ def main() -> None:
         digest = hashlib.sha256(str(item).encode()).hexdigest()
         return {"item": item, "digest": digest[:16], "square": item * item}
 
-    spotsafe.batch.map(score, list(range(ITEMS)), storage, shard_size=SHARD, format=fmt)
+    progress_s = float(os.environ.get("PROGRESS_S", "1"))
+    spotsafe.batch.map(score, list(range(ITEMS)), storage, shard_size=SHARD, format=fmt, progress_s=progress_s)
 
 
 if __name__ == "__main__":

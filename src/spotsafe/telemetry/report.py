@@ -68,6 +68,8 @@ class Report:
     cost: float | None
     on_demand_price: float | None
     intervals: list[IntervalChoice] = field(default_factory=list)
+    unit: str = "step"
+    """What a step counts: ``step``, or ``item`` for a batch job (:mod:`spotsafe.batch`)."""
 
     @property
     def resume_rate(self) -> float | None:
@@ -139,4 +141,5 @@ def report_of(run: str, model: RunModel, *, on_demand_price: float | None = None
         cost=model.cost,
         on_demand_price=model.on_demand_price(on_demand_price),
         intervals=list(model.intervals),
+        unit=model.unit,
     )

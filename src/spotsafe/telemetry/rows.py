@@ -83,21 +83,27 @@ def report_rows(r: Report, job: str | None, attempts: Sequence[StoredAttempt]) -
     """The report's figures as (label, text) rows: the terminal table and the dashboard show the same."""
     rows: list[tuple[str, str]] = []
     since = dt.datetime.fromtimestamp(r.first_event or 0, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    rows.append(("state", f"{r.state}, final step {r.final_step}, since {since} ({_s(r.wall_seconds)})"))
+    unit = r.unit
+    final = f"final step {r.final_step}" if unit == "step" else f"{r.final_step} items done"
+    rows.append(("state", f"{r.state}, {final}, since {since} ({_s(r.wall_seconds)})"))
     rows.append(("attempts", f"{r.attempts}" + (f" (job {job}: {len(attempts)} in the store)" if job else "")))
     sources = ", ".join(f"{n} {s}" for s, n in sorted(r.interruptions_by_source.items())) or "none"
     drill = f"; {r.drill_interruptions} delivered by a drill's emulated market" if r.drill_interruptions else ""
     rows.append(("interruptions", f"{r.interruptions} ({sources}{drill})"))
     rate = f"{r.resume_rate:.0%}" if r.resume_rate is not None else "-"
     rows.append(("resumed from a checkpoint", f"{r.resumed} of {r.restarts} restarts ({rate})"))
-    rows.append(("replayed per interruption", f"steps: {_mean_worst(r.replayed_steps, 'n')}; "
+    label = "replayed per interruption" if unit == "step" else "items redone per interruption"
+    rows.append((label, f"{unit}s: {_mean_worst(r.replayed_steps, 'n')}; "
                  f"time: {_mean_worst(r.replayed_seconds, 's')}"))  # fmt: skip
     rows.append(("time to recover", _spread(r.recover_seconds)))
-    rows.append(("checkpoints", f"{r.checkpoints} ({r.emergency_checkpoints} on a notice)"))
+    saves = "checkpoints" if unit == "step" else "shards committed"
+    rows.append((saves, f"{r.checkpoints} ({r.emergency_checkpoints} on a notice)"))
     rows.append(("  stall", _spread(r.stall_seconds)))
     rows.append(("  write", _spread(r.write_seconds)))
     rows.append(("  size", _spread(r.checkpoint_bytes, "B")))
     rows.append(("  written", _spread(r.written_bytes, "B")))
+    if unit == "item" and r.final_step and r.useful_seconds > 0:
+        rows.append(("throughput", f"{r.final_step / r.useful_seconds:.1f} items/s of useful time"))
     goodput = f"{r.goodput:.0%}" if r.goodput is not None else "-"
     rows.append(("goodput", f"{goodput} (useful {_s(r.useful_seconds)} of {_s(r.wall_seconds)})"))
     if r.cost is not None:

@@ -91,6 +91,8 @@ class RunModel:
     first: float | None = None
     last: float | None = None
     ran: set[int] = field(default_factory=set)
+    unit: str = "step"
+    """What a step counts (the runs' ``run_started``): ``step``, or ``item`` for a batch job."""
     """The supervisor's attempt numbers whose process wrote (a ``run_started``)."""
     _pending: ev.AttemptStarted | None = field(default=None, repr=False)
     _launched: float | None = field(default=None, repr=False)
@@ -118,6 +120,7 @@ class RunModel:
             self._supervisor(e)
         elif isinstance(e, ev.RunStarted):
             self.ran.add(logged.attempt)
+            self.unit = e.unit
             self._begin(Attempt(len(self.attempts) + 1, logged.pid, e.time, e.time))
         else:
             self._job(e)

@@ -19,6 +19,8 @@ class RunStarted(Event):
     url: str
     host: str | None = None
     """The machine the process runs on (its hostname): the supervisor's health scores key on it."""
+    unit: str = "step"
+    """What the steps count: ``step`` (training steps) or ``item`` (a batch job's items, :mod:`spotsafe.batch`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
