@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 AZURITE_SPEC ?= azurite@3.37.0
 AZURITE := .tools/node_modules/.bin/azurite-blob
 
-.PHONY: demo chaos test lint install azurite bench bench-notices bench-resume bench-keras bench-sharded bench-gpu clean
+.PHONY: demo chaos test lint install azurite bench bench-notices bench-resume bench-keras bench-sharded bench-gpu bench-batch clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,9 @@ bench-sharded: $(BIN)/.installed
 
 bench-gpu: $(BIN)/.installed
 	$(BIN)/python bench/gpu_sharded.py
+
+bench-batch: $(BIN)/.installed
+	$(BIN)/python bench/batch.py
 
 clean:
 	rm -rf $(VENV) .tools spotsafe-demo spotsafe-drill .spotsafe .bench .pytest_cache .mypy_cache .ruff_cache
