@@ -28,13 +28,16 @@ def _pyarrow() -> Any:
     return pa, pq
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def encode(rows: Sequence[Any], fmt: str) -> bytes:
     """The bytes of one part holding ``rows``, in ``fmt`` (``jsonl`` or ``parquet``)."""
     if fmt == "jsonl":
         lines = []
         for row in rows:
             try:
-                lines.append(json.dumps(row, ensure_ascii=False, separators=(",", ":"), allow_nan=False))
+                lines.append(_JSON.encode(row))
             except (TypeError, ValueError) as err:
                 raise ConfigError(
                     f"a result cannot be written as JSON ({err}): return dicts, lists, strings, numbers, booleans "

@@ -104,7 +104,7 @@ def map(
         for shard in job.todo():
             rows, finishing, t0 = [], False, time.monotonic()
             for i in shard.items:
-                if not finishing and hub.poll(run.step):
+                if not finishing and run.notice(hub):
                     finishing = _finish(hub, rates, shard, i)
                     if not finishing:
                         run.stop(exit, f"stop notice at item {i}: shard {shard.index} left for the next run")
@@ -175,6 +175,11 @@ class _Run:
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
+
+    def notice(self, hub: NoticeHub) -> bool:
+        """Whether a stop notice has come: one flag read per item; the board is drained (its notices logged)
+        when one has, and after each shard."""
+        return hub.board.pending() and hub.poll(self.step)
 
     def processed(self, count: int) -> None:
         self._processed += count
