@@ -372,3 +372,57 @@ def test_the_report_counts_items_done_redone_and_shards_of_a_batch_run(tmp_path:
     assert rows["state"].startswith(f"finished, {ITEMS} items done")
     assert rows["items redone per interruption"].startswith("items: mean 1, worst 2")
     assert rows["shards committed"].startswith("200 (1 on a notice)") and "items/s" in rows["throughput"]
+
+
+def test_on_every_storage_a_failed_run_and_a_rerun_leave_each_result_once(run_url: str, tmp_path: Path) -> None:
+    from spotsafe.storage.registry import open_storage
+
+    spotsafe.batch.map(row, list(range(30)), tmp_path / "clean", shard_size=4, notices=[])
+
+    def flaky(item: int) -> dict[str, Any]:
+        if item == 13:
+            raise RuntimeError("the machine went away")
+        return row(item)
+
+    with pytest.raises(RuntimeError):
+        spotsafe.batch.map(flaky, list(range(30)), run_url, shard_size=4, notices=[])
+    result = spotsafe.batch.map(row, list(range(30)), run_url, shard_size=4, notices=[])
+    assert (result.shards_done_before, result.shards_committed) == (3, 5)
+    storage = open_storage(run_url)
+    names = sorted(n.rsplit("/", 1)[-1] for n in storage.list_files("parts"))
+    assert names == [f"part-{k:06d}.jsonl" for k in range(8)]
+    output = b"".join(storage.read(f"parts/{name}") for name in names)
+    assert output == output_bytes(tmp_path / "clean")
+
+
+def launch_workers(url: Path, world: int, env: dict[str, str]) -> list[int]:
+    """``world`` worker processes at once (``RANK``/``WORLD_SIZE`` as torchrun sets them, no process group)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(JOB), str(url), "jsonl"],
+            env={**os.environ, "SPOTSAFE_NOTICES": "signals", "RANK": str(r), "WORLD_SIZE": str(world), **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for r in range(world)
+    ]
+    return [p.wait(timeout=120) for p in procs]
+
+
+@pytest.mark.e2e
+def test_worker_processes_going_from_two_to_three_to_one_commit_every_shard_once(tmp_path: Path) -> None:
+    out, commits = tmp_path / "out", tmp_path / "commits.log"
+    log = {"COMMIT_LOG": str(commits)}
+    # Each worker is killed as its 150th item begins (about 21 shards in), two, then three at a time.
+    assert launch_workers(out, 2, {**log, "KILL_ITEM": "150"}) == [-9, -9]
+    first = len(commits.read_text().splitlines())
+    assert launch_workers(out, 3, {**log, "KILL_ITEM": "150"}) == [-9, -9, -9]
+    assert launch_workers(out, 1, log) == [0]
+    keys = [line.split()[1] for line in commits.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 200, "a shard was committed twice, or one is missing"
+    pids = [line.split()[0] for line in commits.read_text().splitlines()]
+    assert len(set(pids)) == 6 and first >= 40
+    assert items_in(out) == list(range(ITEMS))
+    reference = tmp_path / "reference"
+    assert launch(reference, "jsonl", {}) == 0
+    assert output_bytes(out) == output_bytes(reference)

@@ -6,7 +6,9 @@ Arguments: URL (``-``: ``$SPOTSAFE_CHECKPOINT_URL``) FORMAT. Environment:
 - ``KILL_WRITE=n``: SIGKILL at this run's n-th atomic write, before it when ``KILL_WHEN=before``, else just after
   it (between a part and its record, or after a record);
 - ``HOLD_FILE=path``: at item 100 of a run, while ``path`` does not exist, write ``path.waiting`` and wait;
-- ``PROGRESS_S``: ``spotsafe.batch.map``'s ``progress_s``.
+- ``PROGRESS_S``: ``spotsafe.batch.map``'s ``progress_s``;
+- ``COMMIT_LOG=path``: append ``<pid> <record key>`` to ``path`` at each commit;
+- ``RANK``, ``WORLD_SIZE``: this worker, as torchrun sets them.
 
 The results are a deterministic function of the item.
 """
@@ -24,6 +26,20 @@ from spotsafe.storage.registry import open_storage
 from spotsafe.storage.wrapper import StorageWrapper
 
 ITEMS, SHARD = 1400, 7
+
+
+class LogCommits(StorageWrapper):
+    """Appends ``<pid> <key>`` to ``path`` for every commit record written (one line, one write)."""
+
+    def __init__(self, inner: object, path: str) -> None:
+        super().__init__(inner)  # type: ignore[arg-type]
+        self.path = path
+
+    def write_atomic(self, key: str, data: bytes) -> None:
+        super().write_atomic(key, data)
+        if key.startswith("done/"):
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(f"{os.getpid()} {key}\n")
 
 
 class KillAtWrite(StorageWrapper):
@@ -45,6 +61,8 @@ def main() -> None:
     url = os.environ["SPOTSAFE_CHECKPOINT_URL"] if url == "-" else url
     hold = os.environ.get("HOLD_FILE")
     storage = open_storage(url)
+    if "COMMIT_LOG" in os.environ:
+        storage = LogCommits(storage, os.environ["COMMIT_LOG"])
     if "KILL_WRITE" in os.environ:
         storage = KillAtWrite(storage, int(os.environ["KILL_WRITE"]), os.environ.get("KILL_WHEN") == "before")
     kill_item = int(os.environ.get("KILL_ITEM", "0"))

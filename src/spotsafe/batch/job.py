@@ -2,12 +2,13 @@
 
 Items are numbered ``0 .. n-1`` and belong to fixed shards of ``shard_size``. A worker
 (``rank`` of ``world_size``: torchrun's ``RANK``/``WORLD_SIZE``, a Slurm array's task
-id and count, or given) takes every ``world_size``-th shard of those not done yet,
-so when the number of workers changes between runs the unfinished shards are
-shared out again, and a shard another worker committed is never committed twice.
-There is no coordinator: each worker reads the commit records itself (under
-torch.distributed, rank 0 reads them and the others receive its list, so that all
-ranks share out the same list).
+id and count, or given) takes its share of the shards not done yet, so when the
+number of workers changes between runs the unfinished shards are shared out again.
+There is no coordinator. Under torch.distributed, rank 0 reads the commit records
+and the others receive its list, which they share out evenly; workers that cannot
+talk take the shards whose index is their rank modulo the world size, a share no
+other worker's overlaps however late it reads the records. Before each shard a
+worker checks that nobody committed it meanwhile.
 
 Under the supervisor (``$SPOTSAFE_ATTEMPT``), each attempt records that it started;
 a worker of an older attempt that is still running (a zombie) finds a newer one
@@ -137,10 +138,30 @@ class BatchJob:
         return out
 
     def todo(self) -> list[Shard]:
-        """This worker's share of the shards not done yet: every ``world_size``-th, from its ``rank``."""
-        done = _shared(sorted(self.done()))
-        left = [k for k in range(self.spec.shards) if k not in set(done)]
-        return [Shard(k, *self.spec.bounds(k)) for k in left[self.rank :: self.world_size]]
+        """This worker's share of the shards not done yet.
+
+        Under torch.distributed, rank 0's list of what is left, shared out: every ``world_size``-th shard of it
+        from the worker's ``rank`` (all ranks get the same list, so the shares never overlap, and they are even).
+        Otherwise (workers that cannot talk: a Slurm array, processes started by hand) the shards whose index is
+        ``rank`` modulo ``world_size``: a worker that lists the records a moment later than another (which may
+        have committed since) still gets a share that overlaps no other's."""
+        shared = _shared(sorted(self.done()))
+        if shared is not None:
+            left = [k for k in range(self.spec.shards) if k not in set(shared)]
+            mine = left[self.rank :: self.world_size]
+        else:
+            done = set(self.done())
+            mine = [k for k in range(self.rank, self.spec.shards, self.world_size) if k not in done]
+        return [Shard(k, *self.spec.bounds(k)) for k in mine]
+
+    def is_done(self, shard: Shard) -> bool:
+        """Whether ``shard`` was committed since this worker planned (by a zombie, or by hand): checked before it
+        starts one, so that no shard is done twice when it can be helped."""
+        try:
+            record = ShardRecord.decode(self.storage.read(ShardRecord.key_of(shard.index)))
+        except BlobNotFoundError:
+            return False
+        return self._check(record, shard.index)
 
     # -- committing ------------------------------------------------------------------------------------
     def commit(self, shard: Shard, rows: Sequence[Any], seconds: float = 0.0) -> ShardRecord:
@@ -192,10 +213,13 @@ def done_items(job: BatchJob) -> int:
     return sum(record.end - record.start for record in job.done().values())
 
 
-def _shared(done: list[int]) -> list[int]:
-    """``done`` as rank 0 read it, when torch.distributed runs (every rank then shares out the same list)."""
+def _shared(done: list[int]) -> list[int] | None:
+    """``done`` as rank 0 read it, when torch.distributed runs (every rank then shares out the same list);
+    ``None`` when it does not."""
     dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    if dist.get_world_size() == 1:
         return done
     box: list[Any] = [done]
     dist.broadcast_object_list(box, src=0)

@@ -102,6 +102,8 @@ def map(
         stack.callback(hub.close)
         rates = _Rates()
         for shard in job.todo():
+            if job.is_done(shard):
+                continue
             rows, finishing, t0 = [], False, time.monotonic()
             for i in shard.items:
                 if not finishing and run.notice(hub):
