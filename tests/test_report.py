@@ -27,6 +27,8 @@ from spotsafe.supervisor.store import JobStore
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EVENTS_FILE, EventLog, RunIdentity
 from spotsafe.telemetry.report import Report, Spread, build_report
+from spotsafe.telemetry.rows import report_rows
+from spotsafe.telemetry.runrecords import Breakdown
 from spotsafe.telemetry.store import read_run_events
 
 from .conftest import TINY_JOB
@@ -278,15 +280,64 @@ def test_checkpoint_stall_write_and_size_spreads(three_attempts: Path) -> None:
 def test_goodput_final_step_and_cost(three_attempts: Path) -> None:
     r = report_of(three_attempts, on_demand_price=180.0)
     assert r.wall_seconds == 88.0  # first event (the supervisor's, at 0) to last (at 88)
-    # From each restore to the attempt's end, less what the next attempt replayed:
-    # attempt 1: 30 - 2 - 0 = 28; attempt 2: 63 - 43 - 5 steps * 2 s = 10; attempt 3: 86 - 74 = 12.
-    assert r.useful_seconds == 50.0
-    assert r.goodput == pytest.approx(50.0 / 88.0)
+    # From each restore to the attempt's end, less what the next attempt replayed and the checkpoint stalls:
+    # attempt 1: 30 - 2 - 0 - 1.75 = 26.25; attempt 2: 63 - 43 - 5 steps * 2 s - 0.75 = 9.25;
+    # attempt 3: 86 - 74 - 0.5 = 11.5.
+    assert r.useful_seconds == 47.0
+    assert r.goodput == pytest.approx(47.0 / 88.0)
     assert r.final_step == 40
     assert r.cost == 1.5  # 0.5 + 0.75 + 0.25 from attempt_ended
     assert r.on_demand_price == 180.0
-    assert r.on_demand_cost == pytest.approx(180.0 * 50.0 / 3600.0)
-    assert r.saved == pytest.approx(2.5 - 1.5)
+    assert r.on_demand_cost == pytest.approx(180.0 * 47.0 / 3600.0)
+    assert r.saved == pytest.approx(2.35 - 1.5)
+
+
+def test_the_wall_time_is_split_into_where_it_went(three_attempts: Path) -> None:
+    b = report_of(three_attempts).breakdown
+    assert b is not None
+    # Start-up: the launch at 0 to attempt 1's run_started at 1, and on to its fresh start at 2; the 11 s from
+    # attempt 1's exit to attempt 2's start (no backoff); attempt 2's 2 s to its restore, less the 0.5 s
+    # restore; the 10 s from attempt 2's last event to attempt 3's start; attempt 3's 1 s less its restore.
+    assert b == Breakdown(wall=88.0, useful=47.0, replayed=10.0, stalls=3.0, restore=1.0, startup=25.0, backoff=0.0,
+                          capacity=0.0)  # fmt: skip
+    assert b.other == 2.0  # attempt 3's end at 86 to the supervisor's last event at 88
+    assert b.controlled == 14.0 and b.goodput == pytest.approx(47.0 / 88.0)
+    assert b.goodput_controlled == pytest.approx(47.0 / (88.0 - 25.0))
+    rows = dict(report_rows(report_of(three_attempts), None, []))
+    assert rows["goodput"] == "53% (useful 47.0 s of 88.0 s); 75% leaving out start-up and waiting for capacity"
+    assert rows["  where the time went"] == (
+        "useful 47.0 s (53%), replayed 10.0 s (11%), checkpoint stalls 3.0 s (3%), restore 1.0 s (1%), "
+        "start-up 25.0 s (28%), other 2.0 s (2%)"
+    )
+    assert rows["  spotsafe's own losses"] == "15.9% of wall time (stalls, restore, replay)"
+
+
+def test_backoff_and_waits_for_capacity_are_told_apart_from_start_up(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    write(run_dir, SUPERVISOR, attempt_started(0.0, 1))
+    write(run_dir, job(1), started(1.0, run_dir), fresh(1.0), *[progress(1.0 + s, s) for s in range(1, 10)])
+    write(run_dir, job(1), exited(10.0, "preempted", 9))
+    write(
+        run_dir,
+        SUPERVISOR,
+        attempt_ended(11.0, 1, 0.1),
+        ev.RetryDecided(time=11.0, job=RUN_ID, relaunch=True, delay_s=4.0, reason="backoff"),
+        attempt_started(15.0, 2),
+        ev.AttemptEnded(time=15.5, job=RUN_ID, number=2, pool="spot", machine=None, exit_code=1,
+                        exit_class="no_capacity", step_before=9, step_after=9, duration_s=0.5, cost=0.0),
+        ev.RetryDecided(time=15.5, job=RUN_ID, relaunch=True, delay_s=20.0, reason="no capacity"),
+        attempt_started(35.5, 3),
+    )  # fmt: skip
+    write(
+        run_dir, job(3), started(37.5, run_dir), restored(38.0, 9, 0), progress(39.0, 10), exited(40.0, "finished", 10)
+    )
+    b = report_of(run_dir).breakdown
+    assert b is not None
+    assert b.backoff == 4.0 and b.capacity == 20.5  # attempt 2 found none (0.5 s), then 20 s of waiting
+    # Start-up: 1 s to attempt 1's start; of the 27.5 s between attempts, what was not waiting (3 s: noticing
+    # the exit, launching, the 2 s from attempt 3's launch to its start); attempt 3's 0.5 s to its restore.
+    assert b.startup == pytest.approx(1.0 + 3.0 + 0.0)
+    assert b.restore == 0.5
 
 
 def test_interval_choices_are_kept_when_they_change(three_attempts: Path) -> None:
@@ -468,7 +519,7 @@ def test_an_attempt_killed_before_it_wrote_anything_is_an_interrupted_attempt(tm
     # The work replayed was attempt 1's: 5 steps at its 1 s per step.
     assert r.replayed_steps == Spread.of([5.0]) and r.replayed_seconds == Spread.of([5.0])
     assert r.recover_seconds == Spread.of([5.0])  # from the killed launch's end (14) to step 6 (19)
-    assert r.useful_seconds == (11.0 - 1.0 - 5.0) + (24.0 - 18.0)  # nothing for the killed launch
+    assert r.useful_seconds == (11.0 - 1.0 - 5.0) + (24.0 - 18.0) - 0.5  # nothing for the killed launch; a stall
     assert r.cost == 1.5
 
 
@@ -550,15 +601,15 @@ def test_a_running_attempt_is_not_an_interruption_and_now_extends_it(tmp_path: P
     assert r.recover_seconds == Spread.of([5.0])  # 8 -> 13
     assert r.final_step == 8
     assert r.cost == 0.25
-    assert (r.wall_seconds, r.useful_seconds) == (16.0, 6.0 + 4.0)  # 2-8 and 12-16
+    assert (r.wall_seconds, r.useful_seconds) == (16.0, 6.0 + 4.0 - 0.5)  # 2-8 and 12-16, less a stall
 
     later = report_of(run_dir, now=40.0)
     assert later.state == "running"
     assert (later.interruptions, later.interruptions_by_source) == (1, {"SIGTERM": 1})
     assert later.last_event == 40.0
     assert later.wall_seconds == 40.0
-    assert later.useful_seconds == 6.0 + 28.0  # the running attempt reached ``now``
-    assert later.goodput == pytest.approx(34.0 / 40.0)
+    assert later.useful_seconds == 6.0 + 28.0 - 0.5  # the running attempt reached ``now``
+    assert later.goodput == pytest.approx(33.5 / 40.0)
 
 
 def test_a_single_running_attempt(tmp_path: Path) -> None:
@@ -629,9 +680,10 @@ def test_to_json_is_serialisable_and_has_the_derived_fields(three_attempts: Path
     r = report_of(three_attempts, on_demand_price=180.0)
     doc = json.loads(json.dumps(r.to_json(), allow_nan=False))
     assert doc["resume_rate"] == 1.0
-    assert doc["goodput"] == pytest.approx(50.0 / 88.0)
-    assert doc["on_demand_cost"] == pytest.approx(2.5)
-    assert doc["saved"] == pytest.approx(1.0)
+    assert doc["goodput"] == pytest.approx(47.0 / 88.0)
+    assert doc["on_demand_cost"] == pytest.approx(2.35)
+    assert doc["saved"] == pytest.approx(0.85)
+    assert doc["breakdown"]["start-up"] == 25.0 and doc["breakdown"]["goodput_controlled"] == pytest.approx(47 / 63)
     assert doc["attempts"] == 3 and doc["interruptions_by_source"] == {"aws": 1, "unannounced": 1}
     assert doc["replayed_steps"] == {"count": 2, "mean": 2.5, "median": 2.5, "p95": 5.0, "max": 5.0}
     assert [c["policy"] for c in doc["intervals"]] == ["every 10 steps", "young-daly"]
@@ -664,13 +716,13 @@ def test_cli_json_and_table_of_a_synthetic_run(three_attempts: Path, tmp_path: P
     doc = json.loads(done.stdout)
     assert (doc.pop("job"), doc.pop("store_attempts")) == (None, [])  # no store here
     assert doc == expected_json(three_attempts, url, on_demand_price=180.0)
-    assert doc["saved"] == pytest.approx(1.0)
+    assert doc["saved"] == pytest.approx(0.85)
 
     table = spotsafe([url], cwd=tmp_path)
     assert table.returncode == 0, table.stderr
     out = table.stdout
     assert "interruptions" in out and "2 (1 aws, 1 unannounced; 1 delivered by a drill" in out
-    assert "goodput" in out and "57% (useful 50.0 s of 88.0 s)" in out
+    assert "goodput" in out and "53% (useful 47.0 s of 88.0 s)" in out
     assert "2 of 2 restarts (100%)" in out
     assert "5 (1 on a notice)" in out
     assert "$1.5000 spent" in out

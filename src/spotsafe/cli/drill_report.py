@@ -7,6 +7,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from spotsafe.supervisor.drill import DrillReport
+from spotsafe.telemetry.rows import breakdown_text
 
 
 def print_drill(r: DrillReport, console: Console) -> None:
@@ -35,6 +36,18 @@ def print_drill(r: DrillReport, console: Console) -> None:
         f"drill {r.drill_seconds:.1f} s (machines held {r.machine_seconds:.1f} s)",
     )
     table.add_row("goodput", f"{r.goodput:.0%} (useful time / total time)")
+    b = r.breakdown
+    if b is not None and b.wall > 0:
+        table.add_row("  where the time went", breakdown_text(b))
+        table.add_row(
+            "  spotsafe's own losses",
+            f"{b.controlled / b.wall:.1%} of wall time (stalls, restore, replay)"
+            + (
+                f"; goodput {b.goodput_controlled:.0%} leaving out start-up and capacity"
+                if b.goodput_controlled
+                else ""
+            ),
+        )
     table.add_row(
         "cost",
         f"spot ${r.spot_cost:.4f} (at ${r.spot_price:g}/h, machine time) vs on-demand ${r.on_demand_cost:.4f} "

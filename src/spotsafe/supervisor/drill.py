@@ -52,6 +52,7 @@ from spotsafe.supervisor.run import RunConfig, Supervisor
 from spotsafe.supervisor.store import JobStore
 from spotsafe.telemetry.log import EVENTS_FILE, EventLog, RunIdentity
 from spotsafe.telemetry.runmodel import RunModel
+from spotsafe.telemetry.runrecords import Breakdown
 from spotsafe.telemetry.store import read_run_events
 
 JOB_NAME = "drill"
@@ -189,7 +190,10 @@ class DrillReport:
     """The nodes each attempt that ran started on (a market of several nodes; empty for one)."""
     goodput: float = 0.0
     """Useful time over wall time, from the drill run's event log (as ``spotsafe report`` and the dashboard
-    compute it: each attempt's time from its restore to its end, less the work the next one replayed)."""
+    compute it: each attempt's time from its restore to its end, less the work the next one replayed and its
+    checkpoint stalls)."""
+    breakdown: Breakdown | None = None
+    """Where the drill run's wall time went (as ``spotsafe report`` splits it)."""
 
     @property
     def identical(self) -> bool:
@@ -216,6 +220,8 @@ class DrillReport:
     def to_json(self) -> dict[str, object]:
         doc = {k: v for k, v in self.__dict__.items()}
         doc.update(identical=self.identical, ok=self.ok, saving=self.saving, resized=self.resized)
+        b = self.breakdown
+        doc["breakdown"] = None if b is None else {**dict(b.parts()), "wall": b.wall, "controlled": b.controlled}
         return doc
 
 
@@ -358,4 +364,5 @@ def _report(
         nodes=nodes,
         node_counts=[market.started[n] for n in sorted(market.started)] if isinstance(market, NodeMarket) else [],
         goodput=model.goodput or 0.0,
+        breakdown=model.breakdown(),
     )

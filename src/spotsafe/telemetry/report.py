@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from spotsafe.telemetry.log import LoggedEvent
 from spotsafe.telemetry.runmodel import RunModel
-from spotsafe.telemetry.runrecords import IntervalChoice
+from spotsafe.telemetry.runrecords import Breakdown, IntervalChoice
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class Report:
     intervals: list[IntervalChoice] = field(default_factory=list)
     unit: str = "step"
     """What a step counts: ``step``, or ``item`` for a batch job (:mod:`spotsafe.batch`)."""
+    breakdown: Breakdown | None = None
+    """Where the wall time went."""
 
     @property
     def resume_rate(self) -> float | None:
@@ -96,6 +98,15 @@ class Report:
         doc.update(
             resume_rate=self.resume_rate, goodput=self.goodput, on_demand_cost=self.on_demand_cost, saved=self.saved
         )
+        if self.breakdown is not None:  # the split, with its derived figures
+            b = self.breakdown
+            doc["breakdown"] = {
+                **dict(b.parts()),
+                "wall": b.wall,
+                "controlled": b.controlled,
+                "goodput": b.goodput,
+                "goodput_controlled": b.goodput_controlled,
+            }
         return doc
 
 
@@ -142,4 +153,5 @@ def report_of(run: str, model: RunModel, *, on_demand_price: float | None = None
         on_demand_price=model.on_demand_price(on_demand_price),
         intervals=list(model.intervals),
         unit=model.unit,
+        breakdown=model.breakdown(),
     )

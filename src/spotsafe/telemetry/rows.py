@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from spotsafe.telemetry.report import Report, Spread
-from spotsafe.telemetry.runrecords import NO_CAPACITY
+from spotsafe.telemetry.runrecords import NO_CAPACITY, Breakdown
 
 ATTEMPT_COLUMNS = ("#", "pool", "machine", "exit", "steps", "duration", "cost")
 
@@ -105,7 +105,16 @@ def report_rows(r: Report, job: str | None, attempts: Sequence[StoredAttempt]) -
     if unit == "item" and r.final_step and r.useful_seconds > 0:
         rows.append(("throughput", f"{r.final_step / r.useful_seconds:.1f} items/s of useful time"))
     goodput = f"{r.goodput:.0%}" if r.goodput is not None else "-"
-    rows.append(("goodput", f"{goodput} (useful {_s(r.useful_seconds)} of {_s(r.wall_seconds)})"))
+    line = f"{goodput} (useful {_s(r.useful_seconds)} of {_s(r.wall_seconds)})"
+    b = r.breakdown
+    if b is not None and b.wall > 0:
+        if b.goodput_controlled is not None:
+            line += f"; {b.goodput_controlled:.0%} leaving out start-up and waiting for capacity"
+        rows.append(("goodput", line))
+        rows.append(("  where the time went", breakdown_text(b)))
+        rows.append(("  spotsafe's own losses", f"{b.controlled / b.wall:.1%} of wall time (stalls, restore, replay)"))
+    else:
+        rows.append(("goodput", line))
     if r.cost is not None:
         line = f"${r.cost:.4f} spent"
         if r.on_demand_cost is not None and r.saved is not None:
@@ -118,6 +127,11 @@ def report_rows(r: Report, job: str | None, attempts: Sequence[StoredAttempt]) -
     for choice in r.intervals[-5:]:
         rows.append(("  interval", choice.reason))
     return rows
+
+
+def breakdown_text(b: Breakdown) -> str:
+    """The split of the wall time for people: ``useful 50.0 s (57%), replayed 2.0 s (2%), ...`` (no empty parts)."""
+    return ", ".join(f"{name} {_s(seconds)} ({seconds / b.wall:.0%})" for name, seconds in b.parts() if seconds > 0)
 
 
 def attempt_rows(attempts: Sequence[StoredAttempt]) -> list[tuple[str, ...]]:

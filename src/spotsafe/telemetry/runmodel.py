@@ -25,7 +25,8 @@ Definitions:
 * **Time to recover** runs from the interrupted attempt's last event to the next attempt's first
   ``progress`` event after its restore.
 * **Useful time** is each attempt's time from its restore to its end, less the work the next attempt
-  replayed; **goodput** is useful time over the run's wall time (first event to last).
+  replayed and its checkpoint stalls; **goodput** is useful time over the run's wall time (first event to
+  last). :meth:`RunModel.breakdown` splits the wall time (:mod:`.breakdown`).
 * A **wait** is time outside attempts: launching the first one, and from each attempt's end to the
   next one's start (a restart, a backoff, a wait for capacity).
 * **Cost** is the sum of the supervisor's ``attempt_ended`` costs; the running attempt accrues at its
@@ -52,6 +53,7 @@ from spotsafe.telemetry.runrecords import (
     UNANNOUNCED,
     At,
     Attempt,
+    Breakdown,
     Gap,
     IntervalChoice,
 )
@@ -88,6 +90,8 @@ class RunModel:
     on_demand_prices: list[float] = field(default_factory=list)
     intervals: list[IntervalChoice] = field(default_factory=list)
     gaps: list[Gap] = field(default_factory=list)
+    waits: list[tuple[float, float, str]] = field(default_factory=list)
+    """The supervisor's waits ``(start, end, "backoff" | "capacity")`` (a delay after no capacity: capacity)."""
     first: float | None = None
     last: float | None = None
     ran: set[int] = field(default_factory=set)
@@ -135,6 +139,8 @@ class RunModel:
                     self.on_demand_prices.append(e.price_per_hour * e.nodes)
             case ev.AttemptEnded():
                 self.ended.append(e)
+                if e.exit_class == NO_CAPACITY:
+                    self.waits.append((e.time - e.duration_s, e.time, "capacity"))
                 if e.number not in self.ran:  # its process wrote nothing
                     if e.exit_class not in (NO_CAPACITY, SUCCEEDED):  # stopped as it started: an attempt of no work
                         floor = self._last_end if self._last_end is not None else -math.inf
@@ -150,10 +156,13 @@ class RunModel:
             case ev.RetryDecided():
                 if e.relaunch:
                     self.relaunch_delays.append(e.delay_s)
+                    after_none = bool(self.ended) and self.ended[-1].exit_class == NO_CAPACITY
+                    self.waits.append((e.time, e.time + e.delay_s, "capacity" if after_none else "backoff"))
                     if e.delay_s > 0 and self._wait is None:
                         self._wait = f"backoff {e.delay_s:.0f} s"
             case ev.NoPoolAvailable():
                 self._wait = "no pool available"
+                self.waits.append((e.time, e.time + e.wait_s, "capacity"))
             case ev.PoolChosen():
                 if e.on_demand_per_hour is not None:  # the job's own on-demand pool, used or not
                     self.on_demand_prices.append(e.on_demand_per_hour)
@@ -173,6 +182,7 @@ class RunModel:
         launch = self._pending
         if launch is not None:
             attempt.pool, attempt.market = launch.pool, launch.market
+            attempt.launched_at = launch.time
             if not attempt.silent:
                 attempt.rate = launch.price_per_hour * launch.nodes / 3600.0
         if self._last_end is not None and attempt.start > self._last_end:
@@ -354,16 +364,29 @@ class RunModel:
             if (progressed := self.attempts[i].first_progress_at) is not None
         ]
 
+    def stalls(self) -> dict[int, float]:
+        """Checkpoint stalls (the training thread blocked by a save), by attempt number."""
+        out: dict[int, float] = {}
+        for s in self.saves:
+            if s.attempt is not None:
+                out[s.attempt] = out.get(s.attempt, 0.0) + s.event.stall_s
+        return out
+
     @property
     def useful_seconds(self) -> float:
-        useful = 0.0
+        useful, stalls = 0.0, self.stalls()
         for a in self.attempts:
             if a.silent:
                 continue  # stopped as it started: no useful work
             start = a.restored_at if a.restored_at is not None else a.start
-            lost = (a.replayed_steps or 0) * (a.step_time_s or 0.0)
+            lost = (a.replayed_steps or 0) * (a.step_time_s or 0.0) + stalls.get(a.number, 0.0)
             useful += max(0.0, self.end_of(a) - start - lost)
         return useful
+
+    def breakdown(self) -> Breakdown:
+        from spotsafe.telemetry.breakdown import breakdown_of  # it reads this module's model
+
+        return breakdown_of(self)
 
     @property
     def goodput(self) -> float | None:

@@ -37,6 +37,57 @@ class Gap:
     label: str
 
 
+@dataclass(frozen=True)
+class Breakdown:
+    """Where a run's wall time went, in seconds (see :meth:`~spotsafe.telemetry.runmodel.RunModel.breakdown`).
+
+    ``useful`` training, and the losses: ``replayed`` work, checkpoint ``stalls`` and ``restore`` (what spotsafe
+    controls), process ``startup`` (launch, interpreter, imports, model build, the supervisor's relaunch),
+    ``backoff`` (the relaunch budget's delays) and waiting for ``capacity``; ``other`` is the rest (the time
+    from a notice to the exit, what the job did outside its steps)."""
+
+    wall: float
+    useful: float
+    replayed: float
+    stalls: float
+    restore: float
+    startup: float
+    backoff: float
+    capacity: float
+
+    @property
+    def other(self) -> float:
+        known = self.useful + self.replayed + self.stalls + self.restore + self.startup + self.backoff + self.capacity
+        return max(0.0, self.wall - known)
+
+    @property
+    def controlled(self) -> float:
+        """The losses spotsafe controls: stalls, restore and replayed work."""
+        return self.stalls + self.restore + self.replayed
+
+    @property
+    def goodput(self) -> float | None:
+        return self.useful / self.wall if self.wall > 0 else None
+
+    @property
+    def goodput_controlled(self) -> float | None:
+        """Goodput leaving out what spotsafe does not control: process start-up and waiting for capacity."""
+        base = self.wall - self.startup - self.capacity
+        return self.useful / base if base > 0 else None
+
+    def parts(self) -> list[tuple[str, float]]:
+        return [
+            ("useful", self.useful),
+            ("replayed", self.replayed),
+            ("checkpoint stalls", self.stalls),
+            ("restore", self.restore),
+            ("start-up", self.startup),
+            ("backoff", self.backoff),
+            ("waiting for capacity", self.capacity),
+            ("other", self.other),
+        ]
+
+
 @dataclass
 class IntervalChoice:
     """A save policy's interval, kept when it changed (every attempt announces its policies again)."""
@@ -57,6 +108,8 @@ class Attempt:
     start: float
     end: float
     silent: bool = False
+    launched_at: float | None = None
+    """When the supervisor launched it (its ``attempt_started``), when supervised."""
     pool: str | None = None
     market: str | None = None
     rate: float | None = None
