@@ -998,6 +998,12 @@ def check_report_against_records(report: DrillReport, workdir: Path, config: Dri
     assert 0 < report.goodput <= 1
     # The same figure spotsafe report and the dashboard show for the drill's run.
     assert report.goodput == build_report(str(workdir / "run"), events_of(workdir / "run")).goodput
+    # Where the time went: the parts cover the wall time; every attempt started a process and saved.
+    b = report.breakdown
+    assert b is not None and b == build_report(str(workdir / "run"), events_of(workdir / "run")).breakdown
+    assert sum(seconds for _, seconds in b.parts()) == pytest.approx(b.wall) and b.useful / b.wall == report.goodput
+    assert b.startup > 0 and b.stalls > 0 and b.controlled < b.wall
+    assert report.to_json()["breakdown"]["start-up"] == b.startup
     # The event log.
     logged = events_of(workdir / "run")
     kinds = [e.event.type for e in logged]
