@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,47 +121,49 @@ class BatchJob:
         except BlobNotFoundError:
             return False
 
+    def _record(self, shard: int) -> ShardRecord | None:
+        """``shard``'s commit record when it is intact and names an intact part (``None``: not done)."""
+        try:
+            record = ShardRecord.decode(self.storage.read(ShardRecord.key_of(shard)))
+        except BlobNotFoundError:
+            return None
+        return record if self._check(record, shard) else None
+
     def done(self) -> dict[int, ShardRecord]:
         """The shards committed so far and intact, by index (a damaged record or part: not done)."""
         out: dict[int, ShardRecord] = {}
         for shard in record_shards(self.storage):
             if shard >= self.spec.shards:
                 continue
-            try:
-                record = ShardRecord.decode(self.storage.read(ShardRecord.key_of(shard)))
-            except BlobNotFoundError:
-                continue
-            if record is not None and self._check(record, shard):
+            record = self._record(shard)
+            if record is not None:
                 out[shard] = record
             else:
                 log.warning("spotsafe batch: shard %d's commit record or part is damaged: it is done again", shard)
         return out
 
-    def todo(self) -> list[Shard]:
+    def todo(self, done: Collection[int] | None = None) -> list[Shard]:
         """This worker's share of the shards not done yet.
 
         Under torch.distributed, rank 0's list of what is left, shared out: every ``world_size``-th shard of it
         from the worker's ``rank`` (all ranks get the same list, so the shares never overlap, and they are even).
         Otherwise (workers that cannot talk: a Slurm array, processes started by hand) the shards whose index is
         ``rank`` modulo ``world_size``: a worker that lists the records a moment later than another (which may
-        have committed since) still gets a share that overlaps no other's."""
-        shared = _shared(sorted(self.done()))
+        have committed since) still gets a share that overlaps no other's. ``done``: :meth:`done`'s shards when the
+        caller has read them already."""
+        found = set(self.done() if done is None else done)
+        shared = _shared(sorted(found))
         if shared is not None:
-            left = [k for k in range(self.spec.shards) if k not in set(shared)]
-            mine = left[self.rank :: self.world_size]
+            skip = set(shared)
+            mine = [k for k in range(self.spec.shards) if k not in skip][self.rank :: self.world_size]
         else:
-            done = set(self.done())
-            mine = [k for k in range(self.rank, self.spec.shards, self.world_size) if k not in done]
+            mine = [k for k in range(self.rank, self.spec.shards, self.world_size) if k not in found]
         return [Shard(k, *self.spec.bounds(k)) for k in mine]
 
     def is_done(self, shard: Shard) -> bool:
         """Whether ``shard`` was committed since this worker planned (by a zombie, or by hand): checked before it
         starts one, so that no shard is done twice when it can be helped."""
-        try:
-            record = ShardRecord.decode(self.storage.read(ShardRecord.key_of(shard.index)))
-        except BlobNotFoundError:
-            return False
-        return self._check(record, shard.index)
+        return self._record(shard.index) is not None
 
     # -- committing ------------------------------------------------------------------------------------
     def commit(self, shard: Shard, rows: Sequence[Any], seconds: float = 0.0) -> ShardRecord:
@@ -188,10 +190,11 @@ class BatchJob:
         return record
 
     def _fence(self) -> None:
-        if self.attempt and newest_attempt(self.storage) > self.attempt:
+        newest = newest_attempt(self.storage) if self.attempt else 0
+        if newest > self.attempt:
             raise FencedError(
-                f"attempt {self.attempt} of this batch job is stale: attempt {newest_attempt(self.storage)} has "
-                f"started at {self.storage.url}; this worker must stop writing"
+                f"attempt {self.attempt} of this batch job is stale: attempt {newest} has started at "
+                f"{self.storage.url}; this worker must stop writing"
             )
 
     def parts(self) -> Iterator[str]:
@@ -208,9 +211,10 @@ def open_existing(storage: Storage) -> BatchJob | None:
     return BatchJob(storage, items=spec.items, shard_size=spec.shard_size, format=spec.format, env={})
 
 
-def done_items(job: BatchJob) -> int:
-    """How many items the job has committed (a batch job's step, as the supervisor and the reports count)."""
-    return sum(record.end - record.start for record in job.done().values())
+def done_items(done: Mapping[int, ShardRecord]) -> int:
+    """How many items the shards ``done`` (:meth:`BatchJob.done`) hold: a batch job's step, as the supervisor
+    and the reports count."""
+    return sum(record.end - record.start for record in done.values())
 
 
 def _shared(done: list[int]) -> list[int] | None:

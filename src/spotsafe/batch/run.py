@@ -18,10 +18,11 @@ import os
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
-from spotsafe.batch.job import BatchJob, BatchResult, Shard
+from spotsafe.batch.job import BatchJob, BatchResult, Shard, done_items
 from spotsafe.batch.layout import DONE, ShardRecord
 from spotsafe.engine.emergency import Option, plan_emergency
 from spotsafe.engine.watch import NoticeHub, make_sources
@@ -47,15 +48,15 @@ class _Rates:
     """Measured seconds per item and per commit (the slowest of the recent ones: estimates lean long)."""
 
     def __init__(self) -> None:
-        self.item_s: list[float] = []
-        self.commit_s: list[float] = []
+        self.item_s: deque[float] = deque(maxlen=8)
+        self.commit_s: deque[float] = deque(maxlen=3)
 
     def estimate(self, items_left: int) -> float | None:
         """Seconds to do ``items_left`` items and commit (``None``: no item measured yet; a commit not measured
         yet counts as 1 s)."""
         if not self.item_s:
             return None
-        return items_left * max(self.item_s[-8:]) + (max(self.commit_s[-3:]) if self.commit_s else 1.0)
+        return items_left * max(self.item_s) + (max(self.commit_s) if self.commit_s else 1.0)
 
 
 def map(
@@ -101,7 +102,7 @@ def map(
         hub.start()
         stack.callback(hub.close)
         rates = _Rates()
-        for shard in job.todo():
+        for shard in job.todo(run.done):
             if job.is_done(shard):
                 continue
             rows, finishing, t0 = [], False, time.monotonic()
@@ -117,9 +118,9 @@ def map(
                     rows.append(row)
                 run.processed(1)
             t = time.monotonic()
-            record = job.commit(shard, rows, time.monotonic() - t0)
+            record = job.commit(shard, rows, t - t0)
             rates.commit_s.append(time.monotonic() - t)
-            run.committed(record, NOTICE if finishing else SHARD, time.monotonic() - t)
+            run.committed(record, NOTICE if finishing else SHARD, rates.commit_s[-1])
             if finishing or hub.poll(run.step):
                 run.stop(exit, f"stop notice: stopped after committing shard {shard.index}")
         run.finished()
@@ -139,10 +140,10 @@ class _Run:
         self.shards = self.items = 0
         self._stack = contextlib.ExitStack()
         self._last_progress = 0.0
-        done = job.done()
-        self.shards_before = len(done)
-        self.done_before = sum(r.end - r.start for r in done.values())
-        self._sizes = sum(r.size for r in done.values())
+        self.done = job.done()
+        self.shards_before = len(self.done)
+        self.done_before = done_items(self.done)
+        self._sizes = sum(r.size for r in self.done.values())
         self._processed = 0
 
     @property

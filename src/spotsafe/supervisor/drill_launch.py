@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spotsafe.supervisor.market import Market, Outage
 from spotsafe.supervisor.nodemarket import Level, NodeMarket
@@ -91,7 +91,7 @@ def drill_market(
     events: EventLog,
     clock: Callable[[], float],
 ) -> Market | NodeMarket:
-    common = dict(
+    common: dict[str, Any] = dict(
         mode=config.mode,
         window_s=config.window_s,
         max_interruptions=config.max_interruptions,
@@ -100,5 +100,5 @@ def drill_market(
         clock=clock,
     )
     if nodes > 1:
-        return NodeMarket(levels, nodes, **common)  # type: ignore[arg-type]
-    return Market(outages, **common)  # type: ignore[arg-type]
+        return NodeMarket(levels, nodes, **common)
+    return Market(outages, **common)

@@ -7,6 +7,7 @@ import math
 import signal
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Self
 
@@ -19,7 +20,7 @@ MODES = ("aws", "azure", "gcp", "sigterm", "kill")
 (Kubernetes, Slurm), then SIGKILL when the window ends; or SIGKILL at once, with no warning (``kill``)."""
 
 
-class MarketLoop:
+class MarketLoop(ABC):
     """What both markets share: the drill clock, the schedule's thread, the emulated endpoints' lifecycle.
     A subclass sets ``clock``, ``window_s``, ``_emulators`` and ``_run`` and calls :meth:`_open` first."""
 
@@ -37,8 +38,9 @@ class MarketLoop:
         self._t0 = self.clock()
         self._thread = threading.Thread(target=self._run, name="spotsafe-market", daemon=True)
 
+    @abstractmethod
     def _run(self) -> None:
-        raise NotImplementedError
+        """The schedule, on the market's thread."""
 
     def now(self) -> float:
         """Drill seconds since the market opened."""

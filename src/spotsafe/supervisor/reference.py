@@ -179,7 +179,7 @@ def final_states(url: str | Path) -> dict[str, FinalState | None]:
         if len(done) < batch.spec.shards:
             return {"": None}
         output = {record.key: storage.read(record.key) for _, record in sorted(done.items())}
-        return {"": FinalState(done_items(batch), {"output": output})}
+        return {"": FinalState(done_items(done), {"output": output})}
     repo = CheckpointRepository(storage)
     together = _newest_sharded(repo)
     if together is not None:

@@ -15,7 +15,7 @@ def newest_step(url: str) -> int | None:
     storage = open_storage(url)
     batch = open_existing(storage)
     if batch is not None:
-        return done_items(batch) or None
+        return done_items(batch.done()) or None
     refs = CheckpointRepository(storage).committed()
     if refs:
         return max(refs).step
