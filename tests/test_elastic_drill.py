@@ -64,6 +64,13 @@ def found_none(run: Path, after: int) -> list[int]:
     return [asked[e.number] for e in ends if e.exit_class == "no_capacity"]  # type: ignore[attr-defined]
 
 
+def backing_off(run: Path, at_least: float) -> bool:
+    """The supervisor's last decision is a relaunch after ``at_least`` seconds or more (it is sleeping)."""
+    logged = [e.event for e in read_events(run / EVENTS_FILE) if e.event.type in ("retry_decided", "attempt_started")]
+    last = logged[-1] if logged else None
+    return last is not None and last.type == "retry_decided" and last.delay_s >= at_least  # type: ignore[attr-defined]
+
+
 def test_the_market_takes_one_node_of_two_and_the_job_goes_on_on_one_then_grows_back(tmp_path: Path) -> None:
     command = elastic_command(free_port())
     reference = tmp_path / "reference"
@@ -97,8 +104,10 @@ def test_the_market_takes_one_node_of_two_and_the_job_goes_on_on_one_then_grows_
         assert isinstance(market, NodeMarket)
         one_node = max(market.started)
         wait_until(lambda: ended(store, one_node), "the one-node attempt to stop", timeout=PROCESS_HANG_S)
-        # Once the supervisor has found no capacity for two nodes and then for one, both come back.
-        wait_until(lambda: found_none(run, one_node) == [2, 1], "asks for 2 and 1 nodes", timeout=PROCESS_HANG_S)
+        # Once the supervisor has found no capacity for two nodes and then for one, and waits in its backoff
+        # (not between an ask for two and one for one), both come back: its next ask, for two, finds them.
+        wait_until(lambda: found_none(run, one_node)[:2] == [2, 1], "asks for 2 and 1 nodes", timeout=PROCESS_HANG_S)
+        wait_until(lambda: backing_off(run, 1.5), "a backoff of 1.5 s or more", timeout=PROCESS_HANG_S)
         drill.clock.set(3.0)
 
     drill = Drill(config)
