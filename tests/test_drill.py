@@ -26,6 +26,7 @@ import urllib3
 from rich.console import Console
 
 from spotsafe.cli.drill_report import print_drill
+from spotsafe.engine.emergency_save import ALREADY_SAVED
 from spotsafe.errors import ConfigError
 from spotsafe.notices.base import NoticeBoard, NoticeSource
 from spotsafe.notices.detect import build_sources, detect
@@ -1101,8 +1102,9 @@ def test_cli_drill_through_azure_notices(tmp_path: Path, held_reference: tuple[P
     reference, reference_s = held_reference
     marker = json.loads((reference / REFERENCE_MARKER).read_text(encoding="utf-8"))
     assert marker == {"command": list(HELD), "seconds": reference_s, "nodes": 1}
-    # One tick per drill second: one outage, at 5 s. The job holds at step 20 until it comes; if it comes first (a
-    # slow start), the notice waits on the endpoint, well inside the 20 s window, and the job stops at its first step.
+    # One tick per drill second: one outage, at 5 s. The job holds at step 20 until it comes, then saves at step 21.
+    # If it comes first (a slow start), the notice waits on the endpoint, well inside the 20 s window, and the job
+    # stops at its next step, or during its restore with nothing trained to save.
     trace = write_trace(tmp_path / "zone-b.json", [1] * 5 + [0] + [1] * 20)
     workdir = tmp_path / "drill"
     args = ["--workdir", str(workdir), "--reference", str(reference), "--trace", str(trace), "--trace-start", "0"]
@@ -1119,7 +1121,12 @@ def test_cli_drill_through_azure_notices(tmp_path: Path, held_reference: tuple[P
     assert doc["interruptions"] == 1, doc
     assert doc["final_step_reference"] == doc["final_step_drill"] == HELD_STEPS
     assert doc["exit_classes"].get("preempted", 0) == 1, doc
-    assert doc["emergency_saves"] >= 1
+    planned = [e.event for e in events_of(workdir / "run") if isinstance(e.event, ev.EmergencyPlanned)]
+    assert len(planned) == 1, planned
+    if planned[0].choice == ALREADY_SAVED:  # a slow start: the notice came at step 0 or at an interval save's step
+        assert planned[0].step % 5 == 0 and doc["emergency_saves"] == 0
+    else:
+        assert doc["emergency_saves"] == 1
     assert 0 < doc["goodput"] <= 1
     assert doc["spot_price"] == 0.918 and doc["on_demand_price"] == 3.06  # the defaults
     assert doc["on_demand_cost"] == pytest.approx(3.06 * doc["reference_seconds"] / 3600)

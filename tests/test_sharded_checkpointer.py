@@ -19,9 +19,12 @@ import pytest
 import torch
 
 import spotsafe
+from spotsafe.engine.agreement import rank_url
+from spotsafe.engine.emergency_save import ALREADY_SAVED
 from spotsafe.exit_codes import EXIT_PREEMPTED, EXIT_USAGE
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.repository import CheckpointRepository
+from spotsafe.telemetry import EVENTS_FILE, read_events
 
 from .conftest import wait_until
 from .test_sharded import assert_equal_trees
@@ -64,7 +67,14 @@ def test_a_sigterm_to_one_rank_stops_both_and_the_resumed_fsdp_run_is_bit_identi
     repo = CheckpointRepository(LocalStorage(url))
     newest = repo.read_manifest(repo.committed()[0])
     assert newest.metadata["layout"] == "sharded" and newest.metadata["world_size"] == 2
-    assert 5 < newest.step < 300 and newest.writer["reason"] == "notice"
+    assert 5 < newest.step < 300
+    # Every rank stopped at the step of the newest checkpoint. Its save is the notice's, unless the ranks
+    # agreed to stop at a step the interval policy (every 3 steps) had just saved: then nothing new is saved.
+    logs = [Path(rank_url(url, rank)) / EVENTS_FILE for rank in (0, 1)]
+    planned = [e.event for log in logs for e in read_events(log) if e.event.type == "emergency_planned"]
+    assert len(planned) == 2 and {e.step for e in planned} == {newest.step}
+    expected = "interval" if {e.choice for e in planned} == {ALREADY_SAVED} else "notice"
+    assert newest.writer["reason"] == expected and (expected == "notice" or newest.step % 3 == 0)
     assert run(2, url=url, launch="second", **common) == [0, 0]
     assert json.loads((out / "restored-second.json").read_text())["step"] == newest.step
     assert_equal_trees(final(out, "ref"), final(out, "second"))
