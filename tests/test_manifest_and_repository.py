@@ -5,20 +5,31 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 import xxhash
 
-from spotsafe.errors import CorruptCheckpointError, PermanentStorageError, StorageError, UnsafeCheckpointError
+from spotsafe.errors import (
+    CorruptCheckpointError,
+    PermanentStorageError,
+    StorageError,
+    TransientStorageError,
+    UnsafeCheckpointError,
+)
+from spotsafe.storage import parallel_read
 from spotsafe.storage.base import Storage, local_paths
-from spotsafe.storage.hashing import HashAsRead
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.manifest import MANIFEST_NAME, Manifest, new_hasher
+from spotsafe.storage.parallel_read import part_bounds
 from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CHECKPOINTS, CheckpointRef, CheckpointRepository
+from spotsafe.storage.retry import RetryingStorage, StorageRetry
+from spotsafe.storage.wrapper import StorageWrapper
+
+from .conftest import PROCESS_HANG_S
 
 BLOBS = {"model.bin": bytes(range(256)) * 40 + b"tail", "state.json": b'{"step": 1}', "empty.bin": b""}
 
@@ -566,39 +577,147 @@ def test_storage_basics(storage: Storage) -> None:
     assert path is None or not path.exists()
 
 
-# -- checksums computed while a blob is read ---------------------------------------------
+# -- blobs read as parallel parts, checksummed in order ---------------------------------------------
+
+
+@pytest.fixture
+def small_parts(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Parts of 1000 bytes, 3 in flight: BLOBS' model.bin (10244 bytes) is read as 11 ranged reads."""
+    monkeypatch.setattr(parallel_read, "PART", 1000)
+    monkeypatch.setattr(parallel_read, "READERS", 3)
+    return 1000
+
+
+def test_part_bounds_cover_the_blob_once() -> None:
+    assert part_bounds(0, 10) == [(0, 0)]
+    assert part_bounds(10, 10) == [(0, 10)]
+    assert part_bounds(25, 10) == [(0, 10), (10, 10), (20, 5)]
+
+
+def test_a_blob_read_in_parts_loads_back_and_verifies(repo: CheckpointRepository, small_parts: int) -> None:
+    ref = save(repo, 3)
+    loaded = repo.load(ref)
+    assert {name: bytes(data) for name, data in loaded.blobs.items()} == BLOBS
+    assert repo.verify(ref) == loaded.manifest
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip, _grow, _delete_blob], ids=lambda f: f.__name__.strip("_"))
+def test_damage_in_any_part_is_detected(
+    repo: CheckpointRepository, storage: Storage, small_parts: int, damage: Any
+) -> None:
+    ref = save(repo, 4)
+    damage(storage, ref)
+    with pytest.raises(CorruptCheckpointError):
+        repo.load(ref)
+    with pytest.raises(CorruptCheckpointError):
+        repo.verify(ref)
+
+
+@pytest.mark.parametrize("where", [0, 999, 1000, 5500, 10243])
+def test_a_flipped_byte_in_any_part_fails_the_checksum(
+    repo: CheckpointRepository, storage: Storage, small_parts: int, where: int
+) -> None:
+    ref = save(repo, 4)
+    key = f"{ref.key}/model.bin"
+    data = bytearray(storage.read(key))
+    data[where] ^= 0x80
+    storage.write_atomic(key, bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"model\.bin fails its checksum"):
+        repo.load(ref)
+
+
+class _Shrinking(StorageWrapper):
+    """Says a blob has the size the manifest recorded, but ``cut`` bytes of it are gone (as if truncated between
+    the size check and the read)."""
+
+    def __init__(self, inner: Storage, cut: int) -> None:
+        super().__init__(inner)
+        self.cut = cut
+
+    def size(self, key: str) -> int:
+        return self.inner.size(key) + (self.cut if key.endswith("model.bin") else 0)
+
+
+def test_a_blob_that_ends_inside_a_part_says_where(local: LocalStorage, small_parts: int) -> None:
+    ref = save(CheckpointRepository(local, clock=Clock()), 5)
+    key = f"{ref.key}/model.bin"
+    local.write_atomic(key, local.read(key)[:4321])
+    repo = CheckpointRepository(_Shrinking(local, 10244 - 4321), clock=Clock())
+    with pytest.raises(CorruptCheckpointError, match="ended after 4321 of 10244 bytes"):
+        repo.load(ref)
+
+
+class _FailOnce(StorageWrapper):
+    """The first read at each offset in ``offsets`` scribbles over its part of the buffer, then fails transiently."""
+
+    def __init__(self, inner: Storage, offsets: set[int]) -> None:
+        super().__init__(inner)
+        self.offsets = set(offsets)
+        self.failed: list[int] = []
+        self.lock = threading.Lock()
+
+    def read_into(self, key: str, buffer: bytearray | memoryview, progress: Any = None, *, offset: int = 0) -> int:
+        with self.lock:
+            fail = key.endswith("model.bin") and offset in self.offsets
+            self.offsets.discard(offset) if fail else None
+        if fail:
+            memoryview(buffer)[:] = b"\xee" * memoryview(buffer).nbytes
+            self.failed.append(offset)
+            raise TransientStorageError(f"connection reset reading {key} at {offset}")
+        return self.inner.read_into(key, buffer, progress, offset=offset)
+
+
+def test_a_failed_part_is_retried_alone_and_leaves_nothing_in_the_digest(local: LocalStorage, small_parts: int) -> None:
+    ref = save(CheckpointRepository(local, clock=Clock()), 6)
+    flaky = _FailOnce(local, {0, 3000, 10000})
+    reads: list[int] = []
+    counting = _Counting(flaky, reads)
+    retrying = RetryingStorage(counting, StorageRetry(budget_s=60, initial=0.0), sleep=lambda s: None)
+    loaded = CheckpointRepository(retrying, clock=Clock()).load(ref)
+    assert {name: bytes(data) for name, data in loaded.blobs.items()} == BLOBS
+    assert sorted(flaky.failed) == [0, 3000, 10000]
+    assert len(reads) == 11 + 3  # every part once, and the three that failed once more
+
+
+class _Counting(StorageWrapper):
+    def __init__(self, inner: Storage, reads: list[int]) -> None:
+        super().__init__(inner)
+        self.reads = reads
+
+    def read_into(self, key: str, buffer: bytearray | memoryview, progress: Any = None, *, offset: int = 0) -> int:
+        if key.endswith("model.bin"):
+            self.reads.append(offset)
+        return self.inner.read_into(key, buffer, progress, offset=offset)
+
+
+def test_closing_the_reads_early_waits_for_the_reads_in_flight(local: LocalStorage, small_parts: int) -> None:
+    """After the caller stops (an error in an earlier blob), no reader writes into a buffer any more."""
+    ref = save(CheckpointRepository(local, clock=Clock()), 7)
+    blocked, release = threading.Event(), threading.Event()
+    began: list[int] = []
+    ended: list[int] = []
+
+    class Held(StorageWrapper):
+        def read_into(self, key: str, buffer: bytearray | memoryview, progress: Any = None, *, offset: int = 0) -> int:
+            if key.endswith("second"):
+                began.append(offset)
+                blocked.set()
+                release.wait()
+            n = self.inner.read_into(f"{ref.key}/model.bin", buffer, progress, offset=offset)
+            ended.append(offset) if key.endswith("second") else None
+            return n
+
+    first, second = memoryview(bytearray(10244)), memoryview(bytearray(10244))
+    reads = parallel_read.read_blobs(Held(local), [("first", first), ("second", second)])
+    assert next(reads) == (10244, _digest(BLOBS["model.bin"]))
+    assert blocked.wait(PROCESS_HANG_S)  # reads of the second blob are in flight
+    threading.Timer(0.1, release.set).start()  # most likely while close() waits; either way nothing may outlive it
+    reads.close()
+    assert sorted(began) == sorted(ended) and len(began) <= 11
+    assert not [t for t in threading.enumerate() if t.name.startswith("spotsafe-read")]
 
 
 def _digest(data: bytes | bytearray) -> str:
     hasher = new_hasher()
     hasher.update(data)
     return str(hasher.hexdigest())
-
-
-def _fill(buffer: bytearray, data: bytes, progress: Callable[[int], None], piece: int) -> None:
-    progress(0)
-    for start in range(0, len(data), piece):
-        buffer[start : start + piece] = data[start : start + piece]
-        progress(min(start + piece, len(data)))
-
-
-def test_hash_as_read_matches_a_hash_of_the_whole_buffer() -> None:
-    data = os.urandom(5 * 2**20 + 123)
-    buffer = bytearray(len(data))
-    hashing = HashAsRead(memoryview(buffer))
-    _fill(buffer, data, hashing.progress, 2**20)
-    assert hashing.finish() == _digest(data)
-
-
-def test_hash_as_read_hashes_what_a_retried_read_left_in_the_buffer() -> None:
-    """A first attempt that read other bytes must not leave its bytes in the digest."""
-    good = os.urandom(3 * 2**20)
-    buffer = bytearray(len(good))
-    hashing = HashAsRead(memoryview(buffer))
-    _fill(buffer, os.urandom(len(good)), hashing.progress, 2**20)  # attempt 1: other bytes, then a retry
-    _fill(buffer, good, hashing.progress, 2**20)
-    assert hashing.finish() == _digest(good)
-    hashing = HashAsRead(memoryview(buffer))
-    buffer[:] = os.urandom(len(good))
-    hashing.progress(len(good))  # a short or damaged read: the digest is of what the buffer holds
-    assert hashing.finish() == _digest(buffer) != _digest(good)

@@ -18,18 +18,19 @@ overrides what verification says.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from spotsafe.errors import CorruptCheckpointError
 from spotsafe.storage.base import TMP_MARKER, BlobNotFoundError, Buffer, Storage, new_buffer
-from spotsafe.storage.hashing import HashAsRead
 from spotsafe.storage.json_limits import MANIFEST_LIMITS
 from spotsafe.storage.layout import CHECKPOINTS, LATEST, CheckpointRef, blob_key
 from spotsafe.storage.manifest import MANIFEST_NAME, BlobEntry, Manifest
+from spotsafe.storage.parallel_read import read_blobs
 from spotsafe.storage.pending import FenceCheck, PendingCheckpoint
 
 __all__ = [
@@ -185,22 +186,31 @@ class CheckpointRepository:
 
     def read_blob(self, ref: CheckpointRef, entry: BlobEntry) -> Buffer:
         """Read one blob, verifying its size and checksum. Returns writable memory of exactly its size."""
-        self._checked_size(ref, entry)
-        buffer = new_buffer(entry.size)
-        hashing = HashAsRead(memoryview(buffer))
-        try:
-            got = self.storage.read_into(blob_key(ref, entry), buffer, hashing.progress)
-        except BlobNotFoundError as err:
-            raise CorruptCheckpointError(f"blob {entry.ref} is missing", checkpoint=ref.name) from err
-        finally:
-            digest = hashing.finish()
-        if got != entry.size:
-            raise CorruptCheckpointError(
-                f"blob {entry.ref} ended after {got} of {entry.size} bytes", checkpoint=ref.name
-            )
-        if digest != entry.checksum:
-            raise CorruptCheckpointError(f"blob {entry.ref} fails its checksum", checkpoint=ref.name)
+        [(_, buffer)] = self._read_verified(ref, [entry])
         return buffer
+
+    def _read_verified(self, ref: CheckpointRef, entries: Sequence[BlobEntry]) -> Iterator[tuple[BlobEntry, Buffer]]:
+        """Read ``entries`` in parallel parts (:func:`~spotsafe.storage.parallel_read.read_blobs`); yield each,
+        in order, once its size and checksum are verified. Raises :class:`CorruptCheckpointError`."""
+        for entry in entries:
+            self._checked_size(ref, entry)
+        buffers = [new_buffer(entry.size) for entry in entries]
+        reads = read_blobs(
+            self.storage, [(blob_key(ref, e), memoryview(b)) for e, b in zip(entries, buffers, strict=True)]
+        )
+        with contextlib.closing(reads):
+            for entry, buffer in zip(entries, buffers, strict=True):
+                try:
+                    got, digest = next(reads)
+                except BlobNotFoundError as err:
+                    raise CorruptCheckpointError(f"blob {entry.ref} is missing", checkpoint=ref.name) from err
+                if got != entry.size:
+                    raise CorruptCheckpointError(
+                        f"blob {entry.ref} ended after {got} of {entry.size} bytes", checkpoint=ref.name
+                    )
+                if digest != entry.checksum:
+                    raise CorruptCheckpointError(f"blob {entry.ref} fails its checksum", checkpoint=ref.name)
+                yield entry, buffer
 
     def read_range(self, ref: CheckpointRef, entry: BlobEntry, offset: int, length: int) -> Buffer:
         """``length`` bytes of a blob from ``offset`` on, *not* verified: the caller checks them against a
@@ -228,8 +238,8 @@ class CheckpointRepository:
         """Read and verify every blob of ``ref``. Raises :class:`CorruptCheckpointError`."""
         manifest = self.read_manifest(ref)
         blobs: dict[str, Buffer] = {}
-        for entry in manifest.blobs:
-            blobs[entry.ref] = self.read_blob(ref, entry)
+        for entry, buffer in self._read_verified(ref, manifest.blobs):  # all at once: parts of each in flight
+            blobs[entry.ref] = buffer
             if progress is not None:
                 progress(entry.size)
         return LoadedCheckpoint(ref=ref, manifest=manifest, blobs=blobs)
