@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -19,9 +20,10 @@ import torch
 from torch import nn
 
 import spotsafe
+from spotsafe.engine import staging
 from spotsafe.engine.lifecycle import SnapshotTornError
 from spotsafe.engine.reader import load_state
-from spotsafe.engine.staging import CHUNK, parse_budget
+from spotsafe.engine.staging import CHUNK, StagingArea, parse_budget
 from spotsafe.errors import (
     ConfigError,
     CorruptCheckpointError,
@@ -747,6 +749,68 @@ def test_staging_memory_is_reported_and_reused(tmp_path: Path) -> None:
     assert len(reported) == 3 and len(set(reported)) == 1
     assert tensors < reported[0] == job.ckpt.staging_bytes <= 64 * 2**20
     job.ckpt.close()
+
+
+def staging_of(job: Job) -> StagingArea:
+    return job.ckpt._saves.saver.area  # type: ignore[union-attr]
+
+
+def test_staging_is_prepared_after_the_first_step_and_the_first_save_uses_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    niceness: list[int] = []
+    touch = staging._touch
+    monkeypatch.setattr(staging, "_touch", lambda b: (niceness.append(os.getpriority(0, 0)), touch(b)))
+    job = build(tmp_path, frozen=False)
+    area = staging_of(job)
+    job.step()  # the optimizer's state exists from here on: its slots are prepared in the background
+    area.take_prepared()
+    prepared = {key: slot.buffer.data_ptr() for key, slot in area.slots.items()}
+    params = sum(p.numel() * 4 for p in job.model.parameters())
+    assert sum(slot.nbytes for slot in area.slots.values()) >= 3 * params  # params, exp_avg, exp_avg_sq
+    assert niceness and set(niceness) == {19}  # on a thread at the lowest priority (Linux: per thread)
+    expected = job.state()
+    ref = job.saved()
+    assert {key: slot.buffer.data_ptr() for key, slot in area.slots.items()} == prepared  # nothing allocated anew
+    assert not diff(restored_state(tmp_path, ref), expected)
+    job.step()
+    expected = job.state()
+    assert not diff(restored_state(tmp_path, job.saved()), expected)
+    job.ckpt.close()
+
+
+def test_after_a_restore_the_slots_no_loaded_bytes_became_are_prepared(tmp_path: Path) -> None:
+    job = build(tmp_path, frozen=False, seed=5)
+    job.step()
+    job.saved()
+    job.ckpt.close()
+    again = build(tmp_path, frozen=False, seed=6)
+    assert again.ckpt.restore() == 1
+    area = staging_of(again)
+    adopted = dict(area.slots)  # loaded bytes nothing uses: load_state_dict copied them into the model
+    assert {key[0] for key in adopted} == {"model", "rng"}  # the optimizer keeps the tensors it was given
+    area.take_prepared()
+    assert {key[0] for key in area.slots} >= {"model", "optimizer"}
+    assert all(area.slots[key] is slot for key, slot in adopted.items())
+    prepared = {key: slot.buffer.data_ptr() for key, slot in area.slots.items()}
+    again.step()
+    expected = again.state()
+    ref = again.saved()
+    assert {key: slot.buffer.data_ptr() for key, slot in area.slots.items()} == prepared
+    assert not diff(restored_state(tmp_path, ref), expected)
+    again.ckpt.close()
+
+
+def test_no_staging_is_prepared_beyond_the_budget_or_for_direct_saves(tmp_path: Path) -> None:
+    for name, options in (("small", {"staging_budget": "1MiB"}), ("direct", {"async_save": False})):
+        job = build(tmp_path / name, frozen=False, **options)
+        job.step()
+        area = staging_of(job)
+        area.take_prepared()
+        assert area.slots == {}
+        expected = job.state()
+        assert not diff(restored_state(tmp_path / name, job.saved()), expected)
+        job.ckpt.close()
 
 
 def test_async_save_false_commits_before_save_returns(tmp_path: Path) -> None:

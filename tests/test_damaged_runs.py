@@ -205,11 +205,11 @@ class ReadsFail:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def read_into(self, key: str, buffer: Buffer, progress: ReadProgress | None = None) -> int:
+    def read_into(self, key: str, buffer: Buffer, progress: ReadProgress | None = None, *, offset: int = 0) -> int:
         if key.endswith(".bin"):
             self.failed += 1
             raise TransientStorageError(f"{key}: connection reset")
-        return self.inner.read_into(key, buffer, progress)
+        return self.inner.read_into(key, buffer, progress, offset=offset)
 
 
 def test_a_transient_error_that_outlives_the_retry_budget_is_not_damage(tmp_path: Path) -> None:

@@ -447,11 +447,11 @@ class NoticeDuringRestore(LocalStorage):
         super().__init__(root)
         self.hook: Callable[[], None] | None = hook
 
-    def read_into(self, key: str, buffer: Any, progress: Any = None) -> int:
+    def read_into(self, key: str, buffer: Any, progress: Any = None, *, offset: int = 0) -> int:
         hook, self.hook = self.hook, None
         if hook is not None:
             hook()
-        return super().read_into(key, buffer, progress)
+        return super().read_into(key, buffer, progress, offset=offset)
 
 
 @pytest.mark.parametrize("when", ["before", "during"])

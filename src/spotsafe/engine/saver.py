@@ -89,6 +89,8 @@ class Saver:
         self.background, self.incremental, self.overlap = background, incremental, overlap
         self._owned, self._clock = owned, clock
         self._known: dict[str, BlobEntry] = {}
+        self.prepared = False
+        """Whether staging was prepared ahead of the first save (:meth:`prepare`)."""
         self._job: SaveJob | None = None
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -225,8 +227,18 @@ class Saver:
             self.area.adopt(key, tensor, locations_of(entry, name))
         self._remember(loaded.ref, loaded.manifest)
 
+    def prepare(self, snapshot: Snapshot) -> None:
+        """Prepare staging slots for ``snapshot``'s tensors while training runs (once per process; see
+        :meth:`~spotsafe.engine.staging.StagingArea.prepare`), so the first save does not allocate them."""
+        if self.prepared:
+            return
+        self.prepared = True
+        if self.background:
+            self.area.prepare([((p.name, i), t) for p in snapshot.components for i, t in enumerate(p.tensors)])
+
     def close(self) -> None:
         self.wait()
+        self.area.take_prepared()
         atexit.unregister(self._exit_hook)
 
     def _stage(self, job: SaveJob, items: list[tuple[TensorKey, torch.Tensor]]) -> None:

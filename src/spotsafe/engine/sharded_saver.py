@@ -76,6 +76,12 @@ class ShardedSaver:
     def adopt(self, *args: object) -> None:
         return None  # nothing to keep from a restore: DCP stages anew each save
 
+    prepared = True
+    """No staging memory of its own to prepare ahead (DCP stages anew each save)."""
+
+    def prepare(self, *args: object) -> None:
+        return None
+
     def close(self) -> None:
         self._ended.wait()
 

@@ -33,7 +33,9 @@ changed chunks is copied with one ``Tensor.copy_`` (torch's own threads).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -43,6 +45,8 @@ import torch
 
 from spotsafe.errors import ConfigError
 from spotsafe.storage.base import HUGE, new_buffer
+
+log = logging.getLogger("spotsafe")
 
 CHUNK = 1 << 20
 """Change-detection granularity in bytes."""
@@ -153,6 +157,8 @@ class StagingArea:
         self.slots: dict[TensorKey, Slot] = {}
         self._threads = max(1, min(4, os.cpu_count() or 1) if threads is None else threads)
         self._bounce: torch.Tensor | None = None
+        self._preparing: threading.Thread | None = None
+        self._prepared: dict[TensorKey, Slot] = {}
 
     @property
     def reserved_bytes(self) -> int:
@@ -170,8 +176,56 @@ class StagingArea:
         return need <= self.budget
 
     def release_except(self, keys: set[TensorKey]) -> None:
+        self.take_prepared()
         for key in [k for k in self.slots if k not in keys]:
             del self.slots[key]
+
+    # -- preparing slots ahead of the first save ------------------------------------
+    def prepare(self, items: Sequence[tuple[TensorKey, torch.Tensor]]) -> bool:
+        """Allocate and fault in the slots ``items`` will need, on a low-priority thread; whether it started.
+
+        A process's first save would otherwise allocate all its staging memory on the training thread, and
+        touching fresh memory page by page costs several times the copy itself. Preparing it while training
+        runs (after a restore, or after the first step of a fresh run) makes the first save, often the
+        emergency save soon after a restart, cost what a steady-state save costs. Only within the budget;
+        tensors that already have a fitting slot (adopted from a restore) are left alone. The next
+        :meth:`stage` takes what was prepared, waiting for the rest if the thread is still at work.
+        """
+        if self._preparing is not None or not self.fits(items):
+            return False
+        todo = [(key, _Shape.of(t)) for key, t in items if not self._fitting(self.slots.get(key), t)]
+        if not todo:
+            return False
+        self._preparing = threading.Thread(target=self._prepare, args=(todo,), name="spotsafe-prepare", daemon=True)
+        self._preparing.start()
+        return True
+
+    def take_prepared(self) -> None:
+        """Wait for the preparing thread, if any, and make what it prepared the slots."""
+        if self._preparing is None:
+            return
+        self._preparing.join()
+        self._preparing = None
+        for key, slot in self._prepared.items():
+            held = self.slots.get(key)  # adopted from a restore meanwhile: keep it, it may be shared
+            if held is None or (held.nbytes, held.dtype, held.shape) != (slot.nbytes, slot.dtype, slot.shape):
+                self.slots[key] = slot
+        self._prepared = {}
+
+    def _prepare(self, todo: list[tuple[TensorKey, _Shape]]) -> None:
+        _lower_priority()
+        try:
+            for key, shape in todo:
+                slot = self._new_slot(shape)
+                if not shape.pinned:
+                    _touch(slot.buffer)
+                self._prepared[key] = slot
+        except (MemoryError, RuntimeError) as err:  # the save allocates what is missing (and reports any error)
+            log.info("spotsafe: staging memory not prepared ahead (%s); the next save allocates it", err)
+
+    @staticmethod
+    def _fitting(slot: Slot | None, tensor: torch.Tensor) -> bool:
+        return slot is not None and slot.nbytes == nbytes_of(tensor) and _Shape.of(tensor).matches(slot)
 
     def forget_locations(self) -> None:
         """No slot's bytes may be shared any more (the next save writes every chunk)."""
@@ -185,6 +239,7 @@ class StagingArea:
         Dirty chunks lose their location here (the slot no longer matches it);
         :meth:`committed` gives them their new one.
         """
+        self.take_prepared()
         staged: list[StagedTensor] = []
         pending: list[tuple[StagedTensor, _Work, torch.Tensor]] = []
         for key, tensor in items:
@@ -213,20 +268,22 @@ class StagingArea:
         return staged
 
     def _slot(self, key: TensorKey, tensor: torch.Tensor) -> Slot:
-        nbytes = nbytes_of(tensor)
         slot = self.slots.get(key)
-        if slot is None or slot.nbytes != nbytes or slot.dtype != tensor.dtype or slot.shape != tuple(tensor.shape):
-            if tensor.device.type == "cuda" and torch.cuda.is_available():
-                buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-            elif nbytes >= HUGE:
-                buffer = torch.frombuffer(new_buffer(nbytes), dtype=torch.uint8)
-            else:
-                buffer = torch.empty(nbytes, dtype=torch.uint8)
-            slot = Slot(
-                buffer=buffer, dtype=tensor.dtype, shape=tuple(tensor.shape), locations=[None] * _chunks(nbytes)
-            )
-            self.slots[key] = slot
+        if not self._fitting(slot, tensor):
+            slot = self.slots[key] = self._new_slot(_Shape.of(tensor))
+        assert slot is not None
         return slot
+
+    @staticmethod
+    def _new_slot(shape: _Shape) -> Slot:
+        nbytes = shape.nbytes
+        if shape.pinned:
+            buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        elif nbytes >= HUGE:
+            buffer = torch.frombuffer(new_buffer(nbytes), dtype=torch.uint8)
+        else:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return Slot(buffer=buffer, dtype=shape.dtype, shape=shape.shape, locations=[None] * _chunks(nbytes))
 
     def _run(self, work: list[_Work]) -> dict[int, list[int]]:
         """Find the chunks that differ (``memcmp``, spread over the threads), then copy them.
@@ -307,6 +364,42 @@ class StagingArea:
         """
         flat = data.reshape(-1).view(torch.uint8)
         self.slots[key] = Slot(buffer=flat, dtype=data.dtype, shape=tuple(data.shape), locations=list(locations))
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What a slot is made for: a tensor's bytes, dtype and shape, and whether it lives on a GPU (pinned)."""
+
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    pinned: bool
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> _Shape:
+        pinned = tensor.device.type == "cuda" and torch.cuda.is_available()
+        return cls(nbytes_of(tensor), tensor.dtype, tuple(tensor.shape), pinned)
+
+    def matches(self, slot: Slot) -> bool:
+        return slot.dtype == self.dtype and slot.shape == self.shape
+
+
+PAGE = 4096
+_TOUCH_PAGES = 16384
+"""Pages touched per call: few enough that torch fills them on this thread, not its worker pool."""
+
+
+def _touch(buffer: torch.Tensor) -> None:
+    """Fault in every page of fresh memory (one write per page; torch releases the GIL)."""
+    step = PAGE * _TOUCH_PAGES
+    for start in range(0, buffer.numel(), step):
+        buffer[start : start + step : PAGE].fill_(0)
+
+
+def _lower_priority() -> None:
+    """Run this thread at the lowest CPU priority, where the OS allows it (Linux: per thread)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _runs(chunks: Sequence[int], nbytes: int) -> Iterator[tuple[int, int]]:

@@ -21,6 +21,7 @@ from spotsafe.engine.step_decision import Exchange, StepContext, decide, flags_t
 from spotsafe.policy.adaptive import OnNotice
 from spotsafe.policy.interval import Choice, SaveContext
 from spotsafe.reasons import SaveReason
+from spotsafe.state.snapshot import Snapshot
 from spotsafe.storage.repository import CheckpointRef
 from spotsafe.telemetry import events as ev
 
@@ -69,7 +70,10 @@ class StepLoop:
 
     def step_done(self) -> bool:
         """One step completed (see :meth:`~spotsafe.Checkpointer.step_done`); whether a save went through."""
-        self.saves.saver.settle()
+        saver = self.saves.saver
+        saver.settle()
+        if not saver.prepared:  # the first step of a fresh run: the optimizer's state exists now
+            saver.prepare(Snapshot.capture(self.counters.step, self.components.states()))
         self.counters.step += 1
         epoch = self.components.loader_epoch()
         if epoch is not None:

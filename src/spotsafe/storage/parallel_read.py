@@ -67,6 +67,6 @@ def read_blobs(
 
 def _read_part(storage: Storage, key: str, view: memoryview, bounds: tuple[int, int]) -> int:
     offset, length = bounds
-    if not length:  # an empty blob: the read still says whether it exists
-        return storage.read_into(key, view[:0])
+    if not offset:  # as every Storage reads, also one written before ranged reads (an empty blob: one empty read)
+        return storage.read_into(key, view[:length])
     return storage.read_into(key, view[offset : offset + length], offset=offset)
