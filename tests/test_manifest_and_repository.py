@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from spotsafe.storage.base import Storage, local_paths
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.manifest import MANIFEST_NAME, Manifest, new_hasher
 from spotsafe.storage.parallel_read import part_bounds
+from spotsafe.storage.pending import HASH_INLINE
 from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CHECKPOINTS, CheckpointRef, CheckpointRepository
 from spotsafe.storage.retry import RetryingStorage, StorageRetry
@@ -118,6 +120,27 @@ def test_write_blob_records_size_and_checksum_of_what_the_source_yields(repo: Ch
     entry = pending.write_blob("x.bin", lambda: (memoryview(data)[i : i + 999] for i in range(0, len(data), 999)))
     assert entry.size == len(data)
     assert entry.checksum == xxhash.xxh3_128(data).hexdigest()
+
+
+def test_large_chunks_are_checksummed_alongside_their_write_even_from_a_reused_buffer(
+    repo: CheckpointRepository, storage: Storage
+) -> None:
+    """Chunks from HASH_INLINE bytes up are hashed on another thread while storage writes them; a source may refill
+    one buffer for its next chunk, so each must be hashed before the source is resumed."""
+    pieces = [os.urandom(HASH_INLINE + 17) for _ in range(6)] + [os.urandom(100)]
+
+    def refilled() -> Iterator[memoryview]:
+        buffer = bytearray(HASH_INLINE + 17)
+        for piece in pieces:
+            buffer[: len(piece)] = piece
+            yield memoryview(buffer)[: len(piece)]
+
+    pending = repo.begin(1)
+    entry = pending.write_blob("x.bin", refilled)
+    data = b"".join(pieces)
+    assert entry.size == len(data) and entry.checksum == xxhash.xxh3_128(data).hexdigest()
+    pending.commit(metadata={}, writer={})
+    assert bytes(repo.load(pending.ref).blobs["x.bin"]) == data
 
 
 def test_pending_checkpoint_is_invisible_until_commit(repo: CheckpointRepository) -> None:

@@ -35,7 +35,6 @@ import atexit
 import bisect
 import contextlib
 import functools
-import os
 import threading
 import time
 import weakref
@@ -50,14 +49,13 @@ from spotsafe.engine.plan import locations_of, make_plan
 from spotsafe.engine.staging import StagingArea, TensorKey, nbytes_of, version_of
 from spotsafe.engine.upload_stage import upload_staged
 from spotsafe.errors import CorruptCheckpointError
+from spotsafe.priority import WORKER_NICE, lower_priority
 from spotsafe.reasons import SaveReason
 from spotsafe.state.snapshot import STATE_BLOB, DecodedState, Snapshot
 from spotsafe.state.tensors import unpack
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.manifest import BlobEntry, Manifest
 from spotsafe.storage.repository import CheckpointRef, CheckpointRepository, LoadedCheckpoint
-
-WORKER_NICE = 10
 
 
 class Saver:
@@ -273,7 +271,7 @@ class Saver:
     def _run(self, job: SaveJob) -> None:
         manifest: Manifest | None = None
         error: BaseException | None = None
-        _lower_priority()
+        lower_priority(WORKER_NICE)
         try:
             if job.deferred:
                 try:
@@ -363,16 +361,6 @@ def _finish_at_exit(ref: weakref.ref[Saver]) -> None:
     if saver is not None:
         with contextlib.suppress(Exception):
             saver.wait()
-
-
-def _lower_priority() -> None:
-    """Give the save worker's CPU time to training first (Linux: a thread's own nice value).
-
-    Writing is mostly waiting for the disk; what CPU it needs (checksums, copies into the
-    page cache) should not slow the training threads. Best effort: other systems run it as is.
-    """
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICE)
 
 
 def _ranges(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:

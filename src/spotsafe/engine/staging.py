@@ -33,7 +33,6 @@ changed chunks is copied with one ``Tensor.copy_`` (torch's own threads).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -44,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spotsafe.errors import ConfigError
+from spotsafe.priority import PREPARE_NICE, lower_priority
 from spotsafe.storage.base import HUGE, new_buffer
 
 log = logging.getLogger("spotsafe")
@@ -213,7 +213,7 @@ class StagingArea:
         self._prepared = {}
 
     def _prepare(self, todo: list[tuple[TensorKey, _Shape]]) -> None:
-        _lower_priority()
+        lower_priority(PREPARE_NICE)
         try:
             for key, shape in todo:
                 slot = self._new_slot(shape)
@@ -394,12 +394,6 @@ def _touch(buffer: torch.Tensor) -> None:
     step = PAGE * _TOUCH_PAGES
     for start in range(0, buffer.numel(), step):
         buffer[start : start + step : PAGE].fill_(0)
-
-
-def _lower_priority() -> None:
-    """Run this thread at the lowest CPU priority, where the OS allows it (Linux: per thread)."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
 
 
 def _runs(chunks: Sequence[int], nbytes: int) -> Iterator[tuple[int, int]]:

@@ -10,12 +10,35 @@ own, so a save never writes into a committed checkpoint.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from spotsafe.errors import CorruptCheckpointError
+from spotsafe.priority import HASH_NICE, lower_priority
 from spotsafe.storage.base import BlobNotFoundError, Chunk, ChunkSource, Storage
 from spotsafe.storage.layout import CHECKPOINTS, CheckpointRef, blob_key
 from spotsafe.storage.manifest import MANIFEST_NAME, BlobEntry, Manifest, check_blob_name, new_hasher
+
+HASH_INLINE = 256 * 1024
+"""Chunks smaller than this are checksummed on the writing thread (a hand-off would cost more)."""
+
+_POOL: list[ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """The one thread that checksums chunks alongside their writes (started on first use, at low priority)."""
+    with _POOL_LOCK:
+        if not _POOL:
+            _POOL.append(ThreadPoolExecutor(1, "spotsafe-hash", initializer=lower_priority, initargs=(HASH_NICE,)))
+        return _POOL[0]
+
+
+# A forked child has the pool but not its thread: it starts its own.
+os.register_at_fork(after_in_child=_POOL.clear)
+
 
 FenceCheck = Callable[[], None]
 """Called right before a step that publishes or deletes; raises to stop a stale writer (see fencing)."""
@@ -76,8 +99,17 @@ class PendingCheckpoint:
             hasher = new_hasher()
             hashers.append(hasher)
             for chunk in source():
-                hasher.update(chunk)
-                yield chunk
+                if memoryview(chunk).nbytes < HASH_INLINE:
+                    hasher.update(chunk)
+                    yield chunk
+                    continue
+                # Checksummed on another thread while storage writes it (both only read it; xxhash and the
+                # write release the GIL); done before the source is asked for the next chunk, which may reuse it.
+                hashing = _hash_pool().submit(hasher.update, chunk)
+                try:
+                    yield chunk
+                finally:
+                    hashing.result()
 
         size = self._storage.write_stream(f"{self.ref.key}/{name}", hashed)
         entry = BlobEntry(path=name, size=size, checksum=hashers[-1].hexdigest())  # type: ignore[attr-defined]
