@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 AZURITE_SPEC ?= azurite@3.37.0
 AZURITE := .tools/node_modules/.bin/azurite-blob
 
-.PHONY: demo chaos test lint install azurite bench bench-notices bench-resume bench-keras bench-sharded bench-gpu bench-batch bench-first-step clean
+.PHONY: demo chaos test lint install azurite bench bench-notices bench-resume bench-keras bench-sharded bench-gpu bench-batch bench-first-step bench-goodput bench-gpu-save clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,12 @@ bench-batch: $(BIN)/.installed
 
 bench-first-step: $(BIN)/.installed
 	$(BIN)/python bench/first_step.py --one-stream
+
+bench-goodput: $(BIN)/.installed
+	$(BIN)/python bench/goodput.py
+
+bench-gpu-save: $(BIN)/.installed
+	$(BIN)/python bench/gpu.py
 
 clean:
 	rm -rf $(VENV) .tools spotsafe-demo spotsafe-drill .spotsafe .bench .pytest_cache .mypy_cache .ruff_cache
