@@ -506,10 +506,10 @@ def restore(state: State, root: Path, floor_file: Path, repeats: int = 5) -> Res
 def first_save_after_restore(state: State, root: Path, *, busy: bool, lead_s: float = 1.0, repeats: int = 3) -> float:
     """Stall of a process's first save, ``lead_s`` seconds of training after ``restore()`` (best of ``repeats``).
 
-    ``restore()`` prepares the staging memory its loaded bytes could not become (the optimizer keeps those) on a
-    low-priority thread. Training is simulated: ``busy`` changes every parameter and moment again and again on
-    every core (CPU training); otherwise the host mostly waits, as it does while a GPU computes. Every byte has
-    changed by the save, as in the steady-state row.
+    From the first ``step_done()`` after ``restore()``, a low-priority thread prepares the staging memory the
+    loaded bytes could not become (the optimizer keeps those). Training is simulated: ``busy`` changes every
+    parameter and moment again and again on every core (CPU training); otherwise the host mostly waits, as it
+    does while a GPU computes. Every byte has changed by the save, as in the steady-state row.
     """
     stalls = []
     with scratch(root, "first-save") as d:
@@ -530,11 +530,12 @@ def first_save_after_restore(state: State, root: Path, *, busy: bool, lead_s: fl
             )
             again.restore()
             until = time.perf_counter() + lead_s
-            while time.perf_counter() < until:
+            while time.perf_counter() < until:  # steps: the first step_done() starts preparing staging memory
                 if busy:
                     state.perturb(1.0)
                 else:
                     time.sleep(0.01)
+                again.step_done()
             state.perturb(1.0)
             start = time.perf_counter()
             again.save()

@@ -178,7 +178,6 @@ def restore_newest(
     step = components.counters.step
     live = Snapshot.capture(step, components.states())
     saver.adopt(state.checkpoint, state.decoded, [t for p in live.components for t in p.tensors])
-    saver.prepare(live)  # the slots no loaded bytes could become, made ready while training starts
     restored(step)
     emit(
         ev.RestoreCompleted,

@@ -186,9 +186,10 @@ class StagingArea:
 
         A process's first save would otherwise allocate all its staging memory on the training thread, and
         touching fresh memory page by page costs several times the copy itself. Preparing it while training
-        runs (after a restore, or after the first step of a fresh run) makes the first save, often the
-        emergency save soon after a restart, cost what a steady-state save costs. Only within the budget;
-        tensors that already have a fitting slot (adopted from a restore) are left alone. The next
+        runs (from the process's first ``step_done()`` on: not during the first step, whose own fresh memory
+        would compete with it) makes the first save, often the emergency save soon after a restart, cost what
+        a steady-state save costs. Only within the budget; tensors that already have a fitting slot (adopted
+        from a restore) are left alone. The next
         :meth:`stage` takes what was prepared, waiting for the rest if the thread is still at work.
         """
         if self._preparing is not None or not self.fits(items):

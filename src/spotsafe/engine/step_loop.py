@@ -72,7 +72,7 @@ class StepLoop:
         """One step completed (see :meth:`~spotsafe.Checkpointer.step_done`); whether a save went through."""
         saver = self.saves.saver
         saver.settle()
-        if not saver.prepared:  # the first step of a fresh run: the optimizer's state exists now
+        if not saver.prepared:  # the process's first step is done, undisturbed; the optimizer's state exists now
             saver.prepare(Snapshot.capture(self.counters.step, self.components.states()))
         self.counters.step += 1
         epoch = self.components.loader_epoch()
