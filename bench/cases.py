@@ -95,6 +95,13 @@ def make_state(target_bytes: int, width: int = 2048) -> State:
     return state
 
 
+def checkpointer(state: State, url: Path, **options: Any) -> spotsafe.Checkpointer:
+    """A Checkpointer of ``state``'s model and optimizer at ``url``: no signal handlers, one checkpoint kept, no
+    staging budget (``options`` change any of that)."""
+    settings: dict[str, Any] = {"handle_signals": False, "keep": 1, "staging_budget": None, **options}
+    return spotsafe.Checkpointer(str(url), model=state.model, optimizer=state.optimizer, **settings)
+
+
 # -- helpers --------------------------------------------------------------------------------
 
 
@@ -351,9 +358,7 @@ def spotsafe_save(state: State, root: Path, repeats: int = 5) -> SpotsafeTiming:
     """
     with scratch(root, "spotsafe") as d:
         run = d / "run"
-        ckpt = spotsafe.Checkpointer(
-            str(run), model=state.model, optimizer=state.optimizer, handle_signals=False, keep=1, staging_budget=None
-        )
+        ckpt = checkpointer(state, run)
         timings, floors = [], []
         for i in range(repeats + 1):
             if i:
@@ -387,15 +392,7 @@ def spotsafe_overlap(state: State, root: Path, step_s: float, repeats: int = 3) 
     thread does while a GPU computes.
     """
     with scratch(root, "overlap") as d:
-        ckpt = spotsafe.Checkpointer(
-            str(d),
-            model=state.model,
-            optimizer=state.optimizer,
-            handle_signals=False,
-            keep=1,
-            overlap=True,
-            staging_budget=None,
-        )
+        ckpt = checkpointer(state, d, overlap=True)
         at_save, at_step = [], []
         for i in range(repeats + 1):
             state.perturb(1.0)
@@ -421,9 +418,7 @@ def spotsafe_incremental(state: State, root: Path, fractions: tuple[float, ...])
     """(fraction, changed bytes, written bytes) for incremental saves after changing that fraction."""
     out = []
     with scratch(root, "incremental") as d:
-        ckpt = spotsafe.Checkpointer(
-            str(d), model=state.model, optimizer=state.optimizer, handle_signals=False, keep=2, staging_budget=None
-        )
+        ckpt = checkpointer(state, d, keep=2)
         ckpt.save()
         ckpt.wait()
         for fraction in fractions:
@@ -514,20 +509,11 @@ def first_save_after_restore(state: State, root: Path, *, busy: bool, lead_s: fl
     stalls = []
     with scratch(root, "first-save") as d:
         run = d / "run"
-        ckpt = spotsafe.Checkpointer(
-            str(run), model=state.model, optimizer=state.optimizer, handle_signals=False, keep=1, staging_budget=None
-        )
+        ckpt = checkpointer(state, run)
         ckpt.save()
         ckpt.close()
         for _ in range(repeats):
-            again = spotsafe.Checkpointer(
-                str(run),
-                model=state.model,
-                optimizer=state.optimizer,
-                handle_signals=False,
-                keep=1,
-                staging_budget=None,
-            )
+            again = checkpointer(state, run)
             again.restore()
             until = time.perf_counter() + lead_s
             while time.perf_counter() < until:  # steps: the first step_done() starts preparing staging memory

@@ -9,9 +9,9 @@ Used by ``bench/goodput.py``; run as ``python goodput_job.py MODE RUN_DIR STEPS 
 - ``periodic``: the same ``torch.save`` every ``SAVE_EVERY_S`` seconds, and nothing on SIGTERM.
 
 The two torch.save modes resume from the newer of their files that loads (a file cut by a kill does not); their
-data order is re-seeded per epoch, so a resume mid-epoch starts that epoch's order again from its beginning (as
-a plain DataLoader does). Each step appends its number to ``RUN_DIR/steps.log``; the end writes the final model
-and optimizer to ``RUN_DIR/final.pt``.
+data order is re-seeded per epoch and a resume goes on from its position in it. Each process appends ``start T``
+to ``RUN_DIR/steps.log``, then each step its number and time; the end writes the final model and optimizer to
+``RUN_DIR/final.pt``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ def main() -> None:
     data = lm.MarkovText(1024)
     loss_fn = torch.nn.CrossEntropyLoss()
     log = open(run / "steps.log", "a", buffering=1)  # noqa: SIM115 - open for the whole run
+    log.write(f"start {time.monotonic()}\n")
 
     def train(batch: torch.Tensor) -> None:
         logits = model(batch[:, :-1])
@@ -70,8 +71,8 @@ def main() -> None:
         while ckpt.step < steps:
             for batch in loader:
                 train(batch)
+                log.write(f"{ckpt.step + 1} {time.monotonic()}\n")  # before step_done(), which may stop here
                 ckpt.step_done()
-                log.write(f"{ckpt.step}\n")
                 if ckpt.step >= steps:
                     break
         ckpt.finish()
@@ -105,7 +106,7 @@ def main() -> None:
             for i in range(current["step"] % per_epoch, per_epoch):
                 train(torch.stack([data[int(j)] for j in order[i * 16 : (i + 1) * 16]]))
                 current["step"] += 1
-                log.write(f"{current['step']}\n")
+                log.write(f"{current['step']} {time.monotonic()}\n")
                 if time.monotonic() - last_save >= save_every_s:
                     save(run / "periodic.pt")
                     last_save = time.monotonic()
