@@ -162,7 +162,7 @@ def flatten(tree: object, prefix: str = "") -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--time-scale", type=float, default=60.0, help="trace seconds per bench second")
     parser.add_argument("--trace", default="aws-us-west-2c")
     parser.add_argument(

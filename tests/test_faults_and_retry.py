@@ -846,7 +846,8 @@ def test_a_network_fault_is_retried_by_spotsafe_alone(
     A dropped connection may cost one attempt less: aiohttp (under gcsfs and adlfs, and s3fs's aiobotocore) resends
     an idempotent request (GET, HEAD, PUT, DELETE) once, at once, when its connection closed without an answer.
     So may gcsfs's ``info`` (behind ``size``): it sends two requests at once (the object, and the folder of that
-    name) and, on a loaded machine, both can meet an injected fault within one call.
+    name) and, on a loaded machine, both can meet an injected fault within one call. With dropped connections the
+    two meet: both faults can be spent inside one ``size`` call (seen once in a full run), so it may take one call.
     """
     proxy, url, options = proxied
     open_storage(url, options).write_atomic("k", b"x")
@@ -857,7 +858,9 @@ def test_a_network_fault_is_retried_by_spotsafe_alone(
     METHODS[method](storage)
     assert proxy.faults() == 2
     two_requests_a_call = url.startswith("gs://") and method == "size"
-    if fault == "drop" or two_requests_a_call:
+    if fault == "drop" and two_requests_a_call:
+        assert 1 <= counting.calls <= 3
+    elif fault == "drop" or two_requests_a_call:
         assert 2 <= counting.calls <= 3
     else:
         assert counting.calls == 3
