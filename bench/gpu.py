@@ -115,8 +115,12 @@ def dcp_async_pinned(model: torch.nn.Module, optimizer: torch.optim.Optimizer, r
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-    pinned = torch.cuda.is_available()
-    stager = DefaultStager(StagingOptions(use_pinned_memory=pinned, use_shared_memory=False))
+    on_gpu = torch.cuda.is_available()  # pinned memory and non-blocking copies need the device
+    # Staging done when async_save returns (as spotsafe's stall): training may then modify the state.
+    options = StagingOptions(
+        use_pinned_memory=on_gpu, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=on_gpu
+    )
+    stager = DefaultStager(options)
     stalls = []
     for i in range(repeats + 1):  # the first call allocates the stager's buffers
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
