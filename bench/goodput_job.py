@@ -8,8 +8,9 @@ Used by ``bench/goodput.py``; run as ``python goodput_job.py MODE RUN_DIR STEPS 
   ``SAVE_EVERY_S`` seconds, and a SIGTERM handler that saves at once (``emergency.pt``) and raises ``SystemExit``.
 - ``periodic``: the same ``torch.save`` every ``SAVE_EVERY_S`` seconds, and nothing on SIGTERM.
 
-The two torch.save modes resume from the newer of their files that loads (a file cut by a kill does not); their
-data order is re-seeded per epoch and a resume goes on from its position in it. Each process appends ``start T``
+The two torch.save modes resume from the newer of their files that loads (a file cut by a kill does not). Their
+data is a plain ``DataLoader``, shuffled with a seed per epoch; a resume mid-epoch reads and discards the epoch's
+batches up to its position, the usual way. Each process appends ``start T``
 to ``RUN_DIR/steps.log``, then each step its number and time; the end writes the final model and optimizer to
 ``RUN_DIR/final.pt``.
 """
@@ -62,8 +63,9 @@ def main() -> None:
         optimizer.step()
         scheduler.step()
 
+    per_epoch = len(data) // 16
     if mode == "spotsafe":
-        loader = spotsafe.ResumableLoader(data, batch_size=16, shuffle=True, seed=7)
+        loader = spotsafe.ResumableLoader(data, batch_size=16, shuffle=True, seed=7, drop_last=True)
         ckpt = spotsafe.Checkpointer(
             str(run / "ckpt"), model=model, optimizer=optimizer, scheduler=scheduler, loader=loader
         )
@@ -98,13 +100,15 @@ def main() -> None:
                 raise SystemExit("Spot interruption - checkpoint saved")
 
             signal.signal(signal.SIGTERM, handle_interruption)
-        per_epoch = len(data) // 16
         last_save = time.monotonic()
         while current["step"] < steps:
-            epoch = current["step"] // per_epoch
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(7 + epoch))
-            for i in range(current["step"] % per_epoch, per_epoch):
-                train(torch.stack([data[int(j)] for j in order[i * 16 : (i + 1) * 16]]))
+            epoch, skip = divmod(current["step"], per_epoch)
+            order = torch.Generator().manual_seed(7 + epoch)
+            loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True, drop_last=True, generator=order)
+            for i, batch in enumerate(loader):
+                if i < skip:
+                    continue  # the usual resume mid-epoch: read the epoch's batches up to the position, and discard
+                train(batch)
                 current["step"] += 1
                 log.write(f"{current['step']} {time.monotonic()}\n")
                 if time.monotonic() - last_save >= save_every_s:
