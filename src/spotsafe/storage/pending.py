@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from spotsafe.errors import CorruptCheckpointError
 from spotsafe.priority import HASH_NICE, lower_priority
@@ -34,6 +35,17 @@ def _hash_pool() -> ThreadPoolExecutor:
         if not _POOL:
             _POOL.append(ThreadPoolExecutor(1, "spotsafe-hash", initializer=lower_priority, initargs=(HASH_NICE,)))
         return _POOL[0]
+
+
+def _hash_alongside(hasher: Any, chunk: Chunk) -> Future[None] | None:
+    """Checksum ``chunk`` on the helper thread while storage writes it (both only read it; xxhash and the write
+    release the GIL); the caller waits for it before asking its source for the next chunk, which may reuse the
+    memory. ``None`` once the interpreter is shutting down (no new threads then: a save finished at exit by the
+    save worker hashes inline)."""
+    try:
+        return _hash_pool().submit(hasher.update, chunk)
+    except RuntimeError:
+        return None
 
 
 # A forked child has the pool but not its thread: it starts its own.
@@ -99,13 +111,11 @@ class PendingCheckpoint:
             hasher = new_hasher()
             hashers.append(hasher)
             for chunk in source():
-                if memoryview(chunk).nbytes < HASH_INLINE:
+                hashing = _hash_alongside(hasher, chunk) if memoryview(chunk).nbytes >= HASH_INLINE else None
+                if hashing is None:
                     hasher.update(chunk)
                     yield chunk
                     continue
-                # Checksummed on another thread while storage writes it (both only read it; xxhash and the
-                # write release the GIL); done before the source is asked for the next chunk, which may reuse it.
-                hashing = _hash_pool().submit(hasher.update, chunk)
                 try:
                     yield chunk
                 finally:
