@@ -110,6 +110,11 @@ class Slot:
     def nbytes(self) -> int:
         return int(self.buffer.numel())
 
+    @property
+    def form(self) -> tuple[int, torch.dtype, tuple[int, ...]]:
+        """What the slot holds: bytes, dtype and shape (a tensor of another form needs another slot)."""
+        return self.nbytes, self.dtype, self.shape
+
     def chunks(self) -> int:
         return len(self.locations)
 
@@ -189,8 +194,8 @@ class StagingArea:
         runs (from the process's first ``step_done()`` on: not during the first step, whose own fresh memory
         would compete with it) makes the first save, often the emergency save soon after a restart, cost what
         a steady-state save costs. Only within the budget; tensors that already have a fitting slot (adopted
-        from a restore) are left alone. The next
-        :meth:`stage` takes what was prepared, waiting for the rest if the thread is still at work.
+        from a restore) are left alone. The next :meth:`stage` takes what was prepared, waiting for the rest if
+        the thread is still at work.
         """
         if self._preparing is not None or not self.fits(items):
             return False
@@ -209,7 +214,7 @@ class StagingArea:
         self._preparing = None
         for key, slot in self._prepared.items():
             held = self.slots.get(key)  # adopted from a restore meanwhile: keep it, it may be shared
-            if held is None or (held.nbytes, held.dtype, held.shape) != (slot.nbytes, slot.dtype, slot.shape):
+            if held is None or held.form != slot.form:
                 self.slots[key] = slot
         self._prepared = {}
 
@@ -226,7 +231,7 @@ class StagingArea:
 
     @staticmethod
     def _fitting(slot: Slot | None, tensor: torch.Tensor) -> bool:
-        return slot is not None and slot.nbytes == nbytes_of(tensor) and _Shape.of(tensor).matches(slot)
+        return slot is not None and slot.form == (nbytes_of(tensor), tensor.dtype, tuple(tensor.shape))
 
     def forget_locations(self) -> None:
         """No slot's bytes may be shared any more (the next save writes every chunk)."""
@@ -380,9 +385,6 @@ class _Shape:
     def of(cls, tensor: torch.Tensor) -> _Shape:
         pinned = tensor.device.type == "cuda" and torch.cuda.is_available()
         return cls(nbytes_of(tensor), tensor.dtype, tuple(tensor.shape), pinned)
-
-    def matches(self, slot: Slot) -> bool:
-        return slot.dtype == self.dtype and slot.shape == self.shape
 
 
 PAGE = 4096
