@@ -7,6 +7,7 @@ ratios against the floors measured in the same process and run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -441,6 +442,9 @@ class RestoreTiming:
     sequential_floor_s: float
     parallel_floor_s: float
     bytes: int
+    fresh_restore_s: float = math.nan
+    """``restore()`` into the model and a new optimizer (no state yet: a fresh process's)."""
+    fresh_torch_s: float = math.nan
     ratios: dict[str, float] = field(default_factory=dict)
     """Per measure, the median of (measure / read floor) over paired repeats."""
 
@@ -448,9 +452,13 @@ class RestoreTiming:
 def restore(state: State, root: Path, floor_file: Path, repeats: int = 5) -> RestoreTiming:
     """Cold-cache restore: spotsafe (read + verify + decode; and the whole ``restore()``) vs torch.load.
 
-    Each repeat measures all three and both read floors (one stream; four ranged reads in flight), each after
+    Each repeat measures all of them and both read floors (one stream; four ranged reads in flight), each after
     dropping the files from the page cache. The floor of a repeat is the faster of the two: whatever way of reading
     this disk is fastest. Times are the best of ``repeats``, ratios the median of the paired ones.
+
+    ``restore()`` runs twice: into the state as it is (the optimizer holds its moments, so they are read in
+    place, as in a process that restores after training), and into a new optimizer with no state (a fresh
+    process: the moments need new memory); ``torch.load`` + ``load_state_dict`` runs into both as well.
     """
     with scratch(root, "restore") as d:
         run = d / "run"
@@ -461,40 +469,62 @@ def restore(state: State, root: Path, floor_file: Path, repeats: int = 5) -> Res
         ckpt.close()
         path = d / "state.pt"
         torch.save(state.state_dict(), path)
-        load_s, restore_s, torch_s, seq_s, par_s = [], [], [], [], []
+        times: dict[str, list[float]] = {k: [] for k in ("load", "restore", "torch", "fresh", "fresh_torch")}
+        seq_s, par_s = [], []
         nbytes = 0
+
+        def timed(key: str, drop: Path, fn: Callable[[], object]) -> None:
+            drop_cache(drop)
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+
+        def restore_into(optimizer: torch.optim.Optimizer) -> None:
+            again = spotsafe.Checkpointer(str(run), model=state.model, optimizer=optimizer, handle_signals=False)
+            timed("fresh" if optimizer is not state.optimizer else "restore", run, again.restore)
+            again.close()
+
+        def torch_into(optimizer: torch.optim.Optimizer) -> None:
+            loaded_pt = torch.load(path, weights_only=True)
+            state.model.load_state_dict(loaded_pt["model"])
+            optimizer.load_state_dict(loaded_pt["optimizer"])
+
         for _ in range(repeats):
             drop_cache(run)
             start = time.perf_counter()
             loaded = load_newest_valid(CheckpointRepository(LocalStorage(run)))
-            load_s.append(time.perf_counter() - start)
+            times["load"].append(time.perf_counter() - start)
             assert loaded is not None
             nbytes = loaded.checkpoint.manifest.total_bytes
             del loaded
-            again = spotsafe.Checkpointer(str(run), model=state.model, optimizer=state.optimizer, handle_signals=False)
-            drop_cache(run)
-            start = time.perf_counter()
-            again.restore()
-            restore_s.append(time.perf_counter() - start)
-            again.close()
-            drop_cache(path)
-            start = time.perf_counter()
-            loaded_pt = torch.load(path, weights_only=True)
-            state.model.load_state_dict(loaded_pt["model"])
-            state.optimizer.load_state_dict(loaded_pt["optimizer"])
-            torch_s.append(time.perf_counter() - start)
-            del loaded_pt
+            restore_into(state.optimizer)
+            timed("torch", path, lambda: torch_into(state.optimizer))
+            restore_into(torch.optim.AdamW(state.model.parameters(), lr=1e-3))
+            timed("fresh_torch", path, functools.partial(torch_into, torch.optim.AdamW(state.model.parameters())))
             seq_s.append(disk_read_floor(floor_file))
             par_s.append(disk_read_floor_parallel(floor_file))
         floor_s = [min(a, b) for a, b in zip(seq_s, par_s, strict=True)]
 
-        def paired(times: list[float]) -> float:
-            return sorted(t / f for t, f in zip(times, floor_s, strict=True))[len(times) // 2]
+        def paired(measured: list[float]) -> float:
+            return sorted(t / f for t, f in zip(measured, floor_s, strict=True))[len(measured) // 2]
 
-        ratios = {"load": paired(load_s), "restore": paired(restore_s), "torch": paired(torch_s)}
-        ratios["restore/torch"] = sorted(r / t for r, t in zip(restore_s, torch_s, strict=True))[repeats // 2]
+        def versus(a: list[float], b: list[float]) -> float:
+            return sorted(x / y for x, y in zip(a, b, strict=True))[repeats // 2]
+
+        ratios = {key: paired(values) for key, values in times.items()}
+        ratios["restore/torch"] = versus(times["restore"], times["torch"])
+        ratios["fresh/torch"] = versus(times["fresh"], times["fresh_torch"])
         return RestoreTiming(
-            best(load_s), best(restore_s), best(torch_s), best(floor_s), best(seq_s), best(par_s), nbytes, ratios
+            best(times["load"]),
+            best(times["restore"]),
+            best(times["torch"]),
+            best(floor_s),
+            best(seq_s),
+            best(par_s),
+            nbytes,
+            fresh_restore_s=best(times["fresh"]),
+            fresh_torch_s=best(times["fresh_torch"]),
+            ratios=ratios,
         )
 
 

@@ -731,7 +731,7 @@ def test_closing_the_reads_early_waits_for_the_reads_in_flight(local: LocalStora
             return n
 
     first, second = memoryview(bytearray(10244)), memoryview(bytearray(10244))
-    reads = parallel_read.read_blobs(Held(local), [("first", first), ("second", second)])
+    reads = parallel_read.read_blobs(Held(local), [("first", [first]), ("second", [second])])
     assert next(reads) == (10244, _digest(BLOBS["model.bin"]))
     assert blocked.wait(PROCESS_HANG_S)  # reads of the second blob are in flight
     threading.Timer(0.1, release.set).start()  # most likely while close() waits; either way nothing may outlive it

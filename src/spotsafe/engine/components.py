@@ -96,6 +96,10 @@ class Components:
         """The object registered as ``name`` (as it was given), or ``None``."""
         return self._registered.get(name)
 
+    def objects(self) -> Iterator[Any]:
+        """The registered objects, as they were given."""
+        yield from self._registered.values()
+
     def items(self) -> Iterator[tuple[str, Any]]:
         """Every component as ``(name, stateful)``, in restore order."""
         yield from self._stateful.items()

@@ -9,6 +9,7 @@ from typing import Any
 
 from spotsafe.engine.agreement import Agreement
 from spotsafe.engine.components import Components
+from spotsafe.engine.in_place import InPlacePlan, writable_memory
 from spotsafe.engine.saver import Saver
 from spotsafe.errors import ConfigError, CorruptCheckpointError, NoUsableCheckpointError
 from spotsafe.exit_codes import EXIT_NO_USABLE_CHECKPOINT
@@ -39,13 +40,24 @@ class RestoredState:
         return self.checkpoint.ref.step
 
 
-def load_state(repo: CheckpointRepository, ref: CheckpointRef) -> RestoredState:
-    """Read, verify and decode one checkpoint. Raises :class:`CorruptCheckpointError`."""
-    loaded = repo.load(ref)
-    return RestoredState(checkpoint=loaded, decoded=decode_state(loaded.blobs, ref.name))
+PlanFn = Callable[[], InPlacePlan]
+"""A fresh plan of what to read in place, for each checkpoint tried (see :mod:`spotsafe.engine.in_place`)."""
 
 
-def load_newest_valid(repo: CheckpointRepository, on_skip: SkipFn | None = None) -> RestoredState | None:
+def load_state(repo: CheckpointRepository, ref: CheckpointRef, in_place: PlanFn | None = None) -> RestoredState:
+    """Read, verify and decode one checkpoint, reading what ``in_place()`` plans straight into live tensors.
+    Raises :class:`CorruptCheckpointError`."""
+    if in_place is None:
+        loaded = repo.load(ref)
+        return RestoredState(checkpoint=loaded, decoded=decode_state(loaded.blobs, ref.name))
+    plan = in_place()
+    loaded = repo.load(ref, first=plan.first, place=plan.place)
+    return RestoredState(checkpoint=loaded, decoded=decode_state(loaded.blobs, ref.name, plan.given))
+
+
+def load_newest_valid(
+    repo: CheckpointRepository, on_skip: SkipFn | None = None, in_place: PlanFn | None = None
+) -> RestoredState | None:
     """The newest committed checkpoint that verifies and decodes, or ``None``.
 
     Walks newest to oldest over the listing plus the ``latest`` hint; each damaged checkpoint is reported to ``on_skip``
@@ -53,7 +65,7 @@ def load_newest_valid(repo: CheckpointRepository, on_skip: SkipFn | None = None)
     """
     for ref in repo.candidates():
         try:
-            return load_state(repo, ref)
+            return load_state(repo, ref, in_place)
         except CorruptCheckpointError as err:
             if on_skip is not None:
                 on_skip(ref, err)
@@ -61,7 +73,7 @@ def load_newest_valid(repo: CheckpointRepository, on_skip: SkipFn | None = None)
 
 
 def load_agreed(
-    repo: CheckpointRepository, agreement: Agreement, on_skip: SkipFn | None = None
+    repo: CheckpointRepository, agreement: Agreement, on_skip: SkipFn | None = None, in_place: PlanFn | None = None
 ) -> RestoredState | None:
     """Like :func:`load_newest_valid`, for all ranks at once: the newest step that every rank has
     committed and verified. Collective: every rank of ``agreement`` must call it."""
@@ -77,7 +89,7 @@ def load_agreed(
         restored = None
         for ref in by_step[step]:
             try:
-                restored = load_state(repo, ref)
+                restored = load_state(repo, ref, in_place)
                 break
             except CorruptCheckpointError as err:
                 if on_skip is not None:
@@ -153,7 +165,16 @@ def restore_newest(
         log.warning("spotsafe: skipping checkpoint %s: %s", ref.name, err)
         emit(ev.CheckpointSkipped, checkpoint=ref.name, step=ref.step, reason=str(err))
 
-    state = load_agreed(repo, agreement, on_skip) if agreement is not None else load_newest_valid(repo, on_skip)
+    in_place: PlanFn | None = None
+    if strict and mode == FAIL:  # damaged bytes read in place then never reach training (see engine.in_place)
+
+        def in_place() -> InPlacePlan:
+            return InPlacePlan(components.states(), writable_memory(components.objects()))
+
+    if agreement is not None:
+        state = load_agreed(repo, agreement, on_skip, in_place)
+    else:
+        state = load_newest_valid(repo, on_skip, in_place)
     if state is None:
         lost = bool(skipped)
         if agreement is not None:  # collective: any rank's committed progress stops every rank
@@ -185,6 +206,7 @@ def restore_newest(
         epoch=components.epoch(),
         checkpoint=name,
         bytes=state.checkpoint.manifest.total_bytes,
+        in_place_bytes=sum(state.decoded.entries[c][i].nbytes for c, i in state.decoded.in_place),
         duration_s=clock() - started,
         last_known_step=last_known_step,
         replayed_steps=None if last_known_step is None else max(0, last_known_step - step),

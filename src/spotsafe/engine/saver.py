@@ -219,6 +219,8 @@ class Saver:
             return
         used = _ranges(live)
         for key, entry in items:
+            if key in decoded.in_place:  # read into a live tensor: its blob memory holds nothing
+                continue
             tensor = unpack(loaded.blobs, entry)
             if tensor.numel() == 0 or _overlaps(tensor, used):
                 continue

@@ -14,7 +14,7 @@ import functools
 import json
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -102,10 +102,15 @@ class Snapshot:
 
 @dataclass
 class DecodedState:
-    """A checkpoint's components, and where each of their tensors is stored."""
+    """A checkpoint's components, and where each of their tensors is stored.
+
+    ``in_place`` names the tensors (component, index) that were read straight into live tensors: the
+    decoded state holds those live tensors, and their entries' blob ranges hold nothing in memory.
+    """
 
     components: dict[str, Any]
     entries: dict[str, list[TensorEntry]]
+    in_place: set[tuple[str, int]] = field(default_factory=set)
 
 
 def restore_components(blobs: Mapping[str, bytearray | memoryview], where: str) -> dict[str, Any]:
@@ -117,36 +122,54 @@ _MALFORMED = (RecursionError, MemoryError, OverflowError, RuntimeError, ValueErr
 """What building Python and torch objects from a malformed (but checked) document can still raise."""
 
 
-def decode_state(blobs: Mapping[str, bytearray | memoryview], where: str) -> DecodedState:
-    """Decode verified blobs (keyed as the manifest names them) into components and tensor entries.
+def component_docs(data: bytes | bytearray | memoryview, where: str) -> dict[str, Any]:
+    """The ``components`` of a verified ``state.json`` (each: its tagged ``tree`` and ``tensors`` entries).
 
     ``state.json`` is untrusted: it is parsed within :data:`~spotsafe.storage.json_limits.STATE_LIMITS`,
-    and anything wrong with it raises :class:`~spotsafe.errors.CorruptCheckpointError` (or its
-    subclass :class:`~spotsafe.errors.UnsafeCheckpointError`), never another exception.
+    and anything wrong with its outline raises :class:`~spotsafe.errors.CorruptCheckpointError`.
     """
-    if STATE_BLOB not in blobs:
-        raise CorruptCheckpointError(f"{where}: the checkpoint has no {STATE_BLOB}")
-    doc = json_limits.load(blobs[STATE_BLOB], json_limits.STATE_LIMITS, f"{where}: {STATE_BLOB}")
+    doc = json_limits.load(data, json_limits.STATE_LIMITS, f"{where}: {STATE_BLOB}")
     if not isinstance(doc, dict) or doc.get("format_version") not in _READABLE:
         raise CorruptCheckpointError(f"{where}: {STATE_BLOB} has an unsupported format")
     components = doc.get("components")
     if not isinstance(components, dict):
         raise CorruptCheckpointError(f"{where}: {STATE_BLOB} lists no components")
-    out = DecodedState(components={}, entries={})
-    for name, part in components.items():
+    for name in components:
         if not _COMPONENT.fullmatch(name):
             raise UnsafeCheckpointError(f"{where}: {STATE_BLOB} names a component {name!r:.80}")
+    return components
+
+
+def decode_state(
+    blobs: Mapping[str, bytearray | memoryview],
+    where: str,
+    given: Mapping[str, Mapping[int, torch.Tensor]] | None = None,
+) -> DecodedState:
+    """Decode verified blobs (keyed as the manifest names them) into components and tensor entries.
+
+    ``given[component][index]``, where present, is that tensor already (read in place), not unpacked from
+    the blobs. Anything wrong with ``state.json`` raises :class:`~spotsafe.errors.CorruptCheckpointError`
+    (or its subclass :class:`~spotsafe.errors.UnsafeCheckpointError`), never another exception.
+    """
+    if STATE_BLOB not in blobs:
+        raise CorruptCheckpointError(f"{where}: the checkpoint has no {STATE_BLOB}")
+    given = given or {}
+    out = DecodedState(components={}, entries={})
+    for name, part in component_docs(blobs[STATE_BLOB], where).items():
         try:
-            out.components[name], out.entries[name] = _decode_component(blobs, part, f"{where}:{name}")
+            out.components[name], out.entries[name] = _decode_component(
+                blobs, part, f"{where}:{name}", given.get(name, {})
+            )
         except _MALFORMED as err:
             raise UnsafeCheckpointError(
                 f"{where}: component {name!r} cannot be decoded ({type(err).__name__}: {err!s:.200})"
             ) from err
+    out.in_place = {(name, index) for name, tensors in given.items() if name in out.components for index in tensors}
     return out
 
 
 def _decode_component(
-    blobs: Mapping[str, bytearray | memoryview], part: Any, where: str
+    blobs: Mapping[str, bytearray | memoryview], part: Any, where: str, given: Mapping[int, torch.Tensor]
 ) -> tuple[Any, list[TensorEntry]]:
     if not isinstance(part, dict) or not isinstance(part.get("tensors"), list):
         raise CorruptCheckpointError(f"{where}: the component is malformed")
@@ -163,7 +186,7 @@ def _decode_component(
         if i >= len(entries):
             raise UnsafeCheckpointError(f"{where}: tensor reference {i} out of range")
         if i not in cache:
-            cache[i] = unpack(blobs, entries[i])
+            cache[i] = given[i] if i in given else unpack(blobs, entries[i])
         return cache[i]
 
     return codec.decode(part.get("tree"), tensor_at, where), entries

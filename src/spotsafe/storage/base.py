@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, cast, runtime_checkable
 
 from spotsafe.errors import PermanentStorageError, UnsafeCheckpointError
@@ -43,6 +43,34 @@ def new_buffer(size: int) -> memoryview:
     with contextlib.suppress(AttributeError, OSError):
         region.madvise(mmap.MADV_HUGEPAGE)
     return memoryview(region)
+
+
+def read_views(storage: Storage, key: str, views: Sequence[memoryview], offset: int = 0) -> int:
+    """Fill ``views``, one after the other, from byte ``offset`` of ``key``; return the bytes read (fewer where
+    the object ends first).
+
+    One view is one :meth:`Storage.read_into`. Several are one request where the storage can scatter a read
+    (``read_into_views``: the local disk's ``preadv``, an object store's single ranged stream); elsewhere they
+    are read into one temporary buffer and copied out (:func:`read_views_by_copy`).
+    """
+    if len(views) == 1:
+        return storage.read_into(key, views[0], offset=offset) if offset else storage.read_into(key, views[0])
+    scatter = getattr(storage, "read_into_views", None)
+    if scatter is not None:
+        return int(scatter(key, views, offset=offset))
+    return read_views_by_copy(storage, key, views, offset)
+
+
+def read_views_by_copy(storage: Storage, key: str, views: Sequence[memoryview], offset: int = 0) -> int:
+    """:func:`read_views` through one :meth:`Storage.read_into` into a temporary buffer, copied out."""
+    temp = memoryview(bytearray(sum(v.nbytes for v in views)))
+    got = storage.read_into(key, temp, offset=offset) if offset else storage.read_into(key, temp)
+    at = 0
+    for view in views:
+        n = max(0, min(view.nbytes, got - at))
+        view[:n] = temp[at : at + n]
+        at += view.nbytes
+    return got
 
 
 class BlobNotFoundError(PermanentStorageError):

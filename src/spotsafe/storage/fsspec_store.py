@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -60,6 +60,17 @@ def read_fully(handle: Any, view: memoryview, progress: ReadProgress | None = No
         got += n
         if progress is not None:
             progress(got)
+    return got
+
+
+def read_views_fully(handle: Any, views: Sequence[memoryview]) -> int:
+    """:func:`read_fully` into each of ``views`` in turn (one stream, scattered); stops where the file ends."""
+    got = 0
+    for view in views:
+        n = read_fully(handle, view)
+        got += n
+        if n < view.nbytes:
+            break
     return got
 
 
@@ -224,6 +235,19 @@ class FsspecStorage:
                 if offset:
                     handle.seek(offset)  # object stores: the reads that follow are ranged requests
                 return read_fully(handle, view, progress)
+
+        return self._call(key, run)
+
+    def read_into_views(self, key: str, views: Sequence[memoryview], *, offset: int = 0) -> int:
+        """Fill ``views`` one after the other from byte ``offset`` on, in one stream (ranged requests as one
+        read would make them); see :func:`~spotsafe.storage.base.read_views`."""
+        path = self._path(key)
+
+        def run() -> int:
+            with self.fs.open(path, "rb", block_size=self.block_size) as handle:
+                if offset:
+                    handle.seek(offset)
+                return read_views_fully(handle, views)
 
         return self._call(key, run)
 

@@ -66,6 +66,27 @@ def local_root(url: str | os.PathLike[str]) -> Path:
     return Path(text).absolute()
 
 
+IOV_MAX = 1024
+"""Buffers per ``preadv`` call (POSIX guarantees at least 16; Linux allows 1024)."""
+
+
+def preadv_fully(fd: int, views: Sequence[memoryview], offset: int) -> int:
+    """``preadv`` into ``views`` from ``offset`` until they are full or the file ends; the bytes read."""
+    pending = [v for v in views if v.nbytes]
+    first, got = 0, 0
+    while first < len(pending):
+        n = os.preadv(fd, pending[first : first + IOV_MAX], offset + got)
+        if not n:
+            break
+        got += n
+        while first < len(pending) and n >= pending[first].nbytes:
+            n -= pending[first].nbytes
+            first += 1
+        if n:
+            pending[first] = pending[first][n:]
+    return got
+
+
 class _Behind(Exception):
     """A key lies behind a file where a folder should be: it is not in the run."""
 
@@ -254,6 +275,15 @@ class LocalStorage(FsspecStorage):
                 if offset:
                     handle.seek(offset)
                 return read_fully(handle, view, progress)
+        except OSError as err:
+            raise translate(err, key, self.url) from err
+
+    def read_into_views(self, key: str, views: Sequence[memoryview], *, offset: int = 0) -> int:
+        """Fill ``views`` one after the other from byte ``offset`` on with ``preadv`` (no copy, one system call
+        for up to :data:`IOV_MAX` views); see :func:`~spotsafe.storage.base.read_views`."""
+        try:
+            with self.open_read(key) as handle:
+                return preadv_fully(handle.fileno(), views, offset)
         except OSError as err:
             raise translate(err, key, self.url) from err
 

@@ -22,8 +22,8 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from spotsafe.errors import CorruptCheckpointError
 from spotsafe.storage.base import TMP_MARKER, BlobNotFoundError, Buffer, Storage, new_buffer
@@ -50,13 +50,26 @@ def _no_fence() -> None:
     return None
 
 
+Placement = Mapping[str, Sequence[tuple[int, memoryview]]]
+"""Where parts of blobs are read instead of into their own buffers: ``{blob ref: [(offset in the blob,
+destination), ...]}`` (a restore reads tensors straight into the live ones)."""
+
+PlaceFn = Callable[[Manifest, Buffer], Placement]
+"""Given the manifest and the verified first blob, where to read parts of the others (:meth:`load`)."""
+
+
 @dataclass(frozen=True)
 class LoadedCheckpoint:
-    """A checkpoint whose every blob was read and verified."""
+    """A checkpoint whose every blob was read and verified.
+
+    ``placed`` lists, per blob, the byte ranges that were read into destinations of the caller's
+    (:meth:`CheckpointRepository.load`'s ``place``): those ranges of ``blobs[ref]`` hold nothing.
+    """
 
     ref: CheckpointRef
     manifest: Manifest
     blobs: dict[str, Buffer]
+    placed: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 class CheckpointRepository:
@@ -189,15 +202,19 @@ class CheckpointRepository:
         [(_, buffer)] = self._read_verified(ref, [entry])
         return buffer
 
-    def _read_verified(self, ref: CheckpointRef, entries: Sequence[BlobEntry]) -> Iterator[tuple[BlobEntry, Buffer]]:
+    def _read_verified(
+        self, ref: CheckpointRef, entries: Sequence[BlobEntry], placement: Placement | None = None
+    ) -> Iterator[tuple[BlobEntry, Buffer]]:
         """Read ``entries`` in parallel parts (:func:`~spotsafe.storage.parallel_read.read_blobs`); yield each,
-        in order, once its size and checksum are verified. Raises :class:`CorruptCheckpointError`."""
+        in order, once its size and checksum are verified. Raises :class:`CorruptCheckpointError`.
+
+        Ranges that ``placement`` names are read into its destinations, the rest into the blob's buffer.
+        """
         for entry in entries:
             self._checked_size(ref, entry)
         buffers = [new_buffer(entry.size) for entry in entries]
-        reads = read_blobs(
-            self.storage, [(blob_key(ref, e), memoryview(b)) for e, b in zip(entries, buffers, strict=True)]
-        )
+        pieces = [_pieces(b, (placement or {}).get(e.ref, ())) for e, b in zip(entries, buffers, strict=True)]
+        reads = read_blobs(self.storage, [(blob_key(ref, e), p) for e, p in zip(entries, pieces, strict=True)])
         with contextlib.closing(reads):
             for entry, buffer in zip(entries, buffers, strict=True):
                 try:
@@ -234,15 +251,43 @@ class CheckpointRepository:
         if got != length:
             raise CorruptCheckpointError(f"blob {entry.ref} ended before {offset + length} bytes", checkpoint=ref.name)
 
-    def load(self, ref: CheckpointRef, progress: ProgressFn | None = None) -> LoadedCheckpoint:
-        """Read and verify every blob of ``ref``. Raises :class:`CorruptCheckpointError`."""
+    def load(
+        self,
+        ref: CheckpointRef,
+        progress: ProgressFn | None = None,
+        *,
+        first: str | None = None,
+        place: PlaceFn | None = None,
+    ) -> LoadedCheckpoint:
+        """Read and verify every blob of ``ref``. Raises :class:`CorruptCheckpointError`.
+
+        With ``first`` and ``place``: the blob ``first`` is read and verified before the others, then
+        ``place(manifest, its bytes)`` says where to read ranges of the others instead of their buffers
+        (straight into live memory). Such destinations hold unverified bytes until this returns, and damaged
+        ones when it raises.
+        """
         manifest = self.read_manifest(ref)
         blobs: dict[str, Buffer] = {}
-        for entry, buffer in self._read_verified(ref, manifest.blobs):  # all at once: parts of each in flight
+        placement: Placement = {}
+        entries = list(manifest.blobs)
+        if place is not None and first is not None and any(e.ref == first for e in entries):
+            head = [e for e in entries if e.ref == first]
+            entries = [e for e in entries if e.ref != first]
+            for entry, buffer in self._read_verified(ref, head):
+                blobs[entry.ref] = buffer
+                if progress is not None:
+                    progress(entry.size)
+            placement = place(manifest, blobs[first])
+        for entry, buffer in self._read_verified(ref, entries, placement):  # all at once: parts of each in flight
             blobs[entry.ref] = buffer
             if progress is not None:
                 progress(entry.size)
-        return LoadedCheckpoint(ref=ref, manifest=manifest, blobs=blobs)
+        placed = {
+            blob: sorted((offset, offset + view.nbytes) for offset, view in targets)
+            for blob, targets in placement.items()
+            if targets
+        }
+        return LoadedCheckpoint(ref=ref, manifest=manifest, blobs=blobs, placed=placed)
 
     def verify(self, ref: CheckpointRef, progress: ProgressFn | None = None) -> Manifest:
         """Full check of every size and checksum, one blob in memory at a time."""
@@ -335,3 +380,21 @@ class CheckpointRepository:
                     self.storage.delete(f"{ref.key}/{name}")
                     removed.append(f"{ref.key}/{name}")
         return removed
+
+
+def _pieces(buffer: Buffer, targets: Sequence[tuple[int, memoryview]]) -> list[memoryview]:
+    """The views a blob is read into: ``targets`` (``(offset, destination)``) where they are, ``buffer`` (as
+    long as the blob) around them. Targets must lie inside the blob and not overlap."""
+    view = memoryview(buffer)
+    out: list[memoryview] = []
+    at = 0
+    for offset, target in sorted(targets, key=lambda t: t[0]):
+        if offset < at or offset + target.nbytes > view.nbytes:
+            raise ValueError(f"a destination at byte {offset} overlaps another or lies outside the blob")
+        if offset > at:
+            out.append(view[at:offset])
+        out.append(target)
+        at = offset + target.nbytes
+    if at < view.nbytes or not out:
+        out.append(view[at:])
+    return out

@@ -12,10 +12,10 @@ attribute reach-throughs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from spotsafe.storage.base import ChunkSource, ReadProgress, Storage
+from spotsafe.storage.base import ChunkSource, ReadProgress, Storage, read_views, read_views_by_copy
 
 T = TypeVar("T")
 
@@ -52,6 +52,11 @@ class StorageWrapper:
         if offset == 0:  # as any Storage can, also one written before ranged reads
             return self._around(f"read {key}", lambda: self.inner.read_into(key, buffer, progress))
         return self._around(f"read {key}", lambda: self.inner.read_into(key, buffer, progress, offset=offset))
+
+    def read_into_views(self, key: str, views: Sequence[memoryview], *, offset: int = 0) -> int:
+        if type(self).read_into is not StorageWrapper.read_into:  # a subclass that reads its own way sees every read
+            return read_views_by_copy(self, key, views, offset)
+        return self._around(f"read {key}", lambda: read_views(self.inner, key, views, offset))
 
     def size(self, key: str) -> int:
         return self._around(f"stat {key}", lambda: self.inner.size(key))

@@ -107,7 +107,8 @@ class RestoreCompleted(StepEvent):
     ``replayed_steps`` is the number of steps the previous attempt had completed
     beyond the restored one, as far as the event log knows (``None`` when it does
     not know). It is exact when progress is recorded every step, and a lower
-    bound otherwise.
+    bound otherwise. ``in_place_bytes`` of ``bytes`` were read straight into the
+    live tensors (see :mod:`spotsafe.engine.in_place`).
     """
 
     type: ClassVar[str] = "restore_completed"
@@ -117,6 +118,7 @@ class RestoreCompleted(StepEvent):
     duration_s: float
     last_known_step: int | None
     replayed_steps: int | None
+    in_place_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
