@@ -11,7 +11,7 @@ TEST_WORKERS ?= 2
 AZURITE_SPEC ?= azurite@3.37.0
 AZURITE := .tools/node_modules/.bin/azurite-blob
 
-.PHONY: demo chaos test lint install azurite bench bench-notices bench-resume bench-keras bench-sharded bench-gpu bench-batch bench-first-step bench-goodput bench-gpu-save clean
+.PHONY: demo chaos test package-check lint install azurite bench bench-notices bench-resume bench-keras bench-sharded bench-gpu bench-batch bench-first-step bench-goodput bench-gpu-save clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,12 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 
 test: lint azurite
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not package"
+
+# The package a user installs: wheel + sdist (python -m build), twine check, and the wheel in a clean venv
+# (torch from $(TORCH_SPEC)) running `spotsafe --version`, a drill of the example job and the s3 extra.
+package-check: $(BIN)/.installed
+	TORCH_SPEC="$(TORCH_SPEC)" $(BIN)/pytest -q -m package tests/test_package.py
 
 $(BIN)/.bench-installed: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e ".[dev,bench]"

@@ -8,3 +8,8 @@
 Each module imports its framework; install it with the matching extra (``spotsafe[lightning]``,
 ``spotsafe[transformers]``, ``spotsafe[keras]``).
 """
+
+
+def missing_extra(package: str, extra: str, err: ImportError) -> ImportError:
+    """The error for an integration whose framework is not installed: what to install, and why it failed."""
+    return ImportError(f"spotsafe.integrations.{extra} needs {package}: pip install 'spotsafe[{extra}]' ({err})")

@@ -33,7 +33,12 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import keras  # type: ignore[import-untyped]  # no type information
+from spotsafe.integrations import missing_extra
+
+try:
+    import keras  # type: ignore[import-untyped]  # no type information
+except ImportError as _err:
+    raise missing_extra("keras", "keras", _err) from _err
 
 from spotsafe.engine.checkpointer import Checkpointer
 from spotsafe.errors import ConfigError

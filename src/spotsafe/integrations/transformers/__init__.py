@@ -41,7 +41,13 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from spotsafe.integrations import missing_extra
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as _err:
+    raise missing_extra("transformers", "transformers", _err) from _err
 
 from spotsafe.engine.checkpointer import Checkpointer
 from spotsafe.engine.config import NoticeConfig
