@@ -507,3 +507,25 @@ def run_dir(pristine: Path, tmp_path: Path) -> Path:
 def folder(run_dir: Path, step: int) -> Path:
     (found,) = (run_dir / "checkpoints").glob(f"*-step-{step:012d}-*")
     return found
+
+
+def apt_install(*packages: str) -> str | None:
+    """Install Debian ``packages`` with apt-get (again after ``apt-get update`` if the first try fails): ``None`` on
+    success, else why not (a test then skips, saying so)."""
+    names = " ".join(packages)
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return f"not root, so the test cannot apt-get install {names} (install them to run it)"
+    if shutil.which("apt-get") is None:
+        return f"no apt-get on this machine to install {names}"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    for before in ([], ["apt-get", "update"]):
+        try:
+            if before:
+                subprocess.run(before, env=env, capture_output=True, timeout=300, check=False)
+            done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600, check=False)
+        except subprocess.TimeoutExpired:
+            return f"apt-get install {names} timed out"
+        if done.returncode == 0:
+            return None
+    return f"apt-get install {names} failed: {done.stderr.strip().splitlines()[-1:]}"

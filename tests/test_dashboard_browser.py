@@ -22,37 +22,17 @@ import pytest
 from spotsafe.dashboard.catalog import Catalog, run_id
 from spotsafe.dashboard.server import serve
 
-from .conftest import TINY_JOB
+from .conftest import TINY_JOB, apt_install
 
 SPOTSAFE = Path(sys.executable).with_name("spotsafe")
 PACKAGES = ("chromium", "chromium-driver")
-
-
-def _apt_install() -> str | None:
-    """Install the browser with apt; ``None`` on success, else why not."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "not root, so the test cannot apt-get install chromium chromium-driver (install them to run it)"
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this machine to install chromium and chromium-driver"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
-    for before in ([], ["apt-get", "update"]):
-        try:
-            if before:
-                subprocess.run(before, env=env, capture_output=True, timeout=300, check=False)
-            done = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600, check=False)
-        except subprocess.TimeoutExpired:
-            return "apt-get install chromium chromium-driver timed out"
-        if done.returncode == 0:
-            return None
-    return f"apt-get install chromium chromium-driver failed: {done.stderr.strip().splitlines()[-1:]}"
 
 
 @pytest.fixture(scope="module")
 def browser_paths() -> tuple[str, str]:
     browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if browser is None or driver is None:
-        why = _apt_install()
+        why = apt_install(*PACKAGES)
         browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
         if browser is None or driver is None:
             pytest.skip(f"no headless browser: {why or 'chromium or chromedriver still missing after apt-get'}")

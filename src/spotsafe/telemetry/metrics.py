@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from spotsafe.errors import ConfigError
 from spotsafe.jobenv import ENV_METRICS_ADDR, ENV_METRICS_PORT
+from spotsafe.supervisor.classify import ExitClass
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EventLog, LoggedEvent
 from spotsafe.telemetry.runmodel import RunModel
@@ -153,14 +154,52 @@ class Metrics:
         yield _counter(
             "spotsafe_checkpoints_skipped", "Damaged or partial checkpoints passed over on restore.", {(): m.skipped}
         )
+        yield _counter(
+            "spotsafe_restore_failures",
+            "Restores that found committed checkpoints and could restore none (the run stopped).",
+            {(): m.restore_failures},
+        )
+        yield from Metrics._freshness(m, saves)
+
+    @staticmethod
+    def _freshness(m: RunModel, saves: Sequence[ev.SaveCommitted]) -> Iterator[Metric]:
+        """How old the newest checkpoint is, against the save policies' intervals (what a staleness alert needs)."""
+        since = saves[-1].time if saves else m.first
+        if since is not None:
+            yield GaugeMetricFamily(
+                "spotsafe_last_checkpoint_timestamp_seconds",
+                "Unix time of the newest committed checkpoint (before the first: of the process's first event).",
+                value=since,
+            )
+        yield GaugeMetricFamily(
+            "spotsafe_last_checkpoint_step",
+            "Step of the newest committed checkpoint (before the first: the restored step, or 0).",
+            value=saves[-1].step if saves else (m.restores[-1].event.step if m.restores else 0),
+        )
+        newest: dict[str, tuple[float | None, int | None]] = {}
+        for choice in m.intervals:
+            newest[choice.policy] = (choice.interval_s, choice.interval_steps)
+        seconds = [s for s, _ in newest.values() if s]
+        steps = [n for _, n in newest.values() if n]
+        if seconds:
+            yield GaugeMetricFamily(
+                "spotsafe_checkpoint_interval_seconds",
+                "The shortest interval between saves that a time-based save policy chose.",
+                value=min(seconds),
+            )
+        if steps:
+            yield GaugeMetricFamily(
+                "spotsafe_checkpoint_interval_steps",
+                "The shortest interval between saves, in steps, that a step-based save policy chose.",
+                value=min(steps),
+            )
 
     @staticmethod
     def _supervisor(m: RunModel) -> Iterator[Metric]:
+        attempts: dict[Labels, float] = {(pool, kind.value): 0.0 for pool in m.pools for kind in ExitClass}  # 0 before the first: so
+        attempts.update(_count((e.pool, e.exit_class) for e in m.ended))  # increase() counts the first one too
         yield _counter(
-            "spotsafe_attempts",
-            "Attempts that ended, by pool and exit class.",
-            _count((e.pool, e.exit_class) for e in m.ended),
-            ["pool", "exit_class"],
+            "spotsafe_attempts", "Attempts that ended, by pool and exit class.", attempts, ["pool", "exit_class"]
         )
         yield _histogram(
             "spotsafe_attempt_duration_seconds",

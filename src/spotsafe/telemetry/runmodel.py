@@ -76,11 +76,15 @@ class RunModel:
     notices: list[ev.NoticeReceived] = field(default_factory=list)
     emergencies: list[ev.EmergencyFinished] = field(default_factory=list)
     partials_removed: int = 0
+    restore_failures: int = 0
+    """``restore_failed`` events: committed checkpoints existed and none could be restored."""
     writing: set[int] = field(default_factory=set)
     """Steps whose save started and has neither committed nor failed yet."""
     step: int | None = None
     """The newest step reported (``progress``, ``restore_completed``)."""
     ended: list[ev.AttemptEnded] = field(default_factory=list)
+    pools: list[str] = field(default_factory=list)
+    """The pools attempts were launched in, in order of their first launch."""
     relaunch_delays: list[float] = field(default_factory=list)
     escalations: int = 0
     exclusions: list[ev.Excluded] = field(default_factory=list)
@@ -133,6 +137,8 @@ class RunModel:
     def _supervisor(self, e: ev.Event) -> None:
         match e:
             case ev.AttemptStarted():
+                if e.pool not in self.pools:
+                    self.pools.append(e.pool)
                 self._pending = e
                 self._launched = e.time if self._launched is None else self._launched
                 if e.market == "on-demand":
@@ -223,6 +229,8 @@ class RunModel:
                 self.emergencies.append(e)
             case ev.PartialRemoved():
                 self.partials_removed += 1
+            case ev.RestoreFailed():
+                self.restore_failures += 1
             case _:
                 pass
         if a is not None:
