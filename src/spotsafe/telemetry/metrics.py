@@ -196,8 +196,9 @@ class Metrics:
 
     @staticmethod
     def _supervisor(m: RunModel) -> Iterator[Metric]:
-        attempts: dict[Labels, float] = {(pool, kind.value): 0.0 for pool in m.pools for kind in ExitClass}  # 0 before the first: so
-        attempts.update(_count((e.pool, e.exit_class) for e in m.ended))  # increase() counts the first one too
+        # Every class at 0 in every pool launched so far, so that increase() in a rule counts the first one too.
+        attempts: dict[Labels, float] = {(pool, kind.value): 0.0 for pool in m.pools for kind in ExitClass}
+        attempts.update(_count((e.pool, e.exit_class) for e in m.ended))
         yield _counter(
             "spotsafe_attempts", "Attempts that ended, by pool and exit class.", attempts, ["pool", "exit_class"]
         )
