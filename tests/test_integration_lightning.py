@@ -293,6 +293,36 @@ def test_exit_on_notice_false_stops_fit_at_the_step_and_saves(example: ModuleTyp
     assert [(x.reason, x.exit_code) for x in of(tmp_path / "run", ev.RunExited)] == [("preempted", 75)]
 
 
+def test_trackers_trainer_puts_the_spot_figures_beside_the_training_metrics(
+    example: ModuleType, tmp_path: Path
+) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    import spotsafe
+    from spotsafe.integrations.lightning import SpotsafeCallback
+
+    spot = SpotsafeCallback(tmp_path / "run", policy=spotsafe.every(steps=5), progress_interval=0, trackers="trainer")
+    logger = CSVLogger(str(tmp_path / "logs"), name="mlp")
+    loader = torch.utils.data.DataLoader(example.dataset(320), batch_size=32, shuffle=True)
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[spot],
+    )
+    trainer.fit(example.MLP(), loader)
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"loss", "spotsafe/checkpoint_stall_s", "spotsafe/goodput", "spotsafe/interruptions"} <= set(rows[0])
+    assert [int(r["step"]) for r in rows if r["spotsafe/checkpoint_stall_s"]] == [5, 10, 15, 20]
+    assert len([r for r in rows if r["loss"]]) == 20  # the training's own metric, every step
+    assert next(r["spotsafe/interruptions"] for r in rows if r["spotsafe/interruptions"]) == "0.0"
+
+
 def test_train_data_that_is_not_a_dataloader_is_a_config_error(example: ModuleType, tmp_path: Path) -> None:
     from spotsafe.integrations.lightning import SpotsafeCallback
 

@@ -27,7 +27,20 @@ pytestmark = pytest.mark.package
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
 """What the clean environment installs torch from: the Makefile's pinned CPU build."""
 
-HEAVY = ("lightning", "pytorch_lightning", "transformers", "keras", "tensorflow", "s3fs", "gcsfs", "adlfs", "pyarrow")
+HEAVY = (
+    "lightning",
+    "pytorch_lightning",
+    "transformers",
+    "keras",
+    "tensorflow",
+    "s3fs",
+    "gcsfs",
+    "adlfs",
+    "pyarrow",
+    "mlflow",
+    "wandb",
+    "tensorboard",
+)
 """Packages that only an extra brings in: ``import spotsafe`` and its CLI must not need them."""
 
 
@@ -107,7 +120,18 @@ def test_the_wheel_carries_the_data_and_the_metadata_a_user_needs(dist: Dist) ->
     assert not [n for n in names if n.startswith(("tests/", "bench/", "examples/"))]
     assert f"Version: {__version__}" in metadata
     assert "Requires-Dist: torch>=2.2" in metadata
-    for extra in ("s3", "gcs", "azure", "lightning", "transformers", "keras", "batch"):
+    for extra in (
+        "s3",
+        "gcs",
+        "azure",
+        "lightning",
+        "transformers",
+        "keras",
+        "batch",
+        "mlflow",
+        "wandb",
+        "tensorboard",
+    ):
         assert f"Provides-Extra: {extra}" in metadata
     assert "spotsafe = spotsafe.cli.main:main" in entry_points
 
@@ -144,6 +168,14 @@ def test_without_extras_nothing_heavy_is_imported_and_each_integration_says_what
             assert "spotsafe[lightning]" in str(err), err
         else:
             raise AssertionError("a Lightning callback without Lightning")
+        from spotsafe import trackers
+        for tracker, extra in ((trackers.MLflow, "mlflow"), (trackers.WandB, "wandb")):
+            try:
+                tracker()
+            except ImportError as err:
+                assert f"pip install 'spotsafe[{{extra}}]'" in str(err), err
+            else:
+                raise AssertionError(extra + " tracker without its package")
         from spotsafe.errors import ConfigError
         from spotsafe.storage.registry import open_storage
         for url, extra in (("s3://bucket/run", "s3"), ("gs://bucket/run", "gcs"), ("az://bucket/run", "azure")):

@@ -25,7 +25,7 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import torch
@@ -54,6 +54,7 @@ from spotsafe.storage.repository import CheckpointRef
 from spotsafe.storage.retry import DEFAULT_RETRY, StorageRetry
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EventSink
+from spotsafe.trackers import Tracker, check_trackers
 
 
 class Checkpointer:
@@ -115,6 +116,7 @@ class Checkpointer:
         save_config: SaveConfig | None = None,
         notice_config: NoticeConfig | None = None,
         storage_config: StorageConfig | None = None,
+        trackers: Sequence[Tracker] | None = None,
         storage: Storage | None = None,
         events: EventSink | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -133,6 +135,7 @@ class Checkpointer:
         named = {name: keywords[name] for name in NAMED}
         check_components(named, extra, overlap=self.save_config.overlap)
         check_effects(keywords)
+        tracked = check_trackers(trackers)
         self._agreement = agree.agreement_for(distributed, process_group)
         self._run_location, self._injected = storage_cfg, storage is not None
         if self._agreement is not None and storage is None:
@@ -154,6 +157,7 @@ class Checkpointer:
             owned=self._components.optimizer_owned,
             clock=clock,
             wall=wall_clock,
+            trackers=tracked,
         )
         self._closed = self._restored = self._stop_requested = False
         self._states: Callable[[], dict[str, Any]] = self._components.states

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +53,9 @@ from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EventSink, RunIdentity
 from spotsafe.telemetry.runlog import Emitter, open_run_log
-from spotsafe.telemetry.store import RunHistory, read_history
+from spotsafe.telemetry.runmodel import RunModel
+from spotsafe.telemetry.store import RunHistory, read_history, read_run_events
+from spotsafe.trackers import Tracker, TrackerFeed
 
 log = logging.getLogger("spotsafe")
 
@@ -93,6 +95,7 @@ def open_effects(
     job: JobEnv,
     agreement: Agreement | None,
     run_location: StorageConfig | None = None,
+    trackers: Sequence[Tracker] = (),
     process_group: Any = None,
     owned: Callable[[], set[int]],
     clock: Callable[[], float],
@@ -120,6 +123,17 @@ def open_effects(
         repo = CheckpointRepository(storage, clock=wall, fence=lease.check)
         if events is None:
             events = open_run_log(stack, storage, RunIdentity(run_id, attempt, os.getpid()), job)
+        if trackers:  # before run_started: the feed folds the earlier attempts, then every event of this one
+            subscribe = getattr(events, "subscribe", None)
+            if not callable(subscribe):
+                raise ConfigError("trackers need spotsafe's own event log: leave events= out to use them")
+            feed = TrackerFeed(
+                trackers,
+                RunModel.fold(read_run_events(storage), series=False),
+                RunIdentity(run_id, attempt, os.getpid()),
+            )
+            subscribe(feed.on_event)
+            stack.callback(feed.close)
         emit.sink = events
         emit(ev.RunStarted, url=str(storage.url), host=socket.gethostname())
         emit(ev.WriterClaimed, generation=lease.generation)

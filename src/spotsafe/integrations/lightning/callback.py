@@ -38,6 +38,7 @@ from spotsafe.integrations.lightning.package import choose
 from spotsafe.integrations.lightning.state import BATCH, EPOCH, LoopState, TrainLoader, set_sampler_epoch
 from spotsafe.jobenv import JobEnv
 from spotsafe.policy.interval import SavePolicy
+from spotsafe.trackers import TrainerLoggers
 
 VALIDATION = "validation"
 OWNED = ("model", "optimizer", "scheduler", "scaler", "loader")
@@ -143,6 +144,8 @@ class SpotsafeCallback:
         kwargs = dict(self.checkpointer_kwargs)
         if self.policy is not None:
             kwargs["policy"] = self.policy
+        if kwargs.get("trackers") == "trainer":  # the spot figures beside the training's, in the Trainer's loggers
+            kwargs["trackers"] = [TrainerLoggers(trainer)]
         before = _handlers()
         ckpt = self._ckpt = Checkpointer(url, **kwargs)
         self._own_handlers = {sig: h for sig, h in _handlers().items() if before.get(sig) is not h}
