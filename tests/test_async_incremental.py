@@ -44,6 +44,8 @@ from spotsafe.storage.repository import CheckpointRef, CheckpointRepository
 from spotsafe.telemetry.log import EVENTS_FILE, read_events
 from spotsafe.telemetry.store import read_run_events
 
+from .conftest import HANG_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # -- a small job whose parts change in known ways ------------------------------------------------
@@ -760,11 +762,11 @@ def test_staging_is_prepared_after_the_first_step_and_the_first_save_uses_it(
 ) -> None:
     niceness: list[int] = []
     touch = staging._touch
-    monkeypatch.setattr(staging, "_touch", lambda b: (niceness.append(os.getpriority(0, 0)), touch(b)))
+    monkeypatch.setattr(staging, "_touch", lambda *a: (niceness.append(os.getpriority(0, 0)), touch(*a)))
     job = build(tmp_path, frozen=False)
     area = staging_of(job)
     job.step()  # the optimizer's state exists from here on: its slots are prepared in the background
-    area.take_prepared()
+    area.wait_prepared()
     prepared = {key: slot.buffer.data_ptr() for key, slot in area.slots.items()}
     params = sum(p.numel() * 4 for p in job.model.parameters())
     assert sum(slot.nbytes for slot in area.slots.values()) >= 3 * params  # params, exp_avg, exp_avg_sq
@@ -779,6 +781,31 @@ def test_staging_is_prepared_after_the_first_step_and_the_first_save_uses_it(
     job.ckpt.close()
 
 
+def test_a_save_does_not_wait_for_a_preparation_that_got_no_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At nice 19 on a busy host the preparing thread may not have run at all when the first save comes: the save
+    stops it (it finishes the slot at hand) and allocates the rest itself, at the training thread's priority."""
+    started, stopped = threading.Event(), []
+
+    def starved(buffer: Any, stop: threading.Event | None = None) -> None:
+        started.set()
+        assert stop is not None
+        stopped.append(stop.wait(HANG_S))  # no CPU until someone asks: True once the save has asked
+
+    monkeypatch.setattr(staging, "_touch", starved)
+    job = build(tmp_path, frozen=False)
+    area = staging_of(job)
+    job.step()
+    assert started.wait(HANG_S)
+    expected = job.state()
+    ref = job.saved()
+    assert stopped == [True]  # the save asked the thread to stop, and it stopped after its first slot
+    assert not diff(restored_state(tmp_path, ref), expected)
+    assert len(area.slots) > 1  # the slots it did not reach were allocated by the save
+    job.ckpt.close()
+
+
 def test_after_a_restore_the_slots_no_loaded_bytes_became_are_prepared(tmp_path: Path) -> None:
     job = build(tmp_path, frozen=False, seed=5)
     job.step()
@@ -787,12 +814,13 @@ def test_after_a_restore_the_slots_no_loaded_bytes_became_are_prepared(tmp_path:
     again = build(tmp_path, frozen=False, seed=6)
     assert again.ckpt.restore() == 1
     area = staging_of(again)
-    adopted = dict(area.slots)  # loaded bytes nothing uses: load_state_dict copied them into the model
-    assert {key[0] for key in adopted} == {"model", "rng"}  # the optimizer keeps the tensors it was given
-    area.take_prepared()
+    adopted = dict(area.slots)  # loaded bytes nothing uses (the rest was read into the live tensors, or is kept
+    assert "optimizer" not in {key[0] for key in adopted}  # by the optimizer, which keeps the tensors it is given)
+    assert ("rng", 0) in adopted
+    area.wait_prepared()
     assert area.slots == adopted  # nothing is prepared during the first step: its own fresh memory comes first
     again.step()  # from its step_done() on
-    area.take_prepared()
+    area.wait_prepared()
     assert {key[0] for key in area.slots} >= {"model", "optimizer"}
     assert all(area.slots[key] is slot for key, slot in adopted.items())
     prepared = {key: slot.buffer.data_ptr() for key, slot in area.slots.items()}
@@ -808,7 +836,7 @@ def test_no_staging_is_prepared_beyond_the_budget_or_for_direct_saves(tmp_path: 
         job = build(tmp_path / name, frozen=False, **options)
         job.step()
         area = staging_of(job)
-        area.take_prepared()
+        area.wait_prepared()
         assert area.slots == {}
         expected = job.state()
         assert not diff(restored_state(tmp_path / name, job.saved()), expected)

@@ -164,6 +164,7 @@ class StagingArea:
         self._bounce: torch.Tensor | None = None
         self._preparing: threading.Thread | None = None
         self._prepared: dict[TensorKey, Slot] = {}
+        self._hurry = threading.Event()
 
     @property
     def reserved_bytes(self) -> int:
@@ -194,22 +195,31 @@ class StagingArea:
         runs (from the process's first ``step_done()`` on: not during the first step, whose own fresh memory
         would compete with it) makes the first save, often the emergency save soon after a restart, cost what
         a steady-state save costs. Only within the budget; tensors that already have a fitting slot (adopted
-        from a restore) are left alone. The next :meth:`stage` takes what was prepared, waiting for the rest if
-        the thread is still at work.
+        from a restore) are left alone. The next :meth:`stage` takes what was prepared; what the thread has not
+        reached by then is not waited for (at nice 19 on a busy host it may not have run at all): it stops, and
+        the save allocates the rest itself, at the training thread's priority.
         """
         if self._preparing is not None or not self.fits(items):
             return False
         todo = [(key, _Shape.of(t)) for key, t in items if not self._fitting(self.slots.get(key), t)]
         if not todo:
             return False
+        self._hurry.clear()
         self._preparing = threading.Thread(target=self._prepare, args=(todo,), name="spotsafe-prepare", daemon=True)
         self._preparing.start()
         return True
 
+    def wait_prepared(self) -> None:
+        """Let the preparing thread, if any, finish everything, then take it (:meth:`take_prepared`)."""
+        if self._preparing is not None:
+            self._preparing.join()
+        self.take_prepared()
+
     def take_prepared(self) -> None:
-        """Wait for the preparing thread, if any, and make what it prepared the slots."""
+        """Stop the preparing thread, if any (it finishes the slot at hand), and make what it prepared the slots."""
         if self._preparing is None:
             return
+        self._hurry.set()
         self._preparing.join()
         self._preparing = None
         for key, slot in self._prepared.items():
@@ -222,9 +232,11 @@ class StagingArea:
         lower_priority(PREPARE_NICE)
         try:
             for key, shape in todo:
+                if self._hurry.is_set():
+                    break
                 slot = self._new_slot(shape)
                 if not shape.pinned:
-                    _touch(slot.buffer)
+                    _touch(slot.buffer, self._hurry)
                 self._prepared[key] = slot
         except (MemoryError, RuntimeError) as err:  # the save allocates what is missing (and reports any error)
             log.info("spotsafe: staging memory not prepared ahead (%s); the next save allocates it", err)
@@ -392,10 +404,13 @@ _TOUCH_PAGES = 16384
 """Pages touched per call: few enough that torch fills them on this thread, not its worker pool."""
 
 
-def _touch(buffer: torch.Tensor) -> None:
-    """Fault in every page of fresh memory (one write per page; torch releases the GIL)."""
+def _touch(buffer: torch.Tensor, stop: threading.Event | None = None) -> None:
+    """Fault in every page of fresh memory (one write per page; torch releases the GIL), until ``stop`` is set
+    (the pages left are faulted in by the copy that first writes them)."""
     step = PAGE * _TOUCH_PAGES
     for start in range(0, buffer.numel(), step):
+        if stop is not None and stop.is_set():
+            return
         buffer[start : start + step : PAGE].fill_(0)
 
 
