@@ -108,6 +108,16 @@ def flip(url: str, ref: CheckpointRef, blob: str, at: int) -> None:
     storage.write_atomic(key, bytes(data))
 
 
+def saved_run(tmp_path: Path) -> str:
+    """A run with one checkpoint, at step 2 of a model made with seed 0."""
+    url = str(tmp_path / "run")
+    model, optimizer, ckpt = make(url)
+    train(model, optimizer, ckpt, 2)
+    ckpt.save()
+    ckpt.close()
+    return url
+
+
 # -- restore ---------------------------------------------------------------------------------------------------------
 
 
@@ -151,11 +161,7 @@ def test_a_fresh_process_reads_the_parameters_in_place_and_the_moments_into_new_
 
 
 def test_a_frozen_layer_is_not_written_again_by_the_first_save_after_a_restore(tmp_path: Path) -> None:
-    url = str(tmp_path / "run")
-    model, optimizer, ckpt = make(url)
-    train(model, optimizer, ckpt, 2)
-    ckpt.save()
-    ckpt.close()
+    url = saved_run(tmp_path)
     model2, optimizer2, again = make(url, seed=1)
     again.restore()
     train(model2, optimizer2, again, 1)
@@ -198,11 +204,7 @@ def test_a_damaged_newest_checkpoint_read_in_place_falls_back_to_the_older_one_e
 
 
 def test_with_no_valid_checkpoint_left_the_run_stops(tmp_path: Path) -> None:
-    url = str(tmp_path / "run")
-    model, optimizer, ckpt = make(url)
-    train(model, optimizer, ckpt, 2)
-    ckpt.save()
-    ckpt.close()
+    url = saved_run(tmp_path)
     [only] = checkpoints(url)
     flip(url, only, "model.bin", 10)
     *_, again = make(url, seed=1)
@@ -215,11 +217,7 @@ def test_with_no_valid_checkpoint_left_the_run_stops(tmp_path: Path) -> None:
 def test_where_training_could_go_on_after_damage_nothing_is_read_in_place(tmp_path: Path, how: str) -> None:
     """``on_damaged="start_fresh"`` starts from the initial weights, so damaged bytes must never land in them;
     ``strict=False`` may load an older checkpoint that lacks a tensor the damaged one overwrote."""
-    url = str(tmp_path / "run")
-    model, optimizer, ckpt = make(url)
-    train(model, optimizer, ckpt, 2)
-    ckpt.save()
-    ckpt.close()
+    url = saved_run(tmp_path)
     [only] = checkpoints(url)
     model2, optimizer2, again = make(url, seed=1)
     initial = snapshot(model2, optimizer2)
