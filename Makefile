@@ -44,9 +44,10 @@ test: lint azurite
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not package"
 
 # The package a user installs: wheel + sdist (python -m build), twine check, and the wheel in a clean venv
-# (torch from $(TORCH_SPEC)) running `spotsafe --version`, a drill of the example job and the s3 extra.
+# (torch from $(TORCH_SPEC)) running `spotsafe --version`, a drill of the example job and the s3 extra; and the
+# launcher examples checked by SkyPilot's and the kubernetes client's own code, in a venv of their own.
 package-check: $(BIN)/.installed
-	TORCH_SPEC="$(TORCH_SPEC)" $(BIN)/pytest -q -m package tests/test_package.py
+	TORCH_SPEC="$(TORCH_SPEC)" $(BIN)/pytest -q -m package tests/test_package.py tests/test_launchers.py
 
 $(BIN)/.bench-installed: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
