@@ -11,6 +11,7 @@ drill's own :func:`ensure_reference`) and a run without spotsafe (``--plain``).
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -396,3 +397,41 @@ def test_every_random_stream_is_put_back() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "streams put back" in done.stdout
+
+
+# -- trackers ----------------------------------------------------------------------------------------------------------
+
+TRACKED = """
+import csv, os, sys
+os.environ["KERAS_BACKEND"] = "torch"
+import keras, numpy as np
+import spotsafe
+from spotsafe.integrations.keras import SpotsafeCallback
+
+run, table = sys.argv[1], sys.argv[2]
+keras.utils.set_random_seed(0)
+m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(1)])
+m.compile(optimizer="adam", loss="mse")
+x, y = np.ones((32, 4), "float32"), np.zeros((32, 1), "float32")
+spot = SpotsafeCallback(run, policy=spotsafe.every(steps=2), progress_interval=0, trackers="logs")
+m.fit(x, y, batch_size=8, epochs=3, callbacks=[spot, keras.callbacks.CSVLogger(table)], verbose=0)
+"""
+
+
+def test_trackers_logs_puts_the_spot_figures_in_fits_logs_for_the_callbacks_after_it(tmp_path: Path) -> None:
+    """Keras' own CSVLogger, after the callback, records the figures beside the loss at every epoch's end."""
+    table = tmp_path / "fit.csv"
+    done = subprocess.run(
+        [sys.executable, "-c", TRACKED, str(tmp_path / "run"), str(table)],
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_HANG_S,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["epoch"] for row in rows] == ["0", "1", "2"]
+    for row in rows:
+        assert row["loss"] and float(row["spotsafe/checkpoint_stall_s"]) >= 0
+        assert row["spotsafe/interruptions"] == "0.0" and float(row["spotsafe/goodput"]) > 0

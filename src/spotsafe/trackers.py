@@ -37,7 +37,7 @@ log = logging.getLogger("spotsafe")
 
 PREFIX = "spotsafe/"
 
-__all__ = ["MLflow", "PREFIX", "TensorBoard", "Tracker", "TrackerFeed", "TrainerLoggers", "WandB", "figures"]
+__all__ = ["Latest", "MLflow", "PREFIX", "TensorBoard", "Tracker", "TrackerFeed", "TrainerLoggers", "WandB", "figures"]
 
 
 @runtime_checkable
@@ -143,6 +143,22 @@ class TrainerLoggers:
     def log(self, figures: Mapping[str, float], step: int) -> None:
         for logger in self.trainer.loggers:
             logger.log_metrics(dict(figures), step=step)
+
+
+class Latest:
+    """Keeps the newest figures, for a framework callback to put beside its own metrics (Keras' ``logs``)."""
+
+    def __init__(self) -> None:
+        self.figures: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def log(self, figures: Mapping[str, float], step: int) -> None:
+        with self._lock:
+            self.figures = dict(figures)
+
+    def newest(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self.figures)
 
 
 def _now_ms() -> int:

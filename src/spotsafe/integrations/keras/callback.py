@@ -45,6 +45,7 @@ from spotsafe.errors import ConfigError
 from spotsafe.integrations.keras.position import FitPosition
 from spotsafe.integrations.keras.state import ModelVariables, OptimizerVariables, seed_torch_like_keras
 from spotsafe.reasons import SaveReason
+from spotsafe.trackers import Latest
 
 BACKENDS = ("torch", "tensorflow")
 """The Keras backends this callback is built and tested for."""
@@ -63,6 +64,8 @@ class SpotsafeCallback(keras.callbacks.Callback):  # type: ignore[misc]  # Keras
             own (``extra``) are saved and restored with fit()'s; the names in :data:`COMPONENTS` are taken.
         **checkpointer_arguments: passed to :class:`~spotsafe.Checkpointer` (``policy``, ``keep``,
             ``exit_on_notice``, ``extra``, ...). Not ``model``/``optimizer``/``loader``: fit() owns those.
+            ``trackers="logs"`` puts the run's spot figures (:mod:`spotsafe.trackers`) into fit()'s ``logs`` at
+            each epoch's end, for the callbacks after this one (TensorBoard, CSVLogger...) to record.
 
     One callback serves one ``fit()`` call. Create it in the main thread (it installs signal handlers).
     With ``exit_on_notice=False`` a notice makes fit() stop at the step boundary (``model.stop_training``)
@@ -93,6 +96,10 @@ class SpotsafeCallback(keras.callbacks.Callback):  # type: ignore[misc]  # Keras
             raise ConfigError(
                 f"SpotsafeCallback: checkpointer must be a spotsafe.Checkpointer, got {type(checkpointer).__name__}"
             )
+        self._latest: Latest | None = None
+        if checkpointer_arguments.get("trackers") == "logs":  # the spot figures in fit()'s logs, at each epoch's end
+            self._latest = Latest()
+            checkpointer_arguments["trackers"] = [self._latest]
         self.checkpointer = checkpointer if checkpointer is not None else Checkpointer(url, **checkpointer_arguments)
         self._position: FitPosition | None = None
         self._previous_initial_epoch: Any = None
@@ -150,6 +157,8 @@ class SpotsafeCallback(keras.callbacks.Callback):  # type: ignore[misc]  # Keras
         assert self._position is not None
         with self._closing_on_error():
             self._position.epoch_ends(epoch)
+        if self._latest is not None and logs is not None:  # callbacks after this one (TensorBoard, CSVLogger,
+            logs.update(self._latest.newest())  # W&B's...) see the same dict: the figures sit beside the metrics
 
     def on_train_end(self, logs: Any = None) -> None:
         assert self._position is not None
