@@ -24,7 +24,7 @@ GOLDEN = """\
 {"type":"save_skipped","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"step":11,"reason":"reason-v","why":"why-v"}
 {"type":"save_committed","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"step":11,"checkpoint":"checkpoint-v","reason":"reason-v","bytes":14,"blobs":15,"stall_s":6.5,"duration_s":7.5,"written_bytes":18,"route":"route-v","local_s":10.5,"upload_s":11.5}
 {"type":"save_failed","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"step":11,"reason":"reason-v","error":"error-v"}
-{"type":"restore_completed","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"step":11,"epoch":12,"checkpoint":"checkpoint-v","bytes":14,"duration_s":5.5,"last_known_step":16,"replayed_steps":17}
+{"type":"restore_completed","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"step":11,"epoch":12,"checkpoint":"checkpoint-v","bytes":14,"duration_s":5.5,"last_known_step":16,"replayed_steps":17,"in_place_bytes":18}
 {"type":"restore_fresh","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"skipped":11}
 {"type":"restore_failed","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"checkpoints":11,"reason":"reason-v"}
 {"type":"checkpoint_skipped","run_id":"run-1","attempt":2,"pid":345,"time":1700000000.25,"checkpoint":"checkpoint-v","step":12,"reason":"reason-v"}

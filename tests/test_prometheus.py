@@ -88,6 +88,13 @@ class Prometheus:
             stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.proc, self.port, "Prometheus")
+        wait_until(self._ready, "Prometheus to be ready", timeout=PROCESS_HANG_S, poll_s=0.1)
+
+    def _ready(self) -> bool:
+        """``/-/ready`` answers 200 once the server serves queries (503 while it starts)."""
+        assert self.proc.poll() is None, "Prometheus exited"
+        response = urllib3.request("GET", f"http://127.0.0.1:{self.port}/-/ready", timeout=10.0, retries=False)
+        return response.status == 200
 
     def api(self, path: str, **fields: str) -> Any:
         response = urllib3.request(

@@ -159,3 +159,51 @@ def test_trackers_that_are_not_trackers_are_a_config_error(tmp_path: Path, bad: 
 def test_tensorboard_needs_a_folder_or_a_writer() -> None:
     with pytest.raises(ConfigError, match="give one of them"):
         TensorBoard()
+
+
+def test_a_hugging_face_trainer_reports_the_figures_where_it_reports_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``SpotsafeCallback(trackers="report_to")`` with ``report_to=["tensorboard"]``: the Trainer's TensorBoard
+    folder gets the spot figures beside ``train/loss``."""
+    pytest.importorskip("transformers")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import Trainer, TrainingArguments
+
+    from spotsafe.integrations.transformers import SpotsafeCallback
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = self.lin(x).squeeze(-1)
+            return {"loss": (out - labels).square().mean(), "logits": out}
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    data = [{"x": torch.full((4,), float(i)), "labels": torch.tensor(float(i % 3))} for i in range(16)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        logging_steps=1,
+        report_to=["tensorboard"],
+        use_cpu=True,
+        save_strategy="no",
+        dataloader_num_workers=0,
+    )
+    spot = SpotsafeCallback(str(tmp_path / "run"), policy=every(steps=2), trackers="report_to", progress_interval=0)
+    Trainer(model=Tiny(), args=args, train_dataset=data, callbacks=[spot]).train()
+    tags: set[str] = set()
+    steps: list[int] = []
+    for folder in {p.parent for p in (tmp_path / "tb").rglob("events.out.tfevents.*")}:
+        accumulator = EventAccumulator(str(folder))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+        if f"{PREFIX}checkpoint_write_s" in accumulator.Tags()["scalars"]:
+            steps = [s.step for s in accumulator.Scalars(f"{PREFIX}checkpoint_write_s")]
+    assert "train/loss" in tags and f"{PREFIX}goodput" in tags
+    assert steps[:3] == [2, 4, 6]

@@ -23,6 +23,7 @@ a warning and that tracker is skipped from then on. Each tracker imports its pac
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -37,7 +38,18 @@ log = logging.getLogger("spotsafe")
 
 PREFIX = "spotsafe/"
 
-__all__ = ["Latest", "MLflow", "PREFIX", "TensorBoard", "Tracker", "TrackerFeed", "TrainerLoggers", "WandB", "figures"]
+__all__ = [
+    "Latest",
+    "MLflow",
+    "ReportTo",
+    "PREFIX",
+    "TensorBoard",
+    "Tracker",
+    "TrackerFeed",
+    "TrainerLoggers",
+    "WandB",
+    "figures",
+]
 
 
 @runtime_checkable
@@ -143,6 +155,41 @@ class TrainerLoggers:
     def log(self, figures: Mapping[str, float], step: int) -> None:
         for logger in self.trainer.loggers:
             logger.log_metrics(dict(figures), step=step)
+
+
+class ReportTo:
+    """The trackers a Hugging Face Trainer reports to (``TrainingArguments.report_to``), made once its own
+    reporters are set up (``SpotsafeCallback(trackers="report_to")``): ``tensorboard`` (a writer in the same folder
+    as the Trainer's: ``$TENSORBOARD_LOGGING_DIR``, else ``<output_dir>/runs/spotsafe``), ``mlflow`` (the run the
+    Trainer started), ``wandb`` (``wandb.run``). Other reporters get nothing (logged once)."""
+
+    def __init__(self) -> None:
+        self.targets: list[Tracker] = []
+
+    def attach(self, report_to: Sequence[str] | str | None, output_dir: str) -> None:
+        names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+        for name in names:
+            if name == "tensorboard":
+                folder = os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(output_dir, "runs", "spotsafe")
+                self.targets.append(TensorBoard(folder))
+            elif name == "mlflow":
+                self.targets.append(MLflow())
+            elif name == "wandb":
+                self.targets.append(WandB())
+            elif name not in ("none", "all"):
+                log.info(
+                    "spotsafe: the spot figures are not sent to the %r reporter (only tensorboard, mlflow, wandb)", name
+                )
+
+    def log(self, figures: Mapping[str, float], step: int) -> None:
+        for target in self.targets:
+            target.log(figures, step)
+
+    def close(self) -> None:
+        for target in self.targets:
+            close = getattr(target, "close", None)
+            if callable(close):
+                close()
 
 
 class Latest:

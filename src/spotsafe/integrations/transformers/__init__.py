@@ -56,6 +56,7 @@ from spotsafe.exit_codes import EXIT_PREEMPTED
 from spotsafe.integrations.transformers.steering import LoopSteering, SteeredLoader, TrainerProgress
 from spotsafe.jobenv import JobEnv
 from spotsafe.state.rng import GlobalRNG
+from spotsafe.trackers import ReportTo
 
 log = logging.getLogger("spotsafe")
 
@@ -125,6 +126,7 @@ class SpotsafeCallback(TrainerCallback):
         # boundary (the same one on every rank), then exits or returns in on_train_end.
         self._kwargs = checkpointer
         self._ckpt: Checkpointer | None = None
+        self._report_to: ReportTo | None = None
         self._steer: LoopSteering | None = None
         self._started = False
         self._stopped = False
@@ -171,7 +173,11 @@ class SpotsafeCallback(TrainerCallback):
         url = self.url
         if url is None and JobEnv.from_env().checkpoint_url is None and "storage" not in self._kwargs:
             url = f"{str(args.output_dir).rstrip('/')}/{SUBFOLDER}"
-        self._ckpt = Checkpointer(url, model=model, **self._kwargs)
+        kwargs = dict(self._kwargs)
+        if kwargs.get("trackers") == "report_to":  # the spot figures where the Trainer reports its own metrics
+            self._report_to = ReportTo()
+            kwargs["trackers"] = [self._report_to]
+        self._ckpt = Checkpointer(url, model=model, **kwargs)
         return self._ckpt
 
     # -- 2. training begins: register what Trainer built, restore ----------------------------------
@@ -203,6 +209,8 @@ class SpotsafeCallback(TrainerCallback):
         ckpt.register("trainer_state", TrainerProgress(state))
         for name, obj in self.extra.items():
             ckpt.register(name, obj)
+        if self._report_to is not None:  # the Trainer's reporters are set up by now (their on_train_begin ran first)
+            self._report_to.attach(args.report_to, str(args.output_dir))
         step = ckpt.restore()
         self._stopped = ckpt.stopped  # a stop in start-up or the restore: the restored checkpoint is the resume point
         if state.global_step != step:
