@@ -479,9 +479,9 @@ def restore(state: State, root: Path, floor_file: Path, repeats: int = 5) -> Res
             fn()
             times[key].append(time.perf_counter() - start)
 
-        def restore_into(optimizer: torch.optim.Optimizer) -> None:
+        def restore_into(key: str, optimizer: torch.optim.Optimizer) -> None:
             again = spotsafe.Checkpointer(str(run), model=state.model, optimizer=optimizer, handle_signals=False)
-            timed("fresh" if optimizer is not state.optimizer else "restore", run, again.restore)
+            timed(key, run, again.restore)
             again.close()
 
         def torch_into(optimizer: torch.optim.Optimizer) -> None:
@@ -497,9 +497,9 @@ def restore(state: State, root: Path, floor_file: Path, repeats: int = 5) -> Res
             assert loaded is not None
             nbytes = loaded.checkpoint.manifest.total_bytes
             del loaded
-            restore_into(state.optimizer)
+            restore_into("restore", state.optimizer)
             timed("torch", path, lambda: torch_into(state.optimizer))
-            restore_into(torch.optim.AdamW(state.model.parameters(), lr=1e-3))
+            restore_into("fresh", torch.optim.AdamW(state.model.parameters(), lr=1e-3))
             timed("fresh_torch", path, functools.partial(torch_into, torch.optim.AdamW(state.model.parameters())))
             seq_s.append(disk_read_floor(floor_file))
             par_s.append(disk_read_floor_parallel(floor_file))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -186,10 +187,7 @@ class ReportTo:
             target.log(figures, step)
 
     def close(self) -> None:
-        for target in self.targets:
-            close = getattr(target, "close", None)
-            if callable(close):
-                close()
+        close_all(self.targets)
 
 
 class Latest:
@@ -209,8 +207,6 @@ class Latest:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
@@ -274,13 +270,18 @@ class TrackerFeed:
                     )
 
     def close(self) -> None:
-        for tracker in self.trackers:
-            close = getattr(tracker, "close", None)
-            if callable(close):
-                try:
-                    close()
-                except Exception as err:  # noqa: BLE001
-                    log.warning("spotsafe: closing tracker %s failed: %s", type(tracker).__name__, err)
+        close_all(self.trackers)
+
+
+def close_all(trackers: Sequence[Tracker]) -> None:
+    """Close each tracker that has ``close()``; a failure is logged, never raised."""
+    for tracker in trackers:
+        close = getattr(tracker, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception as err:  # noqa: BLE001
+                log.warning("spotsafe: closing tracker %s failed: %s", type(tracker).__name__, err)
 
 
 def check_trackers(trackers: object) -> list[Tracker]:

@@ -54,7 +54,7 @@ from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EventSink, RunIdentity
 from spotsafe.telemetry.runlog import Emitter, open_run_log
 from spotsafe.telemetry.runmodel import RunModel
-from spotsafe.telemetry.store import RunHistory, read_history, read_run_events
+from spotsafe.telemetry.store import RunHistory, history_of, read_run_events
 from spotsafe.trackers import Tracker, TrackerFeed
 
 log = logging.getLogger("spotsafe")
@@ -116,22 +116,19 @@ def open_effects(
             retrying = retry_reporting(storage)
             if retrying is not None and retrying.on_retry is None:  # an injected RetryingStorage
                 retrying.on_retry = emit.storage_retry
-        history = read_history(storage)
+        earlier = RunModel.fold(read_run_events(storage), series=False)  # the run's log, read once
+        history = history_of(earlier)
         run_id = job.run_id or os.path.basename(str(storage.url).rstrip("/"))
         attempt = job.attempt or history.attempts + 1
         lease = WriterLease.acquire(storage, run_id=run_id, attempt=attempt, clock=wall)
         repo = CheckpointRepository(storage, clock=wall, fence=lease.check)
         if events is None:
             events = open_run_log(stack, storage, RunIdentity(run_id, attempt, os.getpid()), job)
-        if trackers:  # before run_started: the feed folds the earlier attempts, then every event of this one
+        if trackers:  # before run_started: the feed goes on from the earlier attempts with every event of this one
             subscribe = getattr(events, "subscribe", None)
             if not callable(subscribe):
                 raise ConfigError("trackers need spotsafe's own event log: leave events= out to use them")
-            feed = TrackerFeed(
-                trackers,
-                RunModel.fold(read_run_events(storage), series=False),
-                RunIdentity(run_id, attempt, os.getpid()),
-            )
+            feed = TrackerFeed(trackers, earlier, RunIdentity(run_id, attempt, os.getpid()))
             subscribe(feed.on_event)
             stack.callback(feed.close)
         emit.sink = events

@@ -23,7 +23,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from spotsafe.errors import CorruptCheckpointError
 from spotsafe.storage.base import TMP_MARKER, BlobNotFoundError, Buffer, Storage, new_buffer
@@ -60,16 +60,12 @@ PlaceFn = Callable[[Manifest, Buffer], Placement]
 
 @dataclass(frozen=True)
 class LoadedCheckpoint:
-    """A checkpoint whose every blob was read and verified.
-
-    ``placed`` lists, per blob, the byte ranges that were read into destinations of the caller's
-    (:meth:`CheckpointRepository.load`'s ``place``): those ranges of ``blobs[ref]`` hold nothing.
-    """
+    """A checkpoint whose every blob was read and verified (with :meth:`CheckpointRepository.load`'s ``place``,
+    the ranges read into the caller's destinations hold nothing in ``blobs``)."""
 
     ref: CheckpointRef
     manifest: Manifest
     blobs: dict[str, Buffer]
-    placed: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
 
 
 class CheckpointRepository:
@@ -282,12 +278,7 @@ class CheckpointRepository:
             blobs[entry.ref] = buffer
             if progress is not None:
                 progress(entry.size)
-        placed = {
-            blob: sorted((offset, offset + view.nbytes) for offset, view in targets)
-            for blob, targets in placement.items()
-            if targets
-        }
-        return LoadedCheckpoint(ref=ref, manifest=manifest, blobs=blobs, placed=placed)
+        return LoadedCheckpoint(ref=ref, manifest=manifest, blobs=blobs)
 
     def verify(self, ref: CheckpointRef, progress: ProgressFn | None = None) -> Manifest:
         """Full check of every size and checksum, one blob in memory at a time."""
