@@ -84,8 +84,14 @@ def bench_size(label: str, target: int, root: Path, console: Console) -> dict[st
     r: dict[str, Any] = {"label": label, "bytes": state.nbytes}
     console.print(f"  {state.nbytes / MB:.0f} MiB; floors")
     r["memcpy"] = cases.memcpy_floor(state)
-    r["write_py"], r["write_dd"], floor_file = cases.disk_write_floor(state, root)
-    r["write_floor"] = min(r["write_py"], r["write_dd"]) if r["write_dd"] == r["write_dd"] else r["write_py"]
+    floors = cases.disk_write_floor(state, root)
+    r["write_py"], r["write_py_direct"], r["write_dd"], r["write_dd_direct"] = (
+        floors.python_s,
+        floors.python_direct_s,
+        floors.dd_s,
+        floors.dd_direct_s,
+    )
+    r["write_floor"], floor_file = floors.best_s, floors.file
     console.print("  baselines: torch.save, safetensors, DCP save, DCP async_save x2")
     r["torch.save"] = cases.torch_save(state, root)
     r["safetensors"] = cases.safetensors_save(state, root)
@@ -138,8 +144,13 @@ def stall_table(results: list[dict[str, Any]]) -> tuple[Table, list[list[str]]]:
 
 def io_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     rows = [["measure", *[r["label"] for r in results]]]
-    rows.append(["floor: Python 64 MiB writes + fsync", *[_bw(r["bytes"], r["write_py"]) for r in results]])
-    rows.append(["floor: dd bs=64M conv=fsync", *[_bw(r["bytes"], r["write_dd"]) for r in results]])
+    for name, key in (
+        ("floor: Python 64 MiB writes + fsync", "write_py"),
+        ("floor: Python 64 MiB O_DIRECT writes + fsync", "write_py_direct"),
+        ("floor: dd bs=64M conv=fsync", "write_dd"),
+        ("floor: dd bs=64M oflag=direct conv=fsync", "write_dd_direct"),
+    ):
+        rows.append([name, *[_bw(r["bytes"], r[key]) for r in results]])
     rows.append(
         [
             "spotsafe persist (background, all bytes changed)",

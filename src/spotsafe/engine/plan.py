@@ -17,6 +17,8 @@ from spotsafe.engine.staging import CHUNK, Location, StagedTensor, TensorKey
 from spotsafe.state.snapshot import Snapshot
 from spotsafe.state.tensors import ALIGN, Segment, TensorEntry, dtype_name
 from spotsafe.storage.base import Chunk
+from spotsafe.storage.direct import ALIGN as DIRECT_ALIGN
+from spotsafe.storage.direct import DIRECT_MIN
 from spotsafe.storage.manifest import BlobEntry
 
 
@@ -92,7 +94,8 @@ def make_plan(snapshot: Snapshot, staged: Mapping[TensorKey, StagedTensor], know
             item.dirty = sorted(dirty)
             mine: list[BlobRun] = []
             for start, end in item.runs():
-                blob.size += -blob.size % ALIGN
+                # Large runs start on a page, so the disk can take them straight from the slot (O_DIRECT).
+                blob.size += -blob.size % (DIRECT_ALIGN if end - start >= DIRECT_MIN else ALIGN)
                 mine.append(BlobRun(item, start, end, blob.size))
                 blob.size += end - start
             blob.runs.extend(mine)

@@ -44,7 +44,7 @@ import torch
 
 from spotsafe.errors import ConfigError
 from spotsafe.priority import PREPARE_NICE, lower_priority
-from spotsafe.storage.base import HUGE, new_buffer
+from spotsafe.storage.base import new_buffer
 
 log = logging.getLogger("spotsafe")
 
@@ -297,8 +297,8 @@ class StagingArea:
         nbytes = shape.nbytes
         if shape.pinned:
             buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        elif nbytes >= HUGE:
-            buffer = torch.frombuffer(new_buffer(nbytes), dtype=torch.uint8)
+        elif nbytes >= CHUNK:  # page-aligned: written to disk straight from here (see spotsafe.storage.direct)
+            buffer = torch.frombuffer(new_buffer(nbytes, aligned=True), dtype=torch.uint8)
         else:
             buffer = torch.empty(nbytes, dtype=torch.uint8)
         return Slot(buffer=buffer, dtype=shape.dtype, shape=shape.shape, locations=[None] * _chunks(nbytes))

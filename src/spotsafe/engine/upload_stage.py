@@ -119,7 +119,7 @@ def open_stage(
     A stage that belongs to this run has its newest local checkpoint uploaded (:func:`recover_stage`);
     one that belongs to another run (or to none) is wiped. Then it is marked as this run's.
     """
-    stage = LocalStorage(stage_dir)
+    stage = LocalStorage(stage_dir, direct_io=False)  # read back soon by the upload: through the page cache
     local = local_paths(durable.storage)
     if local is not None and str(stage.root_path) == str(local.root_path):
         raise ConfigError("stage_dir must differ from the run's location")

@@ -30,14 +30,15 @@ TMP_MARKER = ".tmp-"
 HUGE = 2 * 1024 * 1024
 
 
-def new_buffer(size: int) -> memoryview:
-    """Writable, uninitialised memory of ``size`` bytes, for reading a blob into.
+def new_buffer(size: int, *, aligned: bool = False) -> memoryview:
+    """Writable, uninitialised memory of ``size`` bytes, for reading a blob into (``aligned``: page-aligned
+    whatever the size).
 
     Large buffers are anonymous maps advised to use transparent huge pages: touching fresh
     memory page by page is a large part of reading a big checkpoint (``bytearray(size)``
     would also zero it first, a wasted pass).
     """
-    if size < HUGE:
+    if size < HUGE and not aligned:
         return memoryview(bytearray(size))
     region = mmap.mmap(-1, size)
     with contextlib.suppress(AttributeError, OSError):

@@ -24,12 +24,14 @@ On top of that, the two writes the commit protocol depends on carry the
 guarantees a disk needs: every write is fsynced, and so is the folder that gains
 a name; :meth:`LocalStorage.write_atomic` writes a temporary file next to the
 target (``.<name>.tmp-<random>``, so cleanup can find it) and renames it over the target.
+Streamed writes (blobs) use ``O_DIRECT`` where the file system takes it (:mod:`spotsafe.storage.direct`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import secrets
 import shutil
@@ -43,6 +45,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from spotsafe.errors import ConfigError, PermanentStorageError
 from spotsafe.storage.base import TMP_MARKER, BlobNotFoundError, ChunkSource, ReadProgress, UnsafePathError
+from spotsafe.storage.direct import O_DIRECT, DirectWriter
 from spotsafe.storage.errors import translate
 from spotsafe.storage.fsspec_store import FsspecStorage, check_key, read_fully
 
@@ -94,10 +97,15 @@ class _Behind(Exception):
 class LocalStorage(FsspecStorage):
     """A folder on a local (or network-mounted POSIX) file system."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, direct_io: bool | None = None) -> None:
+        """``direct_io``: write large blobs with ``O_DIRECT`` (:mod:`spotsafe.storage.direct`), bypassing the page
+        cache. ``None`` (the default): yes where the platform has it, unless ``SPOTSAFE_DIRECT_IO=0``."""
         path = local_root(root)
         super().__init__(LocalFileSystem(), str(path), os.fspath(root))
         self.root_path = path
+        if direct_io is None:
+            direct_io = os.environ.get("SPOTSAFE_DIRECT_IO", "1").strip().lower() not in ("0", "false", "no", "off")
+        self.direct_io = bool(direct_io and O_DIRECT)
 
     def path_of(self, key: str) -> Path:
         """The local path of ``key`` (inside the root, or an error). Open it with :meth:`open_read`, not ``open``."""
@@ -213,26 +221,48 @@ class LocalStorage(FsspecStorage):
         try:
             with self._folder(key, parts[:-1], create=True) as parent:
                 self._refuse_entry(parent, key, parts)
-                try:
-                    fd = os.open(parts[-1], _WRITE, 0o666, dir_fd=parent)
-                except OSError as err:
-                    if err.errno in (errno.ELOOP, errno.ENXIO):
-                        self._refuse_entry(parent, key, parts)
-                    raise
+                fd = self._open_for_write(parent, key, parts)
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
                 raise self._unsafe(key, parts, "not a regular file (a named pipe, socket or device)")
-            with self._opened(key, parts[-1], fd) as handle:
-                for chunk in source():
-                    handle.write(chunk)
-                    total += memoryview(chunk).nbytes
-                handle.flush()
-                os.fsync(handle.fileno())
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
+                try:
+                    writer = DirectWriter(fd)
+                    for chunk in source():
+                        writer.write(chunk)
+                    total = writer.finish()
+                    if writer.refused:
+                        self.direct_io = False  # this file system does not take them: buffered from now on
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            else:
+                with self._opened(key, parts[-1], fd) as handle:
+                    for chunk in source():
+                        handle.write(chunk)
+                        total += memoryview(chunk).nbytes
+                    handle.flush()
+                    os.fsync(handle.fileno())
         except _Behind as err:
             raise PermanentStorageError(f"{self.url}/{key}: a file stands where a folder should be") from err
         except OSError as err:
             raise translate(err, key, self.url) from err
         return total
+
+    def _open_for_write(self, parent: int, key: str, parts: Sequence[str]) -> int:
+        """A new (truncated) file for a streamed write, with ``O_DIRECT`` if this storage uses it and the file
+        system takes it (``EINVAL`` from the open: not here, and not again on this storage)."""
+        while True:
+            flags = _WRITE | (O_DIRECT if self.direct_io else 0)
+            try:
+                return os.open(parts[-1], flags, 0o666, dir_fd=parent)
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENXIO):
+                    self._refuse_entry(parent, key, parts)
+                if err.errno == errno.EINVAL and self.direct_io:
+                    self.direct_io = False
+                    continue
+                raise
 
     def write_atomic(self, key: str, data: bytes) -> None:
         parts = self._file_parts(key)
