@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -263,3 +264,15 @@ def _segments(node: Any) -> list[Any]:
 def test_the_bounce_buffer_is_page_aligned() -> None:
     view = direct._bounce()
     assert direct.address(view) is not None and direct.address(view) % ALIGN == 0  # type: ignore[operator]
+
+
+def test_checksums_alongside_the_writes_run_at_the_lowest_priority() -> None:
+    """Only CPU that training leaves idle (Linux schedules threads: the nice value is the thread's own)."""
+    from spotsafe.storage.pending import _hash_pool
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = niceness()
+    assert _hash_pool().submit(niceness).result() == 19
+    assert niceness() == before  # this thread was left alone

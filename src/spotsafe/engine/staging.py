@@ -188,7 +188,7 @@ class StagingArea:
 
     # -- preparing slots ahead of the first save ------------------------------------
     def prepare(self, items: Sequence[tuple[TensorKey, torch.Tensor]]) -> bool:
-        """Allocate and fault in the slots ``items`` will need, on a low-priority thread; whether it started.
+        """Allocate and fault in the slots ``items`` will need, on a background thread; whether it started.
 
         A process's first save would otherwise allocate all its staging memory on the training thread, and
         touching fresh memory page by page costs several times the copy itself. Preparing it while training
@@ -196,8 +196,8 @@ class StagingArea:
         would compete with it) makes the first save, often the emergency save soon after a restart, cost what
         a steady-state save costs. Only within the budget; tensors that already have a fitting slot (adopted
         from a restore) are left alone. The next :meth:`stage` takes what was prepared; what the thread has not
-        reached by then is not waited for (at nice 19 on a busy host it may not have run at all): it stops, and
-        the save allocates the rest itself, at the training thread's priority.
+        reached by then is not waited for: it stops, and the save allocates the rest itself. The thread runs at
+        training's priority (:data:`~spotsafe.priority.PREPARE_NICE` says why).
         """
         if self._preparing is not None or not self.fits(items):
             return False
