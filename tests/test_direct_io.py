@@ -276,3 +276,96 @@ def test_checksums_alongside_the_writes_run_at_the_lowest_priority() -> None:
     before = niceness()
     assert _hash_pool().submit(niceness).result() == 19
     assert niceness() == before  # this thread was left alone
+
+
+# -- reads ----------------------------------------------------------------------------------------
+
+
+def counting_direct_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    lengths: list[int] = []
+    real = LocalStorage._read_direct
+
+    def read_direct(self: LocalStorage, key: str, views: Any, offset: int, length: int) -> int:
+        lengths.append(length)
+        return real(self, key, views, offset, length)
+
+    monkeypatch.setattr(LocalStorage, "_read_direct", read_direct)
+    return lengths
+
+
+def test_reads_into_page_aligned_memory_bypass_the_page_cache_and_are_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole pages into page-aligned memory are read with O_DIRECT; everything else (the last partial page,
+    unaligned memory or offsets, small reads, past the end of the file) through the page cache; always exact."""
+    direct_reads = counting_direct_reads(monkeypatch)
+    storage = LocalStorage(tmp_path)
+    data = random.Random(5).randbytes(5 * MiB + 1234)
+    storage.write_stream("a/b.bin", lambda: iter([data]))
+    rng = random.Random(6)
+    for _ in range(200):
+        offset = rng.choice([0, ALIGN, MiB, 100, 3 * MiB, 5 * MiB, 5 * MiB + 1000])
+        n = rng.choice([MiB, MiB + 5, 3 * MiB, ALIGN, 5 * MiB + 1234, 6 * MiB])
+        buffer = aligned(n) if rng.random() < 0.7 else memoryview(bytearray(n))
+        if rng.random() < 0.5:
+            got = storage.read_into("a/b.bin", buffer, offset=offset)
+        else:
+            got = storage.read_into_views("a/b.bin", [buffer[: n // 2], buffer[n // 2 :]], offset=offset)
+        assert got == len(data[offset : offset + n])
+        assert bytes(buffer[:got]) == data[offset : offset + n]
+    assert direct_reads and all(length % ALIGN == 0 and length >= DIRECT_MIN for length in direct_reads)
+    assert storage.direct_io
+
+    direct_reads.clear()
+    buffer = aligned(3 * MiB)
+    assert storage.read_into("a/b.bin", buffer, offset=ALIGN) == 3 * MiB
+    assert bytes(buffer) == data[ALIGN : ALIGN + 3 * MiB] and direct_reads == [3 * MiB]
+    direct_reads.clear()
+    for view in (aligned(4 * MiB)[ALIGN // 2 : ALIGN // 2 + 2 * MiB], memoryview(bytearray(2 * MiB))):
+        assert storage.read_into("a/b.bin", view) == 2 * MiB and bytes(view) == data[: 2 * MiB]
+    assert storage.read_into("a/b.bin", aligned(2 * MiB), offset=100) == 2 * MiB
+    assert not direct_reads  # memory or offset off a page
+
+
+def test_a_file_system_that_refuses_direct_reads_gets_buffered_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = LocalStorage(tmp_path)
+    data = random.Random(7).randbytes(3 * MiB)
+    storage.write_stream("a/b.bin", lambda: iter([data]))
+    refused = refusing_open(monkeypatch)
+    for _ in range(2):
+        buffer = aligned(3 * MiB)
+        assert storage.read_into("a/b.bin", buffer) == 3 * MiB and bytes(buffer) == data
+    assert len(refused) == 1 and not storage.direct_io
+
+
+def test_a_fresh_process_restore_reads_the_optimizer_state_directly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new optimizer has no moments to read into: they land in the blob's own (page-aligned) memory, read
+    with O_DIRECT, and restore bit-exactly; the live parameters are read in place through the page cache."""
+
+    def build() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 4))  # 4 MiB weights
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    model, optimizer = build()
+    for _ in range(2):
+        model(torch.randn(4, 1024)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    ckpt = spotsafe.Checkpointer(tmp_path / "run", model=model, optimizer=optimizer, handle_signals=False)
+    ckpt.save()
+    ckpt.close()
+    direct_reads = counting_direct_reads(monkeypatch)
+    fresh, fresh_opt = build()
+    again = spotsafe.Checkpointer(tmp_path / "run", model=fresh, optimizer=fresh_opt, handle_signals=False)
+    assert again.restore() == 0
+    again.close()
+    assert sum(direct_reads) >= 2 * (4 * MiB - ALIGN)  # exp_avg and exp_avg_sq of the large layer
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for saved, loaded in zip(optimizer.state.values(), fresh_opt.state.values(), strict=True):
+        assert all(torch.equal(saved[k], loaded[k]) for k in saved)
