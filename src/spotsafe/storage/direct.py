@@ -1,4 +1,4 @@
-"""Writing (and reading) files with ``O_DIRECT``: large aligned chunks go between their own memory and the disk.
+"""Writing a file with ``O_DIRECT``: large aligned chunks go from their own memory straight to the disk.
 
 A buffered write copies every byte into the page cache (fresh pages, faulted in and
 zeroed by the kernel on the writing thread), and the kernel's writeback threads then
@@ -32,7 +32,6 @@ import fcntl
 import mmap
 import os
 import threading
-from collections.abc import Sequence
 
 ALIGN = 4096
 """File offsets, lengths and addresses of direct writes are multiples of this (a page; >= any logical block)."""
@@ -156,42 +155,6 @@ class DirectWriter:
             flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
             fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~O_DIRECT)
             self.direct = False
-
-
-def direct_read_length(views: Sequence[memoryview], offset: int) -> int:
-    """How many bytes from the start of ``views`` can be read with ``O_DIRECT`` at file ``offset``: whole pages,
-    into page-aligned memory, at least :data:`DIRECT_MIN` of them; 0 when not worth it or not possible.
-
-    The views must be one piece of page-aligned memory after another (a blob's own fresh buffer, never the
-    live tensors a restore reads in place: torch does not page-align them); the first view that is not, and
-    the last partial page, are read through the page cache.
-    """
-    if offset % ALIGN:
-        return 0
-    length = 0
-    for view in views:
-        at = address(view)
-        if at is None or at % ALIGN:
-            break
-        length += view.nbytes - view.nbytes % ALIGN
-        if view.nbytes % ALIGN:
-            break
-    return length if length >= DIRECT_MIN else 0
-
-
-def skip(views: Sequence[memoryview], start: int, length: int | None = None) -> list[memoryview]:
-    """The bytes ``[start, start + length)`` of ``views`` (to their end without ``length``), as views."""
-    out: list[memoryview] = []
-    end = None if length is None else start + length
-    at = 0
-    for view in views:
-        lo, hi = max(start - at, 0), view.nbytes if end is None else min(view.nbytes, end - at)
-        if lo < hi:
-            out.append(view[lo:hi])
-        at += view.nbytes
-        if end is not None and at >= end:
-            break
-    return out
 
 
 def _write_all(fd: int, view: memoryview) -> None:

@@ -45,8 +45,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from spotsafe.errors import ConfigError, PermanentStorageError
 from spotsafe.storage.base import TMP_MARKER, BlobNotFoundError, ChunkSource, ReadProgress, UnsafePathError
-from spotsafe.storage.direct import ALIGN as DIRECT_ALIGN
-from spotsafe.storage.direct import O_DIRECT, DirectWriter, direct_read_length, skip
+from spotsafe.storage.direct import O_DIRECT, DirectWriter
 from spotsafe.storage.errors import translate
 from spotsafe.storage.fsspec_store import FsspecStorage, check_key, read_fully
 
@@ -74,19 +73,14 @@ IOV_MAX = 1024
 """Buffers per ``preadv`` call (POSIX guarantees at least 16; Linux allows 1024)."""
 
 
-def preadv_fully(fd: int, views: Sequence[memoryview], offset: int, *, block: int = 1) -> int:
-    """``preadv`` into ``views`` from ``offset`` until they are full or the file ends; the bytes read.
-
-    ``block``: stop after a read that is not a multiple of it (``O_DIRECT``: the end of the file, whose next
-    read would start off the block)."""
+def preadv_fully(fd: int, views: Sequence[memoryview], offset: int) -> int:
+    """``preadv`` into ``views`` from ``offset`` until they are full or the file ends; the bytes read."""
     pending = [v for v in views if v.nbytes]
     first, got = 0, 0
     while first < len(pending):
         n = os.preadv(fd, pending[first : first + IOV_MAX], offset + got)
         if not n:
             break
-        if n % block:
-            return got + n
         got += n
         while first < len(pending) and n >= pending[first].nbytes:
             n -= pending[first].nbytes
@@ -184,15 +178,14 @@ class LocalStorage(FsspecStorage):
             raise BlobNotFoundError(f"{self.url}: the run folder itself is not an object")
         return parts
 
-    def _open_file(self, key: str, extra: int = 0) -> int:
-        """A read handle on the regular file at ``key`` (opened with ``extra`` flags too); never a link, pipe or
-        device."""
+    def _open_file(self, key: str) -> int:
+        """A read handle on the regular file at ``key``; never a link, pipe or device."""
         parts = self._file_parts(key)
         try:
             with self._folder(key, parts[:-1]) as parent:
                 self._refuse_entry(parent, key, parts)  # a pipe or device is not even opened
                 try:
-                    fd = os.open(parts[-1], _READ | extra, dir_fd=parent)
+                    fd = os.open(parts[-1], _READ, dir_fd=parent)
                 except OSError as err:
                     if err.errno != errno.ELOOP:
                         raise
@@ -307,8 +300,6 @@ class LocalStorage(FsspecStorage):
         self, key: str, buffer: bytearray | memoryview, progress: ReadProgress | None = None, *, offset: int = 0
     ) -> int:
         view = memoryview(buffer)
-        if progress is None and self.direct_io and direct_read_length([view], offset):
-            return self.read_into_views(key, [view], offset=offset)
         try:
             with self.open_read(key) as handle:
                 if offset:
@@ -319,41 +310,12 @@ class LocalStorage(FsspecStorage):
 
     def read_into_views(self, key: str, views: Sequence[memoryview], *, offset: int = 0) -> int:
         """Fill ``views`` one after the other from byte ``offset`` on with ``preadv`` (no copy, one system call
-        for up to :data:`IOV_MAX` views); see :func:`~spotsafe.storage.base.read_views`.
-
-        Where the views are page-aligned memory (a blob's own fresh buffer) and ``offset`` is on a page, the
-        whole pages are read with ``O_DIRECT``: the disk writes into the memory, without the page cache and
-        without the kernel's copy out of it (:func:`~spotsafe.storage.direct.direct_read_length`)."""
+        for up to :data:`IOV_MAX` views); see :func:`~spotsafe.storage.base.read_views`."""
         try:
-            done = 0
-            if self.direct_io and (length := direct_read_length(views, offset)):
-                done = self._read_direct(key, views, offset, length)
-            if done:
-                views = skip(views, done)
             with self.open_read(key) as handle:
-                return done + preadv_fully(handle.fileno(), views, offset + done) if views else done
+                return preadv_fully(handle.fileno(), views, offset)
         except OSError as err:
             raise translate(err, key, self.url) from err
-
-    def _read_direct(self, key: str, views: Sequence[memoryview], offset: int, length: int) -> int:
-        """Read the first ``length`` bytes of ``views`` with ``O_DIRECT``; the bytes read (0: refused, and this
-        storage stops trying)."""
-        try:
-            fd = self._open_file(key, O_DIRECT)
-        except OSError as err:
-            if err.errno != errno.EINVAL:
-                raise
-            self.direct_io = False
-            return 0
-        try:
-            return preadv_fully(fd, skip(views, 0, length), offset, block=DIRECT_ALIGN)
-        except OSError as err:
-            if err.errno != errno.EINVAL:
-                raise
-            self.direct_io = False
-            return 0
-        finally:
-            os.close(fd)
 
     def size(self, key: str) -> int:
         parts = self._file_parts(key)
