@@ -21,7 +21,7 @@ Staging slots are page-aligned and an incremental save page-aligns its large run
 the blob (see :mod:`spotsafe.engine.plan`), so a save's bytes take the first route.
 Whenever the file system refuses (``EINVAL``: no ``O_DIRECT`` there, or another
 alignment) the writer switches the file back to buffered writes and goes on, and
-:func:`direct_supported` says not to try again on that storage.
+:attr:`DirectWriter.refused` tells the storage not to try again.
 """
 
 from __future__ import annotations
