@@ -180,8 +180,13 @@ def write_floor_once(state: State, path: Path, *, direct: bool = False) -> float
     path.unlink(missing_ok=True)
     if direct:
         aligned = memoryview(mmap.mmap(-1, IO_BLOCK))
-        flat = torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in state.tensors()])[:IO_BLOCK]
-        aligned[: flat.numel()] = memoryview(flat.numpy())  # type: ignore[arg-type]
+        at = 0
+        for t in state.tensors():
+            if at == IO_BLOCK:
+                break
+            flat = memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())[: IO_BLOCK - at]  # type: ignore[arg-type]
+            aligned[at : at + flat.nbytes] = flat
+            at += flat.nbytes
         start = time.perf_counter()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         try:

@@ -66,48 +66,43 @@ def _flat(chunk: bytes | bytearray | memoryview) -> memoryview:
 
 
 class DirectWriter:
-    """Writes a stream of chunks to ``fd`` (opened with ``O_DIRECT``, at offset 0), falling back to buffered."""
+    """Writes a stream of chunks to ``fd`` (at offset 0): with ``O_DIRECT`` when ``fd`` was opened with it, falling
+    back to buffered writes when the file system refuses; on any ``fd``, small chunks are gathered in the bounce
+    buffer and large ones written from their own memory."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.direct = True
+        self.direct = bool(O_DIRECT and fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT)
         self.refused = False
         """The file system refused a direct write (``EINVAL``): later files should not try."""
         self.written = 0
         """Bytes of the stream so far (the bounce's included)."""
         self.direct_bytes = 0
-        """Bytes written from their own memory, without a copy."""
+        """Bytes written with ``O_DIRECT`` from their own memory, without a copy."""
         self._fill = 0
-        self._buffer: memoryview | None = None
-
-    @property
-    def _bounce(self) -> memoryview:
-        if self._buffer is None:
-            self._buffer = _bounce()
-        return self._buffer
+        self._bounce = _bounce()
 
     def write(self, chunk: bytes | bytearray | memoryview) -> None:
         view = _flat(chunk)
         self.written += view.nbytes
         while view.nbytes:
-            if not self.direct:
+            if view.nbytes >= DIRECT_MIN and (not self.direct or self._at_page(view)):
                 self._flush_bounce()
-                _write_all(self.fd, view)
-                return
-            if self._fill % ALIGN == 0 and view.nbytes >= DIRECT_MIN:
-                at = address(view)
-                if at is not None and at % ALIGN == 0:
-                    self._flush_bounce()
-                    n = view.nbytes - view.nbytes % ALIGN
-                    self._put(view[:n], own=True)
-                    view = view[n:]
-                    continue
+                n = view.nbytes - view.nbytes % ALIGN if self.direct else view.nbytes
+                self._put(view[:n], own=True)
+                view = view[n:]
+                continue
             take = min(view.nbytes, BOUNCE - self._fill)
             self._bounce[self._fill : self._fill + take] = view[:take]
             self._fill += take
             view = view[take:]
             if self._fill == BOUNCE:
                 self._flush_bounce()
+
+    def _at_page(self, view: memoryview) -> bool:
+        """Whether ``view`` can be written directly: its memory and the file offset on a page."""
+        at = address(view)
+        return self._fill % ALIGN == 0 and at is not None and at % ALIGN == 0
 
     def finish(self) -> int:
         """Write what is left, set the file's length; the stream's byte count. (The caller fsyncs.)"""
@@ -124,13 +119,13 @@ class DirectWriter:
     def _flush_bounce(self) -> None:
         if self._fill:
             fill, self._fill = self._fill, 0
-            if self.direct:
-                self._put(self._bounce[:fill], own=False)
-            else:
-                _write_all(self.fd, self._bounce[:fill])
+            self._put(self._bounce[:fill], own=False)
 
     def _put(self, view: memoryview, *, own: bool) -> None:
-        """Write aligned ``view`` directly; on refusal switch the file to buffered writes and write it so."""
+        """Write ``view`` (aligned, when direct); on refusal switch the file to buffered writes and write it so."""
+        if not self.direct:
+            _write_all(self.fd, view)
+            return
         while view.nbytes:
             try:
                 n = os.write(self.fd, view)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import secrets
 import shutil
@@ -225,24 +224,16 @@ class LocalStorage(FsspecStorage):
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
                 raise self._unsafe(key, parts, "not a regular file (a named pipe, socket or device)")
-            if fcntl.fcntl(fd, fcntl.F_GETFL) & O_DIRECT:
-                try:
-                    writer = DirectWriter(fd)
-                    for chunk in source():
-                        writer.write(chunk)
-                    total = writer.finish()
-                    if writer.refused:
-                        self.direct_io = False  # this file system does not take them: buffered from now on
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            else:
-                with self._opened(key, parts[-1], fd) as handle:
-                    for chunk in source():
-                        handle.write(chunk)
-                        total += memoryview(chunk).nbytes
-                    handle.flush()
-                    os.fsync(handle.fileno())
+            try:
+                writer = DirectWriter(fd)
+                for chunk in source():
+                    writer.write(chunk)
+                total = writer.finish()
+                if writer.refused:
+                    self.direct_io = False  # this file system does not take them: buffered from now on
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         except _Behind as err:
             raise PermanentStorageError(f"{self.url}/{key}: a file stands where a folder should be") from err
         except OSError as err:
