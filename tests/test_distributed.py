@@ -25,6 +25,7 @@ from spotsafe.notices.emulator import ProviderEmulator
 from spotsafe.storage.local import LocalStorage
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.supervisor.drill import DrillConfig
+from spotsafe.supervisor.process import signal_tree
 from spotsafe.supervisor.reference import ensure_reference
 from spotsafe.supervisor.store import JobStore
 from spotsafe.telemetry.events import Event
@@ -64,7 +65,7 @@ def finish(proc: subprocess.Popen[bytes], timeout: float = PROCESS_HANG_S) -> in
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        signal_tree(proc.pid, signal.SIGKILL)  # torchrun and its ranks, each in a session of its own
         raise
     if proc.returncode not in (0, 1):
         raise AssertionError(f"torchrun exited {proc.returncode}: {err.decode()[-2000:]}")

@@ -33,6 +33,7 @@ from spotsafe.engine.reader import RestoredState, load_newest_valid
 from spotsafe.storage.registry import open_storage
 from spotsafe.storage.repository import CheckpointRepository
 from spotsafe.supervisor.drill import DrillConfig
+from spotsafe.supervisor.process import signal_tree
 from spotsafe.supervisor.reference import ensure_reference
 from spotsafe.telemetry.log import EVENTS_FILE, read_events
 
@@ -110,7 +111,7 @@ class Job:
         try:
             code = self.proc.wait(timeout=PROCESS_HANG_S)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            signal_tree(self.proc.pid, signal.SIGKILL)  # torchrun's ranks too, each in a session of its own
             raise
         self._reader.join(timeout=60)
         return code
@@ -122,7 +123,7 @@ def _no_job_left() -> Iterator[None]:
     while Job.started:
         job = Job.started.pop()
         if job.proc.poll() is None:
-            os.killpg(job.proc.pid, signal.SIGKILL)
+            signal_tree(job.proc.pid, signal.SIGKILL)
             job.proc.wait()
 
 

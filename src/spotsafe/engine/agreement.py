@@ -109,6 +109,7 @@ class Agreement:
         self.next_step = 0
         self.period = 1
         self._pending: tuple[torch.Tensor, Any] | None = None
+        self._collected: tuple[torch.Tensor, Any] | None = None
         self._posted: tuple[int, float] | None = None
 
     def due(self, step: int) -> bool:
@@ -144,6 +145,10 @@ class Agreement:
         values, work = self._pending
         self._pending = None
         work.wait()
+        # Dropped at the next collect, not now: gloo's thread lets go of the work just after it completes, and
+        # whichever thread lets go last frees it. On gloo's thread that means taking the GIL, which on Python
+        # < 3.11.10 can hang a child forked at that instant (a DataLoader worker; CPython gh-112275).
+        self._collected = (values, work)
         slowest = float(values[4])
         if slowest > 0:
             self.period = max(1, min(self.max_steps, math.ceil(self.every_s / slowest)))

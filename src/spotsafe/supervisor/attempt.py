@@ -36,6 +36,7 @@ from spotsafe.jobenv import JobEnv
 from spotsafe.reasons import ExitReason
 from spotsafe.supervisor.classify import ExitClass, classify
 from spotsafe.supervisor.pools import Handle
+from spotsafe.supervisor.process import signal_tree
 from spotsafe.telemetry import events as ev
 from spotsafe.telemetry.log import EventTail, RunTail
 
@@ -231,8 +232,7 @@ def stop_session(pid: int, grace_s: float, sleep: Callable[[float], None]) -> No
     deadline = time.monotonic() + grace_s
     while alive(pid) and time.monotonic() < deadline:
         sleep(POLL_S)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
+    signal_tree(pid, signal.SIGKILL)
 
 
 def recorded_exit(events_file: Path, pid: int | None) -> ExitClass:

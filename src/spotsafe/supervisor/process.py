@@ -3,7 +3,9 @@
 A job runs in a session (process group) of its own, so that a "machine loss"
 can be emulated by killing the whole group at once (the main process and its
 data-loader workers), while a polite stop signals the main process only, as
-Kubernetes and systemd do.
+Kubernetes and systemd do. A signal to the group also reaches the processes the
+job started in sessions of their own (:func:`signal_tree`): torchrun starts each
+rank so, and a "lost machine" whose ranks trained on would be no loss at all.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import psutil
 
 PR_SET_PDEATHSIG = 1
 TAIL_BYTES = 64 * 1024
@@ -63,14 +67,12 @@ class Job:
         return self.popen.pid
 
     def signal(self, sig: int, *, group: bool = False) -> None:
-        """Send ``sig`` to the main process, or to its whole process group."""
-        try:
-            if group:
-                os.killpg(self.popen.pid, sig)
-            else:
-                self.popen.send_signal(sig)
-        except ProcessLookupError:
-            pass
+        """Send ``sig`` to the main process, or to every process of the job (:func:`signal_tree`)."""
+        if group:
+            signal_tree(self.popen.pid, sig)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.send_signal(sig)
 
     def poll(self) -> int | None:
         return self.popen.poll()
@@ -79,9 +81,32 @@ class Job:
         return self.popen.wait(timeout)
 
     def reap_group(self) -> None:
-        """Kill whatever is left of the job's process group (orphaned workers)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
+        """Kill whatever is left of the job's processes (orphaned workers)."""
+        signal_tree(self.popen.pid, signal.SIGKILL)
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """Send ``sig`` to the process group that ``pid`` leads and to every process below ``pid`` outside it.
+
+    Those below are listed first (once ``pid`` is gone they belong to no one); one that leads a group of its own
+    gets the signal as a group, so the data-loader workers it starts on the way get it too. A process that the
+    job's processes left behind before this looked (its parent exited first) is not found.
+    """
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        below = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    for proc in below:
+        with contextlib.suppress(psutil.Error, OSError):
+            group = os.getpgid(proc.pid)
+            if group == pid:
+                continue  # signalled with the job's group
+            if group == proc.pid and proc.is_running():  # the same process as listed, not a reused pid
+                os.killpg(group, sig)
+            else:
+                proc.send_signal(sig)  # psutil checks that the pid is still that process
 
 
 def launch(
