@@ -98,6 +98,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slurm]:
                 f"SlurmctldPort={free_port()}",
                 f"SlurmdPort={free_port()}",
                 "AuthType=auth/munge",
+                "AuthInfo=cred_expire=10",  # a requeued job waits this long to start again (default 120 s)
                 f"StateSaveLocation={folder / 'state'}",
                 f"SlurmdSpoolDir={folder / 'spool'}",
                 f"SlurmctldPidFile={folder / 'slurmctld.pid'}",
@@ -159,7 +160,8 @@ def test_spotsafe_run_submits_to_slurm_and_a_warned_job_requeues_itself_and_resu
     """The job (fresh) holds after step 10 until a stop; Slurm's warning signal (``--signal=B:USR1@60``, sent now
     with ``scancel --signal=USR1 --batch`` as Slurm sends it at the lead time) makes it save at once and, with
     ``SPOTSAFE_SLURM_REQUEUE=1``, ``scontrol requeue`` itself; Slurm starts the job again (after its requeue delay,
-    about two minutes), which resumes from that checkpoint and finishes; ``sbatch --wait`` then exits 0."""
+    ``AuthInfo=cred_expire``: 10 s here, 120 s by default), which resumes from that checkpoint and finishes;
+    ``sbatch --wait`` then exits 0."""
     reference = tmp_path / "reference"
     env = {**os.environ, "SPOTSAFE_CHECKPOINT_URL": str(reference), "SPOTSAFE_RUN_ID": REFERENCE_RUN_ID}
     subprocess.run([sys.executable, str(TINY_JOB), "40"], env={**env, "SPOTSAFE_ATTEMPT": "1"}, check=True)

@@ -69,7 +69,7 @@ class Job:
     def signal(self, sig: int, *, group: bool = False) -> None:
         """Send ``sig`` to the main process, or to every process of the job (:func:`signal_tree`)."""
         if group:
-            signal_tree(self.popen.pid, sig)
+            signal_tree(self.popen.pid, sig, below=self.popen.returncode is None)
             return
         with contextlib.suppress(ProcessLookupError):
             self.popen.send_signal(sig)
@@ -82,23 +82,24 @@ class Job:
 
     def reap_group(self) -> None:
         """Kill whatever is left of the job's processes (orphaned workers)."""
-        signal_tree(self.popen.pid, signal.SIGKILL)
+        signal_tree(self.popen.pid, signal.SIGKILL, below=self.popen.returncode is None)
 
 
-def signal_tree(pid: int, sig: int) -> None:
-    """Send ``sig`` to the process group that ``pid`` leads and to every process below ``pid`` outside it.
+def signal_tree(pid: int, sig: int, *, below: bool = True) -> None:
+    """Send ``sig`` to the process group that ``pid`` leads and (``below``) to every process below ``pid`` outside it.
 
     Those below are listed first (once ``pid`` is gone they belong to no one); one that leads a group of its own
     gets the signal as a group, so the data-loader workers it starts on the way get it too. A process that the
-    job's processes left behind before this looked (its parent exited first) is not found.
+    job's processes left behind before this looked (its parent exited first) is not found. ``below=False`` where
+    ``pid`` may no longer be the job's (it has been reaped, and the number may be another process's by now).
     """
     try:
-        below = psutil.Process(pid).children(recursive=True)
+        procs = psutil.Process(pid).children(recursive=True) if below else []
     except psutil.Error:
-        below = []
+        procs = []
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    for proc in below:
+    for proc in procs:
         with contextlib.suppress(psutil.Error, OSError):
             group = os.getpgid(proc.pid)
             if group == pid:
