@@ -226,7 +226,8 @@ def alive(pid: int) -> bool:
 
 
 def stop_session(pid: int, grace_s: float, sleep: Callable[[float], None]) -> None:
-    """SIGTERM the job's main process, SIGKILL its session after ``grace_s`` (the job leads its own session)."""
+    """SIGTERM the job's main process, SIGKILL its session and the processes below it after ``grace_s`` (the job
+    leads its own session; torchrun's ranks lead theirs: :func:`~spotsafe.supervisor.process.signal_tree`)."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s

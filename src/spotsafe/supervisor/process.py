@@ -82,7 +82,7 @@ class Job:
 
     def reap_group(self) -> None:
         """Kill whatever is left of the job's processes (orphaned workers)."""
-        signal_tree(self.popen.pid, signal.SIGKILL, below=self.popen.returncode is None)
+        self.signal(signal.SIGKILL, group=True)
 
 
 def signal_tree(pid: int, sig: int, *, below: bool = True) -> None:
